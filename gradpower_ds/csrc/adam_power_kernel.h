@@ -1,0 +1,108 @@
+// One fused pass of AdamPower over a contiguous fp32 chunk, written once
+// against simd.h:
+//   g = phi_p(grad); [Adam: g += wd * w]; [AdamW: w *= 1 - lr * wd]
+//   m = m + (1 - beta1) * (g - m); v = beta2 * v + (1 - beta2) * g * g
+//   w -= step_size * m / (sqrt(v) / sqrt(bias_correction2) + eps)
+// optionally also writing the new w as bf16 or fp16 into a second buffer (the
+// low-precision model copy that ZeRO-Offload keeps), so no extra pass over
+// memory is needed. The operation order follows torch.optim.AdamW.
+#pragma once
+
+#include <cstdint>
+
+#include "fast_power.h"
+
+namespace gradpower {
+
+enum class CopyOut : int { kNone = 0, kBF16 = 1, kFP16 = 2 };
+
+struct AdamPowerArgs {
+  float* param;
+  const float* grad;
+  float* exp_avg;
+  float* exp_avg_sq;
+  void* copy_out;  // bf16/fp16 destination or nullptr
+  int64_t n;
+  // Per-step scalars, computed once in double precision by the caller.
+  float one_minus_beta1, beta2, one_minus_beta2, eps;
+  float l2;                   // Adam (L2) weight decay added to the powered grad; 0 for AdamW
+  float decay;                // AdamW multiplicative decay 1 - lr * wd; 1 for Adam
+  float step_size;            // lr / bias_correction1
+  float inv_bias_corr2_sqrt;  // 1 / sqrt(bias_correction2)
+  float power_eps;
+  double power;
+};
+
+namespace {
+
+// Round-to-nearest-even fp32 -> bf16 bits in the low half of each int32 lane.
+template <class V>
+GP_INLINE typename V::I to_bf16_bits(typename V::F x) {
+  const typename V::I b = V::as_int(x);
+  const typename V::I lsb = V::and_i(V::template srl_i<16>(b), V::set1_i(1));
+  const typename V::I rounded =
+      V::template srl_i<16>(V::add_i(b, V::add_i(lsb, V::set1_i(0x7fff))));
+  const typename V::I quiet_nan = V::or_i(V::template srl_i<16>(b), V::set1_i(0x40));
+  return V::as_int(V::select(V::is_nan(x), V::as_float(quiet_nan), V::as_float(rounded)));
+}
+
+// The step's scalars broadcast once per chunk (so the hot loop reloads nothing).
+template <class V>
+struct Broadcast {
+  typename V::F one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay, step_size, inv_bc2, power_eps;
+  Exponent power;
+  GP_INLINE explicit Broadcast(const AdamPowerArgs& a)
+      : one_minus_beta1(V::set1(a.one_minus_beta1)), beta2(V::set1(a.beta2)),
+        one_minus_beta2(V::set1(a.one_minus_beta2)), eps(V::set1(a.eps)), l2(V::set1(a.l2)),
+        decay(V::set1(a.decay)), step_size(V::set1(a.step_size)),
+        inv_bc2(V::set1(a.inv_bias_corr2_sqrt)), power_eps(V::set1(a.power_eps)), power(a.power) {}
+};
+
+// Updates W lanes at w, g, m, v (and the copy-out lanes at out).
+template <class V, bool kPow, CopyOut kCopy>
+GP_INLINE void adam_power_lanes(const Broadcast<V>& c, float* __restrict w, const float* __restrict gr,
+                                float* __restrict m, float* __restrict v, void* __restrict out) {
+  using F = typename V::F;
+  const F w0 = V::load(w), m0 = V::load(m), v0 = V::load(v);
+  const F g = V::fma(c.l2, w0, grad_power<V, kPow>(V::load(gr), c.power, c.power_eps));
+  const F m1 = V::fma(c.one_minus_beta1, V::sub(g, m0), m0);
+  const F v1 = V::fma(V::mul(c.one_minus_beta2, g), g, V::mul(c.beta2, v0));
+  const F denom = V::fma(V::sqrt(v1), c.inv_bc2, c.eps);
+  const F w1 = V::sub(V::mul(w0, c.decay), V::div(V::mul(c.step_size, m1), denom));
+  V::store(m, m1);
+  V::store(v, v1);
+  V::store(w, w1);
+  if constexpr (kCopy == CopyOut::kBF16) V::store_u16(static_cast<uint16_t*>(out), to_bf16_bits<V>(w1));
+  if constexpr (kCopy == CopyOut::kFP16) V::store_fp16(static_cast<_Float16*>(out), w1);
+}
+
+// Elements [begin, end): full vectors with V, the remainder with Scalar.
+template <class V, bool kPow, CopyOut kCopy>
+GP_INLINE void adam_power_chunk(const AdamPowerArgs& a, int64_t begin, int64_t end) {
+  float* __restrict w = a.param;
+  const float* __restrict g = a.grad;
+  float* __restrict m = a.exp_avg;
+  float* __restrict v = a.exp_avg_sq;
+  const int out_size = kCopy == CopyOut::kNone ? 0 : 2;  // bytes per copied element
+  char* __restrict out = static_cast<char*>(a.copy_out);
+  const Broadcast<V> vec(a);
+  const Broadcast<Scalar> one(a);
+  int64_t i = begin;
+  for (; i + V::W <= end; i += V::W)
+    adam_power_lanes<V, kPow, kCopy>(vec, w + i, g + i, m + i, v + i, out + i * out_size);
+  for (; i < end; ++i)
+    adam_power_lanes<Scalar, kPow, kCopy>(one, w + i, g + i, m + i, v + i, out + i * out_size);
+}
+
+template <class V, bool kPow>
+GP_INLINE void grad_power_chunk(const float* in, float* out, int64_t begin, int64_t end, double p,
+                                float eps) {
+  int64_t i = begin;
+  const Exponent power(p);
+  const typename V::F eps_v = V::set1(eps);
+  for (; i + V::W <= end; i += V::W) V::store(out + i, grad_power<V, kPow>(V::load(in + i), power, eps_v));
+  for (; i < end; ++i) out[i] = grad_power<Scalar, kPow>(in[i], power, eps);
+}
+
+}  // namespace
+}  // namespace gradpower

@@ -1,0 +1,167 @@
+// Native CPU AdamPower: OpenMP over tiles, SIMD width chosen at run time.
+//
+// The kernels in adam_power_kernel.h are written once against simd.h and
+// instantiated three times below, inside wrappers compiled for AVX-512,
+// AVX2+FMA+F16C and baseline x86-64. The library itself is built for baseline
+// x86-64, so one build runs on any x86-64 CPU; `Isa::kAuto` picks the widest
+// set the CPU (and OS) supports, and tests can force a narrower one.
+#include <omp.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "adam_power_kernel.h"
+
+namespace py = pybind11;
+
+namespace gradpower {
+namespace {
+
+enum class Isa : int { kAuto = -1, kScalar = 0, kAVX2 = 1, kAVX512 = 2 };
+
+constexpr int64_t kTile = 1 << 16;  // elements per OpenMP work item (~1.8 MB of traffic)
+
+bool cpu_has(Isa isa) {
+  __builtin_cpu_init();
+  switch (isa) {
+    case Isa::kAVX512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             cpu_has(Isa::kAVX2);
+    case Isa::kAVX2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+    default:
+      return true;
+  }
+}
+
+Isa best_isa() {
+  if (cpu_has(Isa::kAVX512)) return Isa::kAVX512;
+  if (cpu_has(Isa::kAVX2)) return Isa::kAVX2;
+  return Isa::kScalar;
+}
+
+Isa resolve(int requested) {
+  const Isa isa = static_cast<Isa>(requested);
+  if (isa == Isa::kAuto) return best_isa();
+  if (isa != Isa::kScalar && isa != Isa::kAVX2 && isa != Isa::kAVX512)
+    throw std::invalid_argument("unknown ISA code " + std::to_string(requested));
+  if (!cpu_has(isa))
+    throw std::invalid_argument("this CPU does not support the requested ISA (code " +
+                                std::to_string(requested) + ")");
+  return isa;
+}
+
+// One wrapper per (ISA, kernel); the template arguments select pow/copy-out.
+#define GP_DEFINE_ISA_WRAPPERS(SUFFIX, V, TARGET)                                            \
+  template <bool kPow, CopyOut kCopy>                                                        \
+  TARGET GP_FLATTEN void adam_##SUFFIX(const AdamPowerArgs& a, int64_t b, int64_t e) {                  \
+    adam_power_chunk<V, kPow, kCopy>(a, b, e);                                               \
+  }                                                                                          \
+  template <bool kPow>                                                                       \
+  TARGET GP_FLATTEN void power_##SUFFIX(const float* in, float* out, int64_t b, int64_t e, double p,    \
+                             float eps) {                                                    \
+    grad_power_chunk<V, kPow>(in, out, b, e, p, eps);                                        \
+  }
+
+GP_DEFINE_ISA_WRAPPERS(avx512, Avx512, GP_TARGET_AVX512)
+GP_DEFINE_ISA_WRAPPERS(avx2, Avx2, GP_TARGET_AVX2)
+GP_DEFINE_ISA_WRAPPERS(scalar, Scalar, )
+
+using AdamChunkFn = void (*)(const AdamPowerArgs&, int64_t, int64_t);
+using PowerChunkFn = void (*)(const float*, float*, int64_t, int64_t, double, float);
+
+template <bool kPow, CopyOut kCopy>
+AdamChunkFn adam_for(Isa isa) {
+  switch (isa) {
+    case Isa::kAVX512: return &adam_avx512<kPow, kCopy>;
+    case Isa::kAVX2: return &adam_avx2<kPow, kCopy>;
+    default: return &adam_scalar<kPow, kCopy>;
+  }
+}
+
+template <bool kPow>
+AdamChunkFn adam_for(Isa isa, CopyOut copy) {
+  switch (copy) {
+    case CopyOut::kBF16: return adam_for<kPow, CopyOut::kBF16>(isa);
+    case CopyOut::kFP16: return adam_for<kPow, CopyOut::kFP16>(isa);
+    default: return adam_for<kPow, CopyOut::kNone>(isa);
+  }
+}
+
+template <bool kPow>
+PowerChunkFn power_for(Isa isa) {
+  switch (isa) {
+    case Isa::kAVX512: return &power_avx512<kPow>;
+    case Isa::kAVX2: return &power_avx2<kPow>;
+    default: return &power_scalar<kPow>;
+  }
+}
+
+// Runs fn(begin, end) over [0, n) in tiles on `threads` OpenMP threads.
+template <typename Fn>
+void parallel_tiles(int64_t n, int threads, Fn&& fn) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t t = 0; t < tiles; ++t) fn(t * kTile, std::min(n, (t + 1) * kTile));
+}
+
+void* as_ptr(uintptr_t address) { return reinterpret_cast<void*>(address); }
+
+void adam_power_step(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq,
+                     uintptr_t copy_out, int copy_dtype, int64_t n, float one_minus_beta1,
+                     float beta2, float one_minus_beta2, float eps, float l2, float decay,
+                     float step_size, float inv_bias_corr2_sqrt, double power, float power_eps,
+                     int isa_code, int threads) {
+  AdamPowerArgs a{static_cast<float*>(as_ptr(param)),  static_cast<const float*>(as_ptr(grad)),
+                  static_cast<float*>(as_ptr(exp_avg)), static_cast<float*>(as_ptr(exp_avg_sq)),
+                  as_ptr(copy_out), n, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay,
+                  step_size, inv_bias_corr2_sqrt, power_eps, power};
+  const CopyOut copy = static_cast<CopyOut>(copy_dtype);
+  if (copy != CopyOut::kNone && copy != CopyOut::kBF16 && copy != CopyOut::kFP16)
+    throw std::invalid_argument("unknown copy-out dtype code " + std::to_string(copy_dtype));
+  if (copy != CopyOut::kNone && copy_out == 0)
+    throw std::invalid_argument("copy-out dtype given without a copy-out buffer");
+  const Isa isa = resolve(isa_code);
+  const AdamChunkFn fn = (power == 1.0) ? adam_for<false>(isa, copy) : adam_for<true>(isa, copy);
+  py::gil_scoped_release release;
+  parallel_tiles(n, threads, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+void grad_power_into(uintptr_t in, uintptr_t out, int64_t n, double power, float power_eps,
+                     int isa_code, int threads) {
+  const Isa isa = resolve(isa_code);
+  const PowerChunkFn fn = (power == 1.0) ? power_for<false>(isa) : power_for<true>(isa);
+  const float* src = static_cast<const float*>(as_ptr(in));
+  float* dst = static_cast<float*>(as_ptr(out));
+  py::gil_scoped_release release;
+  parallel_tiles(n, threads, [&](int64_t b, int64_t e) { fn(src, dst, b, e, power, power_eps); });
+}
+
+}  // namespace
+}  // namespace gradpower
+
+PYBIND11_MODULE(_cpu_adam_power, m) {
+  using namespace gradpower;
+  m.doc() = "Fused GradPower + Adam(W) CPU kernel (see gradpower_ds.ops.cpu_adam_power).";
+  m.def("adam_power_step", &adam_power_step,
+        "One fused phi_p + Adam(W) step over contiguous fp32 buffers given by address.",
+        py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+        py::arg("copy_out"), py::arg("copy_dtype"), py::arg("n"), py::arg("one_minus_beta1"),
+        py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"), py::arg("l2"),
+        py::arg("decay"), py::arg("step_size"), py::arg("inv_bias_corr2_sqrt"), py::arg("power"),
+        py::arg("power_eps"), py::arg("isa"), py::arg("threads"));
+  m.def("grad_power", &grad_power_into, "out = phi_p(in) over contiguous fp32 buffers.",
+        py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("power"), py::arg("power_eps"),
+        py::arg("isa"), py::arg("threads"));
+  m.def("best_isa", [] { return static_cast<int>(best_isa()); },
+        "Widest ISA code this CPU supports: 2 = AVX-512, 1 = AVX2, 0 = scalar.");
+  m.def("cpu_supports", [](int code) { return code < 0 || cpu_has(static_cast<Isa>(code)); },
+        "Whether this CPU supports the ISA code.");
+  m.def("max_threads", [] { return omp_get_max_threads(); });
+}

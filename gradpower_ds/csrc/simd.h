@@ -1,0 +1,199 @@
+// A minimal SIMD vocabulary with three implementations: AVX-512, AVX2 (+FMA,
+// F16C) and scalar. The kernels are written once against this vocabulary
+// (templates over `V`), so every instruction set runs the same algorithm.
+//
+// Each struct's functions carry the matching `target` attribute; kernels are
+// instantiated inside functions with the same attribute (cpu_adam_power.cpp),
+// so the library as a whole is compiled for baseline x86-64 and the wide code
+// only runs after a run-time CPU check.
+//
+// Vocabulary: F = W fp32 lanes, I = W int32 lanes, M = W-lane mask.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+// Kernels are plain inline templates; the per-ISA entry points are marked
+// `flatten`, so the whole call tree is inlined into a function compiled for
+// that ISA (always_inline would fail: a template has no target of its own).
+#define GP_INLINE inline
+#define GP_FLATTEN __attribute__((flatten))
+#define GP_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define GP_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace gradpower {
+namespace {
+
+// frexp from the bit pattern, for instruction sets without getexp/getmant:
+// x = 2^e * m with m in [1, 2); subnormal x are scaled by 2^24 first.
+template <class V>
+GP_INLINE void frexp_bits(typename V::F x, typename V::F& e, typename V::F& m) {
+  const typename V::M tiny = V::lt(x, V::set1(0x1p-126f));
+  const typename V::I bits = V::as_int(V::select(tiny, V::mul(x, V::set1(0x1p24f)), x));
+  e = V::sub(V::to_float(V::template srl_i<23>(bits)),
+             V::select(tiny, V::set1(127.0f + 24.0f), V::set1(127.0f)));
+  m = V::as_float(V::or_i(V::and_i(bits, V::set1_i(0x007fffff)), V::set1_i(0x3f800000)));
+}
+
+struct Avx512 {
+  static constexpr int W = 16;
+  using F = __m512; using I = __m512i; using M = __mmask16;
+#define GP_FN GP_TARGET_AVX512 GP_INLINE static
+  GP_FN F load(const float* p) { return _mm512_loadu_ps(p); }
+  GP_FN void store(float* p, F x) { _mm512_storeu_ps(p, x); }
+  GP_FN F set1(float x) { return _mm512_set1_ps(x); }
+  GP_FN F add(F a, F b) { return _mm512_add_ps(a, b); }
+  GP_FN F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  GP_FN F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  GP_FN F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  GP_FN F div(F a, F b) { return _mm512_div_ps(a, b); }
+  GP_FN F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  GP_FN M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  GP_FN M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  GP_FN M eq(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+  GP_FN M is_nan(F a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
+  GP_FN M not_finite(F a) {  // |a| == Inf or NaN
+    return _mm512_cmp_ps_mask(_mm512_abs_ps(a), _mm512_set1_ps(__builtin_inff()), _CMP_NLT_UQ);
+  }
+  GP_FN F select(M m, F yes, F no) { return _mm512_mask_blend_ps(m, no, yes); }
+  GP_FN I as_int(F x) { return _mm512_castps_si512(x); }
+  GP_FN F as_float(I x) { return _mm512_castsi512_ps(x); }
+  GP_FN I set1_i(int32_t x) { return _mm512_set1_epi32(x); }
+  GP_FN I and_i(I a, I b) { return _mm512_and_si512(a, b); }
+  GP_FN I or_i(I a, I b) { return _mm512_or_si512(a, b); }
+  GP_FN I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
+  template <int N> GP_FN I srl_i(I a) { return _mm512_srli_epi32(a, N); }
+  GP_FN F to_float(I a) { return _mm512_cvtepi32_ps(a); }
+  GP_FN F min(F a, F b) { return _mm512_min_ps(a, b); }
+  GP_FN F max(F a, F b) { return _mm512_max_ps(a, b); }
+  GP_FN F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // x = 2^e * m with m in [1, 2), e integer valued (subnormal x handled); 0/Inf/NaN give junk.
+  GP_FN void frexp(F x, F& e, F& m) {
+    e = _mm512_getexp_ps(x);
+    m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
+  }
+  // r * 2^k for integer-valued k, one rounding (overflow -> Inf, gradual underflow).
+  GP_FN F ldexp(F r, F k) { return _mm512_scalef_ps(r, k); }
+  // hi + lo == a * b exactly.
+  GP_FN void two_prod(F a, F b, F& hi, F& lo) {
+    hi = _mm512_mul_ps(a, b);
+    lo = _mm512_fmsub_ps(a, b, hi);
+  }
+  // Low-precision stores of W lanes.
+  GP_FN void store_u16(uint16_t* p, I x) { _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(x)); }
+  GP_FN void store_fp16(_Float16* p, F x) {
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  }
+#undef GP_FN
+};
+
+struct Avx2 {
+  static constexpr int W = 8;
+  using F = __m256; using I = __m256i; using M = __m256;
+#define GP_FN GP_TARGET_AVX2 GP_INLINE static
+  GP_FN F load(const float* p) { return _mm256_loadu_ps(p); }
+  GP_FN void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+  GP_FN F set1(float x) { return _mm256_set1_ps(x); }
+  GP_FN F add(F a, F b) { return _mm256_add_ps(a, b); }
+  GP_FN F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  GP_FN F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  GP_FN F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  GP_FN F div(F a, F b) { return _mm256_div_ps(a, b); }
+  GP_FN F sqrt(F a) { return _mm256_sqrt_ps(a); }
+  GP_FN M lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  GP_FN M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  GP_FN M eq(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
+  GP_FN M is_nan(F a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
+  GP_FN M not_finite(F a) {  // |a| == Inf or NaN
+    const F abs = _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
+    return _mm256_cmp_ps(abs, _mm256_set1_ps(__builtin_inff()), _CMP_NLT_UQ);
+  }
+  GP_FN F select(M m, F yes, F no) { return _mm256_blendv_ps(no, yes, m); }
+  GP_FN I as_int(F x) { return _mm256_castps_si256(x); }
+  GP_FN F as_float(I x) { return _mm256_castsi256_ps(x); }
+  GP_FN I set1_i(int32_t x) { return _mm256_set1_epi32(x); }
+  GP_FN I and_i(I a, I b) { return _mm256_and_si256(a, b); }
+  GP_FN I or_i(I a, I b) { return _mm256_or_si256(a, b); }
+  GP_FN I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
+  template <int N> GP_FN I srl_i(I a) { return _mm256_srli_epi32(a, N); }
+  GP_FN F to_float(I a) { return _mm256_cvtepi32_ps(a); }
+  GP_FN F min(F a, F b) { return _mm256_min_ps(a, b); }
+  GP_FN F max(F a, F b) { return _mm256_max_ps(a, b); }
+  GP_FN F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  GP_FN void frexp(F x, F& e, F& m) { frexp_bits<Avx2>(x, e, m); }
+  GP_FN F ldexp(F r, F k) {  // through double; k clamped so 2^k stays a normal double
+    const __m256i ki = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(k, set1(-300.0f)), set1(300.0f)));
+    const __m256d lo = ldexp_d(_mm256_cvtps_pd(_mm256_castps256_ps128(r)), _mm256_castsi256_si128(ki));
+    const __m256d hi = ldexp_d(_mm256_cvtps_pd(_mm256_extractf128_ps(r, 1)), _mm256_extracti128_si256(ki, 1));
+    return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+  }
+  GP_FN __m256d ldexp_d(__m256d r, __m128i k) {  // exact in double for |k| <= 300
+    const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(k), _mm256_set1_epi64x(1023)), 52);
+    return _mm256_mul_pd(r, _mm256_castsi256_pd(bits));
+  }
+  GP_FN void two_prod(F a, F b, F& hi, F& lo) {
+    hi = _mm256_mul_ps(a, b);
+    lo = _mm256_fmsub_ps(a, b, hi);
+  }
+  GP_FN void store_u16(uint16_t* p, I x) {
+    const __m128i lo = _mm256_castsi256_si128(x), hi = _mm256_extracti128_si256(x, 1);
+    _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(lo, hi));  // lanes hold values < 2^16
+  }
+  GP_FN void store_fp16(_Float16* p, F x) {
+    _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  }
+#undef GP_FN
+};
+
+struct Scalar {
+  static constexpr int W = 1;
+  using F = float; using I = uint32_t; using M = bool;
+#define GP_FN GP_INLINE static
+  GP_FN F load(const float* p) { return *p; }
+  GP_FN void store(float* p, F x) { *p = x; }
+  GP_FN F set1(float x) { return x; }
+  GP_FN F add(F a, F b) { return a + b; }
+  GP_FN F sub(F a, F b) { return a - b; }
+  GP_FN F mul(F a, F b) { return a * b; }
+  GP_FN F fma(F a, F b, F c) { return a * b + c; }
+  GP_FN F div(F a, F b) { return a / b; }
+  GP_FN F sqrt(F a) { return __builtin_sqrtf(a); }
+  GP_FN M lt(F a, F b) { return a < b; }
+  GP_FN M gt(F a, F b) { return a > b; }
+  GP_FN M eq(F a, F b) { return a == b; }
+  GP_FN M is_nan(F a) { return a != a; }
+  GP_FN M not_finite(F a) { return !(__builtin_fabsf(a) < __builtin_inff()); }
+  GP_FN F select(M m, F yes, F no) { return m ? yes : no; }
+  GP_FN I as_int(F x) { return __builtin_bit_cast(I, x); }
+  GP_FN F as_float(I x) { return __builtin_bit_cast(F, x); }
+  GP_FN I set1_i(int32_t x) { return I(x); }
+  GP_FN I and_i(I a, I b) { return a & b; }
+  GP_FN I or_i(I a, I b) { return a | b; }
+  GP_FN I add_i(I a, I b) { return a + b; }
+  template <int N> GP_FN I srl_i(I a) { return a >> N; }
+  GP_FN F to_float(I a) { return float(int32_t(a)); }
+  GP_FN F min(F a, F b) { return a < b ? a : b; }
+  GP_FN F max(F a, F b) { return a > b ? a : b; }
+  GP_FN F round(F a) {  // nearest-even; |a| >= 2^22 is already integral (or Inf/NaN)
+    const float shift = 0x1.8p23f;
+    return __builtin_fabsf(a) < 0x1p22f ? (a + shift) - shift : a;
+  }
+  GP_FN void frexp(F x, F& e, F& m) { frexp_bits<Scalar>(x, e, m); }
+  GP_FN F ldexp(F r, F k) {  // through double; k clamped so 2^k stays a normal double
+    k = k < -300.0f ? -300.0f : (k > 300.0f ? 300.0f : k);
+    const int64_t bits = int64_t(int32_t(k) + 1023) << 52;
+    return float(double(r) * __builtin_bit_cast(double, bits));
+  }
+  GP_FN void two_prod(F a, F b, F& hi, F& lo) {  // a * b is exact in double
+    const double prod = double(a) * double(b);
+    hi = float(prod);
+    lo = float(prod - double(hi));
+  }
+  GP_FN void store_u16(uint16_t* p, I x) { *p = uint16_t(x); }
+  GP_FN void store_fp16(_Float16* p, F x) { *p = static_cast<_Float16>(x); }
+#undef GP_FN
+};
+
+}  // namespace
+}  // namespace gradpower
