@@ -17,9 +17,11 @@ _WIDE = (torch.float32, torch.float64)
 
 
 def _apply_(t: torch.Tensor, p: float, eps: float) -> torch.Tensor:
+    # Computed in float64 and rounded once: torch's vectorised fp32 pow rounds the
+    # exponent to fp32, which moves |g|**p by up to ~4e-6 relative at extreme |g|.
     if p == 1.0 and eps == 0.0:
         return t
-    work = t if t.dtype in _WIDE else t.float()  # low-precision grads are powered in fp32
+    work = t if t.dtype == torch.float64 else t.double()
     sign = work.sign()
     work = work.abs_() if work is t else work.abs()
     if eps:
@@ -31,7 +33,8 @@ def _apply_(t: torch.Tensor, p: float, eps: float) -> torch.Tensor:
 def grad_power(t: torch.Tensor, p: float = 1.2, eps: float = 0.0) -> torch.Tensor:
     """Returns sign(t) * (|t| + eps)**p as a new tensor (t is left untouched).
 
-    phi(0) = 0, NaN stays NaN and +-Inf stay +-Inf; bf16/fp16 inputs are computed in fp32.
+    The reference definition: evaluated in float64 and rounded once to t's dtype.
+    phi(0) = 0, NaN stays NaN and +-Inf stay +-Inf.
     """
     p, eps = check_power(p, eps)
     return _apply_(t.clone(), p, eps)
@@ -46,7 +49,9 @@ def grad_power_(t: torch.Tensor, p: float = 1.2, eps: float = 0.0) -> torch.Tens
 def grad_power_foreach(tensors: Sequence[torch.Tensor], p: float, eps: float = 0.0) -> list[torch.Tensor]:
     """grad_power over a list with torch._foreach ops (one launch per op on CUDA); returns new tensors.
 
-    Same formula as grad_power, used by AdamPower's multi-tensor path.
+    Same formula as grad_power, evaluated in the tensors' own dtype (low-precision
+    ones in fp32); torch's vectorised pow rounds p to fp32 there, a deviation of up
+    to ~4e-6 relative for extreme |g| (~3e-7 for |g| in [1e-6, 1]).
     """
     p, eps = check_power(p, eps)
     tensors = list(tensors)

@@ -28,7 +28,7 @@ struct AdamPowerArgs {
   float l2;                   // Adam (L2) weight decay added to the powered grad; 0 for AdamW
   float decay;                // AdamW multiplicative decay 1 - lr * wd; 1 for Adam
   float step_size;            // lr / bias_correction1
-  float inv_bias_corr2_sqrt;  // 1 / sqrt(bias_correction2)
+  float bias_corr2_sqrt;      // sqrt(bias_correction2)
   float power_eps;
   double power;
 };
@@ -49,13 +49,13 @@ GP_INLINE typename V::I to_bf16_bits(typename V::F x) {
 // The step's scalars broadcast once per chunk (so the hot loop reloads nothing).
 template <class V>
 struct Broadcast {
-  typename V::F one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay, step_size, inv_bc2, power_eps;
+  typename V::F one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay, neg_step_size, bias_corr2_sqrt, power_eps;
   Exponent power;
   GP_INLINE explicit Broadcast(const AdamPowerArgs& a)
       : one_minus_beta1(V::set1(a.one_minus_beta1)), beta2(V::set1(a.beta2)),
         one_minus_beta2(V::set1(a.one_minus_beta2)), eps(V::set1(a.eps)), l2(V::set1(a.l2)),
-        decay(V::set1(a.decay)), step_size(V::set1(a.step_size)),
-        inv_bc2(V::set1(a.inv_bias_corr2_sqrt)), power_eps(V::set1(a.power_eps)), power(a.power) {}
+        decay(V::set1(a.decay)), neg_step_size(V::set1(-a.step_size)),
+        bias_corr2_sqrt(V::set1(a.bias_corr2_sqrt)), power_eps(V::set1(a.power_eps)), power(a.power) {}
 };
 
 // Updates W lanes at w, g, m, v (and the copy-out lanes at out).
@@ -66,9 +66,9 @@ GP_INLINE void adam_power_lanes(const Broadcast<V>& c, float* __restrict w, cons
   const F w0 = V::load(w), m0 = V::load(m), v0 = V::load(v);
   const F g = V::fma(c.l2, w0, grad_power<V, kPow>(V::load(gr), c.power, c.power_eps));
   const F m1 = V::fma(c.one_minus_beta1, V::sub(g, m0), m0);
-  const F v1 = V::fma(V::mul(c.one_minus_beta2, g), g, V::mul(c.beta2, v0));
-  const F denom = V::fma(V::sqrt(v1), c.inv_bc2, c.eps);
-  const F w1 = V::sub(V::mul(w0, c.decay), V::div(V::mul(c.step_size, m1), denom));
+  const F v1 = V::add(V::mul(c.beta2, v0), V::mul(V::mul(c.one_minus_beta2, g), g));
+  const F denom = V::add(V::mul(V::sqrt(v1), c.bias_corr2_sqrt), c.eps);
+  const F w1 = V::add(V::mul(w0, c.decay), V::div(V::mul(c.neg_step_size, m1), denom));
   V::store(m, m1);
   V::store(v, v1);
   V::store(w, w1);

@@ -53,13 +53,13 @@ GP_INLINE typename V::F pow_nonneg(typename V::F x, Exponent power) {
   m = V::select(big, V::mul(m, V::set1(0.5f)), m);
   e = V::select(big, V::add(e, V::set1(1.0f)), e);
 
-  const F t = V::sub(m, V::set1(1.0f));  // exact
-  const F pl = V::mul(p, V::mul(t, horner<V>(kLog2Q, t)));  // p * log2(m), |pl| <= p / 2
+  const F t = V::sub(m, V::set1(1.0f));       // exact
+  const F tq = V::mul(t, horner<V>(kLog2Q, t));  // log2(m), |tq| <= 1/2
   F pe_hi, pe_lo;
   V::two_prod(p, e, pe_hi, pe_lo);  // p.hi * e == pe_hi + pe_lo exactly
   pe_lo = V::fma(V::set1(power.lo), e, pe_lo);
-  const F k = V::round(V::add(pe_hi, pl));
-  const F f = V::add(V::add(V::sub(pe_hi, k), pe_lo), pl);
+  const F k = V::round(V::fma(p, tq, pe_hi));
+  const F f = V::fma(p, tq, V::add(V::sub(pe_hi, k), pe_lo));  // y - k, in [-1/2, 1/2]
   const F r = V::fma(f, horner<V>(kExp2R, f), V::set1(1.0f));
   return V::select(V::not_finite(x), x, V::ldexp(r, k));  // NaN and +Inf pass through
 }

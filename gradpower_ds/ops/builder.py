@@ -20,7 +20,8 @@ from pathlib import Path
 MODULE = "gradpower_ds._cpu_adam_power"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ["cpu_adam_power.cpp"]
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
+# -ffp-contract=off: the kernel spells out each rounding, in torch.optim.AdamW's order.
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi"]
 LINK_FLAGS = ["-fopenmp"]
 
 _log = logging.getLogger(__name__)

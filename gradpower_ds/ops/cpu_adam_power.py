@@ -151,7 +151,7 @@ class CPUAdamPower(torch.optim.Optimizer):
             copy_ptr, copy_code, p.numel(),
             one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2, eps=group["eps"],
             l2=0.0 if adamw else wd, decay=1 - lr * wd if adamw else 1.0,
-            step_size=lr / bc1, inv_bias_corr2_sqrt=1 / bc2_sqrt,
+            step_size=lr / bc1, bias_corr2_sqrt=1 / bc2_sqrt,
             power=group["power"], power_eps=group["power_eps"],
             isa=ISA_CODES[self.isa], threads=threads,
         )

@@ -1,0 +1,125 @@
+"""AdamPower (reference and foreach paths) against torch's Adam(W), a float64 model, and each other."""
+
+import io
+
+import pytest
+import torch
+
+from conftest import grad_stream
+from gradpower_ds import AdamPower
+from reference import Float64AdamPower
+
+HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+
+
+def run(opt_factory, init, grads):
+    p = torch.nn.Parameter(init.clone())
+    opt = opt_factory([p])
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach(), opt
+
+
+@pytest.mark.parametrize("adam_w_mode", [True, False])
+def test_power_one_reference_is_bitwise_torch(adam_w_mode):
+    init, grads = torch.randn(1000), grad_stream(1000, 50)
+    ours, _ = run(lambda ps: AdamPower(ps, power=1.0, adam_w_mode=adam_w_mode, foreach=False, **HYPER), init, grads)
+    torch_cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
+    theirs, _ = run(lambda ps: torch_cls(ps, foreach=False, **HYPER), init, grads)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("adam_w_mode", [True, False])
+@pytest.mark.parametrize("power,power_eps", [(1.2, 0.0), (0.8, 1e-8), (1.5, 0.0)])
+def test_matches_float64_model(foreach, adam_w_mode, power, power_eps):
+    init, grads = torch.randn(4096), grad_stream(4096, 100)
+    ours, _ = run(lambda ps: AdamPower(ps, power=power, power_eps=power_eps, adam_w_mode=adam_w_mode,
+                                       foreach=foreach, **HYPER), init, grads)
+    ref = Float64AdamPower(init, adam_w_mode=adam_w_mode, power=power, power_eps=power_eps, **HYPER)
+    for g in grads:
+        ref.step(g)
+    torch.testing.assert_close(ours.double(), ref.w, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_correction_off_matches_float64_model():
+    init, grads = torch.randn(300), grad_stream(300, 20)
+    ours, _ = run(lambda ps: AdamPower(ps, bias_correction=False, **HYPER), init, grads)
+    ref = Float64AdamPower(init, adam_w_mode=True, power=1.2, bias_correction=False, **HYPER)
+    for g in grads:
+        ref.step(g)
+    torch.testing.assert_close(ours.double(), ref.w, rtol=1e-5, atol=1e-5)
+
+
+def test_foreach_equals_reference_with_groups_of_different_power():
+    shapes = [(0,), (1,), (17,), (5, 33), (1000,)]
+    inits = [torch.randn(s) for s in shapes]
+    grads = [grad_stream(s, 30, seed=i) for i, s in enumerate(shapes)]
+
+    def train(foreach):
+        ps = [torch.nn.Parameter(x.clone()) for x in inits]
+        groups = [{"params": ps[:2], "power": 1.2}, {"params": ps[2:4], "power": 0.9, "weight_decay": 0.0},
+                  {"params": ps[4:], "power": 1.0, "adam_w_mode": False}]
+        opt = AdamPower(groups, foreach=foreach, **HYPER)
+        for step in range(30):
+            for p, gs in zip(ps, grads):
+                p.grad = gs[step].clone()
+            if step == 3:
+                ps[1].grad = None  # a parameter that skips a step keeps its own step count
+            opt.step()
+        return ps, opt
+
+    ref_ps, ref_opt = train(False)
+    fast_ps, fast_opt = train(True)
+    for a, b in zip(ref_ps, fast_ps):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert ref_opt.state[ref_ps[1]]["step"].item() == 29
+    assert fast_opt.state[fast_ps[1]]["step"].item() == 29
+
+
+def test_state_dict_roundtrip_continues_identically_and_loads_into_torch_adamw():
+    init, grads = torch.randn(257), grad_stream(257, 20)
+    full, _ = run(lambda ps: AdamPower(ps, **HYPER), init, grads)
+
+    p = torch.nn.Parameter(init.clone())
+    opt = AdamPower([p], **HYPER)
+    for g in grads[:10]:
+        p.grad = g.clone()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    saved_p = p.detach().clone()
+    assert set(saved["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+
+    p2 = torch.nn.Parameter(saved_p)
+    opt2 = AdamPower([p2], **HYPER)
+    opt2.load_state_dict(saved)
+    for g in grads[10:]:
+        p2.grad = g.clone()
+        opt2.step()
+    assert torch.equal(p2.detach(), full)
+
+    # the same state loads into torch's AdamW (and p = 1 then continues identically)
+    adamw = torch.optim.AdamW([torch.nn.Parameter(saved_p.clone())], foreach=False, **HYPER)
+    adamw.load_state_dict(saved)
+    assert torch.equal(adamw.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(power=0.0), "power"), (dict(power=-1.0), "power"), (dict(power=float("nan")), "power"),
+    (dict(power=float("inf")), "power"), (dict(lr=-1e-3), "lr"), (dict(eps=-1.0), "eps"),
+    (dict(betas=(1.0, 0.9)), r"betas\[0\]"), (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
+    (dict(weight_decay=float("nan")), "weight_decay"), (dict(power_eps=-1e-8), "power_eps"),
+])
+def test_bad_hyperparameters_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdamPower([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_bad_group_power_raises():
+    opt = AdamPower([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match="power=0.0"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "power": 0.0})

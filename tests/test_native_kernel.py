@@ -1,0 +1,206 @@
+"""The native CPU kernel: phi accuracy over the fp32 range, CPUAdamPower vs the reference optimizer,
+every ISA the CPU has (forced on purpose), 1 and 2 threads, copy-out, checkpoints and bad input."""
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import edge_tensor, grad_stream
+from gradpower_ds import AdamPower
+from gradpower_ds.ops import CPUAdamPower, NativeExtensionError, native_grad_power, resolve_isa
+from gradpower_ds.ops import builder
+
+ISAS = [isa for isa in ("avx512", "avx2", "scalar") if builder.load().cpu_supports({"scalar": 0, "avx2": 1, "avx512": 2}[isa])]
+HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+SUBNORMAL_ULP = 2.0**-149
+
+
+def all_fp32_sample(n=1 << 21, seed=0) -> torch.Tensor:
+    """Random bit patterns (so every exponent, subnormals included, is equally likely), both signs, plus edges."""
+    gen = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 2**32, (n,), generator=gen, dtype=torch.int64)
+    x = (bits - 2**31).to(torch.int32).view(torch.float32)
+    return torch.cat([x, edge_tensor()])
+
+
+def assert_phi_accurate(got: torch.Tensor, x: torch.Tensor, p: float, eps: float = 0.0):
+    ref = torch.sign(x.double()) * (x.double().abs() + eps).pow(p)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)), "NaN must propagate, and only NaN"
+    ref32 = ref.float()
+    inf = torch.isinf(ref32)
+    assert torch.equal(got[inf], ref32[inf]), "overflow/Inf must give the correctly signed Inf"
+    finite = torch.isfinite(ref32)
+    err = (got[finite].double() - ref[finite]).abs()
+    # 2e-7 relative, or one fp32 subnormal ulp where the exact result is below fp32's normal range
+    bound = torch.maximum(2e-7 * ref[finite].abs(), torch.full_like(err, SUBNORMAL_ULP))
+    worst = (err / bound).max().item() if err.numel() else 0.0
+    assert worst <= 1.0, f"phi error {worst:.3f}x the bound"
+    assert torch.equal(got[x == 0], torch.zeros_like(got[x == 0])), "phi(0) must be 0"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("p", [1.2, 0.5, 0.8, 1.5, 2.0, 1.0])
+def test_phi_over_whole_fp32_range(isa, p):
+    x = all_fp32_sample()
+    assert_phi_accurate(native_grad_power(x, p, isa=isa), x, p)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_phi_with_power_eps_and_odd_lengths(isa):
+    for n in (0, 1, 15, 16, 17, 31, 33, 1000):
+        x = torch.randn(n) * 1e-3
+        for p, eps in ((1.2, 1e-8), (1.0, 1e-8)):
+            assert_phi_accurate(native_grad_power(x, p, eps, isa=isa), x, p, eps)
+
+
+def train(opt_cls, inits, grads, groups_fn, **kw):
+    ps = [torch.nn.Parameter(x.clone()) for x in inits]
+    opt = opt_cls(groups_fn(ps), **kw)
+    for step in range(len(grads[0])):
+        for p, gs in zip(ps, grads):
+            p.grad = gs[step].clone()
+        opt.step()
+    return [p.detach() for p in ps], opt
+
+
+SHAPES = [(0,), (1,), (15,), (17,), (3, 11), (1000,), (2 * 65536 + 5,)]
+
+
+def groups_of_different_power(ps):
+    return [{"params": ps[:3], "power": 1.2}, {"params": ps[3:5], "power": 0.8, "adam_w_mode": False},
+            {"params": ps[5:], "power": 1.5, "power_eps": 1e-8, "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_200_steps_match_reference(isa, threads):
+    inits = [torch.randn(s) for s in SHAPES]
+    grads = [grad_stream(s, 200, seed=i) for i, s in enumerate(SHAPES)]
+    ref, _ = train(AdamPower, inits, grads, groups_of_different_power, foreach=False, **HYPER)
+    ours, _ = train(CPUAdamPower, inits, grads, groups_of_different_power, isa=isa, num_threads=threads, **HYPER)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("adam_w_mode", [True, False])
+def test_power_one_matches_torch_adam(isa, adam_w_mode):
+    inits, grads = [torch.randn(4099)], [grad_stream(4099, 200)]
+    torch_cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
+    ref, _ = train(torch_cls, inits, grads, lambda ps: ps, foreach=False, **HYPER)
+    ours, _ = train(CPUAdamPower, inits, grads, lambda ps: ps, power=1.0, adam_w_mode=adam_w_mode, isa=isa, **HYPER)
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-6, atol=1e-6)
+
+
+def test_state_dict_roundtrip_and_interop_with_adam_power():
+    inits, grads = [torch.randn(70000)], [grad_stream(70000, 30)]
+    full, _ = train(CPUAdamPower, inits, grads, lambda ps: ps, **HYPER)
+
+    half, opt = train(CPUAdamPower, inits, [grads[0][:15]], lambda ps: ps, **HYPER)
+    checkpoint = io.BytesIO()
+    torch.save(opt.state_dict(), checkpoint)
+    for cls in (CPUAdamPower, AdamPower):
+        p = torch.nn.Parameter(half[0].clone())
+        resumed = cls([p], **HYPER)
+        checkpoint.seek(0)
+        resumed.load_state_dict(torch.load(checkpoint))
+        for g in grads[0][15:]:
+            p.grad = g.clone()
+            resumed.step()
+        if cls is CPUAdamPower:
+            assert torch.equal(p.detach(), full[0])
+        else:
+            torch.testing.assert_close(p.detach(), full[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_copy_out(isa, dtype):
+    for n in (1, 17, 70001):
+        p = torch.nn.Parameter(torch.randn(n) * 100)
+        p.grad = torch.randn(n)
+        copy = torch.full((n,), -7.0, dtype=dtype)
+        opt = CPUAdamPower([p], isa=isa, **HYPER)
+        opt.step(fp16_param_groups=[[copy]])
+        assert torch.equal(copy, p.detach().to(dtype)), "copy-out must be round-to-nearest-even of the new fp32"
+
+
+def test_bf16_grad_is_widened_not_rejected():
+    p = torch.nn.Parameter(torch.randn(33))
+    p.grad_dtype = None  # allow a bf16 .grad on an fp32 param, as mixed-precision trainers do
+    p.grad = torch.randn(33).bfloat16()
+    q = torch.nn.Parameter(p.detach().clone())
+    q.grad = p.grad.float()
+    CPUAdamPower([p], **HYPER).step()
+    CPUAdamPower([q], **HYPER).step()
+    assert torch.equal(p, q)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="power"):
+        CPUAdamPower([torch.nn.Parameter(torch.zeros(2))], power=0)
+    with pytest.raises(ValueError, match="isa"):
+        CPUAdamPower([torch.nn.Parameter(torch.zeros(2))], isa="neon")
+    with pytest.raises(ValueError, match="num_threads"):
+        CPUAdamPower([torch.nn.Parameter(torch.zeros(2))], num_threads=0)
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    p.grad = torch.zeros(4, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="fp32"):
+        CPUAdamPower([p]).step()
+    q = torch.nn.Parameter(torch.zeros(4))
+    q.grad = torch.zeros(4)
+    with pytest.raises(TypeError, match="copy-out"):
+        CPUAdamPower([q]).step(fp16_param_groups=[[torch.zeros(3, dtype=torch.bfloat16)]])
+
+
+def test_isa_env_var_is_honoured(monkeypatch):
+    monkeypatch.setenv("GRADPOWER_CPU_ISA", "scalar")
+    assert resolve_isa() == "scalar"
+    assert CPUAdamPower([torch.nn.Parameter(torch.zeros(1))]).isa == "scalar"
+    monkeypatch.setenv("GRADPOWER_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="sse9"):
+        resolve_isa()
+
+
+def test_missing_extension_gives_clear_error(monkeypatch):
+    monkeypatch.setattr(builder, "_module", None)
+    monkeypatch.setenv("GRADPOWER_NO_JIT", "1")
+    real_import = builder.importlib.import_module
+
+    def fail(name, *a, **k):
+        if name == builder.MODULE:
+            raise ImportError("simulated: not built")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builder.importlib, "import_module", fail)
+    with pytest.raises(NativeExtensionError, match="pip install"):
+        CPUAdamPower([torch.nn.Parameter(torch.zeros(1))])
+
+
+@pytest.mark.slow
+def test_jit_build_when_not_installed(tmp_path):
+    """Without the installed module, the first use builds the same sources just in time."""
+    code = (
+        "import importlib, torch\n"
+        "from gradpower_ds.ops import builder\n"
+        "real = importlib.import_module\n"
+        "def fail(name, *a, **k):\n"
+        "    if name == builder.MODULE: raise ImportError('simulated')\n"
+        "    return real(name, *a, **k)\n"
+        "builder.importlib.import_module = fail\n"
+        "from gradpower_ds.ops import native_grad_power\n"
+        "x = torch.tensor([-8.0, 0.0, 2.0])\n"
+        "y = native_grad_power(x, 1.5)\n"
+        "ref = torch.tensor([-(8.0 ** 1.5), 0.0, 2.0 ** 1.5], dtype=torch.float64)\n"
+        "assert torch.allclose(y.double(), ref, rtol=2e-7, atol=0), y\n"
+        "print('ok', builder.load().__name__)\n"
+    )
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "gradpower_ds_cpu_adam_power" in out.stdout
+    assert "ok" in out.stdout
