@@ -94,6 +94,26 @@ GP_INLINE void adam_power_chunk(const AdamPowerArgs& a, int64_t begin, int64_t e
     adam_power_lanes<Scalar, kPow, kCopy>(one, w + i, g + i, m + i, v + i, out + i * out_size);
 }
 
+// The optimizer's memory traffic with no arithmetic to speak of (read w, g, m,
+// v; write w, m, v: 28 bytes/element): the bandwidth roofline for benchmarks.
+template <class V>
+GP_INLINE void stream_probe_chunk(const AdamPowerArgs& a, int64_t begin, int64_t end) {
+  int64_t i = begin;
+  for (; i + V::W <= end; i += V::W) {
+    const typename V::F g = V::load(a.grad + i);
+    const typename V::F m = V::add(V::load(a.exp_avg + i), g);
+    const typename V::F v = V::add(V::load(a.exp_avg_sq + i), g);
+    V::store(a.exp_avg + i, m);
+    V::store(a.exp_avg_sq + i, v);
+    V::store(a.param + i, V::add(V::load(a.param + i), v));
+  }
+  for (; i < end; ++i) {
+    a.exp_avg[i] += a.grad[i];
+    a.exp_avg_sq[i] += a.grad[i];
+    a.param[i] += a.exp_avg_sq[i];
+  }
+}
+
 template <class V, bool kPow>
 GP_INLINE void grad_power_chunk(const float* in, float* out, int64_t begin, int64_t end, double p,
                                 float eps) {

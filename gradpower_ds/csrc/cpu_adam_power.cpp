@@ -62,6 +62,9 @@ Isa resolve(int requested) {
   TARGET GP_FLATTEN void adam_##SUFFIX(const AdamPowerArgs& a, int64_t b, int64_t e) {                  \
     adam_power_chunk<V, kPow, kCopy>(a, b, e);                                               \
   }                                                                                          \
+  TARGET GP_FLATTEN void probe_##SUFFIX(const AdamPowerArgs& a, int64_t b, int64_t e) {      \
+    stream_probe_chunk<V>(a, b, e);                                                          \
+  }                                                                                          \
   template <bool kPow>                                                                       \
   TARGET GP_FLATTEN void power_##SUFFIX(const float* in, float* out, int64_t b, int64_t e, double p,    \
                              float eps) {                                                    \
@@ -90,6 +93,14 @@ AdamChunkFn adam_for(Isa isa, CopyOut copy) {
     case CopyOut::kBF16: return adam_for<kPow, CopyOut::kBF16>(isa);
     case CopyOut::kFP16: return adam_for<kPow, CopyOut::kFP16>(isa);
     default: return adam_for<kPow, CopyOut::kNone>(isa);
+  }
+}
+
+AdamChunkFn probe_for(Isa isa) {
+  switch (isa) {
+    case Isa::kAVX512: return &probe_avx512;
+    case Isa::kAVX2: return &probe_avx2;
+    default: return &probe_scalar;
   }
 }
 
@@ -133,6 +144,18 @@ void adam_power_step(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr
   parallel_tiles(n, threads, [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
+void stream_probe(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, int64_t n,
+                  int isa_code, int threads) {
+  AdamPowerArgs a{};
+  a.param = static_cast<float*>(as_ptr(param));
+  a.grad = static_cast<const float*>(as_ptr(grad));
+  a.exp_avg = static_cast<float*>(as_ptr(exp_avg));
+  a.exp_avg_sq = static_cast<float*>(as_ptr(exp_avg_sq));
+  const AdamChunkFn fn = probe_for(resolve(isa_code));
+  py::gil_scoped_release release;
+  parallel_tiles(n, threads, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
 void grad_power_into(uintptr_t in, uintptr_t out, int64_t n, double power, float power_eps,
                      int isa_code, int threads) {
   const Isa isa = resolve(isa_code);
@@ -164,6 +187,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("power_eps"), py::arg("isa"), py::arg("threads"));
   m.def("grad_power", &grad_power_into, "out = phi_p(in) over contiguous fp32 buffers.",
         py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("power"), py::arg("power_eps"),
+        py::arg("isa"), py::arg("threads"));
+  m.def("stream_probe", &stream_probe,
+        "The optimizer's 28 B/element memory traffic without its arithmetic (bandwidth roofline).",
+        py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("n"),
         py::arg("isa"), py::arg("threads"));
   m.def("best_isa", [] { return static_cast<int>(best_isa()); },
         "Widest ISA code this CPU supports: 2 = AVX-512, 1 = AVX2, 0 = scalar.");
