@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "adam_power_kernel.h"
 
@@ -56,19 +57,20 @@ Isa resolve(int requested) {
   return isa;
 }
 
-// One wrapper per (ISA, kernel); the template arguments select pow/copy-out.
-#define GP_DEFINE_ISA_WRAPPERS(SUFFIX, V, TARGET)                                            \
-  template <bool kPow, CopyOut kCopy>                                                        \
-  TARGET GP_FLATTEN void adam_##SUFFIX(const AdamPowerArgs& a, int64_t b, int64_t e) {                  \
-    adam_power_chunk<V, kPow, kCopy>(a, b, e);                                               \
-  }                                                                                          \
-  TARGET GP_FLATTEN void probe_##SUFFIX(const AdamPowerArgs& a, int64_t b, int64_t e) {      \
-    stream_probe_chunk<V>(a, b, e);                                                          \
-  }                                                                                          \
-  template <bool kPow>                                                                       \
-  TARGET GP_FLATTEN void power_##SUFFIX(const float* in, float* out, int64_t b, int64_t e, double p,    \
-                             float eps) {                                                    \
-    grad_power_chunk<V, kPow>(in, out, b, e, p, eps);                                        \
+// One wrapper per (ISA, kernel), each compiled for its ISA; template arguments
+// select the variant (power or not, power_eps or not, copy-out dtype).
+#define GP_DEFINE_ISA_WRAPPERS(SUFFIX, V, TARGET)                                             \
+  template <bool kPow, bool kEps, CopyOut kCopy>                                              \
+  TARGET GP_FLATTEN void adam_##SUFFIX(const AdamPowerArgs& a, int64_t b, int64_t e) {        \
+    adam_power_chunk<V, kPow, kEps, kCopy>(a, b, e);                                          \
+  }                                                                                           \
+  template <bool kPow, bool kEps>                                                             \
+  TARGET GP_FLATTEN void power_##SUFFIX(const float* in, float* out, int64_t b, int64_t e,    \
+                                        double p, float eps) {                                \
+    grad_power_chunk<V, kPow, kEps>(in, out, b, e, p, eps);                                   \
+  }                                                                                           \
+  TARGET GP_FLATTEN void probe_##SUFFIX(const AdamPowerArgs& a, int64_t b, int64_t e) {       \
+    stream_probe_chunk<V>(a, b, e);                                                           \
   }
 
 GP_DEFINE_ISA_WRAPPERS(avx512, Avx512, GP_TARGET_AVX512)
@@ -78,22 +80,45 @@ GP_DEFINE_ISA_WRAPPERS(scalar, Scalar, )
 using AdamChunkFn = void (*)(const AdamPowerArgs&, int64_t, int64_t);
 using PowerChunkFn = void (*)(const float*, float*, int64_t, int64_t, double, float);
 
-template <bool kPow, CopyOut kCopy>
-AdamChunkFn adam_for(Isa isa) {
-  switch (isa) {
-    case Isa::kAVX512: return &adam_avx512<kPow, kCopy>;
-    case Isa::kAVX2: return &adam_avx2<kPow, kCopy>;
-    default: return &adam_scalar<kPow, kCopy>;
+// Turns run-time choices into template arguments: fn(std::integral_constant<T, v>{}).
+template <typename Fn>
+auto with_bool(bool value, Fn&& fn) {
+  return value ? fn(std::true_type{}) : fn(std::false_type{});
+}
+
+template <typename Fn>
+auto with_copy(CopyOut copy, Fn&& fn) {
+  switch (copy) {
+    case CopyOut::kBF16: return fn(std::integral_constant<CopyOut, CopyOut::kBF16>{});
+    case CopyOut::kFP16: return fn(std::integral_constant<CopyOut, CopyOut::kFP16>{});
+    default: return fn(std::integral_constant<CopyOut, CopyOut::kNone>{});
   }
 }
 
-template <bool kPow>
-AdamChunkFn adam_for(Isa isa, CopyOut copy) {
-  switch (copy) {
-    case CopyOut::kBF16: return adam_for<kPow, CopyOut::kBF16>(isa);
-    case CopyOut::kFP16: return adam_for<kPow, CopyOut::kFP16>(isa);
-    default: return adam_for<kPow, CopyOut::kNone>(isa);
-  }
+AdamChunkFn adam_for(Isa isa, bool pow, bool eps, CopyOut copy) {
+  return with_bool(pow, [&](auto kPow) {
+    return with_bool(eps, [&](auto kEps) {
+      return with_copy(copy, [&](auto kCopy) -> AdamChunkFn {
+        switch (isa) {
+          case Isa::kAVX512: return &adam_avx512<kPow(), kEps(), kCopy()>;
+          case Isa::kAVX2: return &adam_avx2<kPow(), kEps(), kCopy()>;
+          default: return &adam_scalar<kPow(), kEps(), kCopy()>;
+        }
+      });
+    });
+  });
+}
+
+PowerChunkFn power_for(Isa isa, bool pow, bool eps) {
+  return with_bool(pow, [&](auto kPow) {
+    return with_bool(eps, [&](auto kEps) -> PowerChunkFn {
+      switch (isa) {
+        case Isa::kAVX512: return &power_avx512<kPow(), kEps()>;
+        case Isa::kAVX2: return &power_avx2<kPow(), kEps()>;
+        default: return &power_scalar<kPow(), kEps()>;
+      }
+    });
+  });
 }
 
 AdamChunkFn probe_for(Isa isa) {
@@ -101,15 +126,6 @@ AdamChunkFn probe_for(Isa isa) {
     case Isa::kAVX512: return &probe_avx512;
     case Isa::kAVX2: return &probe_avx2;
     default: return &probe_scalar;
-  }
-}
-
-template <bool kPow>
-PowerChunkFn power_for(Isa isa) {
-  switch (isa) {
-    case Isa::kAVX512: return &power_avx512<kPow>;
-    case Isa::kAVX2: return &power_avx2<kPow>;
-    default: return &power_scalar<kPow>;
   }
 }
 
@@ -139,7 +155,7 @@ void adam_power_step(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr
   if (copy != CopyOut::kNone && copy_out == 0)
     throw std::invalid_argument("copy-out dtype given without a copy-out buffer");
   const Isa isa = resolve(isa_code);
-  const AdamChunkFn fn = (power == 1.0) ? adam_for<false>(isa, copy) : adam_for<true>(isa, copy);
+  const AdamChunkFn fn = adam_for(isa, power != 1.0, power_eps != 0.0f, copy);
   py::gil_scoped_release release;
   parallel_tiles(n, threads, [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
@@ -159,7 +175,7 @@ void stream_probe(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t 
 void grad_power_into(uintptr_t in, uintptr_t out, int64_t n, double power, float power_eps,
                      int isa_code, int threads) {
   const Isa isa = resolve(isa_code);
-  const PowerChunkFn fn = (power == 1.0) ? power_for<false>(isa) : power_for<true>(isa);
+  const PowerChunkFn fn = power_for(isa, power != 1.0, power_eps != 0.0f);
   const float* src = static_cast<const float*>(as_ptr(in));
   float* dst = static_cast<float*>(as_ptr(out));
   py::gil_scoped_release release;

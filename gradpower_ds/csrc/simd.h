@@ -26,14 +26,17 @@ namespace gradpower {
 namespace {
 
 // frexp from the bit pattern, for instruction sets without getexp/getmant:
-// x = 2^e * m with m in [1, 2); subnormal x are scaled by 2^24 first.
+// x = 2^e * m with m in [3/4, 3/2); subnormal x are scaled by 2^24 first.
 template <class V>
 GP_INLINE void frexp_bits(typename V::F x, typename V::F& e, typename V::F& m) {
   const typename V::M tiny = V::lt(x, V::set1(0x1p-126f));
   const typename V::I bits = V::as_int(V::select(tiny, V::mul(x, V::set1(0x1p24f)), x));
   e = V::sub(V::to_float(V::template srl_i<23>(bits)),
              V::select(tiny, V::set1(127.0f + 24.0f), V::set1(127.0f)));
-  m = V::as_float(V::or_i(V::and_i(bits, V::set1_i(0x007fffff)), V::set1_i(0x3f800000)));
+  m = V::as_float(V::or_i(V::and_i(bits, V::set1_i(0x007fffff)), V::set1_i(0x3f800000)));  // [1, 2)
+  const typename V::M big = V::not_lt(m, V::set1(1.5f));
+  m = V::select(big, V::mul(m, V::set1(0.5f)), m);
+  e = V::select(big, V::add(e, V::set1(1.0f)), e);
 }
 
 struct Avx512 {
@@ -53,14 +56,21 @@ struct Avx512 {
   GP_FN M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   GP_FN M eq(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   GP_FN M is_nan(F a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
-  GP_FN M not_finite(F a) {  // |a| == Inf or NaN
-    return _mm512_cmp_ps_mask(_mm512_abs_ps(a), _mm512_set1_ps(__builtin_inff()), _CMP_NLT_UQ);
+  GP_FN M not_lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_NLT_UQ); }
+  GP_FN M mask_or(M a, M b) { return a | b; }
+  GP_FN M zero_or_not_finite(F a) {  // +-0, +-Inf or NaN, in one fpclass test
+    return _mm512_fpclass_ps_mask(a, 0x01 | 0x02 | 0x04 | 0x08 | 0x10 | 0x80);
   }
   GP_FN F select(M m, F yes, F no) { return _mm512_mask_blend_ps(m, no, yes); }
   GP_FN I as_int(F x) { return _mm512_castps_si512(x); }
   GP_FN F as_float(I x) { return _mm512_castsi512_ps(x); }
   GP_FN I set1_i(int32_t x) { return _mm512_set1_epi32(x); }
   GP_FN I and_i(I a, I b) { return _mm512_and_si512(a, b); }
+  GP_FN F abs(F a) { return _mm512_abs_ps(a); }
+  GP_FN F copysign(F mag, F sign) {  // mag >= 0
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(mag), _mm512_castps_si512(sign),
+                                                          _mm512_set1_epi32(int32_t(0x80000000u)), 0xf8));
+  }
   GP_FN I or_i(I a, I b) { return _mm512_or_si512(a, b); }
   GP_FN I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
   template <int N> GP_FN I srl_i(I a) { return _mm512_srli_epi32(a, N); }
@@ -68,10 +78,10 @@ struct Avx512 {
   GP_FN F min(F a, F b) { return _mm512_min_ps(a, b); }
   GP_FN F max(F a, F b) { return _mm512_max_ps(a, b); }
   GP_FN F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  // x = 2^e * m with m in [1, 2), e integer valued (subnormal x handled); 0/Inf/NaN give junk.
+  // x = 2^e * m with m in [3/4, 3/2), e integer valued (subnormal x handled); 0/Inf/NaN give junk.
   GP_FN void frexp(F x, F& e, F& m) {
-    e = _mm512_getexp_ps(x);
-    m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
+    m = _mm512_getmant_ps(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_zero);
+    e = _mm512_mask_add_ps(_mm512_getexp_ps(x), lt(m, set1(1.0f)), _mm512_getexp_ps(x), set1(1.0f));
   }
   // r * 2^k for integer-valued k, one rounding (overflow -> Inf, gradual underflow).
   GP_FN F ldexp(F r, F k) { return _mm512_scalef_ps(r, k); }
@@ -105,15 +115,20 @@ struct Avx2 {
   GP_FN M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   GP_FN M eq(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
   GP_FN M is_nan(F a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
-  GP_FN M not_finite(F a) {  // |a| == Inf or NaN
-    const F abs = _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
-    return _mm256_cmp_ps(abs, _mm256_set1_ps(__builtin_inff()), _CMP_NLT_UQ);
+  GP_FN M not_lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_NLT_UQ); }
+  GP_FN M mask_or(M a, M b) { return _mm256_or_ps(a, b); }
+  GP_FN M zero_or_not_finite(F a) {  // for a >= 0 or NaN: a == 0, +Inf or NaN
+    return mask_or(eq(a, _mm256_setzero_ps()), not_lt(a, set1(__builtin_inff())));
   }
   GP_FN F select(M m, F yes, F no) { return _mm256_blendv_ps(no, yes, m); }
   GP_FN I as_int(F x) { return _mm256_castps_si256(x); }
   GP_FN F as_float(I x) { return _mm256_castsi256_ps(x); }
   GP_FN I set1_i(int32_t x) { return _mm256_set1_epi32(x); }
   GP_FN I and_i(I a, I b) { return _mm256_and_si256(a, b); }
+  GP_FN F abs(F a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+  GP_FN F copysign(F mag, F sign) {  // mag >= 0
+    return _mm256_or_ps(mag, _mm256_and_ps(sign, _mm256_castsi256_ps(_mm256_set1_epi32(int32_t(0x80000000u)))));
+  }
   GP_FN I or_i(I a, I b) { return _mm256_or_si256(a, b); }
   GP_FN I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
   template <int N> GP_FN I srl_i(I a) { return _mm256_srli_epi32(a, N); }
@@ -156,19 +171,25 @@ struct Scalar {
   GP_FN F add(F a, F b) { return a + b; }
   GP_FN F sub(F a, F b) { return a - b; }
   GP_FN F mul(F a, F b) { return a * b; }
-  GP_FN F fma(F a, F b, F c) { return a * b + c; }
+  // a * b is exact in double, so this rounds like a fused multiply-add (bar a
+  // rare double rounding) without needing FMA hardware.
+  GP_FN F fma(F a, F b, F c) { return float(double(a) * double(b) + double(c)); }
   GP_FN F div(F a, F b) { return a / b; }
   GP_FN F sqrt(F a) { return __builtin_sqrtf(a); }
   GP_FN M lt(F a, F b) { return a < b; }
   GP_FN M gt(F a, F b) { return a > b; }
   GP_FN M eq(F a, F b) { return a == b; }
   GP_FN M is_nan(F a) { return a != a; }
-  GP_FN M not_finite(F a) { return !(__builtin_fabsf(a) < __builtin_inff()); }
+  GP_FN M not_lt(F a, F b) { return !(a < b); }
+  GP_FN M mask_or(M a, M b) { return a || b; }
+  GP_FN M zero_or_not_finite(F a) { return a == 0.0f || !(__builtin_fabsf(a) < __builtin_inff()); }
   GP_FN F select(M m, F yes, F no) { return m ? yes : no; }
   GP_FN I as_int(F x) { return __builtin_bit_cast(I, x); }
   GP_FN F as_float(I x) { return __builtin_bit_cast(F, x); }
   GP_FN I set1_i(int32_t x) { return I(x); }
   GP_FN I and_i(I a, I b) { return a & b; }
+  GP_FN F abs(F a) { return __builtin_fabsf(a); }
+  GP_FN F copysign(F mag, F sign) { return __builtin_copysignf(mag, sign); }
   GP_FN I or_i(I a, I b) { return a | b; }
   GP_FN I add_i(I a, I b) { return a + b; }
   template <int N> GP_FN I srl_i(I a) { return a >> N; }
