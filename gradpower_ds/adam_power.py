@@ -22,32 +22,20 @@ from .hyperparams import ADAM_POWER_DEFAULTS, bias_corrections, check_group
 from .power import grad_power, grad_power_foreach
 
 
-class AdamPower(torch.optim.Optimizer):
-    """Adam(W) on sign(g) * (|g| + power_eps)**power; power may differ per param group.
+class AdamPowerBase(torch.optim.Optimizer):
+    """What every AdamPower implementation shares: hyperparameters, their validation, the state layout.
 
     State keys are torch's AdamW ones (``step`` as a float32 tensor, ``exp_avg``,
-    ``exp_avg_sq``), so checkpoints load into torch.optim.AdamW and back.
+    ``exp_avg_sq``), so checkpoints move between AdamPower, CPUAdamPower and
+    torch.optim.AdamW.
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        adam_w_mode: bool = True,
-        power: float = 1.2,
-        power_eps: float = 0.0,
-        bias_correction: bool = True,
-        foreach: bool | None = None,
-    ):
+    def __init__(self, params, lr, betas, eps, weight_decay, adam_w_mode, power, power_eps, bias_correction):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode,
             power=power, power_eps=power_eps, bias_correction=bias_correction,
         )
         check_group(dict(defaults), type(self).__name__)
-        self.foreach = True if foreach is None else bool(foreach)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -62,6 +50,30 @@ class AdamPower(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
+
+
+class AdamPower(AdamPowerBase):
+    """Adam(W) on sign(g) * (|g| + power_eps)**power; power may differ per param group.
+
+    ``foreach=True`` (default) runs the multi-tensor path, ``False`` the
+    single-tensor reference path; both work on CPU and CUDA tensors.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = ADAM_POWER_DEFAULTS["lr"],
+        betas: tuple[float, float] = ADAM_POWER_DEFAULTS["betas"],
+        eps: float = ADAM_POWER_DEFAULTS["eps"],
+        weight_decay: float = ADAM_POWER_DEFAULTS["weight_decay"],
+        adam_w_mode: bool = ADAM_POWER_DEFAULTS["adam_w_mode"],
+        power: float = ADAM_POWER_DEFAULTS["power"],
+        power_eps: float = ADAM_POWER_DEFAULTS["power_eps"],
+        bias_correction: bool = ADAM_POWER_DEFAULTS["bias_correction"],
+        foreach: bool | None = None,
+    ):
+        super().__init__(params, lr, betas, eps, weight_decay, adam_w_mode, power, power_eps, bias_correction)
+        self.foreach = True if foreach is None else bool(foreach)
 
     @torch.no_grad()
     def step(self, closure=None):

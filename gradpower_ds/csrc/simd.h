@@ -137,15 +137,16 @@ struct Avx2 {
   GP_FN F max(F a, F b) { return _mm256_max_ps(a, b); }
   GP_FN F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   GP_FN void frexp(F x, F& e, F& m) { frexp_bits<Avx2>(x, e, m); }
-  GP_FN F ldexp(F r, F k) {  // through double; k clamped so 2^k stays a normal double
-    const __m256i ki = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(k, set1(-300.0f)), set1(300.0f)));
-    const __m256d lo = ldexp_d(_mm256_cvtps_pd(_mm256_castps256_ps128(r)), _mm256_castsi256_si128(ki));
-    const __m256d hi = ldexp_d(_mm256_cvtps_pd(_mm256_extractf128_ps(r, 1)), _mm256_extracti128_si256(ki, 1));
-    return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+  // r * 2^k1 * 2^k2 with k1 = floor(k / 2), k2 = k - k1 (k clamped to +-252, where the
+  // result is 0 or Inf anyway): whenever the result is representable, r * 2^k1 is a
+  // normal float (exact), so only the second product rounds.
+  GP_FN F ldexp(F r, F k) {
+    const I ki = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(k, set1(-252.0f)), set1(252.0f)));
+    const I k1 = _mm256_srai_epi32(ki, 1);
+    return mul(mul(r, pow2(k1)), pow2(_mm256_sub_epi32(ki, k1)));
   }
-  GP_FN __m256d ldexp_d(__m256d r, __m128i k) {  // exact in double for |k| <= 300
-    const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(k), _mm256_set1_epi64x(1023)), 52);
-    return _mm256_mul_pd(r, _mm256_castsi256_pd(bits));
+  GP_FN F pow2(I k) {  // 2^k for integer k in [-126, 127]
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
   }
   GP_FN void two_prod(F a, F b, F& hi, F& lo) {
     hi = _mm256_mul_ps(a, b);

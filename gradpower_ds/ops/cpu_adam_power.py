@@ -12,13 +12,17 @@ import os
 
 import torch
 
-from ..hyperparams import ADAM_POWER_DEFAULTS, bias_corrections, check_group, check_power
+import logging
+
+from ..adam_power import AdamPowerBase
+from ..hyperparams import ADAM_POWER_DEFAULTS, bias_corrections, check_power
 from . import builder
 
 ISA_CODES = {"auto": -1, "scalar": 0, "avx2": 1, "avx512": 2}
 ISA_NAMES = {code: name for name, code in ISA_CODES.items()}
 _COPY_CODES = {torch.bfloat16: 1, torch.float16: 2}
 ISA_ENV = "GRADPOWER_CPU_ISA"
+_log = logging.getLogger(__name__)
 
 
 def resolve_isa(isa: str | None = None) -> str:
@@ -60,7 +64,7 @@ def native_grad_power(t: torch.Tensor, p: float, eps: float = 0.0, isa: str | No
     return out
 
 
-class CPUAdamPower(torch.optim.Optimizer):
+class CPUAdamPower(AdamPowerBase):
     """AdamPower for fp32 CPU parameters, one fused native pass per tensor and step.
 
     Same hyperparameters and state layout as gradpower_ds.AdamPower (checkpoints
@@ -83,22 +87,15 @@ class CPUAdamPower(torch.optim.Optimizer):
         isa: str | None = None,
         num_threads: int | None = None,
     ):
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode,
-            power=power, power_eps=power_eps, bias_correction=bias_correction,
-        )
-        check_group(dict(defaults), type(self).__name__)
-        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                        or num_threads < 1):
             raise ValueError(f"CPUAdamPower: invalid num_threads={num_threads!r}: must be an int >= 1")
+        super().__init__(params, lr, betas, eps, weight_decay, adam_w_mode, power, power_eps, bias_correction)
         self._native = builder.load()
         self.isa = resolve_isa(isa)
         self.num_threads = num_threads
-        super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict) -> None:
-        """Adds a group (see torch.optim.Optimizer) after validating its hyperparameters."""
-        super().add_param_group(param_group)
-        check_group(self.param_groups[-1], type(self).__name__)
+        _log.info("CPUAdamPower: native kernel with %s, %s OpenMP threads", self.isa,
+                  num_threads or f"torch.get_num_threads() (now {torch.get_num_threads()})")
 
     @torch.no_grad()
     def step(self, closure=None, fp16_param_groups=None):
@@ -136,11 +133,7 @@ class CPUAdamPower(torch.optim.Optimizer):
                                 f"on {copy.device}")
             copy_ptr, copy_code = copy.data_ptr(), _COPY_CODES[copy.dtype]
 
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
+        state = self._init_state(p)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         bc1, bc2_sqrt = bias_corrections(beta1, beta2, state["step"].item(), group["bias_correction"])
