@@ -53,7 +53,6 @@ struct Avx512 {
   GP_FN F div(F a, F b) { return _mm512_div_ps(a, b); }
   GP_FN F sqrt(F a) { return _mm512_sqrt_ps(a); }
   GP_FN M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
-  GP_FN M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   GP_FN M eq(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   GP_FN M is_nan(F a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
   GP_FN M not_lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_NLT_UQ); }
@@ -75,8 +74,6 @@ struct Avx512 {
   GP_FN I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
   template <int N> GP_FN I srl_i(I a) { return _mm512_srli_epi32(a, N); }
   GP_FN F to_float(I a) { return _mm512_cvtepi32_ps(a); }
-  GP_FN F min(F a, F b) { return _mm512_min_ps(a, b); }
-  GP_FN F max(F a, F b) { return _mm512_max_ps(a, b); }
   GP_FN F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // x = 2^e * m with m in [3/4, 3/2), e integer valued (subnormal x handled); 0/Inf/NaN give junk.
   GP_FN void frexp(F x, F& e, F& m) {
@@ -112,7 +109,6 @@ struct Avx2 {
   GP_FN F div(F a, F b) { return _mm256_div_ps(a, b); }
   GP_FN F sqrt(F a) { return _mm256_sqrt_ps(a); }
   GP_FN M lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
-  GP_FN M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   GP_FN M eq(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
   GP_FN M is_nan(F a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
   GP_FN M not_lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_NLT_UQ); }
@@ -133,8 +129,6 @@ struct Avx2 {
   GP_FN I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
   template <int N> GP_FN I srl_i(I a) { return _mm256_srli_epi32(a, N); }
   GP_FN F to_float(I a) { return _mm256_cvtepi32_ps(a); }
-  GP_FN F min(F a, F b) { return _mm256_min_ps(a, b); }
-  GP_FN F max(F a, F b) { return _mm256_max_ps(a, b); }
   GP_FN F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   GP_FN void frexp(F x, F& e, F& m) { frexp_bits<Avx2>(x, e, m); }
   // r * 2^k1 * 2^k2 with k1 = floor(k / 2), k2 = k - k1 (k clamped to +-252, where the
@@ -178,7 +172,6 @@ struct Scalar {
   GP_FN F div(F a, F b) { return a / b; }
   GP_FN F sqrt(F a) { return __builtin_sqrtf(a); }
   GP_FN M lt(F a, F b) { return a < b; }
-  GP_FN M gt(F a, F b) { return a > b; }
   GP_FN M eq(F a, F b) { return a == b; }
   GP_FN M is_nan(F a) { return a != a; }
   GP_FN M not_lt(F a, F b) { return !(a < b); }
@@ -195,8 +188,6 @@ struct Scalar {
   GP_FN I add_i(I a, I b) { return a + b; }
   template <int N> GP_FN I srl_i(I a) { return a >> N; }
   GP_FN F to_float(I a) { return float(int32_t(a)); }
-  GP_FN F min(F a, F b) { return a < b ? a : b; }
-  GP_FN F max(F a, F b) { return a > b ? a : b; }
   GP_FN F round(F a) {  // nearest-even; |a| >= 2^22 is already integral (or Inf/NaN)
     const float shift = 0x1.8p23f;
     return __builtin_fabsf(a) < 0x1p22f ? (a + shift) - shift : a;
