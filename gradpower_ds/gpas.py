@@ -1,0 +1,101 @@
+"""GPAS: Gradient-Preserving Activation Scaling (arXiv 2506.22049).
+
+A gate with one learnable fp32 scalar alpha scales an activation down in the
+forward pass through a stop-gradient, leaving the backward gradient untouched:
+
+    y = x - act(alpha) * stopgrad(x) = (1 - act(alpha)) * x
+    dy/dx = I,   dL/dalpha = -act'(alpha) * <dL/dy, x>
+
+With act = SiLU (default) and alpha = 0 the gate is an exact identity at
+initialisation. One gate per decoder layer, shared by both residual adds; where
+it goes in each layer-norm placement is implemented in gradpower_ds.model and,
+for Hugging Face models, in gradpower_ds.gpas_hf.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "identity": lambda a: a,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "relu": F.relu,
+}
+VARIANTS = ("pre_ln", "sandwich_ln", "deepnorm", "mix_ln", "lns")
+GATE_ATTR = "_gpas_gate"  # marks gate parameters (optimizer grouping, clipping)
+
+
+def gpas_scale(x: torch.Tensor, alpha: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """Functional GPAS: x - act(alpha) * x.detach(), the gate computed in fp32 and cast to x's dtype."""
+    gate = ACTIVATIONS[act](alpha.float()).to(x.dtype)
+    return x - gate * x.detach()
+
+
+class GPASGate(nn.Module):
+    """One GPAS gate: a scalar alpha (fp32, shape [1]) and its activation.
+
+    learnable=False keeps alpha as a fixed buffer (a non-learnable gate, e.g.
+    `GPASGate("identity", learnable=False, init=0.1)` scales by 0.9).
+    """
+
+    def __init__(self, act: str = "silu", learnable: bool = True, init: float = 0.0):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"GPAS: unknown act={act!r}; choose one of {sorted(ACTIVATIONS)}")
+        self.act = act
+        alpha = torch.full((1,), float(init), dtype=torch.float32)
+        if learnable:
+            self.alpha = nn.Parameter(alpha)
+            setattr(self.alpha, GATE_ATTR, True)
+        else:
+            self.register_buffer("alpha", alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns (1 - act(alpha)) * x with the gradient to x left unchanged."""
+        return gpas_scale(x, self.alpha, self.act)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}, learnable={isinstance(self.alpha, nn.Parameter)}"
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learnable GPAS gate parameters of a model."""
+    return [p for p in model.parameters() if getattr(p, GATE_ATTR, False)]
+
+
+def param_groups_with_gpas(model: nn.Module, weight_decay: float, **group_options) -> list[dict]:
+    """Optimizer param groups: every other parameter with weight_decay, the gates without.
+
+    Pass the result to any torch optimizer or as `model_parameters` to
+    deepspeed.initialize; group_options (e.g. lr) apply to both groups.
+    """
+    gates = {id(p) for p in gate_parameters(model)}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gates]
+    groups = [dict(params=rest, weight_decay=weight_decay, **group_options)]
+    if gates:
+        groups.append(dict(params=gate_parameters(model), weight_decay=0.0, **group_options))
+    return groups
+
+
+def clip_gate_grad_norm_(model: nn.Module, max_norm: float = 0.01) -> torch.Tensor:
+    """Clips the joint gradient norm of all gates after backward (plain PyTorch loops), as the
+    GPAS reference code does with max_norm = 0.01; returns the norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(gate_parameters(model), max_norm)
+
+
+def register_gate_grad_clip(model: nn.Module, max_value: float = 0.01) -> list:
+    """Clips each gate's gradient to [-max_value, max_value] as autograd produces it.
+
+    For trainers that own the gradients after backward, such as DeepSpeed (ZeRO
+    keeps them in its own buffers, and applies its global `gradient_clipping`
+    afterwards): the clip acts on each backward's local gradient, per micro-batch
+    and rank, before reduction. For a single scalar gate this equals norm clipping;
+    across gates it clips each gate on its own. Returns the hook handles.
+    """
+    if max_value <= 0:
+        raise ValueError(f"GPAS: invalid max_value={max_value}: must be > 0")
+    return [p.register_hook(lambda g: g.clamp(-max_value, max_value)) for p in gate_parameters(model)]

@@ -1,0 +1,192 @@
+"""A small LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, optional top-k MoE) for
+tests, the quickstart and GPAS experiments.
+
+`norm` picks the layer-norm placement GPAS is defined for (arXiv 2506.22049):
+pre_ln, sandwich_ln, deepnorm, mix_ln (the first `mix_ln_ratio` of the layers
+DeepNorm-style, the rest Pre-LN) and lns (Pre-LN with LayerNorm scaling
+1/sqrt(layer + 1)). With `gpas=True` every layer gets one GPASGate shared by
+both residual adds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gpas import VARIANTS, GPASGate
+
+
+@dataclass
+class ModelConfig:
+    """Model shape and architecture switches."""
+
+    vocab_size: int = 256
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_dim: int = 352
+    max_seq_len: int = 256
+    norm: str = "pre_ln"
+    mix_ln_ratio: float = 0.25
+    num_experts: int = 0  # 0 = dense MLP
+    top_k: int = 2
+    rope_theta: float = 10000.0
+    gpas: bool = False
+    gpas_act: str = "silu"
+    gpas_learnable: bool = True
+
+    def __post_init__(self):
+        if self.norm not in VARIANTS:
+            raise ValueError(f"ModelConfig: unknown norm={self.norm!r}; choose one of {VARIANTS}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"ModelConfig: dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"ModelConfig: top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learnable scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype) * self.weight
+
+
+def rope_tables(cfg: ModelConfig, device=None):
+    """cos/sin tables for rotary position embeddings, shape [max_seq_len, head_dim / 2]."""
+    head_dim = cfg.dim // cfg.n_heads
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, device=device).float(), inv)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotates [batch, heads, seq, head_dim] by position (pairs of channels)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos[: x.shape[-2]].to(x.dtype), sin[: x.shape[-2]].to(x.dtype)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with RoPE."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class SwiGLU(nn.Module):
+    """The LLaMA feed-forward block: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class TopKMoE(nn.Module):
+    """Top-k routed SwiGLU experts with the Switch-style load-balancing loss (kept in .aux_loss)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.top_k
+        self.router = nn.Linear(cfg.dim, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(cfg.dim, cfg.ffn_dim) for _ in range(cfg.num_experts))
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        probs = self.router(flat).float().softmax(-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            if rows.numel():
+                out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None])
+        load = F.one_hot(chosen, len(self.experts)).float().sum(1).mean(0) / self.top_k
+        self.aux_loss = len(self.experts) * (load * probs.mean(0)).sum()
+        return out.view_as(x)
+
+
+class DecoderLayer(nn.Module):
+    """One decoder layer in the configured norm placement, with an optional GPAS gate g:
+
+    pre_ln / lns:  h = g(x + Attn(s*LN(x)));  out = g(h + MLP(s*LN(h)))   (s = 1/sqrt(i+1) for lns, else 1)
+    sandwich_ln:   h = g(x + LN'(Attn(LN(x))));  out = g(h + LN'(MLP(LN(h))))
+    deepnorm:      h = LN(a*g(x) + Attn(x));  out = LN(a*g(h) + MLP(h))   (a = (2N)^(1/4))
+    """
+
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.style = cfg.norm
+        if cfg.norm == "mix_ln":
+            self.style = "deepnorm" if index < int(cfg.mix_ln_ratio * cfg.n_layers) else "pre_ln"
+        self.scale = 1.0 / math.sqrt(index + 1) if cfg.norm == "lns" else 1.0
+        self.deepnorm_alpha = (2 * cfg.n_layers) ** 0.25
+        self.attn = Attention(cfg)
+        self.mlp = TopKMoE(cfg) if cfg.num_experts else SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.norm1, self.norm2 = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
+        if self.style == "sandwich_ln":
+            self.post_norm1, self.post_norm2 = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
+        self.gpas_gate = GPASGate(cfg.gpas_act, cfg.gpas_learnable) if cfg.gpas else None
+
+    def gate(self, x):
+        return x if self.gpas_gate is None else self.gpas_gate(x)
+
+    def forward(self, x, cos, sin):
+        if self.style == "deepnorm":
+            h = self.norm1(self.deepnorm_alpha * self.gate(x) + self.attn(x, cos, sin))
+            return self.norm2(self.deepnorm_alpha * self.gate(h) + self.mlp(h))
+        if self.style == "sandwich_ln":
+            h = self.gate(x + self.post_norm1(self.attn(self.norm1(x), cos, sin)))
+            return self.gate(h + self.post_norm2(self.mlp(self.norm2(h))))
+        h = self.gate(x + self.attn(self.norm1(x) * self.scale, cos, sin))
+        return self.gate(h + self.mlp(self.norm2(h) * self.scale))
+
+
+class CausalLM(nn.Module):
+    """Token embedding, decoder layers, final RMSNorm and LM head; forward returns (logits, loss)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens, targets=None, aux_loss_coef: float = 0.01):
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, self.rope_cos, self.rope_sin)
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        if self.cfg.num_experts:
+            loss = loss + aux_loss_coef * sum(layer.mlp.aux_loss for layer in self.layers)
+        return logits, loss
