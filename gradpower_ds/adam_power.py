@@ -30,7 +30,18 @@ class AdamPowerBase(torch.optim.Optimizer):
     torch.optim.AdamW.
     """
 
-    def __init__(self, params, lr, betas, eps, weight_decay, adam_w_mode, power, power_eps, bias_correction):
+    def __init__(
+        self,
+        params,
+        lr: float = ADAM_POWER_DEFAULTS["lr"],
+        betas: tuple[float, float] = ADAM_POWER_DEFAULTS["betas"],
+        eps: float = ADAM_POWER_DEFAULTS["eps"],
+        weight_decay: float = ADAM_POWER_DEFAULTS["weight_decay"],
+        adam_w_mode: bool = ADAM_POWER_DEFAULTS["adam_w_mode"],
+        power: float = ADAM_POWER_DEFAULTS["power"],
+        power_eps: float = ADAM_POWER_DEFAULTS["power_eps"],
+        bias_correction: bool = ADAM_POWER_DEFAULTS["bias_correction"],
+    ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode,
             power=power, power_eps=power_eps, bias_correction=bias_correction,
@@ -55,24 +66,14 @@ class AdamPowerBase(torch.optim.Optimizer):
 class AdamPower(AdamPowerBase):
     """Adam(W) on sign(g) * (|g| + power_eps)**power; power may differ per param group.
 
+    Hyperparameters (positional order and defaults) are AdamPowerBase's: lr,
+    betas, eps, weight_decay, adam_w_mode, power, power_eps, bias_correction.
     ``foreach=True`` (default) runs the multi-tensor path, ``False`` the
     single-tensor reference path; both work on CPU and CUDA tensors.
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = ADAM_POWER_DEFAULTS["lr"],
-        betas: tuple[float, float] = ADAM_POWER_DEFAULTS["betas"],
-        eps: float = ADAM_POWER_DEFAULTS["eps"],
-        weight_decay: float = ADAM_POWER_DEFAULTS["weight_decay"],
-        adam_w_mode: bool = ADAM_POWER_DEFAULTS["adam_w_mode"],
-        power: float = ADAM_POWER_DEFAULTS["power"],
-        power_eps: float = ADAM_POWER_DEFAULTS["power_eps"],
-        bias_correction: bool = ADAM_POWER_DEFAULTS["bias_correction"],
-        foreach: bool | None = None,
-    ):
-        super().__init__(params, lr, betas, eps, weight_decay, adam_w_mode, power, power_eps, bias_correction)
+    def __init__(self, params, *args, foreach: bool | None = None, **hyperparameters):
+        super().__init__(params, *args, **hyperparameters)
         self.foreach = True if foreach is None else bool(foreach)
 
     @torch.no_grad()

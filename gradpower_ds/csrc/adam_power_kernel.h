@@ -28,7 +28,7 @@ struct AdamPowerArgs {
   float l2;                   // Adam (L2) weight decay added to the powered grad; 0 for AdamW
   float decay;                // AdamW multiplicative decay 1 - lr * wd; 1 for Adam
   float step_size;            // lr / bias_correction1
-  float bias_corr2_sqrt;      // sqrt(bias_correction2)
+  float inv_bias_corr2_sqrt;  // 1 / sqrt(bias_correction2)
   float power_eps;
   double power;
 };
@@ -62,13 +62,13 @@ GP_INLINE void prefetch_streams(const AdamPowerArgs& a, int64_t i) {
 // The step's scalars broadcast once per chunk (so the hot loop reloads nothing).
 template <class V>
 struct Broadcast {
-  typename V::F one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay, neg_step_size, bias_corr2_sqrt, power_eps;
+  typename V::F one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay, neg_step_size, inv_bias_corr2_sqrt, power_eps;
   Exponent power;
   GP_INLINE explicit Broadcast(const AdamPowerArgs& a)
       : one_minus_beta1(V::set1(a.one_minus_beta1)), beta2(V::set1(a.beta2)),
         one_minus_beta2(V::set1(a.one_minus_beta2)), eps(V::set1(a.eps)), l2(V::set1(a.l2)),
         decay(V::set1(a.decay)), neg_step_size(V::set1(-a.step_size)),
-        bias_corr2_sqrt(V::set1(a.bias_corr2_sqrt)), power_eps(V::set1(a.power_eps)), power(a.power) {}
+        inv_bias_corr2_sqrt(V::set1(a.inv_bias_corr2_sqrt)), power_eps(V::set1(a.power_eps)), power(a.power) {}
 };
 
 // Updates W lanes at w, g, m, v (and the copy-out lanes at out).
@@ -80,7 +80,7 @@ GP_INLINE void adam_power_lanes(const Broadcast<V>& c, float* __restrict w, cons
   const F g = V::fma(c.l2, w0, grad_power<V, kPow, kEps>(V::load(gr), c.power, c.power_eps));
   const F m1 = V::fma(c.one_minus_beta1, V::sub(g, m0), m0);
   const F v1 = V::add(V::mul(c.beta2, v0), V::mul(V::mul(c.one_minus_beta2, g), g));
-  const F denom = V::add(V::mul(V::sqrt(v1), c.bias_corr2_sqrt), c.eps);
+  const F denom = V::add(V::mul(V::sqrt(v1), c.inv_bias_corr2_sqrt), c.eps);
   const F w1 = V::add(V::mul(w0, c.decay), V::div(V::mul(c.neg_step_size, m1), denom));
   V::store(m, m1);
   V::store(v, v1);
@@ -113,22 +113,23 @@ GP_INLINE void adam_power_chunk(const AdamPowerArgs& a, int64_t begin, int64_t e
 // v; write w, m, v: 28 bytes/element), prefetched the same way: the bandwidth
 // roofline for benchmarks.
 template <class V>
+GP_INLINE void stream_probe_lanes(const AdamPowerArgs& a, int64_t i) {
+  const typename V::F g = V::load(a.grad + i);
+  const typename V::F m = V::add(V::load(a.exp_avg + i), g);
+  const typename V::F v = V::add(V::load(a.exp_avg_sq + i), g);
+  V::store(a.exp_avg + i, m);
+  V::store(a.exp_avg_sq + i, v);
+  V::store(a.param + i, V::add(V::load(a.param + i), v));
+}
+
+template <class V>
 GP_INLINE void stream_probe_chunk(const AdamPowerArgs& a, int64_t begin, int64_t end) {
   int64_t i = begin;
   for (; i + V::W <= end; i += V::W) {
     prefetch_streams(a, i);
-    const typename V::F g = V::load(a.grad + i);
-    const typename V::F m = V::add(V::load(a.exp_avg + i), g);
-    const typename V::F v = V::add(V::load(a.exp_avg_sq + i), g);
-    V::store(a.exp_avg + i, m);
-    V::store(a.exp_avg_sq + i, v);
-    V::store(a.param + i, V::add(V::load(a.param + i), v));
+    stream_probe_lanes<V>(a, i);
   }
-  for (; i < end; ++i) {
-    a.exp_avg[i] += a.grad[i];
-    a.exp_avg_sq[i] += a.grad[i];
-    a.param[i] += a.exp_avg_sq[i];
-  }
+  for (; i < end; ++i) stream_probe_lanes<Scalar>(a, i);
 }
 
 template <class V, bool kPow, bool kEps>

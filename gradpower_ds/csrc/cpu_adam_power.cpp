@@ -143,12 +143,12 @@ void* as_ptr(uintptr_t address) { return reinterpret_cast<void*>(address); }
 void adam_power_step(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq,
                      uintptr_t copy_out, int copy_dtype, int64_t n, float one_minus_beta1,
                      float beta2, float one_minus_beta2, float eps, float l2, float decay,
-                     float step_size, float bias_corr2_sqrt, double power, float power_eps,
+                     float step_size, float inv_bias_corr2_sqrt, double power, float power_eps,
                      int isa_code, int threads) {
   AdamPowerArgs a{static_cast<float*>(as_ptr(param)),  static_cast<const float*>(as_ptr(grad)),
                   static_cast<float*>(as_ptr(exp_avg)), static_cast<float*>(as_ptr(exp_avg_sq)),
                   as_ptr(copy_out), n, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay,
-                  step_size, bias_corr2_sqrt, power_eps, power};
+                  step_size, inv_bias_corr2_sqrt, power_eps, power};
   const CopyOut copy = static_cast<CopyOut>(copy_dtype);
   if (copy != CopyOut::kNone && copy != CopyOut::kBF16 && copy != CopyOut::kFP16)
     throw std::invalid_argument("unknown copy-out dtype code " + std::to_string(copy_dtype));
@@ -199,7 +199,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
         py::arg("copy_out"), py::arg("copy_dtype"), py::arg("n"), py::arg("one_minus_beta1"),
         py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"), py::arg("l2"),
-        py::arg("decay"), py::arg("step_size"), py::arg("bias_corr2_sqrt"), py::arg("power"),
+        py::arg("decay"), py::arg("step_size"), py::arg("inv_bias_corr2_sqrt"), py::arg("power"),
         py::arg("power_eps"), py::arg("isa"), py::arg("threads"));
   m.def("grad_power", &grad_power_into, "out = phi_p(in) over contiguous fp32 buffers.",
         py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("power"), py::arg("power_eps"),

@@ -8,14 +8,13 @@ ZeRO-Offload expects from its CPU optimizer (cf. DeepSpeedCPUAdam).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
-import logging
-
 from ..adam_power import AdamPowerBase
-from ..hyperparams import ADAM_POWER_DEFAULTS, bias_corrections, check_power
+from ..hyperparams import bias_corrections, check_power
 from . import builder
 
 ISA_CODES = {"auto": -1, "scalar": 0, "avx2": 1, "avx512": 2}
@@ -67,30 +66,17 @@ def native_grad_power(t: torch.Tensor, p: float, eps: float = 0.0, isa: str | No
 class CPUAdamPower(AdamPowerBase):
     """AdamPower for fp32 CPU parameters, one fused native pass per tensor and step.
 
-    Same hyperparameters and state layout as gradpower_ds.AdamPower (checkpoints
-    move freely between them). `isa` forces "avx512", "avx2" or "scalar"
-    (default: $GRADPOWER_CPU_ISA or the best the CPU has); `num_threads`
-    defaults to torch.get_num_threads().
+    Same hyperparameters (AdamPowerBase's, in the same order) and state layout
+    as gradpower_ds.AdamPower, so checkpoints move freely between them. `isa`
+    forces "avx512", "avx2" or "scalar" (default: $GRADPOWER_CPU_ISA or the best
+    the CPU has); `num_threads` defaults to torch.get_num_threads().
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = ADAM_POWER_DEFAULTS["lr"],
-        betas: tuple[float, float] = ADAM_POWER_DEFAULTS["betas"],
-        eps: float = ADAM_POWER_DEFAULTS["eps"],
-        weight_decay: float = ADAM_POWER_DEFAULTS["weight_decay"],
-        adam_w_mode: bool = ADAM_POWER_DEFAULTS["adam_w_mode"],
-        power: float = ADAM_POWER_DEFAULTS["power"],
-        power_eps: float = ADAM_POWER_DEFAULTS["power_eps"],
-        bias_correction: bool = ADAM_POWER_DEFAULTS["bias_correction"],
-        isa: str | None = None,
-        num_threads: int | None = None,
-    ):
+    def __init__(self, params, *args, isa: str | None = None, num_threads: int | None = None, **hyperparameters):
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                         or num_threads < 1):
             raise ValueError(f"CPUAdamPower: invalid num_threads={num_threads!r}: must be an int >= 1")
-        super().__init__(params, lr, betas, eps, weight_decay, adam_w_mode, power, power_eps, bias_correction)
+        super().__init__(params, *args, **hyperparameters)
         self._native = builder.load()
         self.isa = resolve_isa(isa)
         self.num_threads = num_threads
@@ -144,7 +130,7 @@ class CPUAdamPower(AdamPowerBase):
             copy_ptr, copy_code, p.numel(),
             one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2, eps=group["eps"],
             l2=0.0 if adamw else wd, decay=1 - lr * wd if adamw else 1.0,
-            step_size=lr / bc1, bias_corr2_sqrt=1 / bc2_sqrt,
+            step_size=lr / bc1, inv_bias_corr2_sqrt=1 / bc2_sqrt,
             power=group["power"], power_eps=group["power_eps"],
             isa=ISA_CODES[self.isa], threads=threads,
         )
