@@ -1,4 +1,9 @@
-"""Shared test helpers: edge-value tensors and deterministic gradient streams."""
+"""Shared test helpers: edge-value tensors, deterministic gradient streams, multi-process launches."""
+
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,3 +33,23 @@ def grad_stream(shape, steps, seed=0, scale=1e-2):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script, *args, nproc: int = 2, timeout: int = 900, env: dict | None = None):
+    """Runs `script args` on `nproc` local ranks with torch.distributed.run (1 OpenMP thread each).
+
+    Fails the test with the tail of stderr when the job exits non-zero; returns the CompletedProcess.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-8000:]}"
+    return proc

@@ -1,31 +1,19 @@
 """GPAS gates train under DeepSpeed ZeRO-2 and ZeRO-3 on 2 processes (gloo), gates kept in sync across ranks."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import torchrun
+
 JOB = Path(__file__).parent / "jobs" / "ds_gpas_steps.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_gates_under_zero2_and_zero3(tmp_path):
     out = tmp_path / "result"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(JOB), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-8000:]
+    torchrun(JOB, out, timeout=600)
     rows = [json.loads(line) for rank in (0, 1) for line in Path(f"{out}.{rank}").read_text().splitlines()]
     for stage in (2, 3):
         r0, r1 = [r for r in rows if r["stage"] == stage]

@@ -1,0 +1,169 @@
+"""DeepSpeed integration: ``"optimizer": {"type": "AdamPower", ...}`` in a DeepSpeed config.
+
+``register()`` makes three thin, reversible changes to DeepSpeed (the version in
+``SUPPORTED_DEEPSPEED``; any other is refused with an error naming it):
+
+1. ``"adampower"`` and ``"adamwpower"`` join DeepSpeed's list of named optimizers,
+   so the config lower-cases them like ``"Adam"`` and the engine accepts them;
+2. ``DeepSpeedEngine._configure_basic_optimizer`` builds our optimizer for those
+   names and defers to DeepSpeed for every other one;
+3. ``AdamPower`` and ``CPUAdamPower`` join ZeRO's supported optimizers, so no
+   ``zero_allow_untested_optimizer`` or ``zero_force_ds_cpu_optimizer`` is needed.
+
+Where DeepSpeed would build its own CPU Adam (``offload_optimizer`` to the CPU, or
+a CPU accelerator) the native ``CPUAdamPower`` kernel is built; elsewhere the
+torch ``AdamPower``. Importing ``gradpower_ds`` patches nothing; ``unregister()``
+undoes all three changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from .adam_power import AdamPower
+from .hyperparams import ADAM_POWER_DEFAULTS, check_power
+
+SUPPORTED_DEEPSPEED = "0.19.8"
+OPTIMIZER_NAMES = ("adampower", "adamwpower")
+ACCEPTED_PARAMS = tuple(ADAM_POWER_DEFAULTS) + ("expert_power",)
+
+_log = logging.getLogger(__name__)
+_original_configure = None  # DeepSpeedEngine._configure_basic_optimizer while registered, else None
+
+
+class UnsupportedDeepSpeedError(RuntimeError):
+    """The installed DeepSpeed is not the version these patches were written and tested for."""
+
+
+def check_deepspeed_version() -> None:
+    """Raises UnsupportedDeepSpeedError unless the installed DeepSpeed is SUPPORTED_DEEPSPEED."""
+    import deepspeed
+
+    if deepspeed.__version__ != SUPPORTED_DEEPSPEED:
+        raise UnsupportedDeepSpeedError(
+            f"gradpower_ds.deepspeed supports DeepSpeed {SUPPORTED_DEEPSPEED} only (it patches its engine "
+            f"internals), but DeepSpeed {deepspeed.__version__} is installed: pip install "
+            f"deepspeed=={SUPPORTED_DEEPSPEED}")
+
+
+def optimizer_kwargs(name: str, params: dict | None) -> tuple[dict, float | None]:
+    """Turns a config's optimizer type and ``params`` into AdamPower keyword arguments.
+
+    Returns (kwargs, expert_power). Unknown keys raise ValueError naming them and
+    the accepted ones; values are validated by the optimizer itself (ValueError).
+    """
+    name = name.lower()
+    if name not in OPTIMIZER_NAMES:
+        raise ValueError(f"not an AdamPower optimizer type: {name!r} (expected one of {OPTIMIZER_NAMES})")
+    kwargs = dict(params or {})
+    unknown = sorted(set(kwargs) - set(ACCEPTED_PARAMS))
+    if unknown:
+        raise ValueError(f"DeepSpeed optimizer {name!r}: unknown key(s) {unknown} in \"params\"; "
+                         f"accepted keys are {list(ACCEPTED_PARAMS)}")
+    if name == "adamwpower":
+        if not kwargs.get("adam_w_mode", True):
+            raise ValueError("DeepSpeed optimizer 'AdamWPower' always decays weights decoupled; for L2 "
+                             "regularisation use \"type\": \"AdamPower\" with \"adam_w_mode\": false")
+        kwargs["adam_w_mode"] = True
+    expert_power = kwargs.pop("expert_power", None)
+    if expert_power is not None:
+        expert_power = check_power(expert_power, kwargs.get("power_eps", 0.0), owner="expert_power")[0]
+    return kwargs, expert_power
+
+
+def build_optimizer(name: str, params: dict | None, model_parameters, use_cpu_kernel: bool):
+    """Builds AdamPower (or the native CPUAdamPower when ``use_cpu_kernel``) from a DeepSpeed config entry.
+
+    Param groups marked ``"moe": True`` by DeepSpeed's MoE grouping get
+    ``expert_power`` as their power when the config sets it.
+    """
+    kwargs, expert_power = optimizer_kwargs(name, params)
+    groups = list(model_parameters)
+    if expert_power is not None:
+        def is_moe(group):
+            return isinstance(group, dict) and bool(group.get("moe"))
+
+        if not any(is_moe(g) for g in groups):
+            _log.warning("AdamPower: expert_power=%s is set but the model has no DeepSpeed MoE parameter "
+                         "groups; every group uses power=%s", expert_power,
+                         kwargs.get("power", ADAM_POWER_DEFAULTS["power"]))
+        groups = [dict(g, power=expert_power) if is_moe(g) else g for g in groups]
+    if use_cpu_kernel:
+        from .ops import CPUAdamPower
+
+        return CPUAdamPower(groups, **kwargs)
+    return AdamPower(groups, **kwargs)
+
+
+def _configure_basic_optimizer(engine, model_parameters):
+    """Replacement for DeepSpeedEngine._configure_basic_optimizer that knows our optimizer names."""
+    name = engine.optimizer_name()
+    if name not in OPTIMIZER_NAMES:
+        return _original_configure(engine, model_parameters)
+    if engine.bf16_optimizer_states():
+        raise ValueError(f"DeepSpeed optimizer {name!r} keeps fp32 moments; remove "
+                         "\"bf16\": {\"bf16_optimizer_states\": true} from the config")
+    from deepspeed.accelerator import get_accelerator
+
+    use_cpu_kernel = engine.zero_use_cpu_optimizer() or get_accelerator().device_name() == "cpu"
+    optimizer = build_optimizer(name, engine.optimizer_params(), model_parameters, use_cpu_kernel)
+    if engine.global_rank == 0:
+        powers = sorted({g["power"] for g in optimizer.param_groups})
+        _log.info("gradpower_ds: %s built %s (power %s)", name, type(optimizer).__name__,
+                  ", ".join(f"{p:g}" for p in powers))
+    return optimizer
+
+
+def is_registered() -> bool:
+    """Whether register() is in effect."""
+    return _original_configure is not None
+
+
+def register() -> None:
+    """Lets DeepSpeed configs use ``"type": "AdamPower"`` / ``"AdamWPower"`` (idempotent)."""
+    global _original_configure
+    if is_registered():
+        return
+    check_deepspeed_version()
+    from deepspeed.runtime import config as ds_config
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    from .ops import CPUAdamPower
+
+    original = DeepSpeedEngine._configure_basic_optimizer
+    ds_config.DEEPSPEED_OPTIMIZERS.extend(OPTIMIZER_NAMES)
+    zero_utils.ZERO_SUPPORTED_OPTIMIZERS.extend((AdamPower, CPUAdamPower))
+    _original_configure = original
+
+    @functools.wraps(original)
+    def configure(engine, model_parameters):
+        return _configure_basic_optimizer(engine, model_parameters)
+
+    DeepSpeedEngine._configure_basic_optimizer = configure
+
+
+def unregister() -> None:
+    """Undoes register(); a no-op when not registered."""
+    global _original_configure
+    if not is_registered():
+        return
+    from deepspeed.runtime import config as ds_config
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    from .ops import CPUAdamPower
+
+    DeepSpeedEngine._configure_basic_optimizer = _original_configure
+    for name in OPTIMIZER_NAMES:
+        ds_config.DEEPSPEED_OPTIMIZERS.remove(name)
+    for cls in (AdamPower, CPUAdamPower):
+        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.remove(cls)
+    _original_configure = None
+
+
+__all__ = [
+    "ACCEPTED_PARAMS", "OPTIMIZER_NAMES", "SUPPORTED_DEEPSPEED", "UnsupportedDeepSpeedError", "build_optimizer",
+    "check_deepspeed_version", "is_registered", "optimizer_kwargs", "register", "unregister",
+]

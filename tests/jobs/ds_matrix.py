@@ -1,0 +1,73 @@
+"""Launched job (2 ranks, gloo): every ZeRO stage x precision x offload case, three optimizers each.
+
+For each case of ds_toy.matrix_cases() it trains STEPS steps with AdamPower (power 1.2),
+AdamPower (power 1) and DeepSpeed's own AdamW, and saves the full fp32 parameters to
+argv[1] (a torch.save dict, written by rank 0). For fp16 it also forces one overflowing
+step and records that DeepSpeed skipped it without touching parameters or our state.
+"""
+
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+import ds_toy
+from gradpower_ds.deepspeed import register
+
+STEPS = 3
+LR_WD = {"lr": 1e-2, "weight_decay": 0.1}
+OPTIMIZERS = {
+    "power1.2": ("AdamPower", dict(LR_WD, power=1.2)),
+    "power1": ("AdamPower", dict(LR_WD, power=1.0)),
+    "ds_adamw": ("AdamW", LR_WD),
+}
+
+
+def overflow_is_skipped(engine) -> dict:
+    """One optimizer step whose loss is inf: DeepSpeed must skip it, leaving params and our state as they were."""
+    before = ds_toy.full_fp32_params(engine)
+    steps_before = sorted(float(s["step"]) for s in engine.basic_optimizer.state.values())
+    skipped = engine.skipped_steps
+    for micro in range(engine.gradient_accumulation_steps()):
+        tokens = ds_toy.micro_batch(dist.get_rank(), 10**6 + micro)
+        loss = engine(tokens, tokens)[1]
+        engine.backward(loss * float("inf") if micro == 0 else loss)
+        engine.step()
+    after = ds_toy.full_fp32_params(engine)
+    return dict(
+        skipped=engine.skipped_steps - skipped,
+        params_unchanged=all(torch.equal(before[k], after[k]) for k in before),
+        state_steps_unchanged=steps_before == sorted(float(s["step"]) for s in engine.basic_optimizer.state.values()),
+    )
+
+
+def main():
+    register()
+    ds_toy.enable_cpu_fp16()
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    results = {}
+    for case in ds_toy.matrix_cases():
+        stage, dtype, offload, param_offload = case
+        for label, (opt_type, params) in OPTIMIZERS.items():
+            config = ds_toy.ds_config(stage, dtype, offload, param_offload, opt_type=opt_type, params=params)
+            model = ds_toy.make_model()
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+            ds_toy.train(engine, rank, STEPS)
+            key = (ds_toy.case_name(*case), label)
+            results[key] = dict(params=ds_toy.full_fp32_params(engine),
+                                optimizer=type(engine.basic_optimizer).__name__)
+            if dtype == "fp16" and label == "power1.2":
+                results[key]["overflow"] = overflow_is_skipped(engine)
+            engine.destroy()
+            if rank == 0:
+                print("done", key, results[key]["optimizer"], flush=True)
+    if rank == 0:
+        torch.save(results, sys.argv[1])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The toy set-up every DeepSpeed test shares: a tiny model, per-rank data, configs, and the reference run.
+
+Jobs launched on several ranks import it as ``ds_toy``; tests import it as
+``jobs.ds_toy`` to compute the single-process reference the ranks must match.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from gradpower_ds import AdamPower
+from gradpower_ds.model import CausalLM, ModelConfig
+
+VOCAB, SEQ, MICRO_BATCH = 64, 16, 2
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+INITIAL_SCALE_POWER = 8  # fp16: dynamic loss scaling from 2**8, so no step of these short runs overflows
+
+
+def make_model(seed: int = 0) -> CausalLM:
+    """A 2-layer LLaMA-style model, identical for a given seed on every rank and in the reference."""
+    torch.manual_seed(seed)
+    return CausalLM(ModelConfig(n_layers=2, dim=32, n_heads=4, ffn_dim=64, vocab_size=VOCAB, max_seq_len=SEQ))
+
+
+def micro_batch(rank: int, micro_step: int) -> torch.Tensor:
+    """The tokens rank `rank` trains on at micro-step `micro_step` (deterministic)."""
+    gen = torch.Generator().manual_seed(1000 * rank + micro_step)
+    return torch.randint(0, VOCAB, (MICRO_BATCH, SEQ), generator=gen)
+
+
+def ds_config(stage: int, dtype: str = "fp32", offload: bool = False, param_offload: bool = False,
+              opt_type: str = "AdamPower", params: dict | None = None, gas: int = 2, clip: float = 1.0) -> dict:
+    """A DeepSpeed config for the toy model: ZeRO `stage`, precision, offload, optimizer."""
+    zero = {"stage": stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if param_offload:
+        zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": clip,
+        "optimizer": {"type": opt_type, "params": dict(params or {"lr": 1e-2, "weight_decay": 0.1})},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+    }
+    if dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif dtype == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": INITIAL_SCALE_POWER}
+    return config
+
+
+def enable_cpu_fp16() -> None:
+    """Test-only: DeepSpeed's CPU accelerator refuses fp16, though torch and gloo handle it on the CPU.
+
+    Lets the fp16 dynamic-loss-scaling path run here; the GPU test covers it on real hardware.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().is_fp16_supported = lambda: True
+
+
+def train(engine, rank: int, steps: int, first_step: int = 0) -> list[float]:
+    """`steps` optimizer steps of `engine` on rank `rank`'s data; returns the micro-batch losses."""
+    gas = engine.gradient_accumulation_steps()
+    losses = []
+    for step in range(first_step, first_step + steps):
+        for micro in range(gas):
+            tokens = micro_batch(rank, step * gas + micro)
+            loss = engine(tokens, tokens)[1]
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+    return losses
+
+
+def full_fp32_params(engine) -> dict[str, torch.Tensor]:
+    """Every parameter's full fp32 master copy (gathered from the ZeRO shards), by name."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    # ZeRO 1-3 and the bf16 optimizer map params to their masters; stage 0 fp16/bf16 keeps parallel lists.
+    unfused = {id(lp): hp for lps, hps in zip(getattr(engine.optimizer, "fp16_groups", []),
+                                              getattr(engine.optimizer, "fp32_groups", [])) for lp, hp in zip(lps, hps)}
+    out = {}
+    for name, param in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(param)
+        if master is None:
+            master = unfused.get(id(param), param)
+        out[name] = master.detach().float().cpu().clone()
+    return out
+
+
+def reference_run(steps: int, dtype: str = "fp32", world: int = 2, gas: int = 2, clip: float = 1.0,
+                  accumulate: str = "fp32", zero_grad_step: bool = False, **adam_power) -> dict[str, torch.Tensor]:
+    """The same training in one process, unsharded: what every DeepSpeed configuration must reproduce.
+
+    fp32 master weights stepped by the reference AdamPower (foreach=False);
+    each micro-batch runs forward/backward in `dtype` on a copy of the masters
+    (fp16 with the loss scaled by 2**INITIAL_SCALE_POWER, then unscaled);
+    gradients are summed in `accumulate` precision ("fp32", or the model dtype
+    as ZeRO stage 0 does), averaged over `world` ranks and `gas` micro-batches and
+    clipped to global norm `clip` as DeepSpeed does (coefficient clip / (norm + 1e-6)).
+    `zero_grad_step` first steps once on all-zero gradients, as DeepSpeed's
+    stage-0 fp16/bf16 wrappers do when they initialise the optimizer state.
+    """
+    master = make_model()
+    low = copy.deepcopy(master).to(DTYPES[dtype])
+    params = list(master.parameters())
+    optimizer = AdamPower(params, foreach=False, **(adam_power or {"lr": 1e-2, "weight_decay": 0.1}))
+    scale = 2.0 ** INITIAL_SCALE_POWER if dtype == "fp16" else 1.0
+    if zero_grad_step:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    for step in range(steps):
+        grads = [torch.zeros_like(p, dtype=DTYPES[accumulate]) for p in params]
+        for rank in range(world):
+            for micro in range(gas):
+                with torch.no_grad():
+                    for lp, p in zip(low.parameters(), params):
+                        lp.copy_(p)
+                low.zero_grad(set_to_none=True)
+                tokens = micro_batch(rank, step * gas + micro)
+                (low(tokens, tokens)[1] * (scale / gas)).backward()
+                for g, lp in zip(grads, low.parameters()):
+                    g += lp.grad.to(g.dtype)
+        grads = [g.float() / (scale * world) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
+        coef = clip / (norm.item() + 1e-6)
+        if clip > 0 and coef < 1:
+            for p in params:
+                p.grad.mul_(coef)
+        optimizer.step()
+    return {name: p.detach().clone() for name, p in master.named_parameters()}
+
+
+def matrix_cases() -> list[tuple[int, str, bool, bool]]:
+    """(ZeRO stage, dtype, optimizer offload, param offload) combinations the integration must support."""
+    cases = [(0, dtype, False, False) for dtype in DTYPES]
+    cases += [(stage, dtype, offload, False) for stage in (1, 2, 3) for dtype in DTYPES for offload in (False, True)]
+    cases += [(3, dtype, True, True) for dtype in DTYPES]
+    return cases
+
+
+def case_name(stage: int, dtype: str, offload: bool, param_offload: bool) -> str:
+    """A readable id such as 'z3-bf16-offload-params'."""
+    return f"z{stage}-{dtype}" + ("-offload" if offload else "") + ("-params" if param_offload else "")
