@@ -1,6 +1,6 @@
 """Launched job (2 ranks, gloo): every ZeRO stage x precision x offload case, three optimizers each.
 
-For each case of ds_toy.matrix_cases() it trains STEPS steps with AdamPower (power 1.2),
+For each case of ds_toy.matrix_cases() it trains MATRIX_STEPS steps with AdamPower (power 1.2),
 AdamPower (power 1) and DeepSpeed's own AdamW, and saves the full fp32 parameters to
 argv[1] (a torch.save dict, written by rank 0). For fp16 it also forces one overflowing
 step and records that DeepSpeed skipped it without touching parameters or our state.
@@ -15,12 +15,10 @@ import torch.distributed as dist
 import ds_toy
 from gradpower_ds.deepspeed import register
 
-STEPS = 3
-LR_WD = {"lr": 1e-2, "weight_decay": 0.1}
 OPTIMIZERS = {
-    "power1.2": ("AdamPower", dict(LR_WD, power=1.2)),
-    "power1": ("AdamPower", dict(LR_WD, power=1.0)),
-    "ds_adamw": ("AdamW", LR_WD),
+    "power1.2": ("AdamPower", dict(ds_toy.LR_WD, power=1.2)),
+    "power1": ("AdamPower", dict(ds_toy.LR_WD, power=1.0)),
+    "ds_adamw": ("AdamW", ds_toy.LR_WD),
 }
 
 
@@ -54,7 +52,7 @@ def main():
             config = ds_toy.ds_config(stage, dtype, offload, param_offload, opt_type=opt_type, params=params)
             model = ds_toy.make_model()
             engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-            ds_toy.train(engine, rank, STEPS)
+            ds_toy.train(engine, rank, ds_toy.MATRIX_STEPS)
             key = (ds_toy.case_name(*case), label)
             results[key] = dict(params=ds_toy.full_fp32_params(engine),
                                 optimizer=type(engine.basic_optimizer).__name__)

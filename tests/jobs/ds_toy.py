@@ -15,6 +15,8 @@ from gradpower_ds.model import CausalLM, ModelConfig
 
 VOCAB, SEQ, MICRO_BATCH = 64, 16, 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LR_WD = {"lr": 1e-2, "weight_decay": 0.1}  # the optimizer settings every toy run shares
+MATRIX_STEPS = 3  # optimizer steps per case of the ZeRO x precision x offload matrix
 INITIAL_SCALE_POWER = 8  # fp16: dynamic loss scaling from 2**8, so no step of these short runs overflows
 
 
@@ -42,7 +44,7 @@ def ds_config(stage: int, dtype: str = "fp32", offload: bool = False, param_offl
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": clip,
-        "optimizer": {"type": opt_type, "params": dict(params or {"lr": 1e-2, "weight_decay": 0.1})},
+        "optimizer": {"type": opt_type, "params": dict(params or LR_WD)},
         "zero_optimization": zero,
         "steps_per_print": 10**9,
     }
@@ -81,14 +83,19 @@ def full_fp32_params(engine) -> dict[str, torch.Tensor]:
     """Every parameter's full fp32 master copy (gathered from the ZeRO shards), by name."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    # ZeRO 1-3 and the bf16 optimizer map params to their masters; stage 0 fp16/bf16 keeps parallel lists.
-    unfused = {id(lp): hp for lps, hps in zip(getattr(engine.optimizer, "fp16_groups", []),
-                                              getattr(engine.optimizer, "fp32_groups", [])) for lp, hp in zip(lps, hps)}
+    # ZeRO 1-3 and the bf16 optimizer map params to their masters; the stage-0 fp16/bf16 wrappers keep
+    # per-group lists of masters (unfused) or one flat master per group (fused): pair them up by position.
+    opt = engine.optimizer
+    masters = getattr(opt, "fp32_groups", None) or [
+        flat.split([p.numel() for p in group]) for flat, group in zip(getattr(opt, "fp32_groups_flat", []),
+                                                                      getattr(opt, "fp16_groups", []))]
+    stage0 = {id(lp): hp.view(lp.shape) for lps, hps in zip(getattr(opt, "fp16_groups", []), masters)
+              for lp, hp in zip(lps, hps)}
     out = {}
     for name, param in engine.module.named_parameters():
         master = safe_get_full_fp32_param(param)
         if master is None:
-            master = unfused.get(id(param), param)
+            master = stage0.get(id(param), param)
         out[name] = master.detach().float().cpu().clone()
     return out
 
@@ -109,7 +116,7 @@ def reference_run(steps: int, dtype: str = "fp32", world: int = 2, gas: int = 2,
     master = make_model()
     low = copy.deepcopy(master).to(DTYPES[dtype])
     params = list(master.parameters())
-    optimizer = AdamPower(params, foreach=False, **(adam_power or {"lr": 1e-2, "weight_decay": 0.1}))
+    optimizer = AdamPower(params, foreach=False, **(adam_power or LR_WD))
     scale = 2.0 ** INITIAL_SCALE_POWER if dtype == "fp16" else 1.0
     if zero_grad_step:
         for p in params:

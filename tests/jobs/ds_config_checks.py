@@ -1,0 +1,59 @@
+"""Launched job (1 rank, gloo): how deepspeed.initialize treats AdamPower configs, good and bad.
+
+Writes a JSON dict to argv[1]: for each check, the optimizer class built or the error raised.
+"""
+
+import json
+import sys
+
+import deepspeed
+import torch.distributed as dist
+
+import ds_toy
+from gradpower_ds.deepspeed import register, unregister
+
+CHECKS = {
+    "lowercase": dict(opt_type="adampower"),
+    "uppercase_adamw": dict(opt_type="ADAMWPOWER", params=dict(power=1.1)),
+    "l2_mode": dict(opt_type="AdamPower", params=dict(adam_w_mode=False, weight_decay=0.1)),
+    "zero2": dict(stage=2),
+    "zero3_offload": dict(stage=3, offload=True),
+    "unknown_key": dict(params=dict(lr=1e-3, pwr=1.2)),
+    "bad_power": dict(params=dict(power=0.0)),
+    "bad_expert_power": dict(params=dict(expert_power=-1.0)),
+    "adamw_l2_conflict": dict(opt_type="AdamWPower", params=dict(adam_w_mode=False)),
+}
+
+
+def build(stage=0, offload=False, opt_type="AdamPower", params=None, extra=None) -> dict:
+    """deepspeed.initialize on the toy model; returns what was built or what was raised."""
+    config = ds_toy.ds_config(stage, offload=offload, opt_type=opt_type, params=params)
+    config.update(extra or {})
+    model = ds_toy.make_model()
+    try:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    except Exception as exc:  # the job reports every failure; the test decides which are expected
+        return dict(error=type(exc).__name__, message=str(exc))
+    group = engine.basic_optimizer.param_groups[0]
+    built = dict(optimizer=type(engine.basic_optimizer).__name__, power=group["power"],
+                 adam_w_mode=group["adam_w_mode"], weight_decay=group["weight_decay"])
+    engine.destroy()
+    return built
+
+
+def main():
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = {"unregistered": build()}
+    register()
+    register()  # idempotent
+    results.update({name: build(**kwargs) for name, kwargs in CHECKS.items()})
+    results["bf16_optimizer_states"] = build(extra={"bf16": {"enabled": True, "bf16_optimizer_states": True}})
+    unregister()
+    results["after_unregister"] = build()
+    with open(sys.argv[1], "w") as out:
+        json.dump(results, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""register()/unregister(), config parsing and the clear errors of gradpower_ds.deepspeed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradpower_ds.deepspeed as gds
+from conftest import torchrun
+
+JOB = Path(__file__).parent / "jobs" / "ds_config_checks.py"
+
+
+def test_import_patches_nothing():
+    code = ("import gradpower_ds, deepspeed; from deepspeed.runtime import config; "
+            "from deepspeed.runtime.zero import utils; from deepspeed.runtime.engine import DeepSpeedEngine; "
+            "assert 'adampower' not in config.DEEPSPEED_OPTIMIZERS; "
+            "assert not any('Power' in c.__name__ for c in utils.ZERO_SUPPORTED_OPTIMIZERS); "
+            "assert DeepSpeedEngine._configure_basic_optimizer.__module__ == 'deepspeed.runtime.engine'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_register_is_idempotent_and_reversible():
+    from deepspeed.runtime import config
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero import utils
+
+    original = DeepSpeedEngine._configure_basic_optimizer
+    names, supported = list(config.DEEPSPEED_OPTIMIZERS), list(utils.ZERO_SUPPORTED_OPTIMIZERS)
+    try:
+        gds.register()
+        gds.register()
+        assert gds.is_registered()
+        assert config.DEEPSPEED_OPTIMIZERS == names + ["adampower", "adamwpower"]
+        assert len(utils.ZERO_SUPPORTED_OPTIMIZERS) == len(supported) + 2
+        assert DeepSpeedEngine._configure_basic_optimizer is not original
+    finally:
+        gds.unregister()
+    gds.unregister()
+    assert not gds.is_registered()
+    assert config.DEEPSPEED_OPTIMIZERS == names and utils.ZERO_SUPPORTED_OPTIMIZERS == supported
+    assert DeepSpeedEngine._configure_basic_optimizer is original
+
+
+def test_unsupported_deepspeed_version_is_named(monkeypatch):
+    import deepspeed
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.18.2")
+    with pytest.raises(gds.UnsupportedDeepSpeedError, match=r"supports DeepSpeed 0\.19\.8 only.*0\.18\.2"):
+        gds.register()
+    assert not gds.is_registered()
+
+
+def test_optimizer_kwargs():
+    kwargs, expert = gds.optimizer_kwargs("AdamWPower", {"lr": 3e-4, "power": 1.1, "expert_power": 1.3})
+    assert kwargs == {"lr": 3e-4, "power": 1.1, "adam_w_mode": True} and expert == 1.3
+    assert gds.optimizer_kwargs("adampower", None) == ({}, None)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['max_grad_norm', 'pwr'\].*accepted keys are"):
+        gds.optimizer_kwargs("AdamPower", {"pwr": 1.2, "max_grad_norm": 1.0})
+    with pytest.raises(ValueError, match="adam_w_mode"):
+        gds.optimizer_kwargs("AdamWPower", {"adam_w_mode": False})
+    with pytest.raises(ValueError, match="expert_power.*power=0.0"):
+        gds.optimizer_kwargs("AdamPower", {"expert_power": 0})
+
+
+def test_build_optimizer_expert_power_on_moe_groups():
+    def groups():  # as DeepSpeed's MoE grouping hands them over (torch fills in defaults in place)
+        dense, expert = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+        return [{"params": [dense], "name": "dense"}, {"params": [expert], "moe": True, "name": "ep"}]
+
+    opt = gds.build_optimizer("adampower", {"power": 1.2, "expert_power": 1.5}, groups(), use_cpu_kernel=True)
+    assert type(opt).__name__ == "CPUAdamPower"
+    assert [g["power"] for g in opt.param_groups] == [1.2, 1.5]
+    opt = gds.build_optimizer("adampower", {"power": 1.1}, groups(), use_cpu_kernel=False)
+    assert type(opt).__name__ == "AdamPower" and [g["power"] for g in opt.param_groups] == [1.1, 1.1]
+    with pytest.raises(ValueError, match="power"):
+        gds.build_optimizer("adampower", {"power": -1}, groups(), use_cpu_kernel=False)
+
+
+@pytest.mark.slow
+def test_deepspeed_initialize_with_adam_power_configs(tmp_path):
+    out = tmp_path / "checks.json"
+    torchrun(JOB, out, nproc=1, timeout=900)
+    r = json.loads(out.read_text())
+    assert "AdamPower is not a supported DeepSpeed Optimizer" in r["unregistered"]["message"]
+    assert "AdamPower is not a supported DeepSpeed Optimizer" in r["after_unregister"]["message"]
+    assert r["lowercase"] == dict(optimizer="CPUAdamPower", power=1.2, adam_w_mode=True, weight_decay=0.1)
+    assert r["uppercase_adamw"] == dict(optimizer="CPUAdamPower", power=1.1, adam_w_mode=True, weight_decay=0.0)
+    assert r["l2_mode"]["adam_w_mode"] is False
+    assert r["zero2"]["optimizer"] == r["zero3_offload"]["optimizer"] == "CPUAdamPower"
+    assert r["unknown_key"]["error"] == "ValueError" and "['pwr']" in r["unknown_key"]["message"]
+    assert "accepted keys are ['lr', 'betas'" in r["unknown_key"]["message"]
+    assert r["bad_power"]["error"] == "ValueError" and "invalid power=0.0" in r["bad_power"]["message"]
+    assert r["bad_expert_power"]["error"] == "ValueError" and "expert_power" in r["bad_expert_power"]["message"]
+    assert r["adamw_l2_conflict"]["error"] == "ValueError"
+    assert "bf16_optimizer_states" in r["bf16_optimizer_states"]["message"]
