@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,12 +43,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# DeepSpeed JIT-builds ops on first use (the CPU shm all-reduce at init, FusedAdam for "AdamW"), ~40 s each on
+# 2 cores, cached in ~/.cache/torch_extensions. That cache is shared by every venv on the machine (sources at
+# other paths: a rebuild), and ninja 1.13 (pip, in the venv) and 1.11 (system) hash commands differently (a
+# rebuild whenever the other one ran last). So: one cache per venv, and the venv's bin (ninja, deepspeed) first
+# on PATH for every launch.
+JIT_ENV = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
+def launch_env(**extra) -> dict:
+    """The environment for a launched job: one OpenMP thread per rank, JIT_ENV, then `extra`."""
+    return dict(os.environ, OMP_NUM_THREADS="1", **JIT_ENV, **extra)
+
+
 def torchrun(script, *args, nproc: int = 2, timeout: int = 900, env: dict | None = None):
     """Runs `script args` on `nproc` local ranks with torch.distributed.run (1 OpenMP thread each).
 
     Fails the test with the tail of stderr when the job exits non-zero; returns the CompletedProcess.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    env = launch_env(**(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
