@@ -8,18 +8,22 @@
 2. ``DeepSpeedEngine._configure_basic_optimizer`` builds our optimizer for those
    names and defers to DeepSpeed for every other one;
 3. ``AdamPower`` and ``CPUAdamPower`` join ZeRO's supported optimizers, so no
-   ``zero_allow_untested_optimizer`` or ``zero_force_ds_cpu_optimizer`` is needed.
+   ``zero_allow_untested_optimizer`` or ``zero_force_ds_cpu_optimizer`` is needed;
+4. ZeRO-3's universal-checkpoint load is followed, for our optimizers, by a repair
+   of two DeepSpeed 0.19.8 defects that appear with more than one sub-group (see
+   ``_repair_zero3_universal_load``).
 
 Where DeepSpeed would build its own CPU Adam (``offload_optimizer`` to the CPU, or
 a CPU accelerator) the native ``CPUAdamPower`` kernel is built; elsewhere the
 torch ``AdamPower``. Importing ``gradpower_ds`` patches nothing; ``unregister()``
-undoes all three changes.
+undoes all four changes.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 
 from .adam_power import AdamPower
 from .hyperparams import ADAM_POWER_DEFAULTS, check_power
@@ -29,7 +33,7 @@ OPTIMIZER_NAMES = ("adampower", "adamwpower")
 ACCEPTED_PARAMS = tuple(ADAM_POWER_DEFAULTS) + ("expert_power",)
 
 _log = logging.getLogger(__name__)
-_original_configure = None  # DeepSpeedEngine._configure_basic_optimizer while registered, else None
+_originals: dict = {}  # (class, method name) -> the method register() replaced; empty when not registered
 
 
 class UnsupportedDeepSpeedError(RuntimeError):
@@ -98,9 +102,11 @@ def build_optimizer(name: str, params: dict | None, model_parameters, use_cpu_ke
 
 def _configure_basic_optimizer(engine, model_parameters):
     """Replacement for DeepSpeedEngine._configure_basic_optimizer that knows our optimizer names."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
     name = engine.optimizer_name()
     if name not in OPTIMIZER_NAMES:
-        return _original_configure(engine, model_parameters)
+        return _original(DeepSpeedEngine, "_configure_basic_optimizer")(engine, model_parameters)
     if engine.bf16_optimizer_states():
         raise ValueError(f"DeepSpeed optimizer {name!r} keeps fp32 moments; remove "
                          "\"bf16\": {\"bf16_optimizer_states\": true} from the config")
@@ -115,52 +121,100 @@ def _configure_basic_optimizer(engine, model_parameters):
     return optimizer
 
 
+def _repair_zero3_universal_load(zero_optimizer, checkpoint_dir: str) -> None:
+    """Repairs DeepSpeed 0.19.8's ZeRO-3 universal-checkpoint load for AdamPower/CPUAdamPower.
+
+    With more than one sub-group (several param groups, or ``sub_group_size``)
+    DeepSpeed (a) puts one and the same ``step`` tensor into every sub-group's
+    state, so a step advances it once per sub-group (our step counts live in the
+    state, updated in place like torch's Adam), and (b) gives every param group the
+    hyperparameters of group 0 (losing e.g. ``expert_power`` or a no-decay group).
+    This gives each state its own step and each group its saved hyperparameters.
+    """
+    import torch
+
+    from .ops import CPUAdamPower
+
+    optimizer = zero_optimizer.optimizer
+    if not isinstance(optimizer, (AdamPower, CPUAdamPower)):
+        return
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    saved = torch.load(os.path.join(checkpoint_dir, "zero", "optimizer_state.pt"), weights_only=False)
+    saved_groups = saved["optimizer_state_dict"]["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"universal checkpoint {checkpoint_dir} has {len(saved_groups)} optimizer param groups, "
+                         f"the model being loaded has {len(optimizer.param_groups)}: group the parameters as in "
+                         "the run that saved it")
+    for group, saved_group in zip(optimizer.param_groups, saved_groups):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
+def _original(cls, name: str):
+    """The method ``cls.name`` as DeepSpeed defines it (the one register() replaced, if any)."""
+    return _originals.get((cls, name), getattr(cls, name))
+
+
 def is_registered() -> bool:
     """Whether register() is in effect."""
-    return _original_configure is not None
+    return bool(_originals)
+
+
+def _patch_targets():
+    """(class, method name, replacement) for each DeepSpeed method register() replaces."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    load_universal = DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3
+
+    @functools.wraps(DeepSpeedEngine._configure_basic_optimizer)
+    def configure(engine, model_parameters):
+        return _configure_basic_optimizer(engine, model_parameters)
+
+    @functools.wraps(load_universal)
+    def load_universal_and_repair(zero_optimizer, checkpoint_dir):
+        load_universal(zero_optimizer, checkpoint_dir)
+        _repair_zero3_universal_load(zero_optimizer, checkpoint_dir)
+
+    return [(DeepSpeedEngine, "_configure_basic_optimizer", configure),
+            (DeepSpeedZeroOptimizer_Stage3, "load_hp_checkpoint_state_from_checkpoint_dir_stage3",
+             load_universal_and_repair)]
 
 
 def register() -> None:
     """Lets DeepSpeed configs use ``"type": "AdamPower"`` / ``"AdamWPower"`` (idempotent)."""
-    global _original_configure
     if is_registered():
         return
     check_deepspeed_version()
     from deepspeed.runtime import config as ds_config
-    from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero import utils as zero_utils
 
     from .ops import CPUAdamPower
 
-    original = DeepSpeedEngine._configure_basic_optimizer
     ds_config.DEEPSPEED_OPTIMIZERS.extend(OPTIMIZER_NAMES)
     zero_utils.ZERO_SUPPORTED_OPTIMIZERS.extend((AdamPower, CPUAdamPower))
-    _original_configure = original
-
-    @functools.wraps(original)
-    def configure(engine, model_parameters):
-        return _configure_basic_optimizer(engine, model_parameters)
-
-    DeepSpeedEngine._configure_basic_optimizer = configure
+    for cls, name, replacement in _patch_targets():
+        _originals[(cls, name)] = getattr(cls, name)
+        setattr(cls, name, replacement)
 
 
 def unregister() -> None:
     """Undoes register(); a no-op when not registered."""
-    global _original_configure
     if not is_registered():
         return
     from deepspeed.runtime import config as ds_config
-    from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero import utils as zero_utils
 
     from .ops import CPUAdamPower
 
-    DeepSpeedEngine._configure_basic_optimizer = _original_configure
+    for (cls, name), method in _originals.items():
+        setattr(cls, name, method)
+    _originals.clear()
     for name in OPTIMIZER_NAMES:
         ds_config.DEEPSPEED_OPTIMIZERS.remove(name)
     for cls in (AdamPower, CPUAdamPower):
         zero_utils.ZERO_SUPPORTED_OPTIMIZERS.remove(cls)
-    _original_configure = None
 
 
 __all__ = [

@@ -28,8 +28,10 @@ def test_register_is_idempotent_and_reversible():
     from deepspeed.runtime import config
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero import utils
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
 
     original = DeepSpeedEngine._configure_basic_optimizer
+    original_load = Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3
     names, supported = list(config.DEEPSPEED_OPTIMIZERS), list(utils.ZERO_SUPPORTED_OPTIMIZERS)
     try:
         gds.register()
@@ -38,12 +40,14 @@ def test_register_is_idempotent_and_reversible():
         assert config.DEEPSPEED_OPTIMIZERS == names + ["adampower", "adamwpower"]
         assert len(utils.ZERO_SUPPORTED_OPTIMIZERS) == len(supported) + 2
         assert DeepSpeedEngine._configure_basic_optimizer is not original
+        assert Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3 is not original_load
     finally:
         gds.unregister()
     gds.unregister()
     assert not gds.is_registered()
     assert config.DEEPSPEED_OPTIMIZERS == names and utils.ZERO_SUPPORTED_OPTIMIZERS == supported
     assert DeepSpeedEngine._configure_basic_optimizer is original
+    assert Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3 is original_load
 
 
 def test_unsupported_deepspeed_version_is_named(monkeypatch):
