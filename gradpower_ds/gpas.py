@@ -71,13 +71,14 @@ def param_groups_with_gpas(model: nn.Module, weight_decay: float, **group_option
     """Optimizer param groups: every other parameter with weight_decay, the gates without.
 
     Pass the result to any torch optimizer or as `model_parameters` to
-    deepspeed.initialize; group_options (e.g. lr) apply to both groups.
+    deepspeed.initialize; group_options (e.g. lr) apply to both groups. Each group has a
+    "name", which DeepSpeed's MoE grouping needs to split expert parameters off.
     """
     gates = {id(p) for p in gate_parameters(model)}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gates]
-    groups = [dict(params=rest, weight_decay=weight_decay, **group_options)]
+    groups = [dict(name="params", params=rest, weight_decay=weight_decay, **group_options)]
     if gates:
-        groups.append(dict(params=gate_parameters(model), weight_decay=0.0, **group_options))
+        groups.append(dict(name="gpas_gates", params=gate_parameters(model), weight_decay=0.0, **group_options))
     return groups
 
 

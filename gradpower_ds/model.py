@@ -20,6 +20,9 @@ from torch import nn
 from .gpas import VARIANTS, GPASGate
 
 
+MOE_IMPLS = ("local", "deepspeed")
+
+
 @dataclass
 class ModelConfig:
     """Model shape and architecture switches."""
@@ -34,6 +37,9 @@ class ModelConfig:
     mix_ln_ratio: float = 0.25
     num_experts: int = 0  # 0 = dense MLP
     top_k: int = 2
+    moe_impl: str = "local"  # "local": TopKMoE in this process; "deepspeed": deepspeed.moe.layer.MoE
+    ep_size: int = 1  # expert-parallel ranks ("deepspeed" only; needs torch.distributed when > 1)
+    capacity_factor: float = 0.0  # "deepspeed" only: 0 = no token dropping (Mixtral/Qwen2-MoE style)
     rope_theta: float = 10000.0
     gpas: bool = False
     gpas_act: str = "silu"
@@ -46,6 +52,13 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"ModelConfig: top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"ModelConfig: unknown moe_impl={self.moe_impl!r}; choose one of {MOE_IMPLS}")
+        if self.ep_size < 1 or (self.num_experts and self.num_experts % self.ep_size):
+            raise ValueError(f"ModelConfig: num_experts={self.num_experts} must be a multiple of ep_size="
+                             f"{self.ep_size} (each expert-parallel rank holds num_experts / ep_size experts)")
+        if self.ep_size > 1 and self.moe_impl != "deepspeed":
+            raise ValueError(f"ModelConfig: ep_size={self.ep_size} needs moe_impl='deepspeed'")
 
 
 class RMSNorm(nn.Module):
@@ -129,6 +142,28 @@ class TopKMoE(nn.Module):
         return out.view_as(x)
 
 
+class DeepSpeedMoE(nn.Module):
+    """DeepSpeed's MoE layer (experts sharded over ``ep_size`` ranks) with SwiGLU experts and top-k gating.
+
+    Deterministic routing (no random token selection or second-expert sampling);
+    the load-balancing loss is kept in .aux_loss, as TopKMoE does.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        self.moe = MoE(cfg.dim, expert=SwiGLU(cfg.dim, cfg.ffn_dim), num_experts=cfg.num_experts,
+                       ep_size=cfg.ep_size, k=cfg.top_k, capacity_factor=cfg.capacity_factor or 1.0,
+                       eval_capacity_factor=cfg.capacity_factor or 1.0, drop_tokens=cfg.capacity_factor > 0,
+                       use_rts=False, top2_2nd_expert_sampling=False)
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x):
+        out, self.aux_loss, _ = self.moe(x)
+        return out
+
+
 class DecoderLayer(nn.Module):
     """One decoder layer in the configured norm placement, with an optional GPAS gate g:
 
@@ -145,7 +180,10 @@ class DecoderLayer(nn.Module):
         self.scale = 1.0 / math.sqrt(index + 1) if cfg.norm == "lns" else 1.0
         self.deepnorm_alpha = (2 * cfg.n_layers) ** 0.25
         self.attn = Attention(cfg)
-        self.mlp = TopKMoE(cfg) if cfg.num_experts else SwiGLU(cfg.dim, cfg.ffn_dim)
+        if cfg.num_experts:
+            self.mlp = DeepSpeedMoE(cfg) if cfg.moe_impl == "deepspeed" else TopKMoE(cfg)
+        else:
+            self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
         self.norm1, self.norm2 = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
         if self.style == "sandwich_ln":
             self.post_norm1, self.post_norm2 = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
@@ -188,5 +226,11 @@ class CausalLM(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
         if self.cfg.num_experts:
-            loss = loss + aux_loss_coef * sum(layer.mlp.aux_loss for layer in self.layers)
+            loss = loss + aux_loss_coef * self.aux_loss()
         return logits, loss
+
+    def aux_loss(self) -> torch.Tensor:
+        """The MoE load-balancing loss of the last forward, summed over layers (0 for a dense model)."""
+        if not self.cfg.num_experts:
+            return torch.zeros(())
+        return sum(layer.mlp.aux_loss for layer in self.layers)

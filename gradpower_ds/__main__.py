@@ -1,0 +1,26 @@
+"""``python -m gradpower_ds train|compare ...``: the main job and the optimizer comparison.
+
+``train`` runs in this one process (for several ranks start ``gradpower_ds.train``
+under a launcher, as launch/quickstart.sh does); ``compare`` launches its runs itself.
+"""
+
+import sys
+
+USAGE = "usage: python -m gradpower_ds {train,compare} [options]   (--help after the command for its options)"
+
+
+def main() -> None:
+    """Dispatches to gradpower_ds.train.main or gradpower_ds.compare.main."""
+    command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
+    if command == "train":
+        from .train import main as run
+    elif command == "compare":
+        from .compare import main as run
+    else:
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(2)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The main job: pretrain the small LLaMA/MoE model with DeepSpeed and AdamPower on the embedded corpus.
+
+Run it under any launcher (one script for CPU/gloo and GPU/NCCL):
+
+    deepspeed --num_gpus 2 --module gradpower_ds.train --config configs/quickstart.json
+    torchrun --nproc_per_node 8 -m gradpower_ds.train --config configs/quickstart.json --steps 2000
+
+A run directory holds ``config.json``, ``metrics.csv``, ``tensorboard/``,
+``checkpoints/``, ``loss.png`` and ``status.json`` (``running``, ``failed`` with
+the error, ``stopped`` by ``--stop_at``, or ``complete``); ``summary.json`` is written only when the run
+completes. ``--resume true`` continues from the newest checkpoint with the same
+batches an uninterrupted run would have seen, so the loss curve continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .train_config import TrainConfig, load_config
+
+_log = logging.getLogger("gradpower_ds.train")
+GATE_CLIP = 0.01  # the GPAS reference code's clip for the gates' gradients
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Writes JSON atomically (a reader never sees half a file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Checks that `cfg.run_dir` may be used: a new folder, or an existing run only with --resume true."""
+    run_dir = Path(cfg.run_dir)
+    status = run_dir / "status.json"
+    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.resume:
+        state = json.loads(status.read_text())["state"] if status.exists() else "unknown"
+        raise ValueError(f"run_dir {run_dir} already holds a run (state: {state}); pass --resume true to continue "
+                         "it, or choose another --run_dir")
+    return run_dir
+
+
+def build_engine(cfg: TrainConfig, vocab_size: int):
+    """Model, param groups (GPAS gates without weight decay) and the DeepSpeed engine with its lr schedule."""
+    import deepspeed
+
+    from .gpas import param_groups_with_gpas, register_gate_grad_clip
+    from .model import CausalLM
+    from .schedules import lr_multiplier
+
+    torch.manual_seed(cfg.seed)
+    model = CausalLM(cfg.model_config(vocab_size, torch.distributed.get_world_size()))
+    if cfg.gpas:
+        register_gate_grad_clip(model, GATE_CLIP)
+    schedule = partial(lr_multiplier, schedule=cfg.schedule, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+                       decay_fraction=cfg.decay_fraction, min_ratio=cfg.min_lr_ratio)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups_with_gpas(model, cfg.weight_decay),
+        config=cfg.deepspeed_config(), lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    return engine
+
+
+def evaluate(engine, batches: list, rank: int, world: int) -> float:
+    """Mean next-token cross entropy over `batches` (each rank takes every world-th one; all ranks join)."""
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # (summed loss, tokens); on the
+    with torch.no_grad():                                                # device, for NCCL's all-reduce
+        for inputs, targets in batches[rank::world]:
+            logits, _ = engine(inputs.to(engine.device))
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.to(engine.device).flatten(), reduction="sum")
+            total[0] += loss.double()
+            total[1] += targets.numel()
+    engine.train()
+    torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Runs (or resumes) the configured pretraining; returns the summary rank 0 prints and saves."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from tqdm import tqdm
+
+    from .data import load_corpus_distributed
+    from .deepspeed import register
+    from .metrics import MetricsLog, plot_curves, read_metrics
+
+    run_dir = prepare_run_dir(cfg)
+    register()
+    if "RANK" not in os.environ:  # started without a launcher: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    cfg.expert_parallel_size(world)  # fail before loading data when the experts cannot be placed
+    corpus = load_corpus_distributed(cfg.data, tokenizer=cfg.tokenizer, val_fraction=cfg.val_fraction,
+                                     jsonl_key=cfg.jsonl_key)
+    val_batches = corpus.val_batches(cfg.micro_batch, cfg.seq_len, cfg.eval_batches - cfg.eval_batches % world or world)
+    engine = build_engine(cfg, corpus.vocab_size)
+    model = engine.module
+
+    start, tokens, elapsed = 0, 0, 0.0
+    checkpoints = run_dir / "checkpoints"
+    if cfg.resume and (checkpoints / "latest").exists():
+        _, client = engine.load_checkpoint(str(checkpoints))
+        start, tokens, elapsed = client["step"], client["tokens"], client["elapsed"]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").unlink(missing_ok=True)
+        write_json(run_dir / "config.json", cfg.to_dict())
+        write_json(run_dir / "status.json", {"state": "running", "step": start})
+        _log.info("gradpower_ds.train: %s | %d ranks, ZeRO-%d, %s, %s%s | %s | %.2fM parameters%s",
+                  corpus.description, world, cfg.zero_stage, cfg.precision, cfg.optimizer,
+                  f" p={cfg.power:g}" if cfg.optimizer == "adampower" else "", type(engine.basic_optimizer).__name__,
+                  sum(p.numel() for p in model.parameters()) / 1e6,
+                  f" | resumed at step {start}" if start else "")
+    log = MetricsLog(run_dir, resume_step=start, tensorboard=cfg.tensorboard) if rank == 0 else None
+    step_tokens = cfg.micro_batch * cfg.seq_len * cfg.grad_accum * world
+    bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0 or not cfg.progress, unit="step", dynamic_ncols=True)
+    val_loss = None
+    last = cfg.stop_at or cfg.steps
+    try:
+        for step in range(start, last):
+            began = time.perf_counter()
+            lr = engine.get_lr()[0]
+            lm_loss = torch.zeros((), device=engine.device)
+            for micro in range(cfg.grad_accum):
+                inputs, targets = corpus.train_batch(step, micro, rank, world, cfg.micro_batch, cfg.seq_len, cfg.seed)
+                _, loss = engine(inputs.to(engine.device), targets.to(engine.device), aux_loss_coef=cfg.aux_loss_coef)
+                engine.backward(loss)
+                engine.step()
+                lm_loss += loss.detach().float() - cfg.aux_loss_coef * model.aux_loss().detach().float()
+            torch.distributed.all_reduce(lm_loss)
+            train_loss = lm_loss.item() / (cfg.grad_accum * world)
+            elapsed += time.perf_counter() - began
+            tokens += step_tokens
+            done = step + 1
+            val_loss = evaluate(engine, val_batches, rank, world) if done % cfg.eval_every == 0 or done == cfg.steps \
+                else None
+            if rank == 0:
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}")
+                if val_loss is not None:
+                    bar.write(f"step {done}: validation loss {val_loss:.4f}")
+                if done % cfg.log_every == 0 or val_loss is not None:
+                    log.log(step=done, tokens=tokens, train_loss=train_loss, val_loss=val_loss, lr=lr,
+                            tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
+            if done % cfg.save_every == 0 or done == last:
+                engine.save_checkpoint(str(checkpoints), tag=f"step{done}",
+                                       client_state={"step": done, "tokens": tokens, "elapsed": elapsed})
+        if val_loss is None and last == cfg.steps:  # resumed a finished run: nothing to train, measure again
+            val_loss = evaluate(engine, val_batches, rank, world)
+    except BaseException as error:
+        if rank == 0:
+            write_json(run_dir / "status.json", {"state": "failed", "error": f"{type(error).__name__}: {error}"})
+        raise
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    if last < cfg.steps:
+        if rank == 0:
+            write_json(run_dir / "status.json", {"state": "stopped", "step": last})
+            _log.info("gradpower_ds.train: stopped after step %d of %d as asked (stop_at); continue with --resume true",
+                      last, cfg.steps)
+        engine.destroy()
+        return {}
+    summary = {"val_loss": val_loss, "steps": cfg.steps, "tokens": tokens, "train_seconds": elapsed,
+               "tokens_per_s": tokens / elapsed if elapsed else None, "world_size": world, "run_dir": str(run_dir)}
+    if rank == 0:
+        plot_curves({cfg.optimizer + (f" p={cfg.power:g}" if cfg.optimizer == "adampower" else ""):
+                     read_metrics(run_dir / "metrics.csv")}, run_dir / "loss.png", title=str(run_dir))
+        write_json(run_dir / "summary.json", summary)
+        write_json(run_dir / "status.json", {"state": "complete", "step": cfg.steps})
+    engine.destroy()
+    return summary
+
+
+def summary_line(summary: dict) -> str:
+    """The one line a run ends with: validation loss, throughput, wall time, where the results are."""
+    return (f"gradpower_ds.train: done | validation loss {summary['val_loss']:.4f} | "
+            f"{summary['tokens']:,} tokens in {summary['train_seconds']:.1f} s = {summary['tokens_per_s']:,.0f} "
+            f"tokens/s on {summary['world_size']} ranks | {summary['run_dir']}/ (metrics.csv, loss.png, tensorboard/)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry: parse the config and flags, train, print the summary line on rank 0."""
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="%(message)s")
+    # DeepSpeed 0.19.8's ZeRO calls it on every step; the warning is about DeepSpeed, not the run
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    try:
+        cfg = load_config(argv)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    summary = train(cfg)
+    if summary and torch.distributed.get_rank() == 0:
+        print(summary_line(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
