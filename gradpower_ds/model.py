@@ -158,6 +158,24 @@ class DeepSpeedMoE(nn.Module):
                        eval_capacity_factor=cfg.capacity_factor or 1.0, drop_tokens=cfg.capacity_factor > 0,
                        use_rts=False, top2_2nd_expert_sampling=False)
         self.aux_loss = torch.zeros(())
+        self._init_experts()
+
+    def _init_experts(self) -> None:
+        """Gives every expert its own initialisation (DeepSpeed deep-copies one expert into all of them).
+
+        Global expert e is drawn from seed torch.initial_seed() + 1 + e, so the full model
+        does not depend on how many ranks the experts are sharded over.
+        """
+        from deepspeed.utils import groups
+
+        local = self.moe.deepspeed_moe.experts.deepspeed_experts
+        ep_rank = groups._get_expert_parallel_rank(self.moe.expert_group_name) if self.moe.ep_size > 1 else 0
+        base = torch.initial_seed()
+        for i, expert in enumerate(local):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(base + 1 + ep_rank * len(local) + i)
+                for linear in (expert.gate, expert.up, expert.down):
+                    linear.reset_parameters()
 
     def forward(self, x):
         out, self.aux_loss, _ = self.moe(x)

@@ -216,3 +216,28 @@ def test_quickstart_script_and_compare(tmp_path):
     rerun = subprocess.run([sys.executable, "-m", "gradpower_ds", "compare", *args], env=launch_env(),
                            capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert rerun.returncode == 0 and rerun.stdout.count("already complete, reused") == 4
+
+
+def test_deepspeed_moe_model_has_distinct_experts():
+    """DeepSpeed copies one expert into all; the model re-initialises each from its own seed (1 rank here)."""
+    code = """
+import os, torch, deepspeed
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="%d")
+deepspeed.init_distributed(dist_backend="gloo")
+from gradpower_ds.model import CausalLM, ModelConfig
+torch.manual_seed(3)
+model = CausalLM(ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, ffn_dim=32, num_experts=4, top_k=2,
+                             moe_impl="deepspeed"))
+experts = model.layers[0].mlp.moe.deepspeed_moe.experts.deepspeed_experts
+weights = [e.gate.weight for e in experts]
+assert all(not torch.equal(a, b) for i, a in enumerate(weights) for b in weights[i + 1:])
+torch.manual_seed(3 + 1 + 2)
+reference = torch.nn.Linear(16, 32, bias=False)
+assert torch.equal(experts[2].gate.weight, reference.weight)
+tokens = torch.randint(0, 64, (2, 8))
+_, loss = model(tokens, tokens)
+assert torch.isfinite(loss) and model.aux_loss() > 0
+print("ok")
+""" % free_port()
+    proc = subprocess.run([sys.executable, "-c", code], env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]

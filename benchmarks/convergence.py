@@ -1,0 +1,69 @@
+"""Small-scale check of the papers' claims on this machine, at several seeds (results: docs/RESULTS.md).
+
+Three studies on the quickstart's MoE model and corpus (configs/quickstart.json), each
+through the compare tool (so finished runs are reused when it is rerun):
+
+  moe-wsd     AdamW vs AdamPower p=1.2, warmup-stable-decay
+  moe-cosine  AdamW vs AdamPower p=1.2, cosine
+  gpas        Pre-LN vs Pre-LN + GPAS, both AdamPower p=1.2, WSD (the Pre-LN runs are moe-wsd's)
+
+It prints one markdown table per study (final validation loss, mean ± std over seeds,
+the difference to the first row, per-seed values, tokens/s) and writes each study's
+loss-curve plot to --plots.
+
+    python benchmarks/convergence.py                              # 3 seeds, ~15 runs of ~100 s on 2 cores
+    python benchmarks/convergence.py --seeds 0 1 2 3 4 -- --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from gradpower_ds import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = [  # (id, title, schedule, optimizers, gpas settings)
+    ("moe-wsd", "AdamPower vs AdamW — MoE, WSD schedule", "wsd", ["adamw", "adampower:1.2"], ["off"]),
+    ("moe-cosine", "AdamPower vs AdamW — MoE, cosine schedule", "cosine", ["adamw", "adampower:1.2"], ["off"]),
+    ("gpas", "GPAS vs Pre-LN — MoE, AdamPower p=1.2, WSD", "wsd", ["adampower:1.2"], ["off", "on"]),
+]
+
+
+def markdown_table(table: dict) -> str:
+    """Rows of one study; Δ is against the first row."""
+    first = next(iter(table.values()))["val_loss_mean"]
+    lines = ["| variant | final val loss (mean ± std) | Δ vs first row | per seed | tokens/s |", "|---|---|---|---|---|"]
+    for label, row in table.items():
+        seeds = ", ".join(f"{v:.4f}" for v in row["val_losses"])
+        lines.append(f"| {label} | {row['val_loss_mean']:.4f} ± {row['val_loss_std']:.4f} | "
+                     f"{row['val_loss_mean'] - first:+.4f} | {seeds} | {row['tokens_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Runs (or reuses) every study and prints the report."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/convergence")
+    parser.add_argument("--plots", default=str(ROOT / "docs"))
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra gradpower_ds.train flags")
+    args = parser.parse_args()
+    extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    report = []
+    for study, title, schedule, optimizers, gpas in STUDIES:
+        out = Path(args.out) / schedule
+        table = compare.main(["--optimizers", *optimizers, "--gpas", *gpas, "--seeds", *map(str, args.seeds),
+                              "--out", str(out), "--nproc", str(args.nproc), "--",
+                              "--config", str(ROOT / "configs" / "quickstart.json"), "--schedule", schedule, *extra])
+        plot = Path(args.plots) / f"convergence-{study}.png"
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "compare.png", plot)
+        report.append(f"### {title}\n\n{markdown_table(table)}\n\n![{study}]({plot.name})\n")
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
