@@ -166,10 +166,10 @@ class DeepSpeedMoE(nn.Module):
         Global expert e is drawn from seed torch.initial_seed() + 1 + e, so the full model
         does not depend on how many ranks the experts are sharded over.
         """
-        from deepspeed.utils import groups
-
         local = self.moe.deepspeed_moe.experts.deepspeed_experts
-        ep_rank = groups._get_expert_parallel_rank(self.moe.expert_group_name) if self.moe.ep_size > 1 else 0
+        # DeepSpeed's default layout (no tensor parallelism) makes each run of ep_size consecutive ranks an
+        # expert-parallel group; its groups only exist after deepspeed.initialize, so compute the rank here
+        ep_rank = torch.distributed.get_rank() % self.moe.ep_size if self.moe.ep_size > 1 else 0
         base = torch.initial_seed()
         for i, expert in enumerate(local):
             with torch.random.fork_rng(devices=[]):
