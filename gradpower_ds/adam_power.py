@@ -1,11 +1,14 @@
 """AdamPower: Adam(W) fed with the GradPower-transformed gradient phi_p(g).
 
-Two implementations of the same maths, as in torch/optim:
+Three implementations of the same maths, as in torch/optim:
 - the single-tensor reference path (``foreach=False``): plain PyTorch, one
   parameter at a time, following torch.optim.AdamW's operation order, so that
   with power = 1 it is bitwise torch.optim.AdamW(foreach=False);
-- the multi-tensor path (``foreach=True``, the default): torch._foreach ops
-  over all parameters of a group, on CPU or CUDA tensors.
+- the multi-tensor path (``foreach=True``, the default off the fused path):
+  torch._foreach ops over all parameters of a group, on CPU or CUDA tensors;
+- the fused path (``fused``): one Triton kernel pass per group
+  (gradpower_ds.ops.triton_adam_power), used by default for contiguous fp32
+  CUDA params when Triton is available.
 
 phi is applied to the gradient as the optimizer receives it (after loss-scale
 unscaling and clipping), before the moments; bias correction, eps and weight
@@ -68,12 +71,26 @@ class AdamPower(AdamPowerBase):
 
     Hyperparameters (positional order and defaults) are AdamPowerBase's: lr,
     betas, eps, weight_decay, adam_w_mode, power, power_eps, bias_correction.
-    ``foreach=True`` (default) runs the multi-tensor path, ``False`` the
-    single-tensor reference path; both work on CPU and CUDA tensors.
+
+    ``fused`` chooses the Triton kernel: None (default) uses it for a group
+    whose params are all contiguous fp32 CUDA tensors when Triton is available
+    and ``foreach`` was not given; False never uses it; True always does and
+    raises at construction if Triton cannot run here (it also runs CPU tensors
+    under TRITON_INTERPRET=1, for tests). Off the fused path, ``foreach=True``
+    (default) runs the multi-tensor path, ``False`` the single-tensor reference
+    path; both work on CPU and CUDA tensors.
     """
 
-    def __init__(self, params, *args, foreach: bool | None = None, **hyperparameters):
+    def __init__(self, params, *args, foreach: bool | None = None, fused: bool | None = None, **hyperparameters):
         super().__init__(params, *args, **hyperparameters)
+        if fused and foreach:
+            raise ValueError("AdamPower: fused=True and foreach=True are mutually exclusive")
+        if fused:
+            reason = _triton().triton_unavailable_reason()
+            if reason is not None:
+                raise RuntimeError(f"AdamPower(fused=True) needs the Triton kernel, which cannot run: {reason}; "
+                                   "pass fused=None (use it when possible) or fused=False")
+        self.fused = False if fused is None and foreach is not None else fused
         self.foreach = True if foreach is None else bool(foreach)
 
     @torch.no_grad()
@@ -90,8 +107,35 @@ class AdamPower(AdamPowerBase):
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("AdamPower does not support sparse gradients")
             states = [self._init_state(p) for p in params]
-            (_multi_tensor_step if self.foreach else _single_tensor_step)(params, states, group)
+            if self._use_fused(params):
+                _fused_step(params, states, group)
+            else:
+                (_multi_tensor_step if self.foreach else _single_tensor_step)(params, states, group)
         return loss
+
+    def _use_fused(self, params) -> bool:
+        # fused=None (automatic, foreach not given): the kernel for contiguous fp32 CUDA params, if it can run.
+        if self.fused is not None:
+            return self.fused
+        return all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() for p in params) \
+            and _triton().triton_available()
+
+
+def _triton():
+    # Imported on first use: gradpower_ds.ops imports this module, and most runs never need Triton.
+    from .ops import triton_adam_power
+
+    return triton_adam_power
+
+
+def _fused_step(params, states, group) -> None:
+    beta1, beta2 = group["betas"]
+    _triton().triton_adam_power_step(
+        params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+        weight_decay=group["weight_decay"], adam_w_mode=group["adam_w_mode"], power=group["power"],
+        power_eps=group["power_eps"], bias_correction=group["bias_correction"],
+    )
 
 
 def _single_tensor_step(params, states, group) -> None:

@@ -1,0 +1,284 @@
+"""AdamPower on the GPU: one Triton kernel, one pass over the fp32 master state per step.
+
+Per element it reads param, grad, exp_avg and exp_avg_sq once and writes param,
+exp_avg and exp_avg_sq once (28 bytes for fp32 grads), doing in registers:
+phi_p(g) = sign(g) * (|g| + power_eps)**p, Adam's L2 term or AdamW's decay, the
+moments, the bias-corrected update (torch.optim.AdamW's operation order; the
+bias corrections are computed on the host per step and passed as scalars) and,
+optionally, the rounding of the new weights into a bf16/fp16 copy (mixed
+precision master weights). Grads may be fp32, bf16 or fp16 (widened in the
+kernel; phi is applied to the widened value); moments are fp32.
+
+|g|**p is exp2(p * log2|g|) in fp32. p == 1 is a compile-time flag: that
+specialisation contains no log2/exp2 at all, so AdamPower(power=1) is exactly
+Adam(W). Inputs below FLT_MIN and results below 2**-126 are rescaled by 2**24
+around log2/exp2, so subnormals survive even where the GPU's approximate
+log2/exp2 (or libdevice, which Triton links with FTZ) would flush them.
+
+Multi-tensor, like apex's multi_tensor_apply: one launch covers many tensors.
+The host packs, per tensor, the addresses (data_ptr()) of param, grad,
+exp_avg, exp_avg_sq and copy, its numel and its first program number into
+one int64 table; a second table maps every program to its tensor. Each
+program loads its tensor's addresses, casts them to typed pointers and updates
+one block of BLOCK elements. Whole blocks go to an unmasked launch, each
+tensor's partial last block to a masked one: a mask from a numel loaded at run
+time would stop Triton from using 16-byte vector accesses. The tables are
+cached by content, so a training loop whose tensors stay put copies nothing to
+the device after its first step. So a param group takes two launches (one if
+no tensor has a partial block), or two per (device, step count, grad dtype,
+copy dtype) bucket if its tensors differ in those; groups, each with its own
+p, are separate launches.
+
+Triton's interpreter (TRITON_INTERPRET=1) runs this same kernel on CPU tensors,
+which is how it is tested without a GPU: there, addresses from data_ptr() are
+host memory the interpreter can dereference. It cannot run it on CUDA tensors:
+the interpreter copies to the host only the tensors passed as arguments, not
+the ones reached through the address table. So interpreted launches require
+CPU tensors and compiled ones CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from ..hyperparams import bias_corrections, check_power
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package works without Triton; triton_unavailable_reason() says so
+    triton = None
+
+BLOCK = 4096  # elements per program: 16 per thread at 8 warps, i.e. four 16-byte accesses per fp32 stream
+NUM_WARPS = 8
+_ALIGN = 16  # bytes; when every address is a multiple, the kernel is told so and can use 16-byte accesses
+_TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_COPY_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def triton_unavailable_reason() -> str | None:
+    """Why the Triton kernel cannot run here, or None when it can (for error messages)."""
+    if triton is None:
+        return "Triton is not installed (pip install triton)"
+    if not (torch.cuda.is_available() or _interpreting()):
+        return ("there is no CUDA device (TRITON_INTERPRET=1 runs the kernel on CPU tensors through Triton's "
+                "interpreter)")
+    return None
+
+
+def triton_available() -> bool:
+    """True when Triton imports and either a CUDA device is present or TRITON_INTERPRET=1 is set."""
+    return triton_unavailable_reason() is None
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _adam_power_kernel(
+    p_addrs, g_addrs, m_addrs, v_addrs, copy_addrs, numels, first_programs, program_tensor,
+    lerp_coeff, lerp_from_grad, beta2, one_minus_beta2, eps, neg_step_size, bias_corr2_sqrt, decay, weight_decay,
+    power, power_eps,
+    GRAD_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, POWER_IS_ONE: tl.constexpr,
+    DECAY: tl.constexpr, L2: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One block of one tensor: program pid updates block pid - first_programs[t] of tensor t = program_tensor[pid].
+
+    *_addrs hold each tensor's data_ptr()s, numels its sizes (read only by the MASKED launch). DECAY is
+    AdamW's p *= 1 - lr * wd, L2 Adam's g += wd * p; ALIGNED promises 16-byte aligned addresses.
+    """
+    pid = tl.program_id(0)
+    t = tl.load(program_tensor + pid)
+    offs = (pid - tl.load(first_programs + t)) * BLOCK + tl.arange(0, BLOCK)
+    if MASKED:
+        mask = offs < tl.load(numels + t)
+    else:
+        mask = None
+    p_ptr = tl.load(p_addrs + t).to(tl.pointer_type(tl.float32))
+    g_ptr = tl.load(g_addrs + t).to(tl.pointer_type(GRAD_DTYPE))
+    m_ptr = tl.load(m_addrs + t).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(v_addrs + t).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+
+    g = tl.load(g_ptr + offs, mask=mask)
+    if GRAD_DTYPE == tl.bfloat16:  # widened bitwise, exact (the interpreter's bf16 emulation drops subnormals)
+        g = (g.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        g = g.to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask)
+    m = tl.load(m_ptr + offs, mask=mask)
+    v = tl.load(v_ptr + offs, mask=mask)
+
+    # phi_p(g) = sign(g) * (|g| + power_eps)**p; phi(+-0) = +-0, NaN stays NaN, +-Inf stay +-Inf.
+    mag = tl.abs(g) + power_eps
+    if not POWER_IS_ONE:
+        tiny = mag < 1.1754943508222875e-38  # below FLT_MIN: scale up by 2**24 (exact) for log2
+        y = power * (tl.log2(tl.where(tiny, mag * 16777216.0, mag)) - tl.where(tiny, 24.0, 0.0))
+        low = y < -126.0  # subnormal result: exp2(y + 24) (y + 24 is exact), then scaled by 2**-24
+        mag = tl.exp2(tl.where(low, y + 24.0, y)) * tl.where(low, 5.9604644775390625e-08, 1.0)
+    g = tl.where(g > 0, mag, tl.where(g < 0, -mag, g))
+
+    # Adam(W) in torch.optim.AdamW's order and roundings: add(alpha=), lerp_ and addcmul_ as torch's CPU
+    # kernels compute them (one fma each; lerp_ from the nearer end), IEEE-rounded sqrt and division.
+    if DECAY:
+        p = p * decay
+    if L2:
+        g = tl.fma(weight_decay, p, g)
+    m = tl.fma(lerp_coeff, g - m, tl.where(lerp_from_grad, g, m))
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+    denom = tl.div_rn(tl.sqrt_rn(v), bias_corr2_sqrt) + eps
+    p = p + tl.div_rn(neg_step_size * m, denom)
+
+    tl.store(p_ptr + offs, p, mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    if HAS_COPY:
+        c_ptr = tl.load(copy_addrs + t).to(tl.pointer_type(COPY_DTYPE))
+        if ALIGNED:
+            c_ptr = tl.multiple_of(c_ptr, 16)
+        if COPY_DTYPE == tl.bfloat16:
+            # torch's round-to-nearest-even spelled out, so the copy is bitwise param.to(torch.bfloat16) (NaN
+            # becomes 0x7FC0, as in torch's scalar path); the interpreter's bf16 emulation rounds otherwise.
+            bits = p.to(tl.uint32, bitcast=True)
+            bits = tl.where(p != p, 0x7FC0, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+            low = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            low = p.to(COPY_DTYPE)
+        tl.store(c_ptr + offs, low, mask=mask)
+
+
+@functools.cache
+def _kernel(interpret: bool):
+    # Jitted on first use, once per mode: triton.jit reads TRITON_INTERPRET when called, so the
+    # interpreted and the compiled kernel are distinct objects, whenever the variable was set.
+    return triton.jit(_adam_power_kernel)
+
+
+def _upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Through pinned memory, asynchronously: a plain copy from pageable memory would wait for the stream.
+    host = torch.tensor(values, dtype=dtype)
+    return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_tensor(values: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Keyed by content, so a hit is always right: one host-to-device copy per new address set.
+    return _upload(values, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(numels: tuple[int, ...], device: torch.device):
+    # For the unmasked launch over whole blocks, then the masked one over partial last blocks: the program ->
+    # tensor map (on the device) and, per tensor, the number its block 0 would have, so that program pid
+    # works on block pid - first (the masked launch's program for a tensor covers block numel // BLOCK).
+    launches = []
+    for masked in (False, True):
+        programs, firsts = [], []
+        for t, n in enumerate(numels):
+            firsts.append(len(programs) - (n // BLOCK if masked else 0))
+            programs.extend([t] * (int(n % BLOCK != 0) if masked else n // BLOCK))
+        launches.append((_upload(programs, torch.int32, device), tuple(firsts)))
+    return launches
+
+
+def _check(t: torch.Tensor, like: torch.Tensor, dtypes, what: str) -> None:
+    if t.dtype not in dtypes or t.device != like.device or t.shape != like.shape or not t.is_contiguous():
+        raise TypeError(
+            f"triton_adam_power_step: {what} must be a contiguous {'/'.join(str(d) for d in dtypes)} tensor on "
+            f"{like.device} shaped {tuple(like.shape)}, got {'' if t.is_contiguous() else 'non-contiguous '}"
+            f"{t.dtype} on {t.device} shaped {tuple(t.shape)}"
+        )
+
+
+def triton_adam_power_step(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], *, lr: float, beta1: float, beta2: float,
+    eps: float, weight_decay: float, adam_w_mode: bool, power: float, power_eps: float, bias_correction: bool,
+    low_precision_params: Sequence[torch.Tensor | None] | None = None,
+) -> None:
+    """One AdamPower step over a list of tensors, in place, with the fused Triton kernel.
+
+    The functional form of the step (as torch.optim's functional adamw): params,
+    exp_avgs and exp_avg_sqs are contiguous fp32 tensors, grads fp32/bf16/fp16
+    of the same shapes (non-contiguous ones are copied), steps the per-param
+    float32 step counters (incremented here). low_precision_params, if given,
+    holds per param a contiguous bf16 or fp16 tensor (or None) that receives
+    the updated weights, bitwise equal to param.to(dtype) (NaN payloads aside).
+    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Hyperparameters are
+    not validated beyond p and power_eps (AdamPower validates its groups).
+    """
+    power, power_eps = check_power(power, power_eps, "triton_adam_power_step")
+    reason = triton_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"triton_adam_power_step: the Triton kernel cannot run: {reason}")
+    n = len(params)
+    copies = list(low_precision_params) if low_precision_params is not None else [None] * n
+    if not len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == len(copies) == n:
+        raise ValueError("triton_adam_power_step: params, grads, exp_avgs, exp_avg_sqs, steps and "
+                         "low_precision_params must have the same length")
+    device_type = "cpu" if _interpreting() else "cuda"
+    grads = [g.contiguous() for g in grads]
+    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, copies):
+        if p.device.type != device_type or p.dtype != torch.float32 or not p.is_contiguous():
+            where = "CPU tensors (TRITON_INTERPRET=1 is set)" if device_type == "cpu" else "CUDA tensors"
+            raise TypeError(f"triton_adam_power_step: params must be contiguous fp32 {where}, got "
+                            f"{'' if p.is_contiguous() else 'non-contiguous '}{p.dtype} on {p.device}")
+        _check(g, p, tuple(_TL_DTYPES), "a grad")
+        _check(m, p, (torch.float32,), "an exp_avg")
+        _check(v, p, (torch.float32,), "an exp_avg_sq")
+        if c is not None:
+            _check(c, p, _COPY_DTYPES, "a low-precision copy")
+    buckets: dict[tuple, list[tuple]] = {}
+    for p, g, m, v, step, c in zip(params, grads, exp_avgs, exp_avg_sqs, steps, copies):
+        step += 1
+        key = (p.device, step.item(), g.dtype, c.dtype if c is not None else None)
+        buckets.setdefault(key, []).append((p, g, m, v, c))
+    for (device, step, grad_dtype, copy_dtype), tensors in buckets.items():
+        tensors = [ts for ts in tensors if ts[0].numel()]
+        if tensors:
+            _launch(tensors, device, step, grad_dtype, copy_dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                    weight_decay=weight_decay, adam_w_mode=adam_w_mode, power=power, power_eps=power_eps,
+                    bias_correction=bias_correction)
+
+
+def _launch(tensors, device, step, grad_dtype, copy_dtype, *, lr, beta1, beta2, eps, weight_decay, adam_w_mode,
+            power, power_eps, bias_correction) -> None:
+    bc1, bc2_sqrt = bias_corrections(beta1, beta2, step, bias_correction)
+    numels = tuple(ts[0].numel() for ts in tensors)
+    (whole_programs, whole_firsts), (partial_programs, partial_firsts) = _layout(numels, device)
+    addrs = tuple(t.data_ptr() if t is not None else 0 for column in zip(*tensors) for t in column)
+    table = _device_tensor(addrs + numels + whole_firsts + partial_firsts, torch.int64, device)
+    p_addrs, g_addrs, m_addrs, v_addrs, c_addrs, numel_row, *first_rows = table.view(8, len(tensors)).unbind()
+    scalars = (
+        # torch's lerp_(g, w): m + w * (g - m) for w < 0.5, else g + (w - 1) * (g - m)
+        1 - beta1 if beta1 > 0.5 else -beta1, beta1 <= 0.5, beta2, 1 - beta2, eps, -(lr / bc1), bc2_sqrt,
+        1 - lr * weight_decay, weight_decay, power, power_eps,
+    )
+    options = dict(
+        GRAD_DTYPE=getattr(tl, _TL_DTYPES[grad_dtype]),
+        COPY_DTYPE=getattr(tl, _TL_DTYPES[copy_dtype or torch.bfloat16]),
+        HAS_COPY=copy_dtype is not None,
+        POWER_IS_ONE=power == 1.0,
+        DECAY=adam_w_mode and weight_decay != 0,
+        L2=not adam_w_mode and weight_decay != 0,
+        ALIGNED=all(a % _ALIGN == 0 for a in addrs),
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+        enable_fp_fusion=False,  # roundings as written, as in the interpreter and torch's CPU kernels
+    )
+    kernel = _kernel(_interpreting())
+    # Triton launches on the current CUDA device.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for masked, programs, first_programs in ((False, whole_programs, first_rows[0]),
+                                                 (True, partial_programs, first_rows[1])):
+            if programs.numel():
+                kernel[(programs.numel(),)](p_addrs, g_addrs, m_addrs, v_addrs, c_addrs, numel_row, first_programs,
+                                            programs, *scalars, MASKED=masked, **options)

@@ -1,0 +1,285 @@
+"""The fused Triton AdamPower kernel against the reference AdamPower (foreach=False).
+
+Runs without a GPU: every test here but the CUDA one sets TRITON_INTERPRET=1
+through monkeypatch, so nothing leaks into other modules (the kernel is jitted
+per mode on first use, so the variable may be set after triton is imported),
+and Triton's interpreter runs the kernel on CPU tensors. The CUDA test compiles
+it. bf16 grads are compared with the reference fed the same grads widened to
+fp32: the kernel powers the widened value.
+
+Tolerances, measured with the interpreter (worst case over the matrix):
+- params: rtol 2**-21 (4 ulps) + atol 1e-6 * max|update|; measured beyond 4
+  ulps: 2.9e-7 * max|update|. The kernel's phi (fp32 exp2(p * log2|g|), p and
+  power_eps rounded to fp32) is ~1e-7 relative off the float64 reference, so
+  the updates agree to ~1e-7 relative and the params to a few ulps (84-95% of
+  them bitwise). With Adam's L2 term, elements whose first gradient
+  phi(g) + wd * p cancels (6 of ~70,000 here) are left out: see
+  _ill_conditioned. With p == 1 the kernel reproduces torch's CPU roundings
+  (one fma in lerp_, addcmul_ and add(alpha=)): the moments are bitwise equal.
+- moments: rtol 1e-6 + atol 1e-7 * max|moment|; measured: 4.7e-8 * max|moment|.
+- phi alone on edge values: rtol 1e-5, atol one subnormal step; measured
+  4.5e-6 (|g| near 3.4e38 and 1e-45: p * log2|g| ~ +-100 rounded to fp32),
+  subnormal results exact. On a GPU log2/exp2 are approximate (~2 ulp), so the
+  CUDA test allows the moments 2e-6 relative.
+"""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is not installed (pip install triton; CI installs it from "
+                                     "requirements.txt)")
+
+from conftest import edge_tensor, grad_stream  # noqa: E402
+from gradpower_ds import AdamPower, grad_power  # noqa: E402
+from gradpower_ds.hyperparams import ADAM_POWER_DEFAULTS  # noqa: E402
+from gradpower_ds.ops import triton_adam_power as tap  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+# The interpreter evaluates log2(0) = -inf, Inf - Inf and the like in numpy, which warns; the kernel means them.
+pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
+
+SHAPES = [(0,), (1,), (7,), (1000,), (4097,), (33, 17), (2, 4096)]  # BLOCK = 4096: whole and partial blocks
+GROUPS = [dict(power=1.0), dict(power=1.2), dict(power=0.8, power_eps=1e-8), dict(power=1.5),
+          dict(power=1.0, power_eps=1e-3)]
+STEPS = 5
+LR = 1e-2
+CONFIGS = {
+    "adamw": dict(weight_decay=0.1),
+    "adam_l2": dict(weight_decay=0.1, adam_w_mode=False),
+    "no_weight_decay": dict(),
+    "no_bias_correction": dict(weight_decay=0.1, bias_correction=False),
+}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _train(device, grad_dtype=torch.float32, **optimizer_args):
+    """STEPS steps of AdamPower over GROUPS x SHAPES; grads arrive in grad_dtype (widened for the reference).
+
+    The (7,) param of every group has no grad at step 0, so its step count lags (a second launch bucket).
+    Returns (params per group, initial params per group, first grad of every param per group, optimizer).
+    """
+    groups, inits, streams = [], [], []
+    for gi, hyper in enumerate(GROUPS):
+        gen = torch.Generator().manual_seed(gi)
+        init = [torch.randn(s, generator=gen) for s in SHAPES]
+        inits.append(init)
+        groups.append(dict(params=[torch.nn.Parameter(t.to(device, copy=True)) for t in init], **hyper))
+        streams.append([[g.to(grad_dtype) for g in grad_stream(s, STEPS, seed=10 * gi + i)]
+                        for i, s in enumerate(SHAPES)])
+    opt = AdamPower(groups, lr=LR, **optimizer_args)
+    reference = optimizer_args.get("foreach") is False
+    for k in range(STEPS):
+        for group, stream in zip(groups, streams):
+            for p, grads, shape in zip(group["params"], stream, SHAPES):
+                if k == 0 and shape == (7,):
+                    p.grad = None
+                elif reference:
+                    p.grad = grads[k].float().to(device)
+                else:
+                    p.grad_dtype = None  # lets a bf16 grad sit on an fp32 param
+                    p.grad = grads[k].to(device)
+        opt.step()
+    firsts = [[grads[1 if shape == (7,) else 0].float() for grads, shape in zip(stream, SHAPES)] for stream in streams]
+    return [g["params"] for g in groups], inits, firsts, opt
+
+
+def _ill_conditioned(first_grad, init, hyper, l2_weight_decay):
+    """Elements whose first Adam-L2 gradient phi(g) + wd * p cancels to below 1e-3 |phi(g)| and 1e-4.
+
+    There the first update, lr * g / (|g| + eps) up to bias correction, is decided by phi's last digits:
+    any two fp32 implementations of phi (~1e-7 apart) may differ there by ~1e-4 of lr, or even in sign.
+    """
+    phi = grad_power(first_grad.double(), hyper["power"], hyper.get("power_eps", 0.0))
+    cancelled = (phi + l2_weight_decay * init.double()).abs()
+    return (cancelled < 1e-3 * phi.abs()) & (cancelled < 1e-4)
+
+
+def _assert_matches(fused_run, reference_run, l2_weight_decay=0.0, moment_rtol=1e-6):
+    fused_params, inits, firsts, fused_opt = fused_run
+    ref_params, _, _, ref_opt = reference_run
+    excluded = 0
+    for group_f, group_r, init, first, hyper in zip(fused_params, ref_params, inits, firsts, GROUPS):
+        max_update = max((r.detach().cpu() - i).abs().max().item() for r, i in zip(group_r, init) if i.numel())
+        for pf, pr, p0, g0 in zip(group_f, group_r, init, first):
+            keep = ~_ill_conditioned(g0, p0, hyper, l2_weight_decay)
+            excluded += (~keep).sum().item()
+            sf, sr = fused_opt.state[pf], ref_opt.state[pr]
+            torch.testing.assert_close(pf.detach().cpu()[keep], pr.detach()[keep], rtol=2**-21,
+                                       atol=1e-6 * max_update)
+            assert sf["step"].item() == sr["step"].item()
+            for key in ("exp_avg", "exp_avg_sq"):
+                ref = sr[key]
+                scale = ref.abs().max().item() if ref.numel() else 0.0
+                torch.testing.assert_close(sf[key].cpu()[keep], ref[keep], rtol=moment_rtol, atol=1e-7 * scale)
+    assert excluded <= 10  # of ~70,000 elements
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=["fp32_grads", "bf16_grads"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_matches_reference(config, grad_dtype):
+    hyper = dict(ADAM_POWER_DEFAULTS, **CONFIGS[config])
+    fused = _train("cpu", grad_dtype, fused=True, **CONFIGS[config])
+    reference = _train("cpu", grad_dtype, foreach=False, **CONFIGS[config])
+    _assert_matches(fused, reference, 0.0 if hyper["adam_w_mode"] else hyper["weight_decay"])
+
+
+def test_power_one_moments_are_torch_bitwise():
+    """p == 1 compiles without log2/exp2: the moments are bitwise the reference's (torch.optim.AdamW's)."""
+    fused_params, _, _, fused_opt = _train("cpu", fused=True, weight_decay=0.1)
+    ref_params, _, _, ref_opt = _train("cpu", foreach=False, weight_decay=0.1)
+    for pf, pr in zip(fused_params[0], ref_params[0]):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(fused_opt.state[pf][key], ref_opt.state[pr][key])
+
+
+@pytest.mark.parametrize("beta1", [0.5, 0.3, 0.0])
+def test_small_beta1_lerps_from_the_grad_like_torch(beta1):
+    """torch's lerp_ with weight 1 - beta1 >= 0.5 computes g + (w - 1) * (g - m): the kernel does too."""
+    results = []
+    for options in (dict(fused=True), dict(foreach=False)):
+        p = torch.nn.Parameter(torch.randn(4097, generator=torch.Generator().manual_seed(0)))
+        opt = AdamPower([p], lr=LR, betas=(beta1, 0.999), power=1.0, **options)
+        for g in grad_stream(4097, 3):
+            p.grad = g
+            opt.step()
+        results.append(opt.state[p]["exp_avg"])
+    assert torch.equal(results[0], results[1])
+
+
+def _functional_step(params, grads, copies=None, power=1.2, power_eps=0.0, beta1=0.9, steps=1):
+    exp_avgs = [torch.zeros_like(p) for p in params]
+    exp_avg_sqs = [torch.zeros_like(p) for p in params]
+    counters = [torch.tensor(0.0) for _ in params]
+    for _ in range(steps):
+        tap.triton_adam_power_step(params, grads, exp_avgs, exp_avg_sqs, counters, lr=LR, beta1=beta1,
+                                   beta2=0.999, eps=1e-8, weight_decay=0.1, adam_w_mode=True, power=power,
+                                   power_eps=power_eps, bias_correction=True, low_precision_params=copies)
+    return exp_avgs, exp_avg_sqs
+
+
+@pytest.mark.parametrize("copy_dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_copy_is_param_to_dtype(copy_dtype):
+    shapes = [(7,), (0,), (4097,), (33, 17)]
+    init = [torch.randn(s) for s in shapes]
+    init[2][:6] = torch.tensor([float("inf"), -float("inf"), 3.4028235e38, -3.4028235e38, 1e-40, float("nan")])
+    grads = [grad_stream(s, 1, seed=i)[0] for i, s in enumerate(shapes)]
+    with_copy, without_copy = [t.clone() for t in init], [t.clone() for t in init]
+    copies = [torch.full(s, float("nan"), dtype=copy_dtype) for s in shapes]
+    copies[0] = None  # a param without a copy: a bucket of its own
+    _functional_step(with_copy, grads, copies, steps=2)
+    _functional_step(without_copy, grads, steps=2)
+    for p, q, c in zip(with_copy, without_copy, copies):
+        assert torch.equal(p.nan_to_num(), q.nan_to_num()) and torch.equal(p.isnan(), q.isnan())
+        if c is not None:  # bitwise, but NaN payloads (torch's own vectorised and scalar paths differ there)
+            expected = p.to(copy_dtype)
+            assert torch.equal(c.isnan(), expected.isnan())
+            assert torch.equal(c[~c.isnan()].view(torch.int16), expected[~expected.isnan()].view(torch.int16))
+
+
+EXTRA_SMALL = [1e-35, -3e-36, 1e-33, -2.5e-31, 1e-30, 5e-39]  # |phi| subnormal for p = 1.2, 1.5
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("power,power_eps", [(1.0, 0.0), (1.0, 1e-8), (0.8, 0.0), (1.2, 0.0), (1.2, 1e-8),
+                                             (1.5, 0.0)])
+def test_phi_edge_values(power, power_eps, grad_dtype):
+    """phi alone on 0, -0, subnormals, FLT_MIN, huge, +-Inf, NaN against gradpower_ds.power.grad_power.
+
+    With beta1 = 0.75 and zero moments, exp_avg after one step is 0.25 * phi(g) (a power-of-two
+    scaling, exact but for subnormals, where the reference side rounds the same way).
+    """
+    g = torch.cat([edge_tensor(), torch.tensor(EXTRA_SMALL)]).to(grad_dtype)
+    (m,), _ = _functional_step([torch.zeros(g.shape)], [g], power=power, power_eps=power_eps, beta1=0.75)
+    expected = 0.25 * grad_power(g.float(), power, power_eps)
+    torch.testing.assert_close(m, expected, rtol=1e-5, atol=2.0**-149, equal_nan=True)
+    finite = torch.isfinite(expected) & (expected != 0)
+    assert torch.equal(m.isnan(), expected.isnan()) and torch.equal(m.isinf(), expected.isinf())
+    assert torch.equal(m[finite].sign(), expected[finite].sign())
+
+
+def test_fused_true_needs_triton(monkeypatch):
+    monkeypatch.setattr(tap, "triton", None)
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        AdamPower([torch.nn.Parameter(torch.zeros(3))], fused=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a CUDA device")
+def test_fused_true_needs_a_device_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        AdamPower([torch.nn.Parameter(torch.zeros(3))], fused=True)
+
+
+def test_fused_and_foreach_are_exclusive():
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        AdamPower([torch.nn.Parameter(torch.zeros(3))], fused=True, foreach=True)
+
+
+@pytest.mark.parametrize("options", [dict(fused=False), dict(), dict(foreach=True), dict(foreach=False)])
+def test_kernel_not_used_unless_chosen(monkeypatch, options):
+    """fused=False never runs the kernel; the automatic choice takes it only for CUDA params."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the Triton kernel ran")
+
+    monkeypatch.setattr(tap, "triton_adam_power_step", forbidden)
+    p = torch.nn.Parameter(torch.ones(5))
+    p.grad = torch.full((5,), 0.5)
+    AdamPower([p], **options).step()
+    assert p.detach().lt(1).all()
+
+
+def test_kernel_rejects_unsupported_tensors():
+    params, m, v, s = [torch.zeros(4, dtype=torch.float64)], [torch.zeros(4)], [torch.zeros(4)], [torch.tensor(0.0)]
+    kwargs = dict(lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, adam_w_mode=True, power=1.2,
+                  power_eps=0.0, bias_correction=True)
+    with pytest.raises(TypeError, match="contiguous fp32 CPU tensors"):
+        tap.triton_adam_power_step(params, [torch.zeros(4)], m, v, s, **kwargs)
+    with pytest.raises(TypeError, match="a grad must be"):
+        tap.triton_adam_power_step([torch.zeros(4)], [torch.zeros(5)], m, v, s, **kwargs)
+    with pytest.raises(ValueError, match="same length"):
+        tap.triton_adam_power_step([torch.zeros(4)], [], m, v, s, **kwargs)
+    assert s[0].item() == 0.0  # nothing was stepped
+
+
+def test_bench_gpu_step_smoke():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu_step.py"), "--interpret-smoke"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("d2d copy", "ours p=1.2", "ours p=1", "ours p=1.2 +bf16 copy", "torch_adamw_fused",
+                 "two-pass p=1.2", "TARGET"):
+        assert name in out.stdout, out.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_reference(monkeypatch):
+    """The compiled kernel, chosen automatically for CUDA params, against the CPU reference."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    calls = []
+    kernel_step = tap.triton_adam_power_step
+    monkeypatch.setattr(tap, "triton_adam_power_step", lambda *a, **k: calls.append(1) or kernel_step(*a, **k))
+    for config in CONFIGS.values():
+        hyper = dict(ADAM_POWER_DEFAULTS, **config)
+        for grad_dtype in (torch.float32, torch.bfloat16):
+            _assert_matches(_train("cuda", grad_dtype, **config), _train("cpu", grad_dtype, foreach=False, **config),
+                            0.0 if hyper["adam_w_mode"] else hyper["weight_decay"], moment_rtol=2e-6)
+    assert calls
+    p = torch.randn(4097, device="cuda")
+    copy = torch.empty(4097, device="cuda", dtype=torch.bfloat16)
+    exp_avgs, exp_avg_sqs, steps = [torch.zeros_like(p)], [torch.zeros_like(p)], [torch.tensor(0.0)]
+    kernel_step([p], [torch.randn_like(p)], exp_avgs, exp_avg_sqs, steps, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8,
+                weight_decay=0.0, adam_w_mode=True, power=1.2, power_eps=0.0, bias_correction=True,
+                low_precision_params=[copy])
+    assert torch.equal(copy, p.to(torch.bfloat16))
+    assert math.isfinite(p.sum().item())
