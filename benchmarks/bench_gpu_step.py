@@ -1,0 +1,201 @@
+"""One optimizer step on a GPU: the fused Triton AdamPower kernel against torch's, DeepSpeed's and apex's fused Adam.
+
+In ONE run, for each size (total fp32 elements, split into --tensors equal params), it times:
+  ours p=1.2 / ours p=1   AdamPower(fused=True): gradpower_ds.ops.triton_adam_power, one pass
+  ours p=1.2 +bf16 copy   the same kernel also writing the new weights as bf16 (30 bytes/element)
+  torch_adamw_fused       torch.optim.AdamW(fused=True), the anchor of the ratios
+  deepspeed_fused_adam    deepspeed.ops.adam.FusedAdam (multi_tensor_apply), when it imports and builds
+  apex_fused_adam         apex.optimizers.FusedAdam, when apex is installed
+  two-pass p=1.2          grad_power_foreach on the grads, then torch AdamW(fused=True)
+and the roofline measured in the same run: a device-to-device copy over the
+same bytes as params + grads + both moments.
+
+Reported per case: ms/step (median over --iters after --warmup, CUDA events),
+effective GB/s at 28 bytes per element (read param, grad, exp_avg, exp_avg_sq;
+write param, exp_avg, exp_avg_sq; 30 with the bf16 copy), % of the copy's GB/s
+and time / time(torch_adamw_fused). Then the target line: ours at p=1.2 takes
+<= 1.0x torch fused AdamW's time and reaches >= 90% of the copy roofline.
+
+    python benchmarks/bench_gpu_step.py                  # 64M and 512M elements
+    python benchmarks/bench_gpu_step.py --sizes 64M --tensors 1
+    python benchmarks/bench_gpu_step.py --interpret-smoke  # no GPU: tiny sizes through TRITON_INTERPRET=1
+
+Without a CUDA device (and without --interpret-smoke) it prints "no CUDA
+device: nothing to measure" and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+BYTES_PER_ELEMENT = 28
+
+
+def _parse_size(text: str) -> int:
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:].upper(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def _median_seconds(fn, device, iters: int, warmup: int) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _cases(params, on_gpu: bool):
+    """(name, bytes per element, optional, make): make() returns a step function; optional cases may raise (skipped)."""
+    import torch
+
+    from gradpower_ds import AdamPower, grad_power_foreach
+    from gradpower_ds.ops.triton_adam_power import triton_adam_power_step
+
+    def with_bf16_copy():
+        moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+        steps = [torch.tensor(0.0) for _ in params]
+        copies = [torch.empty_like(p, dtype=torch.bfloat16) for p in params]
+
+        def step():
+            triton_adam_power_step(params, [p.grad for p in params], [m for m, _ in moments], [v for _, v in moments],
+                                   steps, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                   adam_w_mode=True, power=1.2, power_eps=0.0, bias_correction=True,
+                                   low_precision_params=copies)
+        return step
+
+    def two_pass():
+        opt = torch.optim.AdamW(params, fused=True)
+        grads = [p.grad for p in params]
+
+        def step():
+            for p, g in zip(params, grad_power_foreach(grads, 1.2)):
+                p.grad = g
+            opt.step()
+        return step
+
+    def deepspeed_fused():
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(params, adam_w_mode=True).step
+
+    def apex_fused():
+        from apex.optimizers import FusedAdam
+
+        return FusedAdam(params, adam_w_mode=True).step
+
+    cases = [
+        ("ours p=1.2", BYTES_PER_ELEMENT, False, lambda: AdamPower(params, power=1.2, fused=True).step),
+        ("ours p=1", BYTES_PER_ELEMENT, False, lambda: AdamPower(params, power=1.0, fused=True).step),
+        ("ours p=1.2 +bf16 copy", BYTES_PER_ELEMENT + 2, False, with_bf16_copy),
+        ("torch_adamw_fused", BYTES_PER_ELEMENT, False, lambda: torch.optim.AdamW(params, fused=True).step),
+    ]
+    if on_gpu:
+        cases += [("deepspeed_fused_adam", BYTES_PER_ELEMENT, True, deepspeed_fused),
+                  ("apex_fused_adam", BYTES_PER_ELEMENT, True, apex_fused)]
+    return cases + [("two-pass p=1.2", BYTES_PER_ELEMENT, False, two_pass)]
+
+
+def run(sizes: list[int], num_tensors: int, iters: int, warmup: int, device) -> list[dict]:
+    """Times the copy roofline and every case at every size; returns one row per measurement."""
+    import torch
+
+    rows = []
+    for n in sizes:
+        per = -(-n // num_tensors)
+        numels = [min(per, n - i * per) for i in range(num_tensors) if n - i * per > 0]
+        src = torch.ones(4 * n, device=device)
+        dst = torch.empty_like(src)
+        copy_s = _median_seconds(lambda: dst.copy_(src), device, iters, warmup)
+        roofline = 2 * src.numel() * src.element_size() / copy_s  # bytes read + written per second
+        del src, dst
+        rows.append(dict(n=n, name="d2d copy", seconds=copy_s, gbs=roofline / 1e9, roofline=roofline))
+        gen = torch.Generator(device=device).manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(k, device=device, generator=gen)) for k in numels]
+        grads = [torch.randn(k, device=device, generator=gen) * 1e-3 for k in numels]
+        for name, nbytes, optional, make in _cases(params, device.type == "cuda"):
+            for p, g in zip(params, grads):
+                p.grad = g
+            try:
+                step = make()
+            except Exception as exc:
+                if not optional:
+                    raise
+                print(f"{name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", flush=True)
+                continue
+            seconds = _median_seconds(step, device, iters, warmup)
+            rows.append(dict(n=n, name=name, seconds=seconds, gbs=nbytes * n / seconds / 1e9,
+                             roofline=roofline))
+            del step  # frees the optimizer state before the next case
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def report(rows: list[dict]) -> None:
+    """Prints the table, the ratios to torch fused AdamW and the target line for each size."""
+    print(f"{'elements':>10} {'case':<24} {'ms/step':>9} {'GB/s':>8} {'%roof':>6} {'vs torch':>8}")
+    for n in sorted({r["n"] for r in rows}):
+        group = [r for r in rows if r["n"] == n]
+        torch_row = next((r for r in group if r["name"] == "torch_adamw_fused"), None)
+        for r in group:
+            ratio = f"{r['seconds'] / torch_row['seconds']:7.2f}x" if torch_row and r["name"] != "d2d copy" else ""
+            print(f"{n:>10} {r['name']:<24} {r['seconds'] * 1e3:9.3f} {r['gbs']:8.1f} "
+                  f"{100 * r['gbs'] * 1e9 / r['roofline']:6.1f} {ratio}")
+        ours = next((r for r in group if r["name"] == "ours p=1.2"), None)
+        if ours and torch_row:
+            ratio = ours["seconds"] / torch_row["seconds"]
+            pct = 100 * ours["gbs"] * 1e9 / ours["roofline"]
+            verdict = "PASS" if ratio <= 1.0 and pct >= 90.0 else "FAIL"
+            print(f"TARGET n={n}: our kernel at p=1.2 <= 1.0x torch fused AdamW and >= 90% of roofline: "
+                  f"{verdict} ({ratio:.3f}x, {pct:.1f}%)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the flags, runs the benchmark on the GPU (or the interpreter smoke run) and prints the report."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=_parse_size, nargs="+", default=[64 * 2**20, 512 * 2**20],
+                        help="total elements per run, with an optional K/M/G suffix (powers of 2)")
+    parser.add_argument("--tensors", type=int, default=16, help="params the elements are split into")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--interpret-smoke", action="store_true",
+                        help="no GPU needed: a few thousand elements on CPU tensors through TRITON_INTERPRET=1 "
+                             "(checks that the script runs; the timings mean nothing)")
+    args = parser.parse_args(argv)
+    if args.interpret_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+    import torch
+
+    if args.interpret_smoke:
+        print("interpreter smoke run (TRITON_INTERPRET=1, CPU tensors): the timings mean nothing")
+        rows = run([3 * 4096 + 5], num_tensors=3, iters=1, warmup=0, device=torch.device("cpu"))
+    elif not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure")
+        return 0
+    else:
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {args.tensors} tensors per size")
+        rows = run(args.sizes, args.tensors, args.iters, args.warmup, torch.device("cuda"))
+    report(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
