@@ -30,7 +30,7 @@ from .hyperparams import ADAM_POWER_DEFAULTS, check_power
 
 SUPPORTED_DEEPSPEED = "0.19.8"
 OPTIMIZER_NAMES = ("adampower", "adamwpower")
-ACCEPTED_PARAMS = tuple(ADAM_POWER_DEFAULTS) + ("expert_power",)
+ACCEPTED_PARAMS = tuple(ADAM_POWER_DEFAULTS) + ("expert_power", "fused")
 
 _log = logging.getLogger(__name__)
 _originals: dict = {}  # (class, method name) -> the method register() replaced; empty when not registered
@@ -79,6 +79,9 @@ def optimizer_kwargs(name: str, params: dict | None) -> tuple[dict, float | None
 def build_optimizer(name: str, params: dict | None, model_parameters, use_cpu_kernel: bool):
     """Builds AdamPower (or the native CPUAdamPower when ``use_cpu_kernel``) from a DeepSpeed config entry.
 
+    ``"fused"`` is AdamPower's switch for the Triton kernel (default: used for
+    CUDA params when Triton is available; false turns it off).
+
     Param groups marked ``"moe": True`` by DeepSpeed's MoE grouping get
     ``expert_power`` as their power when the config sets it.
     """
@@ -96,6 +99,9 @@ def build_optimizer(name: str, params: dict | None, model_parameters, use_cpu_ke
     if use_cpu_kernel:
         from .ops import CPUAdamPower
 
+        if kwargs.pop("fused", None):
+            raise ValueError("DeepSpeed optimizer params: \"fused\": true selects the GPU (Triton) kernel, but this "
+                             "config runs the optimizer on the CPU (optimizer offload or a CPU accelerator); remove it")
         return CPUAdamPower(groups, **kwargs)
     return AdamPower(groups, **kwargs)
 

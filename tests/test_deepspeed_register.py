@@ -85,6 +85,15 @@ def test_build_optimizer_expert_power_on_moe_groups():
         gds.build_optimizer("adampower", {"power": -1}, groups(), use_cpu_kernel=False)
 
 
+def test_build_optimizer_fused_switch():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert gds.build_optimizer("adampower", {"fused": False}, params, use_cpu_kernel=False).fused is False
+    assert type(gds.build_optimizer("adampower", {"fused": False}, params, use_cpu_kernel=True)).__name__ == \
+        "CPUAdamPower"
+    with pytest.raises(ValueError, match=r'"fused": true selects the GPU \(Triton\) kernel.*remove it'):
+        gds.build_optimizer("adampower", {"fused": True}, params, use_cpu_kernel=True)
+
+
 @pytest.mark.slow
 def test_deepspeed_initialize_with_adam_power_configs(tmp_path):
     out = tmp_path / "checks.json"
