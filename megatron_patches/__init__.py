@@ -1,6 +1,72 @@
-"""Megatron-core integration of AdamPower and GPAS.
+"""Megatron-core integration of AdamPower: ``OptimizerConfig(optimizer="adampower", gradpower_p=1.2)``.
 
-Not implemented yet: this package reserves the promised import path. The
-design (thin, version-checked, reversible patches applied by `apply()`) is
-tracked in the project's Megatron integration issue.
+``apply()`` makes thin, reversible patches to megatron-core (the version in
+``SUPPORTED_MEGATRON_CORE``; any other is refused with an error naming it), all
+listed in ``megatron_patches.optimizer`` (see its docstring for the design);
+``remove()`` undoes them; both are idempotent. Importing this package patches
+nothing.
+
+    import megatron_patches
+    megatron_patches.apply()
+    config = OptimizerConfig(optimizer="adampower", gradpower_p=1.2, gradpower_p_expert=None, lr=3e-4, ...)
+    optimizer = get_megatron_optimizer(config, model_chunks)
+
+GPAS layers, command-line flags and a pretraining entry point are not here yet.
 """
+
+from __future__ import annotations
+
+SUPPORTED_MEGATRON_CORE = "0.16.1"
+
+_originals: dict = {}  # (owner, attribute) -> what apply() replaced; empty when not applied
+
+
+class UnsupportedMegatronError(RuntimeError):
+    """The installed megatron-core is not the version these patches were written and tested for."""
+
+
+def check_megatron_version() -> None:
+    """Raises UnsupportedMegatronError unless the installed megatron-core is SUPPORTED_MEGATRON_CORE."""
+    import megatron.core
+
+    if megatron.core.__version__ != SUPPORTED_MEGATRON_CORE:
+        raise UnsupportedMegatronError(
+            f"megatron_patches supports megatron-core {SUPPORTED_MEGATRON_CORE} only (it patches its optimizer "
+            f"construction), but megatron-core {megatron.core.__version__} is installed: pip install "
+            f"megatron-core=={SUPPORTED_MEGATRON_CORE}")
+
+
+def is_applied() -> bool:
+    """Whether apply() is in effect."""
+    return bool(_originals)
+
+
+def apply() -> None:
+    """Lets megatron-core build AdamPower for ``OptimizerConfig(optimizer="adampower")`` (idempotent)."""
+    if is_applied():
+        return
+    check_megatron_version()
+    from . import optimizer
+
+    config_class = optimizer._config_class()
+    for owner, name, wrap in optimizer._patch_targets():
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        _originals[(owner, name)] = original
+        setattr(owner, name, wrap(original))
+    for name, default in optimizer.FIELDS.items():  # configs built before apply() read the defaults
+        _originals[(config_class, name)] = None
+        setattr(config_class, name, default)
+
+
+def remove() -> None:
+    """Undoes apply(); a no-op when not applied."""
+    for (owner, name), original in _originals.items():
+        if original is None:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+    _originals.clear()
+
+
+__all__ = ["SUPPORTED_MEGATRON_CORE", "UnsupportedMegatronError", "apply", "check_megatron_version", "is_applied",
+           "remove"]
