@@ -101,21 +101,48 @@ def gather(local: dict) -> dict:
     return merged
 
 
-def run_case(optimizer: str, dtype: torch.dtype, **fields) -> dict:
-    """Trains STEPS steps with Megatron's optimizer; returns per-group max errors against the reference."""
+def reference(named: dict, expert_names: set, p_dense: float, p_expert: float) -> dict:
+    """fp32 master copies of the full model (every rank the same) and their AdamW, powering with the given p."""
+    params = {n: torch.nn.Parameter(ts[0].float().clone()) for n, ts in
+              gather({n: p.detach().float() for n, p in named.items()}).items()}
+    return dict(params=params, p_dense=p_dense, p_expert=p_expert,
+                opt=torch.optim.AdamW(list(params.values()), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD))
+
+
+def reference_step(ref: dict, grads: dict, expert_names: set) -> float:
+    """clip_grad_norm_ -> phi_p -> AdamW on the full model; returns the pre-clip norm."""
+    for n, p in ref["params"].items():
+        p.grad = grads[n].clone()
+    norm = float(torch.nn.utils.clip_grad_norm_(list(ref["params"].values()), CLIP))
+    for n, p in ref["params"].items():
+        grad_power_(p.grad, ref["p_expert"] if n in expert_names else ref["p_dense"])
+    ref["opt"].step()
+    return norm
+
+
+def run_case(optimizer: str, dtype: torch.dtype, **fields) -> tuple[dict, dict]:
+    """Trains STEPS steps with Megatron's optimizer; returns (results, final local params).
+
+    results: the hooks registered (per inner optimizer: its groups' is_expert_parallel
+    and the hook's (dense p, expert p)), and per reference variant the largest
+    |param - reference| over dense and over expert params (all ranks): "right" uses
+    the configured p, "p1" p=1 everywhere, "swapped" the dense and expert p exchanged.
+    """
     model = build(dtype)
     opt_config = OptimizerConfig(optimizer=optimizer, lr=LR, weight_decay=WD, clip_grad=CLIP, adam_beta1=BETAS[0],
                                  adam_beta2=BETAS[1], adam_eps=EPS, bf16=dtype == torch.bfloat16,
                                  params_dtype=dtype, use_distributed_optimizer=True, **fields)
     opt = get_megatron_optimizer(opt_config, [model])
+    hooks = [dict(expert_groups=[g.get("is_expert_parallel") for g in inner.param_groups],
+                  powers=[getattr(h, "gradpower", None) for h in inner._optimizer_step_pre_hooks.values()])
+             for inner in megatron_patches.optimizer.inner_optimizers(opt)]
     p_dense = fields.get("gradpower_p", 1.2) if optimizer == "adampower" else 1.0
     p_expert = fields.get("gradpower_p_expert") or p_dense
     named = {global_name(n): p for n, p in model.module.named_parameters()}
     expert_names = set(gather({n: None for n, p in named.items() if is_expert(p)}))  # every rank's experts
-    # fp32 master copies of the full model, every rank the same
-    ref = {n: torch.nn.Parameter(ts[0].float().clone()) for n, ts in
-           gather({n: p.detach().float() for n, p in named.items()}).items()}
-    ref_opt = torch.optim.AdamW(list(ref.values()), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    refs = {"right": reference(named, expert_names, p_dense, p_expert),
+            "p1": reference(named, expert_names, 1.0, 1.0),
+            "swapped": reference(named, expert_names, p_expert, p_dense)}
     for step in range(STEPS):
         model.zero_grad_buffer()
         opt.zero_grad()
@@ -126,39 +153,57 @@ def run_case(optimizer: str, dtype: torch.dtype, **fields) -> dict:
         model.finish_grad_sync()
         ok, grad_norm, _ = opt.step()
         assert ok
-        for n, p in ref.items():
-            grads = local[n]
-            p.grad = (torch.stack(grads).mean(0) if n not in expert_names else grads[0] / dist.get_world_size())
-        ref_norm = torch.nn.utils.clip_grad_norm_(list(ref.values()), CLIP)
-        assert abs(float(ref_norm) - grad_norm) <= 1e-5 * float(ref_norm), (step, float(ref_norm), grad_norm)
-        for n, p in ref.items():
-            grad_power_(p.grad, p_expert if n in expert_names else p_dense)
-        ref_opt.step()
-    err = {"dense": 0.0, "expert": 0.0}
-    scale = {"dense": 0.0, "expert": 0.0}
-    for n, p in named.items():
-        kind = "expert" if n in expert_names else "dense"
-        expected = ref[n].detach().to(p.dtype).float() if dtype != torch.float32 else ref[n].detach()
-        err[kind] = max(err[kind], (p.detach().float() - expected).abs().max().item())
-        scale[kind] = max(scale[kind], (ref[n].detach() - p.detach().float()).abs().max().item())
-    errs = [None] * dist.get_world_size()
-    dist.all_gather_object(errs, err)
-    return {k: max(e[k] for e in errs) for k in err}
+        # the gradient of the mean of the ranks' losses: dense = mean over ranks, expert = owner's / ranks
+        grads = {n: torch.stack(g).mean(0) if n not in expert_names else g[0] / dist.get_world_size()
+                 for n, g in local.items()}
+        for ref in refs.values():
+            ref_norm = reference_step(ref, grads, expert_names)
+            assert abs(ref_norm - grad_norm) <= 1e-5 * ref_norm, (step, ref_norm, grad_norm)
+            assert ref_norm > CLIP  # clipping is active
+    errors = {}
+    for variant, ref in refs.items():
+        err = {"dense": 0.0, "expert": 0.0}
+        for n, p in named.items():
+            kind = "expert" if n in expert_names else "dense"
+            expected = ref["params"][n].detach().to(dtype).float()
+            err[kind] = max(err[kind], (p.detach().float() - expected).abs().max().item())
+        errs = [None] * dist.get_world_size()
+        dist.all_gather_object(errs, err)
+        errors[variant] = {k: max(e[k] for e in errs) for k in err}
+    return dict(hooks=hooks, errors=errors), {n: p.detach().clone() for n, p in named.items()}
 
 
 CASES = {
     "fp32_adam": ("adam", torch.float32, {}),
+    "fp32_adampower": ("adampower", torch.float32, dict(gradpower_p=1.2, gradpower_p_expert=1.5)),
+    "fp32_adampower_p1": ("adampower", torch.float32, dict(gradpower_p=1.0)),
+    "bf16_adam": ("adam", torch.bfloat16, {}),
+    "bf16_adampower": ("adampower", torch.bfloat16, dict(gradpower_p=1.2, gradpower_p_expert=1.5)),
+    "bf16_adampower_p1": ("adampower", torch.bfloat16, dict(gradpower_p=1.0)),
 }
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """Largest |a - b| over the parameters, all ranks."""
+    local = max((a[n].float() - b[n].float()).abs().max().item() for n in a)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, local)
+    return max(out)
 
 
 def main() -> None:
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(expert_model_parallel_size=EP)
-    results = {}
+    megatron_patches.apply()
+    results, params = {}, {}
     for name, (optimizer, dtype, fields) in CASES.items():
-        results[name] = run_case(optimizer, dtype, **fields)
+        results[name], params[name] = run_case(optimizer, dtype, **fields)
         if dist.get_rank() == 0:
             print(name, results[name], flush=True)
+    for dtype in ("fp32", "bf16"):  # power 1 is Megatron's own Adam, bit for bit
+        results[f"{dtype}_p1_vs_adam"] = max_diff(params[f"{dtype}_adampower_p1"], params[f"{dtype}_adam"])
+    if dist.get_rank() == 0:
+        print({k: v for k, v in results.items() if k.endswith("_vs_adam")}, flush=True)
     if dist.get_rank() == 0 and len(sys.argv) > 1:
         Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()
