@@ -151,3 +151,26 @@ def test_megatron_distributed_moe_matches_reference(tmp_path):
             for wrong in ("p1", "swapped"):
                 assert min(errors[wrong].values()) > 1e-3, (case, errors)
     assert results["fp32_p1_vs_adam"] == 0.0 and results["bf16_p1_vs_adam"] == 0.0
+
+
+def test_cpu_shim_install_uninstall():
+    """The test-only shim redirects CUDA devices to the CPU while installed and leaves no trace after."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import megatron_cpu_shim
+
+    stream_class = torch.cuda.Stream
+    megatron_cpu_shim.install()
+    megatron_cpu_shim.install()  # idempotent
+    try:
+        t = torch.zeros(2, device="cuda")
+        assert t.device.type == "cpu" and t.type() == "torch.cuda.FloatTensor" and t.cuda() is t
+        assert torch.cuda.current_device() == torch.device("cpu")
+        with torch.cuda.stream(torch.cuda.Stream()):
+            torch.cuda.synchronize()
+    finally:
+        megatron_cpu_shim.uninstall()
+    assert torch.cuda.Stream is stream_class and not megatron_cpu_shim._state
+    assert torch.zeros(2).type() == "torch.FloatTensor"
+    if not torch.cuda.is_available():
+        with pytest.raises((RuntimeError, AssertionError)):
+            torch.zeros(2, device="cuda")
