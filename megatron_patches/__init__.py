@@ -11,7 +11,10 @@ nothing.
     config = OptimizerConfig(optimizer="adampower", gradpower_p=1.2, gradpower_p_expert=None, lr=3e-4, ...)
     optimizer = get_megatron_optimizer(config, model_chunks)
 
-GPAS layers, command-line flags and a pretraining entry point are not here yet.
+GPAS in transformer layers is asked for per model, not by ``apply()``:
+``enable_gpas(model)`` / ``disable_gpas(model)`` (``megatron_patches.gpas``), before
+Megatron's DDP wraps the model. Command-line flags and a pretraining entry point
+are not here yet.
 """
 
 from __future__ import annotations
@@ -23,6 +26,20 @@ _originals: dict = {}  # (owner, attribute) -> what apply() replaced; empty when
 
 class UnsupportedMegatronError(RuntimeError):
     """The installed megatron-core is not the version these patches were written and tested for."""
+
+
+def enable_gpas(model_or_layers, act: str = "silu", learnable: bool = True) -> list:
+    """GPAS gates in a megatron-core model's TransformerLayers (see megatron_patches.gpas)."""
+    from .gpas import enable_gpas as enable
+
+    return enable(model_or_layers, act=act, learnable=learnable)
+
+
+def disable_gpas(model_or_layers) -> list:
+    """Undoes enable_gpas (see megatron_patches.gpas)."""
+    from .gpas import disable_gpas as disable
+
+    return disable(model_or_layers)
 
 
 def check_megatron_version() -> None:
@@ -68,5 +85,5 @@ def remove() -> None:
     _originals.clear()
 
 
-__all__ = ["SUPPORTED_MEGATRON_CORE", "UnsupportedMegatronError", "apply", "check_megatron_version", "is_applied",
-           "remove"]
+__all__ = ["SUPPORTED_MEGATRON_CORE", "UnsupportedMegatronError", "apply", "check_megatron_version", "disable_gpas",
+           "enable_gpas", "is_applied", "remove"]
