@@ -11,7 +11,11 @@ nothing.
     config = OptimizerConfig(optimizer="adampower", gradpower_p=1.2, gradpower_p_expert=None, lr=3e-4, ...)
     optimizer = get_megatron_optimizer(config, model_chunks)
 
-GPAS layers, command-line flags and a pretraining entry point are not here yet.
+Where Megatron-LM is importable, apply() also lets its ``--optimizer`` accept
+``adampower`` and its optimizer config carry the ``--gradpower-p`` flags (see
+``megatron_patches.arguments``); ``python -m megatron_patches.pretrain_gpt ARGS``
+runs Megatron-LM's pretrain_gpt.py with the patches and the flags. GPAS layers
+are not here yet.
 """
 
 from __future__ import annotations
@@ -42,14 +46,18 @@ def is_applied() -> bool:
 
 
 def apply() -> None:
-    """Lets megatron-core build AdamPower for ``OptimizerConfig(optimizer="adampower")`` (idempotent)."""
+    """Lets megatron-core build AdamPower for ``OptimizerConfig(optimizer="adampower")`` (idempotent).
+
+    Where Megatron-LM (``megatron.training``) is importable, also patches its ``--optimizer`` choices and
+    ``get_megatron_optimizer_config`` (``megatron_patches.arguments``).
+    """
     if is_applied():
         return
     check_megatron_version()
-    from . import optimizer
+    from . import arguments, optimizer
 
     config_class = optimizer._config_class()
-    for owner, name, wrap in optimizer._patch_targets():
+    for owner, name, wrap in optimizer._patch_targets() + arguments._patch_targets():
         original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
         _originals[(owner, name)] = original
         setattr(owner, name, wrap(original))
