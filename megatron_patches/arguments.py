@@ -80,8 +80,12 @@ def add_optimizer_choice(parser: argparse.ArgumentParser) -> bool:
     return True
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the GradPower/GPAS flags and --gradpower-config to `parser` (a Megatron-LM extra_args_provider)."""
+def add_arguments(parser: argparse.ArgumentParser, after_parse=None) -> argparse.ArgumentParser:
+    """Adds the GradPower/GPAS flags and --gradpower-config to `parser` (a Megatron-LM extra_args_provider).
+
+    ``after_parse(args, parser)``, if given, runs after each parse once the settings are resolved
+    (e.g. to refuse what the caller does not support, through ``parser.error``).
+    """
     if getattr(parser, "_gradpower_arguments", False):
         return parser
     if not add_optimizer_choice(parser):
@@ -115,6 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             for action, default in defaults.items():
                 action.default = default
         resolve(parsed, parser, {a.dest: d for a, d in defaults.items()})
+        if after_parse is not None:
+            after_parse(parsed, parser)
         return parsed, extras
 
     parser.parse_known_args = parse_known_args
@@ -242,20 +248,20 @@ def _patch_targets():
     return targets
 
 
-def chain_providers(provider):
-    """An extra_args_provider running `provider` (if any) and then add_arguments."""
+def chain_providers(provider, after_parse=None):
+    """An extra_args_provider running `provider` (if any) and then add_arguments(parser, after_parse)."""
 
     def extra_args_provider(parser):
         if provider is not None:
             returned = provider(parser)
             parser = parser if returned is None else returned
-        return add_arguments(parser)
+        return add_arguments(parser, after_parse)
 
     extra_args_provider.chained = provider
     return extra_args_provider
 
 
-def with_extra_args(function):
+def with_extra_args(function, after_parse=None):
     """`function` (e.g. megatron.training.pretrain) with its extra_args_provider argument chained to ours."""
     signature = inspect.signature(function)
     if "extra_args_provider" not in signature.parameters:
@@ -265,7 +271,8 @@ def with_extra_args(function):
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
-        bound.arguments["extra_args_provider"] = chain_providers(bound.arguments.get("extra_args_provider"))
+        bound.arguments["extra_args_provider"] = chain_providers(bound.arguments.get("extra_args_provider"),
+                                                                 after_parse)
         return function(*bound.args, **bound.kwargs)
 
     return wrapper

@@ -34,7 +34,16 @@ NOT_FOUND = (
     "  python -m megatron_patches.pretrain_gpt --megatron-lm-path /path/to/Megatron-LM ARGS...\n"
     "  pip install -e /path/to/Megatron-LM   (so that pretrain_gpt and megatron.training are importable)")
 
+GPAS_MODULE = "megatron_patches.gpas"  # the GPAS layers for Megatron-LM, once they exist
+
 _log = logging.getLogger(__name__)
+
+
+def refuse_unwired_gpas(args, parser) -> None:
+    """--gpas would be parsed and then ignored while this package has no GPAS layers for Megatron-LM: refuse it."""
+    if args.gpas and importlib.util.find_spec(GPAS_MODULE) is None:
+        parser.error("--gpas (or \"gpas\": true in --gradpower-config): GPAS layers for Megatron-LM are not part of "
+                     "megatron_patches yet; drop it")
 
 
 def split_path(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     if original is None:
         not_found(f"found {script}, but megatron.training has no pretrain(); use Megatron-LM core_v0.16.1")
     megatron_patches.apply()
-    megatron.training.pretrain = with_extra_args(original)
+    megatron.training.pretrain = with_extra_args(original, refuse_unwired_gpas)
     _log.info("megatron_patches.pretrain_gpt: patches applied; running %s", script)
     sys.argv = [script, *args]
     sys.path[0] = os.path.dirname(script)

@@ -268,6 +268,9 @@ def test_with_extra_args_chains_the_scripts_provider():
     assert seen["args"].own == "x"
     with pytest.raises(SystemExit):  # no provider of its own: only ours is added
         arguments.with_extra_args(pretrain)(1, 2, 3, 4)
+    refused = []
+    arguments.with_extra_args(pretrain, lambda args, parser: refused.append(args.own))(1, 2, 3, 4, None, own)
+    assert refused == ["x"]  # after_parse sees the resolved args
     with pytest.raises(RuntimeError, match="takes no extra_args_provider"):
         arguments.with_extra_args(lambda a: a)
 
@@ -388,12 +391,12 @@ def _result(completed):
 
 
 def test_entry_runs_the_unchanged_script_with_chained_providers(fake_checkout, tmp_path):
-    config = write_config(tmp_path, {"gradpower_p_expert": 0.9, "gpas": True})
+    config = write_config(tmp_path, {"gradpower_p_expert": 0.9})
     env = {"MEGATRON_LM_PATH": str(fake_checkout)}
     result = _result(run_entry(["--own-flag", "mine", "--optimizer", "adampower", "--gradpower-config", config,
-                                "--gradpower-p", "1.3", "--gpas-act", "tanh", "--lr", "0.001"], env=env))
-    assert result == {"own": "mine", "optimizer": "adampower", "p": 1.3, "p_expert": 0.9, "gpas": True,
-                      "gpas_act": "tanh", "again": "adampower", "lr": 0.001}
+                                "--gradpower-p", "1.3", "--lr", "0.001"], env=env))
+    assert result == {"own": "mine", "optimizer": "adampower", "p": 1.3, "p_expert": 0.9, "gpas": False,
+                      "gpas_act": "silu", "again": "adampower", "lr": 0.001}
     # optimizer from the file: the first parse (with our provider) reads it; a second parse without our provider
     # does not know the file, and sees Megatron-LM's default
     config = write_config(tmp_path, {"optimizer": "adampower"}, "opt.json")
@@ -403,6 +406,14 @@ def test_entry_runs_the_unchanged_script_with_chained_providers(fake_checkout, t
     result = _result(run_entry(["--lr", "0.01"], env={"PYTHONPATH": f"{ROOT}{os.pathsep}{fake_checkout}"},
                                cwd=tmp_path))
     assert (result["optimizer"], result["again"], result["own"], result["lr"]) == ("adam", "adam", "none", 0.01)
+
+
+def test_entry_refuses_gpas_until_its_megatron_layers_exist(fake_checkout, tmp_path):
+    env = {"MEGATRON_LM_PATH": str(fake_checkout)}
+    for argv in (["--gpas"], ["--gradpower-config", write_config(tmp_path, {"gpas": True})]):
+        completed = run_entry(argv, env=env)
+        assert completed.returncode == 2, completed.stderr
+        assert "GPAS layers for Megatron-LM are not part of megatron_patches yet" in completed.stderr
 
 
 def test_entry_reports_bad_flags_as_argparse_does(fake_checkout):
