@@ -13,8 +13,11 @@ nothing.
 
 GPAS in transformer layers is asked for per model, not by ``apply()``:
 ``enable_gpas(model)`` / ``disable_gpas(model)`` (``megatron_patches.gpas``), before
-Megatron's DDP wraps the model. Command-line flags and a pretraining entry point
-are not here yet.
+Megatron's DDP wraps the model. Where Megatron-LM is importable, apply() also lets its
+``--optimizer`` accept ``adampower`` and its optimizer config carry the ``--gradpower-p``
+flags (see ``megatron_patches.arguments``); ``python -m megatron_patches.pretrain_gpt ARGS``
+runs Megatron-LM's pretrain_gpt.py with the patches and the flags (its ``--gpas`` is not
+wired to enable_gpas yet and is refused).
 """
 
 from __future__ import annotations
@@ -59,14 +62,18 @@ def is_applied() -> bool:
 
 
 def apply() -> None:
-    """Lets megatron-core build AdamPower for ``OptimizerConfig(optimizer="adampower")`` (idempotent)."""
+    """Lets megatron-core build AdamPower for ``OptimizerConfig(optimizer="adampower")`` (idempotent).
+
+    Where Megatron-LM (``megatron.training``) is importable, also patches its ``--optimizer`` choices and
+    ``get_megatron_optimizer_config`` (``megatron_patches.arguments``).
+    """
     if is_applied():
         return
     check_megatron_version()
-    from . import optimizer
+    from . import arguments, optimizer
 
     config_class = optimizer._config_class()
-    for owner, name, wrap in optimizer._patch_targets():
+    for owner, name, wrap in optimizer._patch_targets() + arguments._patch_targets():
         original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
         _originals[(owner, name)] = original
         setattr(owner, name, wrap(original))
