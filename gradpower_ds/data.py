@@ -15,7 +15,6 @@ import json
 import os
 import re
 import sysconfig
-import tempfile
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .files import atomic_open
 
 SPLIT_SALT = "gradpower-split-v1"  # changing it reshuffles which documents are held out
 _CACHE_FORMAT = 1
@@ -199,20 +200,6 @@ def _build(source: str, kind: str, items: list, tok, val_fraction: float, jsonl_
     return np.concatenate(parts[False]), np.concatenate(parts[True]), n_train, n_val
 
 
-def _atomic_write(path: Path, data: np.ndarray | bytes) -> None:
-    """Writes `path` through a temp file + os.replace, so concurrent writers and readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, bytes):
-                f.write(data)
-            else:
-                np.save(f, data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 @dataclass
 class Corpus:
     """Train and validation token streams (memory-mapped .npy) plus the batch samplers the trainer calls."""
@@ -273,11 +260,13 @@ def load_corpus(source: str = "stdlib", tokenizer: str = "byte", val_fraction: f
     if not (meta.exists() and train_path.exists() and val_path.exists()):
         train, val, n_train, n_val = _build(source, kind, items, tok, val_fraction, jsonl_key)
         root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(train_path, train)
-        _atomic_write(val_path, val)
+        for path, stream in ((train_path, train), (val_path, val)):
+            with atomic_open(path) as f:
+                np.save(f, stream)
         summary = (f"{source}: {n_train:,} train / {n_val:,} val documents, {len(train):,} / {len(val):,} tokens, "
                    f"tokenizer {tok.name} (vocab {tok.vocab_size})")
-        _atomic_write(meta, json.dumps({"description": summary, "identity": identity}).encode())
+        with atomic_open(meta) as f:
+            f.write(json.dumps({"description": summary, "identity": identity}).encode())
     description = json.loads(meta.read_text())["description"]
     return Corpus(np.load(train_path, mmap_mode="r"), np.load(val_path, mmap_mode="r"), tok, tok.vocab_size,
                   tok.eos_id, description, meta)

@@ -13,6 +13,8 @@ import math
 import os
 from pathlib import Path
 
+from .files import atomic_open
+
 FIELDS = ("step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
 
 
@@ -90,7 +92,6 @@ def plot_curves(series: dict[str, list[dict]], path: str | Path, title: str = ""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)

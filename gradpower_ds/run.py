@@ -61,7 +61,7 @@ def usage_error(message: str) -> None:
     raise SystemExit(2)
 
 
-def _enable_logging() -> None:
+def enable_rank0_logging() -> None:
     """Shows gradpower_ds INFO messages (registration, the optimizer DeepSpeed built) on rank 0 only.
 
     Other ranks show warnings only. Adds one handler to the ``gradpower_ds`` logger (none when it
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     module, target, script_args = split_args(sys.argv[1:] if argv is None else argv)
     if module is None and not os.path.isfile(target):
         usage_error(f"training script not found: {target}")
-    _enable_logging()
+    enable_rank0_logging()
     from .deepspeed import register
 
     register()

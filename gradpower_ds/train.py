@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .files import atomic_open
+from .run import enable_rank0_logging
 from .train_config import TrainConfig, load_config
 
 _log = logging.getLogger("gradpower_ds.train")
@@ -34,9 +36,8 @@ GATE_CLIP = 0.01  # the GPAS reference code's clip for the gates' gradients
 
 def write_json(path: Path, value: dict) -> None:
     """Writes JSON atomically (a reader never sees half a file)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        f.write((json.dumps(value, indent=2) + "\n").encode())
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -119,9 +120,9 @@ def train(cfg: TrainConfig) -> dict:
         (run_dir / "summary.json").unlink(missing_ok=True)
         write_json(run_dir / "config.json", cfg.to_dict())
         write_json(run_dir / "status.json", {"state": "running", "step": start})
-        _log.info("gradpower_ds.train: %s | %d ranks, ZeRO-%d, %s, %s%s | %s | %.2fM parameters%s",
-                  corpus.description, world, cfg.zero_stage, cfg.precision, cfg.optimizer,
-                  f" p={cfg.power:g}" if cfg.optimizer == "adampower" else "", type(engine.basic_optimizer).__name__,
+        _log.info("gradpower_ds.train: %s | %d ranks, ZeRO-%d, %s, %s | %s | %.2fM parameters%s",
+                  corpus.description, world, cfg.zero_stage, cfg.precision, cfg.optimizer_label(),
+                  type(engine.basic_optimizer).__name__,
                   sum(p.numel() for p in model.parameters()) / 1e6,
                   f" | resumed at step {start}" if start else "")
     log = MetricsLog(run_dir, resume_step=start, tensorboard=cfg.tensorboard) if rank == 0 else None
@@ -178,8 +179,8 @@ def train(cfg: TrainConfig) -> dict:
     summary = {"val_loss": val_loss, "steps": cfg.steps, "tokens": tokens, "train_seconds": elapsed,
                "tokens_per_s": tokens / elapsed if elapsed else None, "world_size": world, "run_dir": str(run_dir)}
     if rank == 0:
-        plot_curves({cfg.optimizer + (f" p={cfg.power:g}" if cfg.optimizer == "adampower" else ""):
-                     read_metrics(run_dir / "metrics.csv")}, run_dir / "loss.png", title=str(run_dir))
+        plot_curves({cfg.optimizer_label(): read_metrics(run_dir / "metrics.csv")}, run_dir / "loss.png",
+                    title=str(run_dir))
         write_json(run_dir / "summary.json", summary)
         write_json(run_dir / "status.json", {"state": "complete", "step": cfg.steps})
     engine.destroy()
@@ -195,8 +196,7 @@ def summary_line(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: parse the config and flags, train, print the summary line on rank 0."""
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
-                        format="%(message)s")
+    enable_rank0_logging()
     # DeepSpeed 0.19.8's ZeRO calls it on every step; the warning is about DeepSpeed, not the run
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     try:

@@ -156,6 +156,10 @@ class TrainConfig:
         }
         return merge(config, self.deepspeed_overrides)
 
+    def optimizer_label(self) -> str:
+        """The optimizer as logs and plots name it, e.g. 'adampower p=1.2' or 'adamw'."""
+        return self.optimizer + (f" p={self.power:g}" if self.optimizer == "adampower" else "")
+
     def to_dict(self) -> dict:
         """The settings as JSON-ready values."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

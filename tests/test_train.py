@@ -28,9 +28,8 @@ TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--ffn_dim", "64", "
 
 def deepspeed_train(run_dir, *args, nproc=2, check=True):
     """Runs gradpower_ds.train under the deepspeed launcher; returns the CompletedProcess."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-           str(free_port()), "--module", "gradpower_ds.train", "--config", str(QUICKSTART), *TINY,
-           "--run_dir", str(run_dir), *map(str, args)]
+    cmd = compare.launch_command(nproc, free_port(), ["--config", str(QUICKSTART), *TINY, "--run_dir", str(run_dir),
+                                                      *map(str, args)])
     proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     if check:
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
