@@ -16,8 +16,8 @@ GPAS in transformer layers is asked for per model, not by ``apply()``:
 Megatron's DDP wraps the model. Where Megatron-LM is importable, apply() also lets its
 ``--optimizer`` accept ``adampower`` and its optimizer config carry the ``--gradpower-p``
 flags (see ``megatron_patches.arguments``); ``python -m megatron_patches.pretrain_gpt ARGS``
-runs Megatron-LM's pretrain_gpt.py with the patches and the flags (its ``--gpas`` is not
-wired to enable_gpas yet and is refused).
+runs Megatron-LM's pretrain_gpt.py with the patches and the flags (``--gpas`` puts the
+gates into the model its provider builds).
 """
 
 from __future__ import annotations

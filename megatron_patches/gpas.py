@@ -52,7 +52,7 @@ from gradpower_ds.gpas import ACTIVATIONS, GPASGate
 GATE = "gpas_gate"
 _ORIGINALS = "_gpas_original_bda"  # on a layer: {"self_attn_bda": fn, "mlp_bda": fn}
 _BDAS = ("self_attn_bda", "mlp_bda")
-_REFUSED_FLAGS = {
+REFUSED_FLAGS = {  # TransformerConfig field (= Megatron-LM arg dest) -> (the only value GPAS allows, why)
     "cuda_graph_impl": ("none", "CUDA graph replay skips the Python-level GPAS gate"),
     "enable_cuda_graph": (False, "CUDA graph replay skips the Python-level GPAS gate"),
     "external_cuda_graph": (False, "CUDA graph replay skips the Python-level GPAS gate"),
@@ -91,15 +91,22 @@ def _transformer_layers(model_or_layers) -> list:
     return layers
 
 
+def refused_settings(settings) -> list:
+    """(name, value, allowed value, why) for each REFUSED_FLAGS setting of `settings` that GPAS cannot run with.
+
+    `settings` is a TransformerConfig or Megatron-LM's parsed args (same names), so a command line can be
+    refused at parse time, before any model is built.
+    """
+    return [(name, getattr(settings, name), allowed, why) for name, (allowed, why) in REFUSED_FLAGS.items()
+            if getattr(settings, name, allowed) != allowed]
+
+
 def _check_layer(layer) -> None:
     from megatron.core.transformer.identity_op import IdentityOp
 
-    config = layer.config
-    for flag, (allowed, why) in _REFUSED_FLAGS.items():
-        value = getattr(config, flag, allowed)
-        if value != allowed:
-            raise GPASUnsupportedError(f"GPAS is not supported with TransformerConfig.{flag}={value!r} ({why}); "
-                                       f"set {flag}={allowed!r}")
+    for flag, value, allowed, why in refused_settings(layer.config):
+        raise GPASUnsupportedError(f"GPAS is not supported with TransformerConfig.{flag}={value!r} ({why}); "
+                                   f"set {flag}={allowed!r}")
     if not isinstance(layer.cross_attention, IdentityOp):
         raise GPASUnsupportedError(f"GPAS: {type(layer).__name__} {layer.layer_number} has cross-attention "
                                    f"({type(layer.cross_attention).__name__}); only decoder-only layers are supported")

@@ -10,20 +10,29 @@ checkout), calls ``megatron_patches.apply()``, and runs the script as
 The one extra hook: ``megatron.training.pretrain`` is wrapped so that the
 ``extra_args_provider`` the script passes is chained with
 ``megatron_patches.arguments.add_arguments`` (the script imports ``pretrain``
-from ``megatron.training`` when it runs, after the wrap). That is thinner than
-replacing ``parse_args``, which ``megatron.training.initialize`` has already
-bound by name. Without Megatron-LM this exits with status 2 and says how to
+from ``megatron.training`` when it runs, after the wrap), and so that with
+``--gpas`` its ``model_provider`` is followed by ``megatron_patches.enable_gpas``
+(before Megatron-LM wraps the model in DDP). That is thinner than replacing
+``parse_args``, which ``megatron.training.initialize`` has already bound by name,
+or rewriting the layer specs that ``gpt_builders`` builds. ``--gpas`` together
+with a setting GPAS cannot run with (``megatron_patches.gpas.REFUSED_FLAGS``:
+CUDA graphs, the MoE/EP overlap) is refused when the arguments are parsed. Without Megatron-LM this exits with status 2 and says how to
 point at it.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import inspect
 import logging
 import os
 import runpy
 import sys
+
+import megatron_patches
+from megatron_patches.gpas import refused_settings
 
 ENV = "MEGATRON_LM_PATH"
 PATH_FLAG = "--megatron-lm-path"
@@ -38,12 +47,45 @@ NOT_FOUND = (
 _log = logging.getLogger(__name__)
 
 
-def refuse_unwired_gpas(args, parser) -> None:
-    """--gpas would be parsed and then ignored while the entry does not call enable_gpas yet: refuse it."""
-    if args.gpas:
-        parser.error("--gpas (or \"gpas\": true in --gradpower-config): this entry does not put GPAS into "
-                     "Megatron-LM's model yet; drop it, or call megatron_patches.enable_gpas(model) in your own "
-                     "model provider")
+def refuse_unsupported_gpas(args, parser) -> None:
+    """--gpas with a Megatron-LM setting GPAS cannot run with (CUDA graphs, MoE/EP overlap): refuse at parse time."""
+    if not args.gpas:
+        return
+    for name, value, allowed, why in refused_settings(args):
+        parser.error(f"--gpas cannot be combined with --{name.replace('_', '-')}={value!r} ({why}); drop one of "
+                     f"them ({name} must be {allowed!r} with GPAS)")
+
+
+def with_gpas_model(pretrain):
+    """`pretrain` whose model_provider puts GPAS gates into the model it builds when --gpas is set.
+
+    Megatron-LM's ``get_model`` calls the provider and only then wraps the result in Float16Module and
+    DDP, so the gates exist before DDP allocates grad buffers and the optimizer sees them.
+    """
+    signature = inspect.signature(pretrain)
+    if "model_provider" not in signature.parameters:
+        raise RuntimeError(f"{pretrain.__module__}.{pretrain.__qualname__} takes no model_provider; this "
+                           "Megatron-LM is not the one megatron_patches supports (core_v0.16.1)")
+
+    @functools.wraps(pretrain)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        provider = bound.arguments["model_provider"]
+
+        def model_provider(*provider_args, **provider_kwargs):
+            from megatron.training import get_args
+
+            model = provider(*provider_args, **provider_kwargs)
+            settings = get_args()
+            if settings.gpas:
+                layers = megatron_patches.enable_gpas(model, act=settings.gpas_act)
+                _log.info("megatron_patches: GPAS gates (act=%s) in %d layers", settings.gpas_act, len(layers))
+            return model
+
+        bound.arguments["model_provider"] = model_provider
+        return pretrain(*bound.args, **bound.kwargs)
+
+    return wrapper
 
 
 def split_path(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -100,14 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     script = find_script(path)
     import megatron.training
 
-    import megatron_patches
     from megatron_patches.arguments import with_extra_args
 
     original = getattr(megatron.training, "pretrain", None)
     if original is None:
         not_found(f"found {script}, but megatron.training has no pretrain(); use Megatron-LM core_v0.16.1")
     megatron_patches.apply()
-    megatron.training.pretrain = with_extra_args(original, refuse_unwired_gpas)
+    megatron.training.pretrain = with_extra_args(with_gpas_model(original), refuse_unsupported_gpas)
     _log.info("megatron_patches.pretrain_gpt: patches applied; running %s", script)
     sys.argv = [script, *args]
     sys.path[0] = os.path.dirname(script)

@@ -20,6 +20,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from megatron_patches import arguments
 from megatron_patches.arguments import add_arguments, optimizer_config_kwargs
@@ -309,10 +310,16 @@ def test_split_path():
 
 
 FAKE_TRAINING = '''
-"""Stand-in for megatron/training/training.py: pretrain parses twice, then builds the optimizer config."""
+"""Stand-in for megatron/training/training.py: pretrain parses twice, builds the model and the optimizer config."""
 import dataclasses, json
 from megatron.core.optimizer import AdamOptimizerConfig
 from megatron.training import arguments
+
+_ARGS = None
+
+
+def get_args():
+    return _ARGS
 
 
 def get_megatron_optimizer_config(args):
@@ -324,12 +331,19 @@ def get_megatron_optimizer_config(args):
 
 def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forward_step_func,
              process_non_loss_data_func=None, extra_args_provider=None, args_defaults={}, store=None):
-    args = arguments.parse_args(extra_args_provider)
+    global _ARGS
+    _ARGS = args = arguments.parse_args(extra_args_provider)
     again = arguments.parse_args(None, ignore_unknown_args=True)  # as ft_integration.setup() does
     config, _ = get_megatron_optimizer_config(args)
+    gates = None
+    if args.build_model:  # get_model: the provider's model before DDP
+        model = model_provider(pre_process=True, post_process=True)
+        gates = [layer.gpas_gate.act if hasattr(layer, "gpas_gate") else None
+                 for layer in model.decoder.layers]
     print("RESULT " + json.dumps({"own": args.own_flag, "optimizer": config.optimizer, "p": config.gradpower_p,
                                   "p_expert": config.gradpower_p_expert, "gpas": args.gpas,
-                                  "gpas_act": args.gpas_act, "again": again.optimizer, "lr": config.lr}))
+                                  "gpas_act": args.gpas_act, "again": again.optimizer, "lr": config.lr,
+                                  "gates": gates}))
 '''
 
 FAKE_ARGUMENTS = '''
@@ -341,6 +355,9 @@ def _add_training_args(parser):
     group = parser.add_argument_group(title="training")
     group.add_argument("--optimizer", type=str, default="adam", choices=["adam", "sgd"])
     group.add_argument("--lr", type=float, default=None)
+    group.add_argument("--overlap-moe-expert-parallel-comm", action="store_true")
+    group.add_argument("--cuda-graph-impl", default="none", choices=["none", "local", "transformer_engine"])
+    group.add_argument("--build-model", action="store_true")  # stand-in only: call the model provider
     return parser
 
 
@@ -357,7 +374,12 @@ def parse_args(extra_args_provider=None, ignore_unknown_args=False):
 '''
 
 FAKE_PRETRAIN_GPT = '''
-"""Stand-in for Megatron-LM's pretrain_gpt.py: its own extra_args_provider, pretrain() imported at run time."""
+"""Stand-in for Megatron-LM's pretrain_gpt.py: its own extra_args_provider and a model provider building a
+tiny real megatron-core GPTModel (one CPU process, through the tests' CPU shim); pretrain() imported at run time."""
+import os
+import sys
+from functools import partial
+
 from megatron.training import pretrain
 
 
@@ -366,8 +388,28 @@ def add_own_args(parser):
     return parser
 
 
+def model_provider(builder, pre_process=True, post_process=True, vp_stage=None):
+    import torch.distributed as dist
+    sys.path.insert(0, os.environ["GRADPOWER_TESTS_DIR"])
+    import megatron_cpu_shim
+    megatron_cpu_shim.install()
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["GRADPOWER_TEST_PORT"],
+                            rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(0)
+    config = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, use_cpu_initialization=True)
+    return GPTModel(config, get_gpt_layer_local_spec(), vocab_size=32, max_sequence_length=8)
+
+
 if __name__ == "__main__":
-    pretrain(None, None, None, None, extra_args_provider=add_own_args, args_defaults={"tokenizer_type": "x"})
+    pretrain(None, partial(model_provider, "gpt_builder"), None, None, extra_args_provider=add_own_args,
+             args_defaults={"tokenizer_type": "x"})
 '''
 
 
@@ -376,7 +418,7 @@ def fake_checkout(tmp_path):
     pytest.importorskip("megatron.core", reason="megatron-core is not installed")
     training = tmp_path / "Megatron-LM" / "megatron" / "training"  # megatron/ stays a namespace package
     training.mkdir(parents=True)
-    (training / "__init__.py").write_text("from .training import pretrain\n")
+    (training / "__init__.py").write_text("from .training import get_args, pretrain\n")
     (training / "training.py").write_text(textwrap.dedent(FAKE_TRAINING))
     (training / "arguments.py").write_text(textwrap.dedent(FAKE_ARGUMENTS))
     (tmp_path / "Megatron-LM" / "pretrain_gpt.py").write_text(textwrap.dedent(FAKE_PRETRAIN_GPT))
@@ -396,7 +438,7 @@ def test_entry_runs_the_unchanged_script_with_chained_providers(fake_checkout, t
     result = _result(run_entry(["--own-flag", "mine", "--optimizer", "adampower", "--gradpower-config", config,
                                 "--gradpower-p", "1.3", "--lr", "0.001"], env=env))
     assert result == {"own": "mine", "optimizer": "adampower", "p": 1.3, "p_expert": 0.9, "gpas": False,
-                      "gpas_act": "silu", "again": "adampower", "lr": 0.001}
+                      "gpas_act": "silu", "again": "adampower", "lr": 0.001, "gates": None}
     # optimizer from the file: the first parse (with our provider) reads it; a second parse without our provider
     # does not know the file, and sees Megatron-LM's default
     config = write_config(tmp_path, {"optimizer": "adampower"}, "opt.json")
@@ -408,12 +450,27 @@ def test_entry_runs_the_unchanged_script_with_chained_providers(fake_checkout, t
     assert (result["optimizer"], result["again"], result["own"], result["lr"]) == ("adam", "adam", "none", 0.01)
 
 
-def test_entry_refuses_gpas_until_its_megatron_layers_exist(fake_checkout, tmp_path):
-    env = {"MEGATRON_LM_PATH": str(fake_checkout)}
-    for argv in (["--gpas"], ["--gradpower-config", write_config(tmp_path, {"gpas": True})]):
-        completed = run_entry(argv, env=env)
-        assert completed.returncode == 2, completed.stderr
-        assert "this entry does not put GPAS into Megatron-LM" in completed.stderr
+def test_entry_puts_gpas_into_the_model_its_provider_builds(fake_checkout, tmp_path):
+    env = {"MEGATRON_LM_PATH": str(fake_checkout), "GRADPOWER_TESTS_DIR": str(ROOT / "tests"),
+           "GRADPOWER_TEST_PORT": str(free_port())}
+    result = _result(run_entry(["--build-model", "--gpas", "--gpas-act", "tanh"], env=env))
+    assert (result["gpas"], result["gates"]) == (True, ["tanh", "tanh"])
+    env["GRADPOWER_TEST_PORT"] = str(free_port())
+    config = write_config(tmp_path, {"gpas": True})
+    assert _result(run_entry(["--build-model", "--gradpower-config", config], env=env))["gates"] == ["silu", "silu"]
+    env["GRADPOWER_TEST_PORT"] = str(free_port())
+    assert _result(run_entry(["--build-model"], env=env))["gates"] == [None, None]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--gpas", "--overlap-moe-expert-parallel-comm"], "--gpas cannot be combined with "
+                                                       "--overlap-moe-expert-parallel-comm=True"),
+    (["--gpas", "--cuda-graph-impl", "local"], "--gpas cannot be combined with --cuda-graph-impl='local'")])
+def test_entry_refuses_gpas_with_a_layer_path_it_cannot_cover(fake_checkout, argv, named):
+    completed = run_entry(argv, env={"MEGATRON_LM_PATH": str(fake_checkout)})
+    assert completed.returncode == 2, completed.stderr
+    assert named in completed.stderr, completed.stderr
+    assert run_entry(argv[1:], env={"MEGATRON_LM_PATH": str(fake_checkout)}).returncode == 0  # fine without GPAS
 
 
 def test_entry_reports_bad_flags_as_argparse_does(fake_checkout):
