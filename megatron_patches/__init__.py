@@ -1,8 +1,11 @@
 """Megatron-core integration of AdamPower: ``OptimizerConfig(optimizer="adampower", gradpower_p=1.2)``.
 
 ``apply()`` makes thin, reversible patches to megatron-core (the version in
-``SUPPORTED_MEGATRON_CORE``; any other is refused with an error naming it), all
-listed in ``megatron_patches.optimizer`` (see its docstring for the design);
+``SUPPORTED_MEGATRON_CORE``; any other is refused with an error naming it), one
+module per patched area: ``megatron_patches.optimizer`` (AdamPower; see its
+docstring for the design), ``megatron_patches.checkpoint`` (two fixes to the
+DistributedOptimizer's checkpoints with torch's Adam, when TE/apex are absent)
+and, where Megatron-LM is importable, ``megatron_patches.arguments``;
 ``remove()`` undoes them; both are idempotent. Importing this package patches
 nothing.
 
@@ -70,10 +73,10 @@ def apply() -> None:
     if is_applied():
         return
     check_megatron_version()
-    from . import arguments, optimizer
+    from . import arguments, checkpoint, optimizer
 
     config_class = optimizer._config_class()
-    for owner, name, wrap in optimizer._patch_targets() + arguments._patch_targets():
+    for owner, name, wrap in optimizer._patch_targets() + checkpoint._patch_targets() + arguments._patch_targets():
         original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
         _originals[(owner, name)] = original
         setattr(owner, name, wrap(original))
