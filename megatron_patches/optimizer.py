@@ -56,6 +56,7 @@ def power_hook(dense_p: float, expert_p: float):
 
     def hook(optimizer, args, kwargs):
         decoupled = getattr(optimizer, "use_decoupled_grad", False)  # TE FusedAdam, precision-aware optimizer
+        powered = 0
         for group in optimizer.param_groups:
             p = expert_p if group.get("is_expert_parallel", False) else dense_p
             if p == 1.0:
@@ -64,8 +65,14 @@ def power_hook(dense_p: float, expert_p: float):
                 grad = getattr(param, "decoupled_grad", None) if decoupled else param.grad
                 if grad is not None:
                     grad_power_(grad, p)
+                    powered += 1
+        if not hook.ran:  # once per optimizer: shows in a job's log that the hook sits on the optimizer that steps
+            hook.ran = True
+            _log.info("megatron_patches: AdamPower step hook ran on %s: phi_p (p=%g, expert p=%g) on %d "
+                      "gradient(s)", type(optimizer).__name__, dense_p, expert_p, powered)
 
     hook.gradpower = (dense_p, expert_p)
+    hook.ran = False
     return hook
 
 

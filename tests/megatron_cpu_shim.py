@@ -17,6 +17,23 @@ token dispatcher), the CUDA RNG behind its RNG tracker, and
 - ``all_to_all_single`` gets its split sizes as Python lists (gloo wants lists);
 - ``moe_utils.te_general_gemm = None`` (the path Megatron takes without TE).
 
+For Megatron-LM's ``pretrain()`` (core_v0.16.1, e.g. ``python -m megatron_patches.pretrain_gpt``
+with ``--distributed-backend gloo``; run it with ``TORCHDYNAMO_DISABLE=1``, as torch.compile'd
+fusions take minutes to build on a few CPU cores), also:
+
+- ``megatron.training.initialize`` sees a ``torch.cuda`` whose ``is_available()`` is True and
+  ``device_count()`` is 1 (it asserts CUDA, and sets up model parallelism and the RNG tracker
+  only with a device); torch itself keeps seeing no CUDA (dynamo, autocast, ...);
+- ``megatron.legacy.fused_kernels.load`` (nvcc) is a no-op; ``compile_helpers`` (``make`` in
+  megatron-core's datasets folder, which the wheel ships prebuilt, without a Makefile) is
+  skipped when ``helpers_cpp`` imports;
+- without Apex/TE, ``DistributedOptimizer.state_dict()`` before the first step (as when loading
+  a checkpoint) finds no torch Adam state to read 'step' from and asserts; the state is
+  allocated first, as torch Adam's first step would. This is a megatron-core gap on any device.
+
+The Megatron-LM modules are patched right after they are imported (an import hook), since
+they become importable only when the entry point puts the checkout on sys.path.
+
 Nothing here is used by the product (``gradpower_ds``, ``megatron_patches``). Known
 limits: expert layers need ``add_bias_linear=False``; only the code paths the tests
 use were exercised. ``uninstall()`` undoes everything.
@@ -25,6 +42,9 @@ use were exercised. ``uninstall()`` undoes everything.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.abc
+import sys
 
 import torch
 import torch.distributed as dist
@@ -109,6 +129,99 @@ def _set(owner, name, value) -> None:
     setattr(owner, name, value)
 
 
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs patch(module) right after one of the named modules is first imported (Megatron-LM's modules are
+    importable only once the entry point has put its checkout on sys.path)."""
+
+    def __init__(self, patches: dict):
+        self.patches = patches
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.patches:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        exec_module, patch = spec.loader.exec_module, self.patches[name]
+
+        def exec_and_patch(module):
+            exec_module(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+class _Proxy:
+    """`target` with some attributes replaced (for one module's view of torch / torch.cuda)."""
+
+    def __init__(self, target, **overrides):
+        self._target, self._overrides = target, overrides
+
+    def __getattr__(self, name):
+        return self._overrides[name] if name in self._overrides else getattr(self._target, name)
+
+
+def _patch_megatron_lm_module(module) -> None:
+    if module.__name__ == "megatron.legacy.fused_kernels":
+        _set(module, "load", lambda args: None)  # nvcc-built softmax kernels; unused with the unfused path
+    elif module.__name__ == "megatron.training.initialize":
+        # asserts torch.cuda.is_available(); sets up model parallelism and the RNG tracker only when
+        # torch.cuda.device_count() > 0. Only this module sees a CUDA device (torch itself must not: dynamo).
+        cuda = _Proxy(torch.cuda, is_available=lambda: True, device_count=lambda: 1)
+        _set(module, "torch", _Proxy(torch, cuda=cuda))
+
+
+def _skip_compile_helpers(utils) -> None:
+    # the megatron-core wheel ships helpers_cpp prebuilt but no Makefile; Megatron-LM runs `make` on rank 0
+    original = utils.compile_helpers
+
+    def compile_helpers():
+        try:
+            importlib.import_module("megatron.core.datasets.helpers_cpp")
+        except ImportError:
+            original()
+
+    _set(utils, "compile_helpers", compile_helpers)
+
+
+def _dist_optimizer_state_dict(original):
+    # Without Apex/TE, DistributedOptimizer.state_dict() reads 'step' from the torch Adam's per-param state and
+    # asserts there is one; before the first step (loading a checkpoint: Megatron-LM builds the sharded state
+    # dict to load into) that state is empty. Allocate it as torch Adam's first step would (step 0, zero
+    # moments); load_state_dict keeps these tensors and the checkpoint overwrites them in place.
+    def state_dict(self):
+        inner = self.optimizer
+        if not inner.state and isinstance(inner, torch.optim.Adam):
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    inner.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                          "exp_avg_sq": torch.zeros_like(param)}
+        return original(self)
+
+    return state_dict
+
+
+def _install_megatron_lm() -> None:
+    """For Megatron-LM's pretrain() (megatron.training): see the module docstring."""
+    from megatron.core.datasets import utils
+    from megatron.core.optimizer import distrib_optimizer
+
+    _skip_compile_helpers(utils)
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        dist_optimizer = distrib_optimizer.DistributedOptimizer
+        _set(dist_optimizer, "state_dict", _dist_optimizer_state_dict(dist_optimizer.state_dict))
+    finder = _AfterImport({name: _patch_megatron_lm_module
+                           for name in ("megatron.legacy.fused_kernels", "megatron.training.initialize")})
+    sys.meta_path.insert(0, finder)
+    _state["finder"] = finder
+
+
 def install() -> None:
     """Lets megatron-core 0.16.1 run on the CPU (idempotent); raises RuntimeError for other versions."""
     if _state:
@@ -133,12 +246,16 @@ def install() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         _set(moe_utils, "te_general_gemm", None)
     _set(dist, "all_to_all_single", _all_to_all_single)
+    _install_megatron_lm()
     _state["mode"] = _CudaToCpu()
     _state["mode"].__enter__()
 
 
 def uninstall() -> None:
     """Undoes install() (a no-op when not installed)."""
+    finder = _state.pop("finder", None)
+    if finder is not None:
+        sys.meta_path.remove(finder)
     mode = _state.pop("mode", None)
     if mode is not None:
         mode.__exit__(None, None, None)
