@@ -27,9 +27,8 @@ fusions take minutes to build on a few CPU cores), also:
 - ``megatron.legacy.fused_kernels.load`` (nvcc) is a no-op; ``compile_helpers`` (``make`` in
   megatron-core's datasets folder, which the wheel ships prebuilt, without a Makefile) is
   skipped when ``helpers_cpp`` imports;
-- without Apex/TE, ``DistributedOptimizer.state_dict()`` before the first step (as when loading
-  a checkpoint) finds no torch Adam state to read 'step' from and asserts; the state is
-  allocated first, as torch Adam's first step would. This is a megatron-core gap on any device.
+(Loading a distributed-optimizer checkpoint without Apex/TE needs ``megatron_patches.checkpoint``,
+which ``megatron_patches.apply()`` installs: that gap is megatron-core's on any device, not the CPU's.)
 
 The Megatron-LM modules are patched right after they are imported (an import hook), since
 they become importable only when the entry point puts the checkout on sys.path.
@@ -190,32 +189,11 @@ def _skip_compile_helpers(utils) -> None:
     _set(utils, "compile_helpers", compile_helpers)
 
 
-def _dist_optimizer_state_dict(original):
-    # Without Apex/TE, DistributedOptimizer.state_dict() reads 'step' from the torch Adam's per-param state and
-    # asserts there is one; before the first step (loading a checkpoint: Megatron-LM builds the sharded state
-    # dict to load into) that state is empty. Allocate it as torch Adam's first step would (step 0, zero
-    # moments); load_state_dict keeps these tensors and the checkpoint overwrites them in place.
-    def state_dict(self):
-        inner = self.optimizer
-        if not inner.state and isinstance(inner, torch.optim.Adam):
-            for group in inner.param_groups:
-                for param in group["params"]:
-                    inner.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
-                                          "exp_avg_sq": torch.zeros_like(param)}
-        return original(self)
-
-    return state_dict
-
-
 def _install_megatron_lm() -> None:
     """For Megatron-LM's pretrain() (megatron.training): see the module docstring."""
     from megatron.core.datasets import utils
-    from megatron.core.optimizer import distrib_optimizer
 
     _skip_compile_helpers(utils)
-    if not distrib_optimizer.HAVE_APEX_OR_TE:
-        dist_optimizer = distrib_optimizer.DistributedOptimizer
-        _set(dist_optimizer, "state_dict", _dist_optimizer_state_dict(dist_optimizer.state_dict))
     finder = _AfterImport({name: _patch_megatron_lm_module
                            for name in ("megatron.legacy.fused_kernels", "megatron.training.initialize")})
     sys.meta_path.insert(0, finder)
