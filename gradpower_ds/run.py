@@ -61,13 +61,14 @@ def usage_error(message: str) -> None:
     raise SystemExit(2)
 
 
-def enable_rank0_logging() -> None:
-    """Shows gradpower_ds INFO messages (registration, the optimizer DeepSpeed built) on rank 0 only.
+def enable_rank0_logging(name: str = "gradpower_ds") -> None:
+    """Shows INFO messages of logger `name` and its children (registration, the optimizer DeepSpeed built,
+    training progress) on rank 0 only.
 
-    Other ranks show warnings only. Adds one handler to the ``gradpower_ds`` logger (none when it
-    already has one) and stops propagation, so a root handler the script sets up prints nothing twice.
+    Other ranks show warnings only. Adds one handler to that logger (none when it already has one) and
+    stops propagation, so a root handler the script sets up prints nothing twice.
     """
-    logger = logging.getLogger("gradpower_ds")
+    logger = logging.getLogger(name)
     if logger.handlers:
         return
     handler = logging.StreamHandler()

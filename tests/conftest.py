@@ -68,3 +68,9 @@ def torchrun(script, *args, nproc: int = 2, timeout: int = 900, env: dict | None
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-8000:]}"
     return proc
+
+
+MEGATRON_CPU_ENV = {"GRADPOWER_MEGATRON_CPU_SHIM": "1",
+                    "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "megatron_cpu_site"),
+                                                   str(Path(__file__).parent.parent)])}
+"""Environment for launching megatron-core product commands on the CPU (tests/megatron_cpu_site)."""

@@ -1,0 +1,282 @@
+"""Command-line flags and a JSON file for AdamPower / GPAS in Megatron-LM.
+
+``add_arguments(parser)`` is a Megatron-LM ``extra_args_provider``; it adds
+
+    --gradpower-p P            p for dense parameters (> 0; default 1.2; needs --optimizer adampower)
+    --gradpower-p-expert P     p for MoE expert parameters (> 0; default: --gradpower-p)
+    --gpas                     GPAS gates in the decoder layers
+    --gpas-variant VARIANT     layer-norm placement (GPAS_VARIANTS)
+    --gpas-act ACT             gate activation (gradpower_ds.gpas.ACTIVATIONS)
+    --gradpower-config FILE    JSON object with any of CONFIG_KEYS
+
+and ``adampower`` to the choices of Megatron's ``--optimizer`` (or, on a parser
+without one, an ``--optimizer`` of its own). Precedence, per setting: a flag
+given on the command line wins over the JSON file, which wins over the
+default. "Given" is detected, not guessed from the value: while the parser
+parses, each of these options' default is a private sentinel, so
+``--gradpower-p 1.2`` (the default value) still beats the file. The file is read
+and everything is checked inside ``parse_args``/``parse_known_args`` of that
+parser (add_arguments wraps them on that parser instance only): unknown JSON
+keys and bad values end the parse through ``parser.error`` (exit status 2) with
+a message naming the flag or the file's key.
+
+Megatron-LM defines ``--optimizer`` in ``megatron.training.arguments._add_training_args``
+with fixed choices, and some code paths (e.g. fault-tolerance setup) parse again
+without the extra provider; ``megatron_patches.apply()`` therefore also wraps
+``_add_training_args`` to add ``adampower`` to that option's choices, and wraps
+``megatron.training.training.get_megatron_optimizer_config`` (which knows only
+'adam'/'sgd' and copies dataclass fields only) to build the config as for 'adam'
+and then set ``optimizer``/``gradpower_p``/``gradpower_p_expert`` from the args
+(``optimizer_config_kwargs``). Both patches apply only where Megatron-LM is
+importable; they are written against Megatron-LM core_v0.16.1 (whose megatron-core
+is the version ``apply()`` checks) but were tested here with stand-in modules only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import inspect
+import json
+import logging
+import math
+
+from gradpower_ds.gpas import ACTIVATIONS
+
+OPTIMIZER_NAME = "adampower"
+GPAS_VARIANTS = ("pre_ln",)  # Megatron's TransformerLayer is Pre-LN; extend when the GPAS layers support more
+DEFAULTS = {"optimizer": "adam", "gradpower_p": 1.2, "gradpower_p_expert": None, "gpas": False,
+            "gpas_variant": "pre_ln", "gpas_act": "silu"}
+CONFIG_KEYS = tuple(DEFAULTS)  # the keys a --gradpower-config file may hold
+FLAGS = {key: "--" + key.replace("_", "-") for key in CONFIG_KEYS}
+
+_log = logging.getLogger(__name__)
+_UNSET = object()  # an option's default while parsing: "not given on the command line"
+
+
+def _power(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid p={text}: must be a finite number > 0 (1.0 is plain Adam, "
+                                         "the paper uses 1.2)")
+    return value
+
+
+def _optimizer_action(parser: argparse.ArgumentParser):
+    return next((a for a in parser._actions if "--optimizer" in a.option_strings), None)
+
+
+def add_optimizer_choice(parser: argparse.ArgumentParser) -> bool:
+    """Adds 'adampower' to the choices of the parser's ``--optimizer``; False when it has no such option."""
+    action = _optimizer_action(parser)
+    if action is None:
+        return False
+    if action.choices is not None and OPTIMIZER_NAME not in action.choices:
+        action.choices = [*action.choices, OPTIMIZER_NAME]
+    return True
+
+
+def add_arguments(parser: argparse.ArgumentParser, after_parse=None) -> argparse.ArgumentParser:
+    """Adds the GradPower/GPAS flags and --gradpower-config to `parser` (a Megatron-LM extra_args_provider).
+
+    ``after_parse(args, parser)``, if given, runs after each parse once the settings are resolved
+    (e.g. to refuse what the caller does not support, through ``parser.error``).
+    """
+    if getattr(parser, "_gradpower_arguments", False):
+        return parser
+    if not add_optimizer_choice(parser):
+        parser.add_argument("--optimizer", default=DEFAULTS["optimizer"], choices=["adam", "sgd", OPTIMIZER_NAME],
+                            help="optimizer (adampower: Adam fed with sign(g)|g|^p)")
+    group = parser.add_argument_group("GradPower / GPAS (megatron_patches)")
+    group.add_argument(FLAGS["gradpower_p"], type=_power, default=DEFAULTS["gradpower_p"], metavar="P",
+                       help="--optimizer adampower: p for dense parameters, > 0 (1.0 = Adam; default 1.2)")
+    group.add_argument(FLAGS["gradpower_p_expert"], type=_power, default=None, metavar="P",
+                       help="--optimizer adampower: p for MoE expert parameters (default: --gradpower-p)")
+    group.add_argument(FLAGS["gpas"], action="store_true", help="GPAS gates in the decoder layers")
+    group.add_argument(FLAGS["gpas_variant"], choices=GPAS_VARIANTS, default=DEFAULTS["gpas_variant"],
+                       help="layer-norm placement the GPAS gates are placed for")
+    group.add_argument(FLAGS["gpas_act"], choices=sorted(ACTIVATIONS), default=DEFAULTS["gpas_act"],
+                       help="GPAS gate activation (default silu)")
+    group.add_argument("--gradpower-config", metavar="FILE.json", default=None,
+                       help=f"JSON object with any of {list(CONFIG_KEYS)}; flags given on the command line win "
+                            "over the file, the file over the defaults")
+    parser._gradpower_arguments = True
+    original = parser.parse_known_args  # parse_args calls it too
+
+    @functools.wraps(original)
+    def parse_known_args(args=None, namespace=None):
+        actions = [a for a in parser._actions if a.dest in DEFAULTS]
+        defaults = {a: a.default for a in actions}
+        for action in actions:
+            action.default = _UNSET
+        try:
+            parsed, extras = original(args, namespace)
+        finally:
+            for action, default in defaults.items():
+                action.default = default
+        resolve(parsed, parser, {a.dest: d for a, d in defaults.items()})
+        if after_parse is not None:
+            after_parse(parsed, parser)
+        return parsed, extras
+
+    parser.parse_known_args = parse_known_args
+    return parser
+
+
+def read_config(path: str, optimizers=None) -> dict:
+    """The settings in a --gradpower-config file, checked; ValueError naming the file and the key."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--gradpower-config {path}: cannot read it: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--gradpower-config {path}: must hold a JSON object, got {type(values).__name__}")
+    values.pop("_comment", None)
+    unknown = sorted(set(values) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"--gradpower-config {path}: unknown key(s) {unknown}; accepted keys are {list(CONFIG_KEYS)}")
+    where = f"--gradpower-config {path}: key"
+    for key in ("gradpower_p", "gradpower_p_expert"):
+        value = values.get(key)
+        if value is None and key == "gradpower_p_expert":
+            continue
+        if key in values:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{where} {key}={value!r}: must be a finite number > 0 (1.0 is plain Adam, the "
+                                 "paper uses 1.2)")
+            values[key] = float(value)
+    if "gpas" in values and not isinstance(values["gpas"], bool):
+        raise ValueError(f"{where} gpas={values['gpas']!r}: must be true or false")
+    choices = {"gpas_variant": GPAS_VARIANTS, "gpas_act": sorted(ACTIVATIONS), "optimizer": optimizers}
+    for key, allowed in choices.items():
+        if key in values and allowed is not None and values[key] not in allowed:
+            raise ValueError(f"{where} {key}={values[key]!r} is unknown; choose one of {list(allowed)}")
+    return values
+
+
+def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """Fills the settings not given on the command line from --gradpower-config, then the defaults; checks them.
+
+    Settings still holding the parse-time sentinel were not given. Errors go through ``parser.error``.
+    """
+    defaults = {**DEFAULTS, **(defaults or {})}
+    action = _optimizer_action(parser)
+    try:
+        from_file = read_config(args.gradpower_config, action.choices if action else None) \
+            if getattr(args, "gradpower_config", None) else {}
+    except ValueError as err:
+        parser.error(str(err))
+    source = {}
+    for key in CONFIG_KEYS:
+        if getattr(args, key, _UNSET) is not _UNSET:
+            source[key] = FLAGS[key]
+        elif key in from_file:
+            setattr(args, key, from_file[key])
+            source[key] = f"--gradpower-config key {key}"
+        else:
+            setattr(args, key, defaults[key])
+    if args.optimizer != OPTIMIZER_NAME:
+        for key in ("gradpower_p", "gradpower_p_expert"):
+            if key in source:
+                parser.error(f"{source[key]} has no effect unless --optimizer {OPTIMIZER_NAME} (optimizer is "
+                             f"{args.optimizer!r})")
+    if not args.gpas:
+        for key in ("gpas_variant", "gpas_act"):
+            if key in source:
+                parser.error(f"{source[key]} has no effect without --gpas (or \"gpas\": true in the file)")
+
+
+def optimizer_config_kwargs(args) -> dict:
+    """The OptimizerConfig fields for the parsed args: optimizer, and for adampower gradpower_p(_expert)."""
+    if args.optimizer != OPTIMIZER_NAME:
+        return {"optimizer": args.optimizer}
+    return {"optimizer": OPTIMIZER_NAME, "gradpower_p": args.gradpower_p, "gradpower_p_expert": args.gradpower_p_expert}
+
+
+def _add_training_args(original):
+    @functools.wraps(original)
+    def wrapper(parser, *args, **kwargs):
+        result = original(parser, *args, **kwargs)
+        if not add_optimizer_choice(result if result is not None else parser):
+            _log.warning("megatron_patches: Megatron-LM's _add_training_args defined no --optimizer; "
+                         "'adampower' was not added")
+        return result
+
+    return wrapper
+
+
+def _get_megatron_optimizer_config(original):
+    @functools.wraps(original)
+    def wrapper(args, *rest, **kwargs):
+        if getattr(args, "optimizer", None) != OPTIMIZER_NAME:
+            return original(args, *rest, **kwargs)
+        args.optimizer = "adam"  # Megatron-LM builds the Adam config; AdamPower is Adam plus the grad power
+        try:
+            result = original(args, *rest, **kwargs)
+        finally:
+            args.optimizer = OPTIMIZER_NAME
+        config = result[0] if isinstance(result, tuple) else result
+        for name, value in optimizer_config_kwargs(args).items():
+            setattr(config, name, value)
+        from .optimizer import powers
+
+        powers(config)
+        return result
+
+    return wrapper
+
+
+def _patch_targets():
+    """(owner, attribute, wrapper factory) for Megatron-LM; empty where Megatron-LM is not importable."""
+    targets = []
+    for module_name, name, wrap in (("megatron.training.arguments", "_add_training_args", _add_training_args),
+                                    ("megatron.training.training", "get_megatron_optimizer_config",
+                                     _get_megatron_optimizer_config)):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if hasattr(module, name):
+            targets.append((module, name, wrap))
+        else:
+            _log.warning("megatron_patches: %s has no %s; not patched", module_name, name)
+    return targets
+
+
+def chain_providers(provider, after_parse=None):
+    """An extra_args_provider running `provider` (if any) and then add_arguments(parser, after_parse)."""
+
+    def extra_args_provider(parser):
+        if provider is not None:
+            returned = provider(parser)
+            parser = parser if returned is None else returned
+        return add_arguments(parser, after_parse)
+
+    extra_args_provider.chained = provider
+    return extra_args_provider
+
+
+def with_extra_args(function, after_parse=None):
+    """`function` (e.g. megatron.training.pretrain) with its extra_args_provider argument chained to ours."""
+    signature = inspect.signature(function)
+    if "extra_args_provider" not in signature.parameters:
+        raise RuntimeError(f"{function.__module__}.{function.__qualname__} takes no extra_args_provider; this "
+                           "Megatron-LM is not the one megatron_patches supports (core_v0.16.1)")
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["extra_args_provider"] = chain_providers(bound.arguments.get("extra_args_provider"),
+                                                                 after_parse)
+        return function(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
+__all__ = ["CONFIG_KEYS", "DEFAULTS", "GPAS_VARIANTS", "OPTIMIZER_NAME", "add_arguments", "add_optimizer_choice",
+           "chain_providers", "optimizer_config_kwargs", "read_config", "resolve", "with_extra_args"]

@@ -1,0 +1,162 @@
+"""Megatron-LM's own ``pretrain_gpt.py``, unchanged, with AdamPower and the GradPower/GPAS flags.
+
+    torchrun --nproc_per_node 8 -m megatron_patches.pretrain_gpt <Megatron-LM args> \\
+        --optimizer adampower --gradpower-p 1.2 [--gradpower-config gp.json]
+
+Finds ``pretrain_gpt.py`` (``--megatron-lm-path DIR``, else ``$MEGATRON_LM_PATH``,
+else an importable module ``pretrain_gpt``, e.g. from an installed Megatron-LM
+checkout), calls ``megatron_patches.apply()``, and runs the script as
+``__main__`` with ``sys.argv`` as ``python pretrain_gpt.py ARGS`` would see it.
+The one extra hook: ``megatron.training.pretrain`` is wrapped so that the
+``extra_args_provider`` the script passes is chained with
+``megatron_patches.arguments.add_arguments`` (the script imports ``pretrain``
+from ``megatron.training`` when it runs, after the wrap), and so that with
+``--gpas`` its ``model_provider`` is followed by ``megatron_patches.enable_gpas``
+(before Megatron-LM wraps the model in DDP). That is thinner than replacing
+``parse_args``, which ``megatron.training.initialize`` has already bound by name,
+or rewriting the layer specs that ``gpt_builders`` builds. ``--gpas`` together
+with a setting GPAS cannot run with (``megatron_patches.gpas.REFUSED_FLAGS``:
+CUDA graphs, the MoE/EP overlap) is refused when the arguments are parsed. Without Megatron-LM this exits with status 2 and says how to
+point at it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+import runpy
+import sys
+
+import megatron_patches
+from megatron_patches.gpas import refused_settings
+
+ENV = "MEGATRON_LM_PATH"
+PATH_FLAG = "--megatron-lm-path"
+NOT_FOUND = (
+    "megatron_patches.pretrain_gpt: Megatron-LM not found ({why}).\n"
+    "Point at a Megatron-LM checkout (core_v0.16.1, which ships megatron-core 0.16.1) with one of:\n"
+    "  MEGATRON_LM_PATH=/path/to/Megatron-LM python -m megatron_patches.pretrain_gpt ARGS...\n"
+    "  python -m megatron_patches.pretrain_gpt --megatron-lm-path /path/to/Megatron-LM ARGS...\n"
+    "  pip install -e /path/to/Megatron-LM   (so that pretrain_gpt and megatron.training are importable)")
+
+
+_log = logging.getLogger(__name__)
+
+
+def refuse_unsupported_gpas(args, parser) -> None:
+    """--gpas with a Megatron-LM setting GPAS cannot run with (CUDA graphs, MoE/EP overlap): refuse at parse time."""
+    if not args.gpas:
+        return
+    for name, value, allowed, why in refused_settings(args):
+        parser.error(f"--gpas cannot be combined with --{name.replace('_', '-')}={value!r} ({why}); drop one of "
+                     f"them ({name} must be {allowed!r} with GPAS)")
+
+
+def with_gpas_model(pretrain):
+    """`pretrain` whose model_provider puts GPAS gates into the model it builds when --gpas is set.
+
+    Megatron-LM's ``get_model`` calls the provider and only then wraps the result in Float16Module and
+    DDP, so the gates exist before DDP allocates grad buffers and the optimizer sees them.
+    """
+    signature = inspect.signature(pretrain)
+    if "model_provider" not in signature.parameters:
+        raise RuntimeError(f"{pretrain.__module__}.{pretrain.__qualname__} takes no model_provider; this "
+                           "Megatron-LM is not the one megatron_patches supports (core_v0.16.1)")
+
+    @functools.wraps(pretrain)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        provider = bound.arguments["model_provider"]
+
+        def model_provider(*provider_args, **provider_kwargs):
+            from megatron.training import get_args
+
+            model = provider(*provider_args, **provider_kwargs)
+            settings = get_args()
+            if settings.gpas:
+                layers = megatron_patches.enable_gpas(model, act=settings.gpas_act)
+                _log.info("megatron_patches: GPAS gates (act=%s) in %d layers", settings.gpas_act, len(layers))
+            return model
+
+        bound.arguments["model_provider"] = model_provider
+        return pretrain(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
+def split_path(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the --megatron-lm-path value or None, argv without it); it may appear anywhere in argv."""
+    path, rest, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == PATH_FLAG:
+            if i + 1 >= len(argv):
+                not_found(f"{PATH_FLAG} needs a directory")
+            path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith(PATH_FLAG + "="):
+            path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return path, rest
+
+
+def not_found(why: str) -> None:
+    """Prints NOT_FOUND to stderr and exits with status 2."""
+    print(NOT_FOUND.format(why=why), file=sys.stderr)
+    raise SystemExit(2)
+
+
+def find_script(path: str | None) -> str:
+    """The path of Megatron-LM's pretrain_gpt.py; puts its checkout first on sys.path. Exits 2 when not found."""
+    if path is None:
+        path = os.environ.get(ENV) or None
+        origin = f"${ENV}={path}"
+    else:
+        origin = f"{PATH_FLAG} {path}"
+    if path is not None:
+        script = os.path.join(os.path.abspath(path), "pretrain_gpt.py")
+        if not os.path.isfile(script):
+            not_found(f"{origin}: no pretrain_gpt.py in that directory")
+        sys.path.insert(0, os.path.dirname(script))
+    else:
+        spec = importlib.util.find_spec("pretrain_gpt")
+        if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+            not_found(f"no importable module pretrain_gpt, and ${ENV} is not set")
+        script = spec.origin
+    try:
+        importlib.import_module("megatron.training")
+    except ImportError as err:
+        not_found(f"found {script}, but megatron.training cannot be imported: {err}")
+    return script
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Applies the patches and runs Megatron-LM's pretrain_gpt.py as __main__ with argv."""
+    path, args = split_path(sys.argv[1:] if argv is None else list(argv))
+    script = find_script(path)
+    import megatron.training
+
+    from megatron_patches.arguments import with_extra_args
+
+    original = getattr(megatron.training, "pretrain", None)
+    if original is None:
+        not_found(f"found {script}, but megatron.training has no pretrain(); use Megatron-LM core_v0.16.1")
+    megatron_patches.apply()
+    megatron.training.pretrain = with_extra_args(with_gpas_model(original), refuse_unsupported_gpas)
+    _log.info("megatron_patches.pretrain_gpt: patches applied; running %s", script)
+    sys.argv = [script, *args]
+    sys.path[0] = os.path.dirname(script)
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        megatron.training.pretrain = original
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""megatron_patches.pretrain_moe and launch/megatron_moe.sh: flags, exact resume, two nodes on loopback.
+
+The launched tests run the product's own commands on 2 CPU ranks (gloo); tests/megatron_cpu_site
+installs the test-only CPU shim in each rank (conftest.MEGATRON_CPU_ENV).
+"""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import MEGATRON_CPU_ENV, free_port, launch_env, torchrun
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs" / "megatron"
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+        "--micro-batch-size", "4", "--lr-warmup-iters", "2", "--log-interval", "1", "--eval-interval", "3",
+        "--eval-iters", "4"]
+
+
+def parse(argv):
+    from megatron_patches.pretrain_moe import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def parse_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_flags_and_config_file_defaults():
+    args = parse(["--gradpower-config", str(CONFIGS / "adampower_moe_expert_p.json"), "--gradpower-p", "1.3"])
+    assert (args.optimizer, args.gradpower_p, args.gradpower_p_expert, args.gpas) == ("adampower", 1.3, 1.1, True)
+    args = parse([])
+    assert (args.optimizer, args.gpas, args.num_experts, args.lr_decay_style) == ("adam", False, 4, "WSD")
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--optimizer", "adampower", "--gradpower-p", "0"], "argument --gradpower-p: invalid p=0"),
+    (["--optimizer", "adampower", "--gradpower-p-expert", "-1"], "argument --gradpower-p-expert: invalid p=-1"),
+    (["--gradpower-p", "1.3"], "--gradpower-p has no effect unless --optimizer adampower"),
+    (["--gpas-variant", "post_ln"], "argument --gpas-variant: invalid choice: 'post_ln'"),
+    (["--num-experts", "3", "--expert-model-parallel-size", "2"], "--num-experts 3 must be a multiple of "
+                                                                  "--expert-model-parallel-size 2"),
+    (["--num-experts", "0", "--expert-model-parallel-size", "2"], "--num-experts 0 (dense) leaves nothing"),
+    (["--hidden-size", "30", "--num-attention-heads", "4"], "--hidden-size 30 is not a multiple of"),
+    (["--lr", "-1"], "--lr must be >= 0"),
+    (["--train-iters", "0"], "--train-iters must be > 0"),
+    (["--ckpt-step", "3"], "--ckpt-step needs --load"),
+    (["--load", "/nonexistent/run"], "--load /nonexistent/run: no such folder"),
+])
+def test_bad_flags_are_refused_naming_the_flag(argv, named, capsys):
+    assert named in parse_error(argv, capsys)
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    path = tmp_path / "gp.json"
+    path.write_text(json.dumps({"optimizer": "adampower", "gradpower_power": 1.2}))
+    err = parse_error(["--gradpower-config", str(path)], capsys)
+    assert f"--gradpower-config {path}: unknown key(s) ['gradpower_power']" in err and "gradpower_p" in err
+
+
+def metrics(run_dir: Path) -> dict:
+    with open(run_dir / "metrics.csv") as f:
+        return {int(row["step"]): row for row in csv.DictReader(f)}
+
+
+def checkpoint_tensors(path: Path) -> dict:
+    """All tensors of a dist_checkpointing (torch_dist) checkpoint, read in this process."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = path.parent / f"{path.name}.pt"
+    dcp_to_torch_save(str(path), str(flat))
+    return {k: v for k, v in torch.load(flat, weights_only=False).items() if isinstance(v, torch.Tensor)}
+
+
+def test_save_load_continue_is_identical(tmp_path):
+    """bf16, EP=2 alltoall, distributed optimizer, AdamPower (dense and expert p), GPAS, dropout: a run resumed
+    from its step-3 checkpoint logs the same losses and lr and ends with the same weights, bit for bit."""
+    import torch
+
+    common = ["-m", "megatron_patches.pretrain_moe", *TINY, "--gradpower-config",
+              str(CONFIGS / "adampower_moe_expert_p.json"), "--bf16", "--use-distributed-optimizer",
+              "--expert-model-parallel-size", "2", "--hidden-dropout", "0.1", "--train-iters", "6"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    first = torchrun(*common, "--save", full, "--save-interval", "3", env=MEGATRON_CPU_ENV, timeout=600)
+    log = first.stdout + first.stderr
+    assert "megatron_patches: AdamPower (gradpower_p=1.2, gradpower_p_expert=1.1) on DistributedOptimizer" in log
+    assert "4 experts top-2, EP=2 | adampower (p=1.2, expert p=1.1) | GPAS silu, distributed optimizer | bf16" in log
+    assert (full / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    second = torchrun(*common, "--save", resumed, "--load", full, "--ckpt-step", "3", env=MEGATRON_CPU_ENV,
+                      timeout=600)
+    assert "resumed at iteration 3" in second.stdout + second.stderr
+
+    before, after = metrics(full), metrics(resumed)
+    assert sorted(after) == [4, 5, 6]
+    for step in (4, 5, 6):
+        for key in ("train_loss", "val_loss", "lr"):
+            assert after[step][key] == before[step][key], (step, key, after[step], before[step])
+    assert float(before[6]["train_loss"]) < float(before[1]["train_loss"])  # it trains
+    assert float(before[6]["lr"]) > 0 and math.isfinite(float(before[6]["val_loss"]))
+
+    weights = {}
+    for name, run in (("full", full), ("resumed", resumed)):
+        tensors = checkpoint_tensors(run / "iter_0000006")
+        weights[name] = {k: v for k, v in tensors.items() if not k.startswith("chained_")}  # the model's
+    assert weights["full"].keys() == weights["resumed"].keys()
+    assert any("local_experts" in k or "experts.experts" in k for k in weights["full"])
+    gates = weights["full"]["decoder.layers.gpas_gate.alpha"]
+    assert gates.shape == (2, 1) and bool((gates != 0).all())  # one gate per layer, trained away from 0
+    assert len(weights["full"]) > 10
+    for key, value in weights["full"].items():
+        assert torch.equal(value, weights["resumed"][key]), key
+    assert not torch.equal(weights["full"]["output_layer.weight"],
+                           checkpoint_tensors(full / "iter_0000003")["output_layer.weight"])  # steps 4-6 changed it
+
+
+def run_launch_script(env: dict, args: list, timeout: int = 600):
+    return subprocess.Popen(["bash", str(ROOT / "launch" / "megatron_moe.sh"), *map(str, args)],
+                            env=launch_env(**MEGATRON_CPU_ENV, **env), cwd=env.get("CWD", str(ROOT)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_launch_script_as_two_nodes_on_loopback_then_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    port = str(free_port())
+    nodes = [run_launch_script({"NNODES": "2", "NODE_RANK": str(rank), "NPROC_PER_NODE": "1", "MASTER_PORT": port,
+                                "RUN_DIR": str(run_dir), "PYTHON": sys.executable},
+                               [*TINY, "--train-iters", "4"]) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-6000:]
+    log = "".join(outputs)
+    assert "2 ranks (DP=2), 4 experts top-2, EP=2 | adampower (p=1.2) | GPAS silu, distributed optimizer | bf16" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["world_size"], summary["iterations"], summary["optimizer"], summary["gpas"]) == \
+        (2, 4, "adampower", True)
+    assert math.isfinite(summary["val_loss"])
+    # the same command again, now on one node with 2 ranks and more steps: it resumes from RUN_DIR
+    node = run_launch_script({"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()), "RUN_DIR": str(run_dir),
+                              "PYTHON": sys.executable}, [*TINY, "--train-iters", "6"])
+    output = node.communicate(timeout=600)[0]
+    assert node.returncode == 0, output[-6000:]
+    assert "resumed at iteration 4" in output
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_at"] == 4
+    assert sorted(metrics(run_dir)) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("env, named", [({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK must be in 0..1"),
+                                        ({"NNODES": "x"}, "NNODES must be a positive integer"),
+                                        ({"GRADPOWER_CONFIG": "/nope.json"}, "GRADPOWER_CONFIG not found")])
+def test_launch_script_refuses_bad_settings(env, named):
+    result = subprocess.run(["bash", str(ROOT / "launch" / "megatron_moe.sh")], capture_output=True, text=True,
+                            env=dict(os.environ, NPROC_PER_NODE="1", **env), timeout=60)
+    assert result.returncode == 2 and named in result.stderr, result.stderr
