@@ -398,6 +398,11 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
     cuda = torch.cuda.is_available()
+    try:
+        torch.cuda.current_device()  # megatron-core calls torch.cuda throughout, even for CPU tensors
+    except (AssertionError, RuntimeError) as err:
+        raise SystemExit(f"megatron_patches.pretrain_moe: megatron-core needs CUDA ({err}); run it on GPU nodes. "
+                         "Without a GPU, use the DeepSpeed main job (python -m gradpower_ds.train) instead") from None
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")

@@ -164,3 +164,14 @@ def test_launch_script_refuses_bad_settings(env, named):
     result = subprocess.run(["bash", str(ROOT / "launch" / "megatron_moe.sh")], capture_output=True, text=True,
                             env=dict(os.environ, NPROC_PER_NODE="1", **env), timeout=60)
     assert result.returncode == 2 and named in result.stderr, result.stderr
+
+
+def test_without_cuda_it_says_so_before_starting(tmp_path):
+    """On this CPU-only torch, without the tests' shim, megatron-core cannot run: a clear exit, not a traceback."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("GRADPOWER_MEGATRON_CPU_SHIM", None)
+    result = subprocess.run([sys.executable, "-m", "megatron_patches.pretrain_moe", "--train-iters", "1",
+                             "--lr-warmup-iters", "0"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 1 and "megatron-core needs CUDA" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
