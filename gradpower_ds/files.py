@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -24,3 +25,9 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, value: dict) -> None:
+    """Writes `value` as indented JSON through atomic_open (a reader never sees half a file)."""
+    with atomic_open(path) as f:
+        f.write((json.dumps(value, indent=2) + "\n").encode())

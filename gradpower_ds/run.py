@@ -78,6 +78,13 @@ def enable_rank0_logging(name: str = "gradpower_ds") -> None:
     logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
 
 
+def default_to_world_of_one() -> None:
+    """Sets torch.distributed's env:// variables for a single process when no launcher set them (python -m ...)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Registers AdamPower with DeepSpeed and runs the script (or ``-m`` module) given in ``argv``."""
     module, target, script_args = split_args(sys.argv[1:] if argv is None else argv)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -26,18 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_open
-from .run import enable_rank0_logging
+from .files import atomic_open, write_json
+from .run import default_to_world_of_one, enable_rank0_logging
 from .train_config import TrainConfig, load_config
 
 _log = logging.getLogger("gradpower_ds.train")
 GATE_CLIP = 0.01  # the GPAS reference code's clip for the gates' gradients
-
-
-def write_json(path: Path, value: dict) -> None:
-    """Writes JSON atomically (a reader never sees half a file)."""
-    with atomic_open(path) as f:
-        f.write((json.dumps(value, indent=2) + "\n").encode())
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -98,9 +91,7 @@ def train(cfg: TrainConfig) -> dict:
 
     run_dir = prepare_run_dir(cfg)
     register()
-    if "RANK" not in os.environ:  # started without a launcher: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    default_to_world_of_one()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     cfg.expert_parallel_size(world)  # fail before loading data when the experts cannot be placed

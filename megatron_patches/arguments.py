@@ -261,22 +261,28 @@ def chain_providers(provider, after_parse=None):
     return extra_args_provider
 
 
-def with_extra_args(function, after_parse=None):
-    """`function` (e.g. megatron.training.pretrain) with its extra_args_provider argument chained to ours."""
+def replace_argument(function, name: str, replace):
+    """`function` whose argument `name` (given by position or keyword, or absent: None) is passed as
+    ``replace(value)``; RuntimeError if `function` has no such parameter (not Megatron-LM core_v0.16.1)."""
     signature = inspect.signature(function)
-    if "extra_args_provider" not in signature.parameters:
-        raise RuntimeError(f"{function.__module__}.{function.__qualname__} takes no extra_args_provider; this "
-                           "Megatron-LM is not the one megatron_patches supports (core_v0.16.1)")
+    if name not in signature.parameters:
+        raise RuntimeError(f"{function.__module__}.{function.__qualname__} takes no {name}; this Megatron-LM is "
+                           "not the one megatron_patches supports (core_v0.16.1)")
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
-        bound.arguments["extra_args_provider"] = chain_providers(bound.arguments.get("extra_args_provider"),
-                                                                 after_parse)
+        bound.arguments[name] = replace(bound.arguments.get(name))
         return function(*bound.args, **bound.kwargs)
 
     return wrapper
 
 
+def with_extra_args(function, after_parse=None):
+    """`function` (e.g. megatron.training.pretrain) with its extra_args_provider argument chained to ours."""
+    return replace_argument(function, "extra_args_provider", lambda provider: chain_providers(provider, after_parse))
+
+
 __all__ = ["CONFIG_KEYS", "DEFAULTS", "GPAS_VARIANTS", "OPTIMIZER_NAME", "add_arguments", "add_optimizer_choice",
-           "chain_providers", "optimizer_config_kwargs", "read_config", "resolve", "with_extra_args"]
+           "chain_providers", "optimizer_config_kwargs", "read_config", "replace_argument", "resolve",
+           "with_extra_args"]

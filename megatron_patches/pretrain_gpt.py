@@ -22,16 +22,15 @@ point at it.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
-import inspect
 import logging
 import os
 import runpy
 import sys
 
 import megatron_patches
+from megatron_patches.arguments import replace_argument, with_extra_args
 from megatron_patches.gpas import refused_settings
 
 ENV = "MEGATRON_LM_PATH"
@@ -62,30 +61,21 @@ def with_gpas_model(pretrain):
     Megatron-LM's ``get_model`` calls the provider and only then wraps the result in Float16Module and
     DDP, so the gates exist before DDP allocates grad buffers and the optimizer sees them.
     """
-    signature = inspect.signature(pretrain)
-    if "model_provider" not in signature.parameters:
-        raise RuntimeError(f"{pretrain.__module__}.{pretrain.__qualname__} takes no model_provider; this "
-                           "Megatron-LM is not the one megatron_patches supports (core_v0.16.1)")
 
-    @functools.wraps(pretrain)
-    def wrapper(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        provider = bound.arguments["model_provider"]
-
-        def model_provider(*provider_args, **provider_kwargs):
+    def gpas_provider(provider):
+        def model_provider(*args, **kwargs):
             from megatron.training import get_args
 
-            model = provider(*provider_args, **provider_kwargs)
+            model = provider(*args, **kwargs)
             settings = get_args()
             if settings.gpas:
                 layers = megatron_patches.enable_gpas(model, act=settings.gpas_act)
                 _log.info("megatron_patches: GPAS gates (act=%s) in %d layers", settings.gpas_act, len(layers))
             return model
 
-        bound.arguments["model_provider"] = model_provider
-        return pretrain(*bound.args, **bound.kwargs)
+        return model_provider
 
-    return wrapper
+    return replace_argument(pretrain, "model_provider", gpas_provider)
 
 
 def split_path(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -141,8 +131,6 @@ def main(argv: list[str] | None = None) -> None:
     path, args = split_path(sys.argv[1:] if argv is None else list(argv))
     script = find_script(path)
     import megatron.training
-
-    from megatron_patches.arguments import with_extra_args
 
     original = getattr(megatron.training, "pretrain", None)
     if original is None:

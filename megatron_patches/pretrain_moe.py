@@ -1,7 +1,7 @@
 """A small megatron-core MoE GPT pretraining script with AdamPower and GPAS, for users without Megatron-LM.
 
     torchrun --nproc_per_node 2 -m megatron_patches.pretrain_moe \\
-        --gradpower-config configs/megatron/moe_adampower_gpas.json --train-iters 300 --save runs/megatron
+        --gradpower-config configs/megatron/adampower_gpas.json --train-iters 300 --save runs/megatron
 
 or ``bash launch/megatron_moe.sh`` (torchrun, one or many nodes). Flags carry Megatron-LM's names for
 the same settings (a subset: DP x EP, no TP/PP), plus the GradPower/GPAS flags of
@@ -23,7 +23,6 @@ checkpoint continues exactly as the uninterrupted run would have. ``--save DIR``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -32,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gradpower_ds.files import atomic_open
-from gradpower_ds.run import enable_rank0_logging
+from gradpower_ds.files import atomic_open, write_json
+from gradpower_ds.run import default_to_world_of_one, enable_rank0_logging
 
 from . import arguments
 
@@ -292,12 +291,6 @@ def load_checkpoint(root: str, step: int | None, model, optimizer, scheduler) ->
     return int(state["iteration"])
 
 
-def write_json(path: Path, value: dict) -> None:
-    """Writes JSON atomically."""
-    with atomic_open(path) as f:
-        f.write((json.dumps(value, indent=2) + "\n").encode())
-
-
 def train(args) -> dict:
     """Runs (or resumes) the pretraining on an initialised process group; returns the summary."""
     from megatron.core import parallel_state
@@ -394,9 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     enable_rank0_logging()
     enable_rank0_logging("megatron_patches")
     args = build_parser().parse_args(argv)
-    if "RANK" not in os.environ:  # started without a launcher: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    default_to_world_of_one()
     cuda = torch.cuda.is_available()
     try:
         torch.cuda.current_device()  # megatron-core calls torch.cuda throughout, even for CPU tensors
