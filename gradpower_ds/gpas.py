@@ -54,9 +54,13 @@ class GPASGate(nn.Module):
         else:
             self.register_buffer("alpha", alpha)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns (1 - act(alpha)) * x with the gradient to x left unchanged."""
-        return gpas_scale(x, self.alpha, self.act)
+    def forward(self, x: torch.Tensor, detach_alpha: bool = False) -> torch.Tensor:
+        """Returns (1 - act(alpha)) * x with the gradient to x left unchanged.
+
+        detach_alpha=True gives the same values with no graph to alpha: for a gate run under
+        torch.enable_grad() when no gradient is wanted (megatron's bias-dropout-add).
+        """
+        return gpas_scale(x, self.alpha.detach() if detach_alpha else self.alpha, self.act)
 
     def extra_repr(self) -> str:
         return f"act={self.act}, learnable={isinstance(self.alpha, nn.Parameter)}"

@@ -16,7 +16,18 @@ Design (megatron-core in ``megatron_patches.SUPPORTED_MEGATRON_CORE``): every
   bias-dropout-add functions and apply the gate to their result. These two calls
   are exactly the residual adds in ``TransformerLayer._forward_attention`` and
   ``_forward_post_mlp`` (which ``MoETransformerLayer._forward_mlp_postprocess``
-  also reaches). Megatron's classes are not modified.
+  also reaches). Megatron's classes are not modified;
+- a forward pre-hook that records whether gradients are enabled when the layer's
+  forward starts. Megatron runs every bias-dropout-add under ``torch.enable_grad()``,
+  so a learnable alpha would make each layer output of a ``torch.no_grad()``
+  evaluation carry an autograd graph (and keep a hidden state alive). Where the
+  layer's forward ran without grad, the gate uses a detached alpha (same values,
+  no graph). Neither ``x.requires_grad`` (false after frozen parameters) nor
+  ``self.training`` (eval with grad) decides this. Megatron's reentrant activation
+  recomputation calls the layer again under ``enable_grad`` in backward, so the
+  hook sees that call too and alpha gets its gradient. (A caller that runs the
+  layer's forward without ``__call__`` skips the hook; the refused MoE/EP overlap
+  schedule is one.)
 
 The gate parameter: 1-D, so megatron's standard weight-decay rule
 (``get_standard_config_overrides``: ``len(param.shape) == 1`` or ``*.bias`` -> ``wd_mult=0``)
@@ -45,12 +56,14 @@ and models with no TransformerLayer or with other layer kinds in
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from gradpower_ds.gpas import ACTIVATIONS, GPASGate
 
 GATE = "gpas_gate"
 _ORIGINALS = "_gpas_original_bda"  # on a layer: {"self_attn_bda": fn, "mlp_bda": fn}
+_HOOK = "_gpas_grad_mode_hook"  # on a layer: the RemovableHandle of its _GradMode pre-hook
 _BDAS = ("self_attn_bda", "mlp_bda")
 REFUSED_FLAGS = {  # TransformerConfig field (= Megatron-LM arg dest) -> (the only value GPAS allows, why)
     "cuda_graph_impl": ("none", "CUDA graph replay skips the Python-level GPAS gate"),
@@ -121,12 +134,22 @@ def _check_layer(layer) -> None:
                                        "this model); call enable_gpas before DistributedDataParallel")
 
 
-def _gated_bda(original, gate):
+class _GradMode:
+    """Forward pre-hook: whether grad was enabled when the layer's forward started, i.e. outside
+    Megatron's torch.enable_grad() around the bias-dropout-add."""
+
+    enabled = True
+
+    def __call__(self, layer, args):
+        self.enabled = torch.is_grad_enabled()
+
+
+def _gated_bda(original, gate, grad_mode):
     def bda(training, fused):
         inner = original(training, fused)
 
         def bias_dropout_add_gpas(x_with_bias, residual, prob):
-            return gate(inner(x_with_bias, residual, prob))
+            return gate(inner(x_with_bias, residual, prob), detach_alpha=not grad_mode.enabled)
 
         return bias_dropout_add_gpas
 
@@ -153,20 +176,24 @@ def enable_gpas(model_or_layers, act: str = "silu", learnable: bool = True) -> l
         if learnable:
             gate.alpha.sequence_parallel = bool(layer.config.sequence_parallel)
         layer.add_module(GATE, gate)
+        grad_mode = _GradMode()
+        layer.__dict__[_HOOK] = layer.register_forward_pre_hook(grad_mode)
         layer.__dict__[_ORIGINALS] = {name: layer.__dict__[name] for name in _BDAS}
         for name in _BDAS:
-            layer.__dict__[name] = _gated_bda(layer.__dict__[name], gate)
+            layer.__dict__[name] = _gated_bda(layer.__dict__[name], gate, grad_mode)
     return layers
 
 
 def disable_gpas(model_or_layers) -> list:
-    """Undoes enable_gpas: removes the gates and restores the layers' own bias-dropout-add (no-op where absent)."""
+    """Undoes enable_gpas: removes the gates and their pre-hooks and restores the layers' own bias-dropout-add
+    (no-op where absent)."""
     layers = _transformer_layers(model_or_layers)
     for layer in layers:
         originals = layer.__dict__.pop(_ORIGINALS, None)
         if originals is None:
             continue
         layer.__dict__.update(originals)
+        layer.__dict__.pop(_HOOK).remove()
         del layer._modules[GATE]
     return layers
 

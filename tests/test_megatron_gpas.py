@@ -5,8 +5,9 @@ Cheap (in-process): argument and version errors, and that apply()/remove() never
 Slow (one 2-rank launch, tests/jobs/megatron_gpas.py, ~15 s): tiny GPTModels, dense
 and MoE (EP=2, alltoall): identity at init (logits and gradients bit for bit), the
 gated layer against plain-PyTorch references (forward and input gradient), the gate
-gradient under megatron DDP, its no-weight-decay param group, reversibility and the
-refusals of unsupported configurations (see the job's docstring).
+gradient under megatron DDP, its no-weight-decay param group, reversibility, no
+autograd graph under torch.no_grad() and the refusals of unsupported configurations
+(see the job's docstring).
 """
 
 import json
@@ -107,10 +108,26 @@ def test_gate_under_megatron_ddp_and_optimizer(results, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_enable_disable_reversible(results, kind):
     r = results[f"{kind}_reversible"]
-    assert r["same_gates_after_second_enable"] and r["n_params_added"] == 2
+    assert r["same_gates_after_second_enable"] and r["n_params_added"] == 2 and r["pre_hooks_enabled"] == [1, 1]
     assert r["added_keys"] == ["decoder.layers.0.gpas_gate.alpha", "decoder.layers.1.gpas_gate.alpha"]
     assert r["out_changed_by_gate"] > 1e-3 and r["out_after_disable"] == 0.0
     assert r["keys_restored"] and r["bdas_restored"] and r["no_attrs_left"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_graph_under_no_grad(results, kind):
+    r = results[f"{kind}_no_grad"]
+    assert r["n_outputs"] == 3  # logits and both layers' outputs
+    # Megatron's enable_grad() around the bda must not make a layer output keep a graph, in train or eval mode
+    assert r["graph_kept"] == {"train=True": [False, False], "train=False": [False, False]}
+    assert r["no_grad_vs_grad"] == 0.0  # the same values as with grad enabled, bit for bit
+    # alpha's gradient follows the grad mode: eval mode, all other parameters frozen, reentrant recompute
+    for grads in r["eval_alpha_grads"] + r["frozen_alpha_grads"]:
+        assert len(grads) == 2 and all(g is not None and g != 0.0 for g in grads), grads
+    torch.testing.assert_close(torch.tensor(r["recompute_alpha_grads"]), torch.tensor(r["frozen_alpha_grads"]),
+                               rtol=1e-6, atol=0)
+    assert r["hooks_added"] == [1, 1] and r["hooks_restored"]
 
 
 @pytest.mark.slow

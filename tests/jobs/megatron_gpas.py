@@ -15,7 +15,14 @@ EP=2, alltoall), it measures and writes to argv[1] (JSON, rank 0):
 - ddp: megatron DDP (fp32) + get_megatron_optimizer (adam, weight_decay 0.1): the
   gates' reduced gradients on every rank, the mean of the ranks' local ones, the
   optimizer param group holding each gate (wd_mult), alpha after one step;
-- reversible: enable twice, disable, enable again (state-dict keys, outputs);
+- reversible: enable twice, disable, enable again (state-dict keys, forward pre-hooks, outputs);
+- no_grad: with alpha = 0.3, each layer's output (a forward hook) and the logits
+  under ``torch.no_grad()`` (eval and train mode) must hold no autograd graph
+  (Megatron runs the bias-dropout-add under ``torch.enable_grad()``), and equal the
+  grad-enabled eval-mode forward bit for bit, which still gives alpha a gradient,
+  also with every other parameter frozen and with full activation recomputation
+  (reentrant: its first forward runs under no_grad); disable_gpas removes the
+  forward pre-hooks;
 - refusals: the error message for each unsupported configuration.
 """
 
@@ -55,7 +62,7 @@ from megatron_patches.optimizer import inner_optimizers  # noqa: E402
 VOCAB, SEQ, BATCH, HIDDEN, EXPERTS, EP = 64, 8, 2, 16, 4, 2
 
 
-def build(kind: str, seed: int = 1234) -> GPTModel:
+def build(kind: str, seed: int = 1234, **extra) -> GPTModel:
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     moe = dict(num_moe_experts=EXPERTS, moe_router_topk=1, moe_router_pre_softmax=True,
@@ -63,7 +70,7 @@ def build(kind: str, seed: int = 1234) -> GPTModel:
                moe_aux_loss_coeff=0.01) if kind.startswith("moe") else {}
     config = TransformerConfig(num_layers=2, hidden_size=HIDDEN, ffn_hidden_size=32, num_attention_heads=2,
                                add_bias_linear=False, use_cpu_initialization=True, hidden_dropout=0.0,
-                               attention_dropout=0.0, **moe)
+                               attention_dropout=0.0, **moe, **extra)
     spec = get_gpt_layer_local_spec(num_experts=EXPERTS if moe else None, moe_grouped_gemm=False)
     if kind == "moe_layer_class":  # the local spec builds TransformerLayer; MoETransformerLayer reaches the same bda
         spec = dataclasses.replace(spec, module=MoETransformerLayer)
@@ -179,6 +186,7 @@ def reversible_case(kind: str) -> dict:
     gates1 = gpas_gates(model)
     megatron_patches.enable_gpas(model)  # idempotent
     gates2 = gpas_gates(model)
+    pre_hooks = [len(layer._forward_pre_hooks) for layer in model.decoder.layers]
     n_params_enabled = sum(1 for _ in model.parameters())
     keys_enabled = sorted(model.state_dict())
     with torch.no_grad():
@@ -191,11 +199,65 @@ def reversible_case(kind: str) -> dict:
     restored = max_abs(model(tokens, pos, None), ref(tokens, pos, None))
     return dict(same_gates_after_second_enable=all(a is b for a, b in zip(gates1, gates2)) and len(gates1) == 2,
                 added_keys=sorted(set(keys_enabled) - set(keys)), n_params_added=n_params_enabled - n_params,
+                pre_hooks_enabled=pre_hooks,
                 keys_restored=sorted(model.state_dict()) == keys,
                 bdas_restored=all(model.decoder.layers[0].__dict__[n] is f for n, f in bdas.items()),
                 no_attrs_left=all("_gpas_original_bda" not in layer.__dict__ and "gpas_gate" not in layer._modules
+                                  and "_gpas_grad_mode_hook" not in layer.__dict__ and not layer._forward_pre_hooks
                                   for layer in model.decoder.layers),
                 out_changed_by_gate=all_max(changed), out_after_disable=all_max(restored))
+
+
+def no_grad_case(kind: str) -> dict:
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    model, frozen, recomputed = build(kind), build(kind), build(kind, **recompute)
+    hooks = [list(layer._forward_pre_hooks) for layer in model.decoder.layers]
+    for m in (model, frozen, recomputed):
+        megatron_patches.enable_gpas(m)
+        with torch.no_grad():
+            for g in gpas_gates(m):
+                g.alpha.fill_(0.3)
+    gate_ids = {id(g.alpha) for g in gpas_gates(frozen)}
+    for p in frozen.parameters():
+        p.requires_grad_(id(p) in gate_ids)
+    hooks_enabled = [list(layer._forward_pre_hooks) for layer in model.decoder.layers]
+    tokens, pos, _ = batch()
+    outputs = []
+    handles = [layer.register_forward_hook(lambda mod, args, out: outputs.append(out[0]))
+               for layer in model.decoder.layers]
+
+    def forward(grad: bool, training: bool) -> list:
+        """[logits, each layer's output]"""
+        outputs.clear()
+        model.train(training)
+        with torch.set_grad_enabled(grad):
+            return [model(tokens, pos, None), *outputs]
+
+    graph_kept = {}
+    for training in (True, False):  # eval last: `no_grad` is compared with the eval-mode grad-enabled forward
+        no_grad = forward(False, training)
+        graph_kept[f"train={training}"] = gathered(any(t.requires_grad or t.grad_fn is not None for t in no_grad))
+    with_grad = forward(True, False)
+    with_grad[0].float().mean().backward()
+    for handle in handles:
+        handle.remove()
+
+    # the recompute (in backward) runs outside the shim's TorchFunctionMode, where megatron's default
+    # causal mask (device="cuda") would fail: give both models the same mask explicitly
+    causal = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).triu(1)
+
+    def train_alpha_grads(m):
+        m(tokens, pos, causal).float().mean().backward()
+        return [None if g.alpha.grad is None else g.alpha.grad.item() for g in gpas_gates(m)]
+
+    eval_alpha_grads = gathered([g.alpha.grad.item() for g in gpas_gates(model)])
+    megatron_patches.disable_gpas(model)
+    return dict(graph_kept=graph_kept, n_outputs=len(no_grad), eval_alpha_grads=eval_alpha_grads,
+                no_grad_vs_grad=all_max(max(max_abs(a, b) for a, b in zip(no_grad, with_grad))),
+                frozen_alpha_grads=gathered(train_alpha_grads(frozen)),
+                recompute_alpha_grads=gathered(train_alpha_grads(recomputed)),
+                hooks_added=[len(b) - len(a) for a, b in zip(hooks, hooks_enabled)],
+                hooks_restored=[list(layer._forward_pre_hooks) for layer in model.decoder.layers] == hooks)
 
 
 def refusal_case() -> dict:
@@ -257,6 +319,7 @@ def main() -> None:
         results[f"{kind}_layer_identity"] = layer_case(kind, "identity", 0.25)
         results[f"{kind}_ddp"] = ddp_case(kind)
         results[f"{kind}_reversible"] = reversible_case(kind)
+        results[f"{kind}_no_grad"] = no_grad_case(kind)
         if dist.get_rank() == 0:
             print(kind, json.dumps({k: v for k, v in results.items() if k.startswith(kind)}), flush=True)
     results["moe_layer_class_identity"] = identity_case("moe_layer_class")
