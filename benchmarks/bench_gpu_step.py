@@ -3,10 +3,14 @@
 In ONE run, for each size (total fp32 elements, split into --tensors equal params), it times:
   ours p=1.2 / ours p=1   AdamPower(fused=True): gradpower_ds.ops.triton_adam_power, one pass
   ours p=1.2 +bf16 copy   the same kernel also writing the new weights as bf16 (30 bytes/element)
+  ours p=1.2 torch path   AdamPower(foreach=True): the multi-tensor torch path (the default on CUDA
+                          until the Triton kernel is verified on a GPU)
   torch_adamw_fused       torch.optim.AdamW(fused=True), the anchor of the ratios
   deepspeed_fused_adam    deepspeed.ops.adam.FusedAdam (multi_tensor_apply), when it imports and builds
   apex_fused_adam         apex.optimizers.FusedAdam, when apex is installed
-  two-pass p=1.2          grad_power_foreach on the grads, then torch AdamW(fused=True)
+  two-pass p=1.2          grad_power_ in place on the grads, then torch AdamW(fused=True): what
+                          Megatron runs with TE/apex's FusedAdam (p alternates 1.2 and 1/1.2 per
+                          step, so the grads keep their magnitude over the timed steps)
 and the roofline measured in the same run: a device-to-device copy over the
 same bytes as params + grads + both moments.
 
@@ -65,7 +69,7 @@ def _cases(params, on_gpu: bool):
     """(name, bytes per element, optional, make): make() returns a step function; optional cases may raise (skipped)."""
     import torch
 
-    from gradpower_ds import AdamPower, grad_power_foreach
+    from gradpower_ds import AdamPower, grad_power_
     from gradpower_ds.ops.triton_adam_power import triton_adam_power_step
 
     def with_bf16_copy():
@@ -83,10 +87,11 @@ def _cases(params, on_gpu: bool):
     def two_pass():
         opt = torch.optim.AdamW(params, fused=True)
         grads = [p.grad for p in params]
+        powers = [1.2, 1 / 1.2]
 
         def step():
-            for p, g in zip(params, grad_power_foreach(grads, 1.2)):
-                p.grad = g
+            powers.reverse()
+            grad_power_(grads, powers[0])
             opt.step()
         return step
 
@@ -104,6 +109,7 @@ def _cases(params, on_gpu: bool):
         ("ours p=1.2", BYTES_PER_ELEMENT, False, lambda: AdamPower(params, power=1.2, fused=True).step),
         ("ours p=1", BYTES_PER_ELEMENT, False, lambda: AdamPower(params, power=1.0, fused=True).step),
         ("ours p=1.2 +bf16 copy", BYTES_PER_ELEMENT + 2, False, with_bf16_copy),
+        ("ours p=1.2 torch path", BYTES_PER_ELEMENT, False, lambda: AdamPower(params, power=1.2, foreach=True).step),
         ("torch_adamw_fused", BYTES_PER_ELEMENT, False, lambda: torch.optim.AdamW(params, fused=True).step),
     ]
     if on_gpu:

@@ -7,11 +7,12 @@ Importing this package patches nothing; integrations are opt-in
 from .adam_power import AdamPower
 from .gpas import GPASGate, clip_gate_grad_norm_, gpas_scale, param_groups_with_gpas, register_gate_grad_clip
 from .gpas_models import apply_gpas, remove_gpas
-from .power import grad_power, grad_power_, grad_power_foreach
+from .functional import adam_power
+from .power import grad_power, grad_power_
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamPower", "GPASGate", "apply_gpas", "clip_gate_grad_norm_", "gpas_scale", "grad_power", "grad_power_",
-    "grad_power_foreach", "param_groups_with_gpas", "register_gate_grad_clip", "remove_gpas", "__version__",
+    "AdamPower", "GPASGate", "adam_power", "apply_gpas", "clip_gate_grad_norm_", "gpas_scale", "grad_power",
+    "grad_power_", "param_groups_with_gpas", "register_gate_grad_clip", "remove_gpas", "__version__",
 ]

@@ -123,3 +123,106 @@ def test_bad_group_power_raises():
     opt = AdamPower([torch.nn.Parameter(torch.zeros(2))])
     with pytest.raises(ValueError, match="power=0.0"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "power": 0.0})
+
+
+# ---- the functional core: every path, bf16 grads, bounded batches --------------------------------------------
+
+PATHS = {"reference": dict(foreach=False), "multi_tensor": dict(foreach=True), "native": dict(fused=True),
+         "automatic": dict()}
+
+
+def _train_paths(options, grad_dtype, shapes=((1000,), (33, 17), (0,), (5,)), steps=20, **hyper):
+    params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
+              for i, s in enumerate(shapes)]
+    streams = [grad_stream(s, steps, seed=10 + i) for i, s in enumerate(shapes)]
+    opt = AdamPower(params, power=1.2, **dict(HYPER, **hyper), **options)
+    for k in range(steps):
+        for p, stream in zip(params, streams):
+            p.grad_dtype = None  # lets a bf16 grad sit on an fp32 param
+            p.grad = stream[k].to(grad_dtype)
+        grads = [p.grad.clone() for p in params]
+        opt.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))  # grads are left untouched
+    return params, streams
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("adam_w_mode", [True, False])
+def test_every_path_matches_float64_model_with_low_precision_grads(path, grad_dtype, adam_w_mode):
+    """fp32 params with fp32/bf16/fp16 grads (widened exactly) on every path, against the float64 model."""
+    params, streams = _train_paths(PATHS[path], grad_dtype, adam_w_mode=adam_w_mode)
+    for i, (p, stream) in enumerate(zip(params, streams)):
+        ref = Float64AdamPower(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)),
+                               adam_w_mode=adam_w_mode, power=1.2, **HYPER)
+        for g in stream:
+            ref.step(g.to(grad_dtype))
+        torch.testing.assert_close(p.detach().double(), ref.w, rtol=1e-5, atol=1e-5)
+
+
+def test_paths_agree_with_each_other():
+    """The native kernel and the multi-tensor path against the single-tensor reference path, per element."""
+    ref, _ = _train_paths(PATHS["reference"], torch.float32)
+    for path in ("multi_tensor", "native"):
+        ours, _ = _train_paths(PATHS[path], torch.float32)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_automatic_choice_on_the_cpu_is_the_native_kernel(monkeypatch):
+    from gradpower_ds.ops import native
+
+    calls = []
+    real = native.native_adam_power_step
+    monkeypatch.setattr(native, "native_adam_power_step", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    _train_paths({}, torch.float32, steps=1)
+    assert calls == [(1000,), (33, 17), (0,), (5,)]
+    calls.clear()
+    _train_paths(dict(foreach=True), torch.float32, steps=1)
+    _train_paths(dict(fused=False), torch.float32, steps=1)
+    assert not calls
+
+
+def test_multi_tensor_batches_are_bounded_and_exact(monkeypatch):
+    """Batches of at most MULTI_TENSOR_BATCH elements (a large tensor split into pieces) give the same result."""
+    from gradpower_ds import functional
+
+    whole, _ = _train_paths(PATHS["multi_tensor"], torch.bfloat16)
+    sizes = []
+    real_batches = functional._batches
+
+    def recorded(*args):
+        for batch in real_batches(*args):
+            sizes.append(sum(t.numel() for t in batch[0]))
+            yield batch
+
+    monkeypatch.setattr(functional, "MULTI_TENSOR_BATCH", 300)
+    monkeypatch.setattr(functional, "_batches", recorded)
+    pieces, _ = _train_paths(PATHS["multi_tensor"], torch.bfloat16)
+    assert max(sizes) <= 300 and sum(sizes) == 20 * (1000 + 33 * 17 + 5)
+    for a, b in zip(whole, pieces):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["reference", "multi_tensor", "native"])
+@pytest.mark.parametrize("copy_dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_copies_on_every_path(path, copy_dtype):
+    from gradpower_ds import adam_power
+
+    params = [torch.randn(257), torch.randn(3, 5)]
+    grads = [torch.randn_like(p) for p in params]
+    copies = [torch.full_like(p, float("nan"), dtype=copy_dtype) for p in params]
+    adam_power(params, grads, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+               [torch.tensor(0.0) for _ in params], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+               power=1.2, low_precision_params=copies, **PATHS[path])
+    for p, c in zip(params, copies):
+        assert torch.equal(c, p.to(copy_dtype))
+
+
+def test_fused_true_on_the_cpu_needs_fp32_params():
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    p.grad = torch.ones(4, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="fp32 CPU tensors.*bfloat16"):
+        AdamPower([p], fused=True).step()
+    AdamPower([p]).step()  # the automatic choice takes the multi-tensor path for bf16 params
+    assert p.detach().lt(0).all()

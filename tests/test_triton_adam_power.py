@@ -35,9 +35,10 @@ pytest.importorskip("triton", reason="Triton is not installed (pip install trito
                                      "requirements.txt)")
 
 from conftest import edge_tensor, grad_stream  # noqa: E402
-from gradpower_ds import AdamPower, grad_power  # noqa: E402
+from gradpower_ds import AdamPower, grad_power, grad_power_  # noqa: E402
 from gradpower_ds.hyperparams import ADAM_POWER_DEFAULTS  # noqa: E402
 from gradpower_ds.ops import triton_adam_power as tap  # noqa: E402
+from gradpower_ds.power import fused_kernel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # The interpreter evaluates log2(0) = -inf, Inf - Inf and the like in numpy, which warns; the kernel means them.
@@ -211,14 +212,46 @@ def test_phi_edge_values(power, power_eps, grad_dtype):
 def test_fused_true_needs_triton(monkeypatch):
     monkeypatch.setattr(tap, "triton", None)
     with pytest.raises(RuntimeError, match="Triton is not installed"):
-        AdamPower([torch.nn.Parameter(torch.zeros(3))], fused=True)
+        fused_kernel(torch.device("cuda"), True)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert fused_kernel(torch.device("cpu"), True) == "native"  # fused=True on CPU tensors: the native kernel
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a CUDA device")
 def test_fused_true_needs_a_device_or_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        AdamPower([torch.nn.Parameter(torch.zeros(3))], fused=True)
+        fused_kernel(torch.device("cuda"), True)
+    assert fused_kernel(torch.device("cuda"), None) is None  # automatic: never a kernel that cannot run
+
+
+def test_not_chosen_by_default_until_verified_on_a_gpu(monkeypatch):
+    """Until tests/gpu/check.sh has passed on a GPU, fused=None takes the torch path on CUDA tensors."""
+    monkeypatch.setattr(tap, "triton_available", lambda: True)
+    assert tap.VERIFIED_ON_GPU is False
+    assert fused_kernel(torch.device("cuda"), None) is None
+    monkeypatch.setattr(tap, "VERIFIED_ON_GPU", True)
+    assert fused_kernel(torch.device("cuda"), None) == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("power,power_eps", [(1.2, 0.0), (0.8, 1e-8), (1.5, 0.0), (1.0, 1e-3)])
+def test_phi_only_kernel_in_place(dtype, power, power_eps):
+    """triton_grad_power_ (PHI_ONLY): phi in place, computed in fp32, rounded once to the tensor's dtype."""
+    edges = torch.cat([edge_tensor(), torch.tensor(EXTRA_SMALL)])
+    tensors = [edges.to(dtype), (torch.randn(4097) * 10.0 ** torch.randint(-20, 20, (4097,))).to(dtype),
+               torch.randn(33, 17).to(dtype), torch.zeros(0, dtype=dtype)]
+    originals = [t.clone() for t in tensors]
+    addresses = [t.data_ptr() for t in tensors]
+    grad_power_(tensors, power, power_eps, fused=True)
+    assert [t.data_ptr() for t in tensors] == addresses
+    for got, x in zip(tensors, originals):
+        expected = grad_power(x.double(), power, power_eps)  # float64, rounded once below
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=2.0**-149, equal_nan=True)
+        else:  # fp32 maths within 1e-5 of float64, then one rounding: equal, or one ulp off at a tie
+            torch.testing.assert_close(got, expected.to(dtype), rtol=2.0**-7, atol=0, equal_nan=True)
+        assert torch.equal(got.isnan(), x.isnan()) and torch.equal(got == 0, expected.to(dtype) == 0)
 
 
 def test_fused_and_foreach_are_exclusive():

@@ -27,7 +27,12 @@ cached by content, so a training loop whose tensors stay put copies nothing to
 the device after its first step. So a param group takes two launches (one if
 no tensor has a partial block), or two per (device, step count, grad dtype,
 copy dtype) bucket if its tensors differ in those; groups, each with its own
-p, are separate launches.
+p, are separate launches. ``triton_grad_power_`` runs the same kernel with only
+its phi part (PHI_ONLY): the gradients powered in place, one pass, no scratch.
+
+The compiled kernel has not yet passed tests/gpu/check.sh on a GPU, so
+``VERIFIED_ON_GPU`` is False and automatic choices (``AdamPower(fused=None)``,
+``grad_power_``) take the torch path on CUDA; ``fused=True`` opts in.
 
 Triton's interpreter (TRITON_INTERPRET=1) runs this same kernel on CPU tensors,
 which is how it is tested without a GPU: there, addresses from data_ptr() are
@@ -58,6 +63,8 @@ NUM_WARPS = 8
 _ALIGN = 16  # bytes; when every address is a multiple, the kernel is told so and can use 16-byte accesses
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _COPY_DTYPES = (torch.bfloat16, torch.float16)
+# Set to True in the change that records a passing tests/gpu/check.sh run on a GPU (README, GPU section).
+VERIFIED_ON_GPU = False
 
 
 def triton_unavailable_reason() -> str | None:
@@ -75,6 +82,11 @@ def triton_available() -> bool:
     return triton_unavailable_reason() is None
 
 
+def triton_by_default() -> bool:
+    """Whether automatic choices on CUDA tensors take the Triton kernel: verified on a GPU and able to run here."""
+    return VERIFIED_ON_GPU and triton_available()
+
+
 def _interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
@@ -85,11 +97,14 @@ def _adam_power_kernel(
     power, power_eps,
     GRAD_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, POWER_IS_ONE: tl.constexpr,
     DECAY: tl.constexpr, L2: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+    PHI_ONLY: tl.constexpr,
 ):
     """One block of one tensor: program pid updates block pid - first_programs[t] of tensor t = program_tensor[pid].
 
     *_addrs hold each tensor's data_ptr()s, numels its sizes (read only by the MASKED launch). DECAY is
     AdamW's p *= 1 - lr * wd, L2 Adam's g += wd * p; ALIGNED promises 16-byte aligned addresses.
+    PHI_ONLY: only g <- phi_p(g), in place, computed in fp32 (the host passes the grads' addresses as
+    copy_addrs, HAS_COPY and COPY_DTYPE = their dtype); p/m/v are then not touched.
     """
     pid = tl.program_id(0)
     t = tl.load(program_tensor + pid)
@@ -98,24 +113,14 @@ def _adam_power_kernel(
         mask = offs < tl.load(numels + t)
     else:
         mask = None
-    p_ptr = tl.load(p_addrs + t).to(tl.pointer_type(tl.float32))
     g_ptr = tl.load(g_addrs + t).to(tl.pointer_type(GRAD_DTYPE))
-    m_ptr = tl.load(m_addrs + t).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(v_addrs + t).to(tl.pointer_type(tl.float32))
     if ALIGNED:
-        p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
-        v_ptr = tl.multiple_of(v_ptr, 16)
-
     g = tl.load(g_ptr + offs, mask=mask)
     if GRAD_DTYPE == tl.bfloat16:  # widened bitwise, exact (the interpreter's bf16 emulation drops subnormals)
         g = (g.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         g = g.to(tl.float32)
-    p = tl.load(p_ptr + offs, mask=mask)
-    m = tl.load(m_ptr + offs, mask=mask)
-    v = tl.load(v_ptr + offs, mask=mask)
 
     # phi_p(g) = sign(g) * (|g| + power_eps)**p; phi(+-0) = +-0, NaN stays NaN, +-Inf stay +-Inf.
     mag = tl.abs(g) + power_eps
@@ -126,32 +131,47 @@ def _adam_power_kernel(
         mag = tl.exp2(tl.where(low, y + 24.0, y)) * tl.where(low, 5.9604644775390625e-08, 1.0)
     g = tl.where(g > 0, mag, tl.where(g < 0, -mag, g))
 
-    # Adam(W) in torch.optim.AdamW's order and roundings: add(alpha=), lerp_ and addcmul_ as torch's CPU
-    # kernels compute them (one fma each; lerp_ from the nearer end), IEEE-rounded sqrt and division.
-    if DECAY:
-        p = p * decay
-    if L2:
-        g = tl.fma(weight_decay, p, g)
-    m = tl.fma(lerp_coeff, g - m, tl.where(lerp_from_grad, g, m))
-    v = tl.fma(one_minus_beta2 * g, g, v * beta2)
-    denom = tl.div_rn(tl.sqrt_rn(v), bias_corr2_sqrt) + eps
-    p = p + tl.div_rn(neg_step_size * m, denom)
+    if PHI_ONLY:
+        out = g
+    else:
+        p_ptr = tl.load(p_addrs + t).to(tl.pointer_type(tl.float32))
+        m_ptr = tl.load(m_addrs + t).to(tl.pointer_type(tl.float32))
+        v_ptr = tl.load(v_addrs + t).to(tl.pointer_type(tl.float32))
+        if ALIGNED:
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            m_ptr = tl.multiple_of(m_ptr, 16)
+            v_ptr = tl.multiple_of(v_ptr, 16)
+        p = tl.load(p_ptr + offs, mask=mask)
+        m = tl.load(m_ptr + offs, mask=mask)
+        v = tl.load(v_ptr + offs, mask=mask)
 
-    tl.store(p_ptr + offs, p, mask=mask)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
-    if HAS_COPY:
+        # Adam(W) in torch.optim.AdamW's order and roundings: add(alpha=), lerp_ and addcmul_ as torch's CPU
+        # kernels compute them (one fma each; lerp_ from the nearer end), IEEE-rounded sqrt and division.
+        if DECAY:
+            p = p * decay
+        if L2:
+            g = tl.fma(weight_decay, p, g)
+        m = tl.fma(lerp_coeff, g - m, tl.where(lerp_from_grad, g, m))
+        v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+        denom = tl.div_rn(tl.sqrt_rn(v), bias_corr2_sqrt) + eps
+        p = p + tl.div_rn(neg_step_size * m, denom)
+
+        tl.store(p_ptr + offs, p, mask=mask)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        out = p
+    if HAS_COPY:  # PHI_ONLY: phi(g) back into the grad (COPY_DTYPE is its dtype); else the new weights' copy
         c_ptr = tl.load(copy_addrs + t).to(tl.pointer_type(COPY_DTYPE))
         if ALIGNED:
             c_ptr = tl.multiple_of(c_ptr, 16)
         if COPY_DTYPE == tl.bfloat16:
-            # torch's round-to-nearest-even spelled out, so the copy is bitwise param.to(torch.bfloat16) (NaN
+            # torch's round-to-nearest-even spelled out, so the result is bitwise x.to(torch.bfloat16) (NaN
             # becomes 0x7FC0, as in torch's scalar path); the interpreter's bf16 emulation rounds otherwise.
-            bits = p.to(tl.uint32, bitcast=True)
-            bits = tl.where(p != p, 0x7FC0, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+            bits = out.to(tl.uint32, bitcast=True)
+            bits = tl.where(out != out, 0x7FC0, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
             low = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
-            low = p.to(COPY_DTYPE)
+            low = out.to(COPY_DTYPE)
         tl.store(c_ptr + offs, low, mask=mask)
 
 
@@ -242,33 +262,53 @@ def triton_adam_power_step(
         key = (p.device, step.item(), g.dtype, c.dtype if c is not None else None)
         buckets.setdefault(key, []).append((p, g, m, v, c))
     for (device, step, grad_dtype, copy_dtype), tensors in buckets.items():
-        tensors = [ts for ts in tensors if ts[0].numel()]
-        if tensors:
-            _launch(tensors, device, step, grad_dtype, copy_dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                    weight_decay=weight_decay, adam_w_mode=adam_w_mode, power=power, power_eps=power_eps,
-                    bias_correction=bias_correction)
+        bc1, bc2_sqrt = bias_corrections(beta1, beta2, step, bias_correction)
+        scalars = (
+            # torch's lerp_(g, w): m + w * (g - m) for w < 0.5, else g + (w - 1) * (g - m)
+            1 - beta1 if beta1 > 0.5 else -beta1, beta1 <= 0.5, beta2, 1 - beta2, eps, -(lr / bc1), bc2_sqrt,
+            1 - lr * weight_decay, weight_decay, power, power_eps,
+        )
+        _launch(tensors, device, scalars, GRAD_DTYPE=grad_dtype, COPY_DTYPE=copy_dtype or torch.bfloat16,
+                HAS_COPY=copy_dtype is not None, POWER_IS_ONE=power == 1.0, DECAY=adam_w_mode and weight_decay != 0,
+                L2=not adam_w_mode and weight_decay != 0, PHI_ONLY=False)
 
 
-def _launch(tensors, device, step, grad_dtype, copy_dtype, *, lr, beta1, beta2, eps, weight_decay, adam_w_mode,
-            power, power_eps, bias_correction) -> None:
-    bc1, bc2_sqrt = bias_corrections(beta1, beta2, step, bias_correction)
-    numels = tuple(ts[0].numel() for ts in tensors)
+def triton_grad_power_(tensors: Sequence[torch.Tensor], power: float, power_eps: float = 0.0) -> None:
+    """phi_p in place on contiguous fp32/bf16/fp16 CUDA tensors (CPU ones under TRITON_INTERPRET=1).
+
+    One launch per dtype (two where tensors end in a partial block); computed in fp32 and rounded once
+    to each tensor's dtype (bf16 bitwise as torch rounds). p and power_eps must be validated.
+    """
+    reason = triton_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"triton_grad_power_: the Triton kernel cannot run: {reason}")
+    device_type = "cpu" if _interpreting() else "cuda"
+    buckets: dict[tuple, list[tuple]] = {}
+    for g in tensors:
+        if g.device.type != device_type or g.dtype not in _TL_DTYPES or not g.is_contiguous():
+            raise TypeError(f"triton_grad_power_: needs contiguous {'/'.join(map(str, _TL_DTYPES))} "
+                            f"{device_type.upper()} tensors, got {g.dtype} on {g.device}")
+        buckets.setdefault((g.device, g.dtype), []).append((g,) * 5)  # every address column is the grad's
+    scalars = (0.0, False, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, power, power_eps)  # only p and power_eps are read
+    for (device, dtype), columns in buckets.items():
+        _launch(columns, device, scalars, GRAD_DTYPE=dtype, COPY_DTYPE=dtype, HAS_COPY=True,
+                POWER_IS_ONE=power == 1.0, DECAY=False, L2=False, PHI_ONLY=True)
+
+
+def _launch(tensors, device, scalars, **flags) -> None:
+    """Launches the kernel over (p, g, m, v, copy) tuples; flags are its constexprs (dtypes as torch dtypes)."""
+    tensors = [ts for ts in tensors if ts[1].numel()]
+    if not tensors:
+        return
+    numels = tuple(ts[1].numel() for ts in tensors)
     (whole_programs, whole_firsts), (partial_programs, partial_firsts) = _layout(numels, device)
     addrs = tuple(t.data_ptr() if t is not None else 0 for column in zip(*tensors) for t in column)
     table = _device_tensor(addrs + numels + whole_firsts + partial_firsts, torch.int64, device)
     p_addrs, g_addrs, m_addrs, v_addrs, c_addrs, numel_row, *first_rows = table.view(8, len(tensors)).unbind()
-    scalars = (
-        # torch's lerp_(g, w): m + w * (g - m) for w < 0.5, else g + (w - 1) * (g - m)
-        1 - beta1 if beta1 > 0.5 else -beta1, beta1 <= 0.5, beta2, 1 - beta2, eps, -(lr / bc1), bc2_sqrt,
-        1 - lr * weight_decay, weight_decay, power, power_eps,
-    )
     options = dict(
-        GRAD_DTYPE=getattr(tl, _TL_DTYPES[grad_dtype]),
-        COPY_DTYPE=getattr(tl, _TL_DTYPES[copy_dtype or torch.bfloat16]),
-        HAS_COPY=copy_dtype is not None,
-        POWER_IS_ONE=power == 1.0,
-        DECAY=adam_w_mode and weight_decay != 0,
-        L2=not adam_w_mode and weight_decay != 0,
+        flags,
+        GRAD_DTYPE=getattr(tl, _TL_DTYPES[flags["GRAD_DTYPE"]]),
+        COPY_DTYPE=getattr(tl, _TL_DTYPES[flags["COPY_DTYPE"]]),
         ALIGNED=all(a % _ALIGN == 0 for a in addrs),
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,

@@ -1,0 +1,167 @@
+"""The functional core of AdamPower: one signature, four implementations (as torch.optim's functional adam).
+
+``adam_power`` steps lists of tensors in place and dispatches, per tensor, to:
+
+- the native CPU kernel (phi + Adam(W) fused, one pass; ``ops.native``) for fp32
+  CPU params: the default there, and what ``fused=True`` means on the CPU;
+- the Triton kernel (one pass; ``ops.triton_adam_power``) for fp32 CUDA params:
+  with ``fused=True``, and by default once it is verified on a GPU;
+- the multi-tensor torch path (``foreach=True``, and the default elsewhere):
+  torch._foreach ops over batches of at most MULTI_TENSOR_BATCH elements, with
+  phi applied in place (``power.grad_power_``) to a copy of each batch's grads,
+  so its temporaries are bounded whatever the size of a gradient;
+- the single-tensor path (``foreach=False``): plain torch, one tensor at a time,
+  in torch.optim.AdamW's operation order, so that with power = 1 it is bitwise
+  torch.optim.Adam(W)(foreach=False).
+
+Every path takes grads of any float dtype (a bf16 grad on an fp32 param is
+widened exactly) and leaves the grads untouched. ``AdamPower``, ``CPUAdamPower``,
+DeepSpeed (through them) and Megatron's AdamPower all step through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .hyperparams import bias_corrections, check_power
+from .ops import native
+from .ops import triton_adam_power as triton_ops
+from .power import fused_kernel, grad_power_
+
+MULTI_TENSOR_BATCH = 1 << 24  # elements per multi-tensor batch: two fp32 temporaries of 64 MiB at most
+
+
+def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+               exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], *, lr: float, beta1: float,
+               beta2: float, eps: float, weight_decay: float, power: float, power_eps: float = 0.0,
+               adam_w_mode: bool = True, bias_correction: bool = True, foreach: bool | None = None,
+               fused: bool | None = None, low_precision_params: Sequence[torch.Tensor | None] | None = None,
+               isa: str | None = None, num_threads: int | None = None) -> None:
+    """One AdamPower step: params, exp_avgs, exp_avg_sqs and steps (float32 counters, incremented) in place.
+
+    Adam(W) fed with phi_p(g) = sign(g)(|g| + power_eps)^p, with Adam's L2 term
+    (adam_w_mode=False) added to the powered grad. ``fused``/``foreach`` choose the
+    implementation (see the module docstring): fused=None, foreach=None is automatic;
+    foreach=True/False the torch multi-/single-tensor path; fused=True the device's
+    kernel or an error. low_precision_params: per param None or a bf16/fp16 tensor
+    that receives the new weights. isa, num_threads: the native kernel's (CPUAdamPower's).
+    Hyperparameters other than power/power_eps are the caller's to validate.
+    """
+    power, power_eps = check_power(power, power_eps, "adam_power")
+    if fused and foreach:
+        raise ValueError("adam_power: fused=True and foreach=True are mutually exclusive")
+    n = len(params)
+    copies = list(low_precision_params) if low_precision_params is not None else [None] * n
+    if not len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == len(copies) == n:
+        raise ValueError("adam_power: params, grads, exp_avgs, exp_avg_sqs, steps and low_precision_params must "
+                         "have the same length")
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, power=power,
+                 power_eps=power_eps, adam_w_mode=adam_w_mode, bias_correction=bias_correction)
+    if foreach is not None and fused is None:
+        fused = False
+    paths: dict[str, list[int]] = {"native": [], "triton": [], "torch": []}
+    for i, p in enumerate(params):
+        kernel = fused_kernel(p.device, fused)
+        if kernel == "native" and not _native_layout(params[i], exp_avgs[i], exp_avg_sqs[i], copies[i]):
+            if fused:
+                raise TypeError(
+                    f"adam_power(fused=True) on the CPU: params and moments must be contiguous fp32 CPU tensors and "
+                    f"copies contiguous bf16/fp16 ones, got a {p.dtype} param"
+                    f"{'' if p.is_contiguous() else ' (non-contiguous)'}; keep fp32 master weights on the CPU (as "
+                    "ZeRO-Offload does) or use fused=None")
+            kernel = None
+        if kernel == "triton" and not fused and not _triton_layout(params[i], exp_avgs[i], exp_avg_sqs[i]):
+            kernel = None
+        paths[kernel or "torch"].append(i)
+
+    def pick(indices, *lists):
+        return [[column[i] for i in indices] for column in lists]
+
+    columns = (params, grads, exp_avgs, exp_avg_sqs, steps, copies)
+    if paths["native"]:
+        threads = num_threads or torch.get_num_threads()
+        isa = native.resolve_isa(isa)
+        for p, g, m, v, s, c in zip(*pick(paths["native"], *columns)):
+            s += 1
+            native.native_adam_power_step(p, g, m, v, c, step=s.item(), isa=isa, num_threads=threads, **hyper)
+    if paths["triton"]:
+        p, g, m, v, s, c = pick(paths["triton"], *columns)
+        triton_ops.triton_adam_power_step(p, g, m, v, s, low_precision_params=c, **hyper)
+    if paths["torch"]:
+        step_fn = _single_tensor_adam_power if foreach is False else _multi_tensor_adam_power
+        step_fn(*pick(paths["torch"], *columns), **hyper)
+
+
+def _native_layout(param, exp_avg, exp_avg_sq, copy) -> bool:
+    ok = native.is_fp32_cpu(param) and native.is_fp32_cpu(exp_avg) and native.is_fp32_cpu(exp_avg_sq)
+    return ok and (copy is None or (copy.dtype in native.COPY_CODES and copy.device.type == "cpu"
+                                    and copy.is_contiguous() and copy.shape == param.shape))
+
+
+def _triton_layout(param, exp_avg, exp_avg_sq) -> bool:
+    return all(t.is_cuda and t.dtype == torch.float32 and t.is_contiguous() for t in (param, exp_avg, exp_avg_sq))
+
+
+def _single_tensor_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies, *, lr, beta1, beta2, eps,
+                              weight_decay, power, power_eps, adam_w_mode, bias_correction) -> None:
+    for p, grad, exp_avg, exp_avg_sq, step_t, copy in zip(params, grads, exp_avgs, exp_avg_sqs, steps, copies):
+        grad = grad_power_(grad.to(p.dtype, copy=True), power, power_eps)
+        step_t += 1
+        if weight_decay != 0:
+            if adam_w_mode:
+                p.mul_(1 - lr * weight_decay)
+            else:
+                grad.add_(p, alpha=weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bc1, bc2_sqrt = bias_corrections(beta1, beta2, step_t.item(), bias_correction)
+        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+        p.addcdiv_(exp_avg, denom, value=-(lr / bc1))
+        if copy is not None:
+            copy.copy_(p)
+
+
+def _multi_tensor_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies, *, lr, beta1, beta2, eps,
+                             weight_decay, power, power_eps, adam_w_mode, bias_correction) -> None:
+    torch._foreach_add_(steps, 1)
+    corrections = [bias_corrections(beta1, beta2, s.item(), bias_correction) for s in steps]
+    for ps, gs, ms, vs, bcs in _batches(params, grads, exp_avgs, exp_avg_sqs, corrections):
+        gs = grad_power_([g.to(p.dtype, copy=True) for p, g in zip(ps, gs)], power, power_eps)
+        if weight_decay != 0:
+            if adam_w_mode:
+                torch._foreach_mul_(ps, 1 - lr * weight_decay)
+            else:
+                torch._foreach_add_(gs, ps, alpha=weight_decay)
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
+        del gs
+        denoms = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denoms, [bc2_sqrt for _, bc2_sqrt in bcs])
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_addcdiv_(ps, ms, denoms, [-(lr / bc1) for bc1, _ in bcs])
+    for p, copy in zip(params, copies):
+        if copy is not None:
+            copy.copy_(p)
+
+
+def _batches(params, grads, exp_avgs, exp_avg_sqs, corrections):
+    """Lists (params, grads, exp_avgs, exp_avg_sqs, corrections) of flat views, at most MULTI_TENSOR_BATCH elements
+    a batch; a larger contiguous tensor is split into pieces (a non-contiguous one goes whole)."""
+    batch: list[list] = [[], [], [], [], []]
+    size = 0
+    for p, g, m, v, bc in zip(params, grads, exp_avgs, exp_avg_sqs, corrections):
+        splittable = all(t.is_contiguous() for t in (p, g, m, v))
+        step = MULTI_TENSOR_BATCH if splittable else max(1, p.numel())
+        for begin in range(0, p.numel(), step):
+            pieces = [t.view(-1)[begin:begin + step] for t in (p, g, m, v)] if splittable else [p, g, m, v]
+            if size and size + pieces[0].numel() > MULTI_TENSOR_BATCH:
+                yield batch
+                batch, size = [[], [], [], [], []], 0
+            for column, piece in zip(batch, pieces + [bc]):
+                column.append(piece)
+            size += pieces[0].numel()
+    if size:
+        yield batch
