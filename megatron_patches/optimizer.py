@@ -12,32 +12,50 @@ reversible changes, all listed in ``_patch_targets()``:
    ``'adam'`` (e.g. the precision-aware optimizer is allowed);
 3. ``megatron.core.optimizer._get_megatron_optimizer_based_on_param_groups``, called
    once per chained optimizer (dense, then expert), builds the optimizer exactly
-   as for ``'adam'`` and then registers a step pre-hook on the inner torch
-   optimizer (TE/apex FusedAdam or torch AdamW) that overwrites each parameter's
-   gradient g with phi_p(g) = sign(g)|g|^p (``gradpower_ds.power.grad_power_``).
+   as for ``'adam'`` and gives each inner torch optimizer AdamPower's step by
+   moving it to a subclass of its own class (``power_optimizer_class``), so
+   Megatron's wrappers, state layout (``exp_avg``, ``exp_avg_sq``, ``step``) and
+   checkpoint format stay as they are:
+
+   - torch's Adam/AdamW (Megatron without TE/apex, and the CPU side of
+     ``optimizer_cpu_offload``): the step runs phi + Adam(W) in one pass through
+     ``gradpower_ds.functional.adam_power`` (the native kernel on the CPU; on CUDA
+     the Triton kernel once verified on a GPU, the bounded multi-tensor path until then);
+   - any other Adam (TE/apex FusedAdam, incl. the precision-aware optimizer's
+     ``decoupled_grad``): phi is applied in place to the grads
+     (``gradpower_ds.power.grad_power_``: one pass, bounded scratch) and then the
+     class's own step runs.
+
+   With ``optimizer_cpu_offload`` Megatron's HybridDeviceOptimizer is built with
+   these classes as its CPU and GPU optimizer classes, so it keeps them when it
+   rebuilds its sub-optimizers (e.g. on a checkpoint load).
 
 Megatron's step is prepare_grads (copy to fp32 main grads, unscale, inf check)
--> grad norm -> clip -> inner ``optimizer.step()``, so the hook sees the clipped
-fp32 main grads (``param.decoupled_grad`` with the precision-aware optimizer),
-on this rank's shards under the distributed optimizer; a step skipped for an
-inf/NaN gradient never reaches it. Param groups that Megatron marks
-``is_expert_parallel`` use ``gradpower_p_expert``. The inner optimizer is
-Megatron's unchanged Adam, so optimizer state and checkpoints keep Megatron's
-format, and ``optimizer.config.optimizer`` stays ``"adampower"``.
+-> grad norm -> clip -> inner ``optimizer.step()``, so phi sees the clipped fp32
+main grads, on this rank's shards under the distributed optimizer; a step skipped
+for an inf/NaN gradient never reaches it. Param groups that Megatron marks
+``is_expert_parallel`` use ``gradpower_p_expert``. An optimizer whose groups all
+have p = 1 runs its class's own step unchanged (Megatron's Adam, bit for bit), and
+``optimizer.config.optimizer`` stays ``"adampower"``.
 
-Optimizers built while applied keep their hook after ``remove()``.
+Optimizers built while applied keep their class after ``remove()``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
+import torch
+
+from gradpower_ds.functional import adam_power
 from gradpower_ds.hyperparams import check_power
 from gradpower_ds.power import grad_power_
 
 OPTIMIZER_NAME = "adampower"
 FIELDS = {"gradpower_p": 1.2, "gradpower_p_expert": None}
+_UNSUPPORTED_TORCH_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable")
 
 _log = logging.getLogger(__name__)
 
@@ -51,29 +69,88 @@ def powers(config) -> tuple[float, float]:
     return dense, check_power(expert, owner="OptimizerConfig.gradpower_p_expert")[0]
 
 
-def power_hook(dense_p: float, expert_p: float):
-    """A step pre-hook for a torch optimizer: grad <- phi_p(grad) per param group (expert groups: expert_p)."""
+class _PowerStep:
+    """Mixin for an Adam class: step() applies phi_p to its grads (expert groups: the expert p) before Adam.
 
-    def hook(optimizer, args, kwargs):
-        decoupled = getattr(optimizer, "use_decoupled_grad", False)  # TE FusedAdam, precision-aware optimizer
+    ``gradpower`` = (dense p, expert p) is set by ``power_optimizer_class``.
+    """
+
+    gradpower: tuple[float, float] = (1.0, 1.0)
+
+    def _group_powers(self) -> list[tuple[dict, float]]:
+        dense_p, expert_p = self.gradpower
+        return [(group, expert_p if group.get("is_expert_parallel", False) else dense_p)
+                for group in self.param_groups]
+
+    def _log_first_step(self, powered: int) -> None:
+        if not getattr(self, "_gradpower_logged", False):  # shows in a job's log that the optimizer that steps is ours
+            self._gradpower_logged = True
+            _log.info("megatron_patches: AdamPower step on %s: phi_p (p=%g, expert p=%g) on %d gradient(s)",
+                      type(self).__name__, *self.gradpower, powered)
+
+
+class _FusedPowerStep(_PowerStep):
+    """For torch.optim.Adam/AdamW: phi + Adam(W) in one pass through gradpower_ds.functional.adam_power."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """AdamPower over every param with a grad; the class's own step when every group has p = 1."""
+        groups = self._group_powers()
+        if all(p == 1.0 for _, p in groups):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         powered = 0
-        for group in optimizer.param_groups:
-            p = expert_p if group.get("is_expert_parallel", False) else dense_p
-            if p == 1.0:
-                continue
-            for param in group["params"]:
-                grad = getattr(param, "decoupled_grad", None) if decoupled else param.grad
-                if grad is not None:
-                    grad_power_(grad, p)
-                    powered += 1
-        if not hook.ran:  # once per optimizer: shows in a job's log that the hook sits on the optimizer that steps
-            hook.ran = True
-            _log.info("megatron_patches: AdamPower step hook ran on %s: phi_p (p=%g, expert p=%g) on %d "
-                      "gradient(s)", type(optimizer).__name__, dense_p, expert_p, powered)
+        for group, power in groups:
+            for option in _UNSUPPORTED_TORCH_OPTIONS:
+                if group.get(option):
+                    raise ValueError(f"Megatron AdamPower: the torch Adam option {option}=True is not supported")
+            params = [p for p in group["params"] if p.grad is not None]
+            states = [self._init_torch_state(p, group) for p in params]
+            beta1, beta2 = group["betas"]
+            adam_power(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                       [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=float(group["lr"]),
+                       beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], power=power,
+                       adam_w_mode=group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW)))
+            powered += len(params)
+        self._log_first_step(powered)
+        return loss
 
-    hook.gradpower = (dense_p, expert_p)
-    hook.ran = False
-    return hook
+    def _init_torch_state(self, param, group) -> dict:
+        # torch's Adam layout (Megatron's init_state_fn may have created the moments, without a step)
+        state = self.state[param]
+        if "step" not in state:
+            fused = bool(group.get("fused"))
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if fused else None)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+
+class _PrePowerStep(_PowerStep):
+    """For Adams we do not fuse into (TE/apex FusedAdam): phi_p in place on the grads, then the class's own step."""
+
+    def step(self, *args, **kwargs):
+        """Powers every grad in place (one pass, bounded scratch), then steps."""
+        decoupled = getattr(self, "use_decoupled_grad", False)  # TE FusedAdam, precision-aware optimizer
+        powered = 0
+        for group, power in self._group_powers():
+            grads = [getattr(p, "decoupled_grad", None) if decoupled else p.grad for p in group["params"]]
+            grads = [g for g in grads if g is not None]
+            grad_power_(grads, power)
+            powered += len(grads) if power != 1.0 else 0
+        self._log_first_step(powered)
+        return super().step(*args, **kwargs)
+
+
+@functools.cache
+def power_optimizer_class(base: type, dense_p: float, expert_p: float) -> type:
+    """The subclass of optimizer class `base` that steps AdamPower with (dense p, expert p); one class per triple."""
+    mixin = _FusedPowerStep if issubclass(base, torch.optim.Adam) else _PrePowerStep  # torch's AdamW is an Adam
+    return type(f"{base.__name__}Power", (mixin, base), {"gradpower": (dense_p, expert_p), "__module__": __name__})
 
 
 def inner_optimizers(megatron_optimizer) -> list:
@@ -83,6 +160,21 @@ def inner_optimizers(megatron_optimizer) -> list:
         return [o for c in chained for o in inner_optimizers(c)]
     inner = getattr(megatron_optimizer, "optimizer", None)
     return [] if inner is None else [inner]
+
+
+@contextlib.contextmanager
+def _offload_classes(dense_p: float, expert_p: float):
+    """While building with optimizer_cpu_offload: Megatron's CPU and GPU Adam classes replaced by AdamPower's."""
+    import megatron.core.optimizer as mcore_optimizer
+
+    saved = {name: getattr(mcore_optimizer, name) for name in ("Adam", "CPUAdam")}
+    try:
+        for name, cls in saved.items():
+            setattr(mcore_optimizer, name, power_optimizer_class(cls, dense_p, expert_p))
+        yield
+    finally:
+        for name, cls in saved.items():
+            setattr(mcore_optimizer, name, cls)
 
 
 def _config_init(original):
@@ -117,18 +209,18 @@ def _build_optimizer(original):
         if config.optimizer != OPTIMIZER_NAME:
             return original(config, *args, **kwargs)
         dense_p, expert_p = powers(config)
-        if config.optimizer_cpu_offload:
-            raise ValueError("OptimizerConfig(optimizer='adampower') does not support optimizer_cpu_offload "
-                             "(Megatron's HybridDeviceOptimizer) yet")
         config.optimizer = "adam"
         try:
-            megatron_optimizer = original(config, *args, **kwargs)
+            with _offload_classes(dense_p, expert_p) if config.optimizer_cpu_offload else contextlib.nullcontext():
+                megatron_optimizer = original(config, *args, **kwargs)
         finally:
             config.optimizer = OPTIMIZER_NAME
         for inner in inner_optimizers(megatron_optimizer):
-            inner.register_step_pre_hook(power_hook(dense_p, expert_p))
-        _log.info("megatron_patches: AdamPower (gradpower_p=%g, gradpower_p_expert=%g) on %s", dense_p, expert_p,
-                  type(megatron_optimizer).__name__)
+            if not isinstance(inner, _PowerStep) and not config.optimizer_cpu_offload:
+                inner.__class__ = power_optimizer_class(type(inner), dense_p, expert_p)
+        _log.info("megatron_patches: AdamPower (gradpower_p=%g, gradpower_p_expert=%g) on %s (%s)", dense_p, expert_p,
+                  type(megatron_optimizer).__name__,
+                  ", ".join(type(inner).__name__ for inner in inner_optimizers(megatron_optimizer)))
         return megatron_optimizer
 
     return build

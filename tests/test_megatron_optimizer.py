@@ -2,7 +2,10 @@
 
 Cheap (in-process, no launch): apply()/remove() idempotent and reversible, the
 config fields and their validation, the unsupported-version errors (patches and
-test shim), the step pre-hook on a plain torch AdamW (dense/expert p, decoupled grads).
+test shim), the AdamPower classes on their own (the fused torch Adam(W) step against
+a float64-phi reference, dense/expert p, p = 1 bit for bit, state layout; the
+phi-then-step class for TE-style optimizers with decoupled grads) and the
+optimizer_cpu_offload wiring (HybridDeviceOptimizer gets the AdamPower classes).
 
 Slow (one 2-rank launch, tests/jobs/megatron_optimizer.py, ~15 s): a tiny MoE
 GPTModel (EP=2, alltoall) under megatron DDP + the distributed optimizer, fp32
@@ -12,6 +15,7 @@ reference computed from the full model's gradients (see the job's docstring).
 
 import json
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -25,7 +29,8 @@ from megatron.core.optimizer import AdamOptimizerConfig, OptimizerConfig  # noqa
 
 import megatron_patches  # noqa: E402
 from conftest import torchrun  # noqa: E402
-from megatron_patches.optimizer import inner_optimizers, power_hook, powers  # noqa: E402
+from gradpower_ds import grad_power  # noqa: E402
+from megatron_patches.optimizer import inner_optimizers, power_optimizer_class, powers  # noqa: E402
 
 JOBS = Path(__file__).parent / "jobs"
 
@@ -85,10 +90,35 @@ def test_invalid_power_names_the_field(applied, field, value, error):
         mcore_optimizer._get_megatron_optimizer_based_on_param_groups(config, [], [])
 
 
-def test_cpu_offload_refused(applied):
-    config = OptimizerConfig(optimizer="adampower", optimizer_cpu_offload=True)
-    with pytest.raises(ValueError, match="optimizer_cpu_offload"):
-        mcore_optimizer._get_megatron_optimizer_based_on_param_groups(config, [], [])
+def test_cpu_offload_builds_hybrid_optimizer_with_adampower_classes(applied, monkeypatch):
+    """optimizer_cpu_offload: Megatron's HybridDeviceOptimizer gets AdamPower's CPU and GPU classes (it keeps them
+    when it rebuilds its sub-optimizers); Megatron's own module attributes are restored after the build."""
+    built = {}
+
+    class Recorder:
+        def __init__(self, param_groups, **kwargs):
+            built.update(kwargs)
+            self.param_groups = param_groups
+
+    monkeypatch.setattr(mcore_optimizer, "HybridDeviceOptimizer", Recorder)
+    adam, cpu_adam = mcore_optimizer.Adam, mcore_optimizer.CPUAdam
+    config = OptimizerConfig(optimizer="adampower", gradpower_p=1.3, gradpower_p_expert=1.1, optimizer_cpu_offload=True,
+                             lr=1e-3)
+    param = torch.nn.Parameter(torch.zeros(3))
+    sys.path.insert(0, str(Path(__file__).parent))
+    import megatron_cpu_shim
+
+    megatron_cpu_shim.install()  # Megatron's FP32Optimizer wrapper asks for a CUDA device
+    try:
+        optimizer = mcore_optimizer._get_megatron_optimizer_based_on_param_groups(
+            config, [], [{"params": [param]}], pg_collection=SimpleNamespace(tp=None))  # no model-parallel state
+    finally:
+        megatron_cpu_shim.uninstall()
+    assert isinstance(optimizer.optimizer, Recorder)
+    assert built["cpu_optimizer_cls"] is power_optimizer_class(cpu_adam, 1.3, 1.1)
+    assert built["gpu_optimizer_cls"] is power_optimizer_class(adam, 1.3, 1.1)
+    assert issubclass(built["cpu_optimizer_cls"], torch.optim.AdamW)
+    assert (mcore_optimizer.Adam, mcore_optimizer.CPUAdam) == (adam, cpu_adam)
 
 
 def test_unsupported_version(monkeypatch):
@@ -106,26 +136,70 @@ def test_unsupported_version(monkeypatch):
     assert not megatron_cpu_shim._state
 
 
-def test_power_hook_dense_and_expert_groups():
-    dense, expert = torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(4))
-    opt = torch.optim.AdamW([{"params": [dense], "is_expert_parallel": False},
-                             {"params": [expert], "is_expert_parallel": True}], lr=0.1)
-    opt.register_step_pre_hook(power_hook(1.2, 1.5))
-    gd, ge = torch.tensor([0.3, -2.0, 0.0, 1e-3, -0.5]), torch.tensor([-0.7, 4.0, 0.0, 2e-2])
-    dense.grad, expert.grad = gd.clone(), ge.clone()
-    opt.step()
-    torch.testing.assert_close(dense.grad, gd.sign() * gd.abs() ** 1.2, rtol=1e-6, atol=0)
-    torch.testing.assert_close(expert.grad, ge.sign() * ge.abs() ** 1.5, rtol=1e-6, atol=0)
-    assert inner_optimizers(type("M", (), {"optimizer": opt})()) == [opt]
+def _two_group_adamw(cls, phi=(1.0, 1.0), **options):
+    """3 steps of cls on a dense and an expert group; phi: the (dense, expert) p the grads are powered with first."""
+    dense, expert = torch.nn.Parameter(torch.linspace(-1, 1, 5)), torch.nn.Parameter(torch.linspace(2, -2, 4))
+    opt = cls([{"params": [dense], "is_expert_parallel": False}, {"params": [expert], "is_expert_parallel": True}],
+              lr=0.1, weight_decay=0.1, **options)
+    for step in range(3):
+        dense.grad, expert.grad = grad_power(GD * (step + 1), phi[0]), grad_power(GE / (step + 1), phi[1])
+        opt.step()
+    return dense, expert, opt
 
 
-def test_power_hook_decoupled_grad():
-    """With the precision-aware optimizer (TE FusedAdam, use_decoupled_grad) the grads are in param.decoupled_grad."""
+GD, GE = torch.tensor([0.3, -2.0, 0.0, 1e-3, -0.5]), torch.tensor([-0.7, 4.0, 0.0, 2e-2])
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_power_class_dense_and_expert_groups(fused):
+    """torch AdamW moved to the AdamPower class steps Adam on phi_p(g), p per group (CPU: the native kernel)."""
+    ours = _two_group_adamw(power_optimizer_class(torch.optim.AdamW, 1.2, 1.5), fused=fused)
+    ref = _two_group_adamw(torch.optim.AdamW, phi=(1.2, 1.5), foreach=False)
+    torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=2e-7)
+    torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=2e-7)
+    assert torch.equal(ours[0].grad, GD * 3)  # the grads are not modified
+    swapped = _two_group_adamw(torch.optim.AdamW, phi=(1.5, 1.2))
+    assert (ours[0] - swapped[0]).abs().max() > 1e-3 and (ours[1] - swapped[1]).abs().max() > 1e-3
+    # torch's state layout, so Megatron's checkpoints are unchanged and load into torch's AdamW
+    theirs = ref[2].state_dict()
+    mine = ours[2].state_dict()
+    assert mine["param_groups"] == [dict(g, fused=fused, foreach=None) for g in theirs["param_groups"]]
+    for key in (0, 1):
+        assert mine["state"][key].keys() == theirs["state"][key].keys()
+        assert mine["state"][key]["step"].dtype == theirs["state"][key]["step"].dtype and \
+            mine["state"][key]["step"].item() == 3.0
+
+
+def test_power_class_p1_is_torch_bitwise():
+    ours = _two_group_adamw(power_optimizer_class(torch.optim.AdamW, 1.0, 1.0))
+    theirs = _two_group_adamw(torch.optim.AdamW)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    assert type(ours[2]).__name__ == "AdamWPower" and isinstance(ours[2], torch.optim.AdamW)
+
+
+def test_power_class_refuses_unsupported_torch_options():
+    opt = power_optimizer_class(torch.optim.Adam, 1.2, 1.2)([torch.nn.Parameter(torch.zeros(2))], amsgrad=True)
+    opt.param_groups[0]["params"][0].grad = torch.ones(2)
+    with pytest.raises(ValueError, match="amsgrad"):
+        opt.step()
+
+
+def test_power_class_for_other_adams_powers_decoupled_grads_first():
+    """TE/apex FusedAdam (precision-aware optimizer: grads in param.decoupled_grad): phi in place, then its step."""
+    seen = []
+
+    class FakeTEAdam(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+            self.use_decoupled_grad = True
+
+        def step(self):
+            seen.extend(p.decoupled_grad.clone() for g in self.param_groups for p in g["params"])
+
     param = torch.nn.Parameter(torch.zeros(3))
     param.decoupled_grad = torch.tensor([0.5, -3.0, 0.0])
-    opt = type("FakeTEAdam", (), {"use_decoupled_grad": True, "param_groups": [{"params": [param]}]})()
-    power_hook(1.2, 1.5)(opt, (), {})
-    torch.testing.assert_close(param.decoupled_grad, torch.tensor([0.5 ** 1.2, -(3.0 ** 1.2), 0.0]))
+    power_optimizer_class(FakeTEAdam, 1.2, 1.5)([{"params": [param]}]).step()
+    torch.testing.assert_close(seen[0], torch.tensor([0.5 ** 1.2, -(3.0 ** 1.2), 0.0]))
     assert param.grad is None
 
 
@@ -138,10 +212,11 @@ def test_megatron_distributed_moe_matches_reference(tmp_path):
     for case in ("fp32_adam", "fp32_adampower", "fp32_adampower_p1", "bf16_adam", "bf16_adampower",
                  "bf16_adampower_p1"):
         dtype, optimizer = case.split("_", 1)[0], results[case]
-        # one hook per inner optimizer (dense, expert) with the configured powers; none for Megatron's 'adam'
-        expected = {"fp32_adam": [], "bf16_adam": []}.get(case, [(1.0, 1.0)] if case.endswith("p1") else [(1.2, 1.5)])
-        assert [h["expert_groups"] for h in optimizer["hooks"]] == [[False, False], [True]], case
-        assert [[tuple(p) for p in h["powers"]] for h in optimizer["hooks"]] == [expected, expected], case
+        # each inner optimizer (dense, expert) steps AdamPower with the configured powers; Megatron's 'adam' is torch's
+        expected = {"fp32_adam": None, "bf16_adam": None}.get(case, (1.0, 1.0) if case.endswith("p1") else (1.2, 1.5))
+        assert [h["expert_groups"] for h in optimizer["inners"]] == [[False, False], [True]], case
+        assert [h["powers"] and tuple(h["powers"]) for h in optimizer["inners"]] == [expected, expected], case
+        assert {h["cls"] for h in optimizer["inners"]} == {"AdamW" if expected is None else "AdamWPower"}, case
         # fp32: measured <= 1.2e-7; bf16: measured 0 dense, 1.2e-7 expert (one bf16 rounding step of a tiny
         # weight: master weights equal up to fp32 rounding can round to neighbouring bf16 values)
         tol = 2e-7 if dtype == "fp32" else 1e-4

@@ -11,7 +11,7 @@ before ``finish_grad_sync``) and all ranks gather them. The gradient of the
 global loss (the mean of the ranks' losses) is then, by definition, the mean of
 the dense gradients over the 2 ranks and, for an expert, its owner's gradient
 / 2. On that full model every rank runs torch ``clip_grad_norm_`` -> phi_p
-(``gradpower_ds.power.grad_power_``, p per dense/expert parameter) -> ``torch.optim.AdamW``
+(``gradpower_ds.power.grad_power``, the float64 reference, p per dense/expert parameter) -> ``torch.optim.AdamW``
 on fp32 master copies, and compares its own parameters with the reference
 after the last step. Results go to argv[1] (JSON, written by rank 0).
 """
@@ -42,7 +42,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
 import megatron_patches  # noqa: E402
-from gradpower_ds.power import grad_power_  # noqa: E402
+from gradpower_ds.power import grad_power  # noqa: E402
 
 VOCAB, SEQ, BATCH, EXPERTS, EP = 64, 8, 2, 4, 2
 STEPS, LR, WD, CLIP, BETAS, EPS = 3, 1e-2, 0.1, 0.05, (0.9, 0.95), 1e-8
@@ -115,7 +115,7 @@ def reference_step(ref: dict, grads: dict, expert_names: set) -> float:
         p.grad = grads[n].clone()
     norm = float(torch.nn.utils.clip_grad_norm_(list(ref["params"].values()), CLIP))
     for n, p in ref["params"].items():
-        grad_power_(p.grad, ref["p_expert"] if n in expert_names else ref["p_dense"])
+        p.grad = grad_power(p.grad, ref["p_expert"] if n in expert_names else ref["p_dense"])
     ref["opt"].step()
     return norm
 
@@ -123,8 +123,8 @@ def reference_step(ref: dict, grads: dict, expert_names: set) -> float:
 def run_case(optimizer: str, dtype: torch.dtype, **fields) -> tuple[dict, dict]:
     """Trains STEPS steps with Megatron's optimizer; returns (results, final local params).
 
-    results: the hooks registered (per inner optimizer: its groups' is_expert_parallel
-    and the hook's (dense p, expert p)), and per reference variant the largest
+    results: the inner optimizers (per inner optimizer: its groups' is_expert_parallel, its
+    class name and the (dense p, expert p) its class steps with), and per reference variant the largest
     |param - reference| over dense and over expert params (all ranks): "right" uses
     the configured p, "p1" p=1 everywhere, "swapped" the dense and expert p exchanged.
     """
@@ -133,9 +133,9 @@ def run_case(optimizer: str, dtype: torch.dtype, **fields) -> tuple[dict, dict]:
                                  adam_beta2=BETAS[1], adam_eps=EPS, bf16=dtype == torch.bfloat16,
                                  params_dtype=dtype, use_distributed_optimizer=True, **fields)
     opt = get_megatron_optimizer(opt_config, [model])
-    hooks = [dict(expert_groups=[g.get("is_expert_parallel") for g in inner.param_groups],
-                  powers=[getattr(h, "gradpower", None) for h in inner._optimizer_step_pre_hooks.values()])
-             for inner in megatron_patches.optimizer.inner_optimizers(opt)]
+    inners = [dict(expert_groups=[g.get("is_expert_parallel") for g in inner.param_groups],
+                   cls=type(inner).__name__, powers=getattr(inner, "gradpower", None))
+              for inner in megatron_patches.optimizer.inner_optimizers(opt)]
     p_dense = fields.get("gradpower_p", 1.2) if optimizer == "adampower" else 1.0
     p_expert = fields.get("gradpower_p_expert") or p_dense
     named = {global_name(n): p for n, p in model.module.named_parameters()}
@@ -170,7 +170,7 @@ def run_case(optimizer: str, dtype: torch.dtype, **fields) -> tuple[dict, dict]:
         errs = [None] * dist.get_world_size()
         dist.all_gather_object(errs, err)
         errors[variant] = {k: max(e[k] for e in errs) for k in err}
-    return dict(hooks=hooks, errors=errors), {n: p.detach().clone() for n, p in named.items()}
+    return dict(inners=inners, errors=errors), {n: p.detach().clone() for n, p in named.items()}
 
 
 CASES = {
