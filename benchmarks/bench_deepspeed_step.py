@@ -1,10 +1,14 @@
-"""A DeepSpeed training step on the CPU: ``"type": "AdamPower"`` (power 1.2) against DeepSpeed's ``"type": "AdamW"``.
+"""A DeepSpeed training step: ``"type": "AdamPower"`` (power 1.2) against DeepSpeed's ``"type": "AdamW"``.
 
 In ONE run, on the same bf16 model (gradpower_ds.model.CausalLM, ~34M parameters
 by default), the same data and the same DeepSpeed config except the optimizer
-type, it times two settings:
-  zero2          ZeRO-2: ours builds gradpower_ds.ops.CPUAdamPower, DeepSpeed's
-                 AdamW builds FusedAdam (its CPU op)
+type, it times these settings (on the CPU, or on CUDA GPUs when there are any):
+  zero2          ZeRO-2: on the CPU ours builds gradpower_ds.ops.CPUAdamPower and
+                 DeepSpeed's AdamW its FusedAdam CPU op; on a GPU ours builds
+                 AdamPower (fused=None: the torch multi-tensor path until the
+                 Triton kernel is verified) and theirs DeepSpeed's FusedAdam
+                 (torch's AdamW where DeepSpeed cannot build it, said in the output)
+  zero2-fused    GPU only: ours with "fused": true (the Triton kernel)
   zero2-offload  ZeRO-2 + "offload_optimizer": {"device": "cpu"}: ours builds
                  CPUAdamPower, DeepSpeed's AdamW builds DeepSpeedCPUAdam
 Both engines of a setting live side by side and take turns, one training step
@@ -31,6 +35,7 @@ sensitive figure. The default run takes about 2 minutes on 2 cores.
     python benchmarks/bench_deepspeed_step.py                     # 2 ranks x 1 thread, ~34M params
     python benchmarks/bench_deepspeed_step.py --world-size 1 --threads 2 --steps 20
     python benchmarks/bench_deepspeed_step.py --dim 768 --layers 12 --seq 128 --settings zero2-offload
+    python benchmarks/bench_deepspeed_step.py --world-size 1 --steps 20    # on one GPU (nccl)
 
 It re-launches itself on --world-size ranks with torch.distributed.run (gloo,
 OMP_NUM_THREADS=--threads per rank); rank 0 prints the results.
@@ -49,7 +54,8 @@ import sys
 import time
 from importlib.metadata import version
 
-SETTINGS = {"zero2": False, "zero2-offload": True}  # name -> offload the optimizer to the CPU
+SETTINGS = {"zero2": {}, "zero2-fused": {"fused": True}, "zero2-offload": {"offload": True}}  # name -> options
+GPU_ONLY = ("zero2-fused",)
 OURS, THEIRS = "AdamPower", "AdamW"
 OPTIMIZER_PARAMS = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 POWER = 1.2
@@ -62,7 +68,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world-size", type=int, default=2, help="ranks (processes), default 2")
     parser.add_argument("--threads", type=int, default=1, help="OpenMP/torch threads per rank, default 1")
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS),
+                        help="default: zero2 and zero2-offload on the CPU, all three on GPUs")
     parser.add_argument("--dim", type=int, default=512, help="model width (FFN 11/4 x, 64-dim heads)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8192)
@@ -81,7 +88,10 @@ def machine_facts() -> list[str]:
 
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  platform.processor() or "unknown CPU")
-    return [
+    import torch
+
+    gpu = [f"gpu: {torch.cuda.get_device_name()} x {torch.cuda.device_count()}"] if torch.cuda.is_available() else []
+    return gpu + [
         f"cpu: {model}; {os.cpu_count()} logical CPUs, {len(os.sched_getaffinity(0))} usable",
         f"CPUAdamPower kernel ISA: {resolve_isa()}",
         f"python {platform.python_version()}, torch {version('torch')}, deepspeed {version('deepspeed')}",
@@ -116,12 +126,16 @@ def make_model(args: argparse.Namespace):
                                 ffn_dim=11 * args.dim // 4, vocab_size=args.vocab, max_seq_len=args.seq))
 
 
-def ds_config(args: argparse.Namespace, opt_type: str, offload: bool) -> dict:
+def ds_config(args: argparse.Namespace, opt_type: str, offload: bool = False, fused: bool = False,
+              torch_adam: bool = False) -> dict:
     """The DeepSpeed config of a setting; the two optimizers' configs differ only in the optimizer entry."""
     zero = {"stage": 2}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
-    params = dict(OPTIMIZER_PARAMS, power=POWER) if opt_type == OURS else dict(OPTIMIZER_PARAMS)
+    if opt_type == OURS:
+        params = dict(OPTIMIZER_PARAMS, power=POWER, **({"fused": True} if fused else {}))
+    else:
+        params = dict(OPTIMIZER_PARAMS, **({"torch_adam": True} if torch_adam else {}))
     return {
         "train_micro_batch_size_per_gpu": args.micro_batch,
         "gradient_accumulation_steps": args.gas,
@@ -133,19 +147,43 @@ def ds_config(args: argparse.Namespace, opt_type: str, offload: bool) -> dict:
     }
 
 
-def build_engine(args: argparse.Namespace, opt_type: str, offload: bool):
-    """A DeepSpeed engine whose basic optimizer's step() appends its duration (s) to ``engine.optimizer_times``."""
+def _sync() -> None:
+    """Waits for queued GPU work, so a wall-clock interval covers it (nothing to wait for on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build_engine(args: argparse.Namespace, opt_type: str, options: dict):
+    """A DeepSpeed engine whose basic optimizer's step() appends its duration (s) to ``engine.optimizer_times``.
+
+    On a GPU where DeepSpeed cannot build its FusedAdam (no CUDA compiler), theirs falls back to
+    ``"torch_adam": true`` and says so.
+    """
     import deepspeed
+    import torch
 
     model = make_model(args)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=ds_config(args, opt_type, offload))
+    try:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                          config=ds_config(args, opt_type, **options))
+    except Exception as exc:
+        if opt_type == OURS or not torch.cuda.is_available():
+            raise
+        print(f"DeepSpeed's FusedAdam is not available here ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+              "theirs is torch's AdamW (\"torch_adam\": true)", flush=True)
+        model = make_model(args)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                          config=ds_config(args, opt_type, torch_adam=True, **options))
     optimizer = engine.basic_optimizer
     inner_step, times = optimizer.step, []
 
     def timed_step(*a, **kw):
+        _sync()
         t0 = time.perf_counter()
         out = inner_step(*a, **kw)
+        _sync()
         times.append(time.perf_counter() - t0)
         return out
 
@@ -159,6 +197,7 @@ def training_step(engine, batches) -> dict[str, float]:
     import torch.distributed as dist
 
     dist.barrier()
+    _sync()
     times = engine.optimizer_times
     n_before = len(times)
     t0 = time.perf_counter()
@@ -166,17 +205,20 @@ def training_step(engine, batches) -> dict[str, float]:
         engine.backward(engine(tokens, tokens)[1])
         engine.step()
     engine.backward(engine(batches[-1], batches[-1])[1])
+    _sync()
     t1 = time.perf_counter()
     engine.step()
+    _sync()
     t2 = time.perf_counter()
     if len(times) != n_before + 1:
         raise RuntimeError(f"expected one optimizer step per training step, saw {len(times) - n_before}")
     return {"train": t2 - t0, "engine_step": t2 - t1, "optimizer_step": times[-1]}
 
 
-def measure_setting(args: argparse.Namespace, offload: bool, data) -> dict[str, dict[str, list[float]]]:
+def measure_setting(args: argparse.Namespace, options: dict, data) -> dict[str, dict[str, list[float]]]:
     """Times both optimizers' training steps in ABBA turns; returns {optimizer type: {metric: [s per step]}}."""
-    engines = {name: build_engine(args, name, offload) for name in (OURS, THEIRS)}
+    engines = {name: build_engine(args, name, options if name == OURS else
+                                  {k: v for k, v in options.items() if k != "fused"}) for name in (OURS, THEIRS)}
     kinds = {name: type(engine.basic_optimizer).__name__ for name, engine in engines.items()}
     times = {name: {metric: [] for metric in METRICS} for name in engines}
     for step in range(args.warmup + args.steps):
@@ -236,17 +278,25 @@ def worker(args: argparse.Namespace) -> None:
     deepspeed.utils.logger.setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")  # DeepSpeed's own call
     register()
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
     rank = dist.get_rank()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(rank)
-    data = [[torch.randint(0, args.vocab, (args.micro_batch, args.seq), generator=gen) for _ in range(args.gas)]
-            for _ in range(args.warmup + args.steps)]
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    data = [[torch.randint(0, args.vocab, (args.micro_batch, args.seq), generator=gen).to(device)
+             for _ in range(args.gas)] for _ in range(args.warmup + args.steps)]
+    settings = args.settings or [s for s in SETTINGS if on_gpu or s not in GPU_ONLY]
+    refused = [s for s in settings if s in GPU_ONLY and not on_gpu]
+    if refused:
+        raise SystemExit(f"settings {refused} need a GPU")
     if rank == 0:
         n_params = sum(p.numel() for p in make_model(args).parameters())
         print(f"model: CausalLM dim {args.dim}, {args.layers} layers, vocab {args.vocab}: {n_params / 1e6:.1f}M "
               f"parameters ({n_params / args.world_size / 1e6:.1f}M fp32 master elements per rank)", flush=True)
-    for setting in args.settings:
+    for setting in settings:
         t0 = time.perf_counter()
         times = slowest_rank(measure_setting(args, SETTINGS[setting], data))
         if rank == 0:
