@@ -11,7 +11,7 @@ C++ builds on two cores). The command lines are what a user runs, plus
 Two launches of a tiny MoE GPT (2 layers, 4 experts, EP=2, alltoall dispatcher, bf16,
 distributed optimizer): 3 iterations saving at 2 and 3, then a resume from iteration 2
 (``--ckpt-step 2``) to 3 into another directory. Checked: Megatron-LM builds AdamPower (the
-step hook runs on both chained optimizers with the dense and expert p from the flags),
+AdamPower step runs on both chained optimizers with the dense and expert p from the flags),
 the GPAS gates are in the model and in the checkpoint (and trained), and the resumed run
 loads iteration 2 and reproduces the uninterrupted run's iteration-3 loss and weights bit for
 bit (which needs megatron_patches.checkpoint; without it the weights differ).
@@ -93,9 +93,9 @@ def check_adampower_and_gpas(log: str) -> None:
     built = re.findall(r"megatron_patches: AdamPower \(gradpower_p=([0-9.]+), gradpower_p_expert=([0-9.]+)\) on "
                        r"(\w+)", log)
     assert built == [(str(DENSE_P), str(EXPERT_P), "DistributedOptimizer")] * 4, built  # 2 ranks x (dense, expert)
-    ran = re.findall(r"megatron_patches: AdamPower step hook ran on (\w+): phi_p \(p=([0-9.]+), expert p=([0-9.]+)\) "
+    ran = re.findall(r"megatron_patches: AdamPower step on (\w+): phi_p \(p=([0-9.]+), expert p=([0-9.]+)\) "
                      r"on (\d+) gradient", log)
-    assert len(ran) == 4, log[-4000:]  # the hooks sit on the torch optimizers that step, dense and expert
+    assert len(ran) == 4, log[-4000:]  # AdamPower's step runs on the torch optimizers that step, dense and expert
     assert all((dense, expert) == (str(DENSE_P), str(EXPERT_P)) and int(n) > 0 for _, dense, expert, n in ran), ran
     assert re.findall(r"megatron_patches: GPAS gates \(act=silu\) in (\d+) layers", log) == ["2", "2"], log[-4000:]
     assert "module.decoder.layers.0.gpas_gate.alpha" in log  # in DDP's grad buffer (Megatron lists its params)
