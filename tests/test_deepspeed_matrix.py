@@ -43,11 +43,11 @@ def results(tmp_path_factory):
 
 
 @functools.cache
-def reference(dtype: str, power: float, stage0: bool) -> dict:
+def reference(dtype: str, power: float, stage0: bool, world: int = 2) -> dict:
     # DeepSpeed's stage-0 fp16/bf16 wrappers sum gradients in the low precision and take one
     # all-zero-gradient step when they initialise the optimizer; the reference does the same.
     low_stage0 = stage0 and dtype != "fp32"
-    return ds_toy.reference_run(ds_toy.MATRIX_STEPS, dtype, accumulate=dtype if low_stage0 else "fp32",
+    return ds_toy.reference_run(ds_toy.MATRIX_STEPS, dtype, world=world, accumulate=dtype if low_stage0 else "fp32",
                                 zero_grad_step=low_stage0, power=power, **ds_toy.LR_WD)
 
 
@@ -69,18 +69,18 @@ def update_rel_error(got: dict, want: dict) -> float:
     return (diff / update).item()
 
 
-@pytest.mark.parametrize("case", CASES, ids=[ds_toy.case_name(*c) for c in CASES])
-def test_matches_reference_and_deepspeed_adamw(results, case):
+def check_case(results: dict, case: tuple, world: int, ours_class: str, adamw_class: str) -> None:
+    """One matrix case of a ds_matrix.py job on `world` ranks against the reference and DeepSpeed's AdamW."""
     stage, dtype, offload, _ = case
     name = ds_toy.case_name(*case)
     ours, ours_p1, adamw = (results[(name, label)] for label in ("power1.2", "power1", "ds_adamw"))
-    assert ours["optimizer"] == ours_p1["optimizer"] == "CPUAdamPower"
-    assert adamw["optimizer"] == ("DeepSpeedCPUAdam" if offload else "FusedAdam")
+    assert ours["optimizer"] == ours_p1["optimizer"] == ours_class
+    assert adamw["optimizer"] == adamw_class
 
-    want = reference(dtype, 1.2, stage == 0)
+    want = reference(dtype, 1.2, stage == 0, world)
     if dtype == "fp32":
         assert tensor_rel_error(ours["params"], want) <= FP32_TOL
-        assert tensor_rel_error(ours_p1["params"], reference(dtype, 1.0, stage == 0)) <= FP32_TOL
+        assert tensor_rel_error(ours_p1["params"], reference(dtype, 1.0, stage == 0, world)) <= FP32_TOL
         assert tensor_rel_error(ours_p1["params"], adamw["params"]) <= FP32_TOL
         # the check can tell the powers apart: p = 1.2 and p = 1 land far outside the tolerance
         assert tensor_rel_error(ours["params"], ours_p1["params"]) > 100 * FP32_TOL
@@ -90,3 +90,9 @@ def test_matches_reference_and_deepspeed_adamw(results, case):
 
     if dtype == "fp16":
         assert ours["overflow"] == dict(skipped=1, params_unchanged=True, state_steps_unchanged=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[ds_toy.case_name(*c) for c in CASES])
+def test_matches_reference_and_deepspeed_adamw(results, case):
+    check_case(results, case, world=2, ours_class="CPUAdamPower",
+               adamw_class="DeepSpeedCPUAdam" if case[2] else "FusedAdam")

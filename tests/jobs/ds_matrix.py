@@ -1,11 +1,14 @@
-"""Launched job (2 ranks, gloo): every ZeRO stage x precision x offload case, three optimizers each.
+"""Launched job: every ZeRO stage x precision x offload case, three optimizers each.
 
-For each case of ds_toy.matrix_cases() it trains MATRIX_STEPS steps with AdamPower (power 1.2),
-AdamPower (power 1) and DeepSpeed's own AdamW, and saves the full fp32 parameters to
-argv[1] (a torch.save dict, written by rank 0). For fp16 it also forces one overflowing
-step and records that DeepSpeed skipped it without touching parameters or our state.
+For each case of ds_toy.matrix_cases() (or only those named after argv[1], e.g. z2-bf16) it
+trains MATRIX_STEPS steps with AdamPower (power 1.2), AdamPower (power 1) and DeepSpeed's own
+AdamW, and saves the full fp32 parameters to argv[1] (a torch.save dict, written by rank 0).
+For fp16 it also forces one overflowing step and records that DeepSpeed skipped it without
+touching parameters or our state. CPU ranks (gloo; the tests launch 2), or one rank per GPU
+(nccl) where CUDA is available (tests/test_gpu.py launches 1).
 """
 
+import os
 import sys
 
 import deepspeed
@@ -28,7 +31,7 @@ def overflow_is_skipped(engine) -> dict:
     steps_before = sorted(float(s["step"]) for s in engine.basic_optimizer.state.values())
     skipped = engine.skipped_steps
     for micro in range(engine.gradient_accumulation_steps()):
-        tokens = ds_toy.micro_batch(dist.get_rank(), 10**6 + micro)
+        tokens = ds_toy.micro_batch(dist.get_rank(), 10**6 + micro).to(engine.device)
         loss = engine(tokens, tokens)[1]
         engine.backward(loss * float("inf") if micro == 0 else loss)
         engine.step()
@@ -42,11 +45,18 @@ def overflow_is_skipped(engine) -> dict:
 
 def main():
     register()
-    ds_toy.enable_cpu_fp16()
-    deepspeed.init_distributed(dist_backend="gloo")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        ds_toy.enable_cpu_fp16()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank = dist.get_rank()
     results = {}
+    chosen = set(sys.argv[2:])
     for case in ds_toy.matrix_cases():
+        if chosen and ds_toy.case_name(*case) not in chosen:
+            continue
         stage, dtype, offload, param_offload = case
         for label, (opt_type, params) in OPTIMIZERS.items():
             config = ds_toy.ds_config(stage, dtype, offload, param_offload, opt_type=opt_type, params=params)

@@ -71,7 +71,7 @@ def train(engine, rank: int, steps: int, first_step: int = 0) -> list[float]:
     losses = []
     for step in range(first_step, first_step + steps):
         for micro in range(gas):
-            tokens = micro_batch(rank, step * gas + micro)
+            tokens = micro_batch(rank, step * gas + micro).to(engine.device)
             loss = engine(tokens, tokens)[1]
             engine.backward(loss)
             engine.step()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The one prepared GPU check, run from the repository root on a lent GPU machine:
+#   device run: carry [".whl"], command "bash tests/gpu/check.sh", timeout_s 560
+# (gather .whl/ first, here: bash tests/gpu/fetch_wheels.sh). Writes $OUT/gpu_report.json and
+# $OUT/gpu_check.log; see tests/gpu/check.py for the steps. Without a GPU (or with --dry-run) it is
+# the CI dry run: every step in its CPU form (tests/test_gpu_check.py runs it).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1
+PYTHON=${PYTHON:-python3}
+exec "$PYTHON" tests/gpu/check.py "$@"
