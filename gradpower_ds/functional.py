@@ -64,11 +64,11 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
     paths: dict[str, list[int]] = {"native": [], "triton": [], "torch": []}
     for i, p in enumerate(params):
         kernel = fused_kernel(p.device, fused)
-        if kernel == "native" and not _native_layout(params[i], exp_avgs[i], exp_avg_sqs[i], copies[i]):
+        if kernel == "native" and not _native_layout(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], copies[i]):
             if fused:
                 raise TypeError(
-                    f"adam_power(fused=True) on the CPU: params and moments must be contiguous fp32 CPU tensors and "
-                    f"copies contiguous bf16/fp16 ones, got a {p.dtype} param"
+                    f"adam_power(fused=True) on the CPU: params and moments must be contiguous fp32 CPU tensors, "
+                    f"grads CPU tensors of their shape and copies contiguous bf16/fp16 ones, got a {p.dtype} param"
                     f"{'' if p.is_contiguous() else ' (non-contiguous)'}; keep fp32 master weights on the CPU (as "
                     "ZeRO-Offload does) or use fused=None")
             kernel = None
@@ -94,8 +94,10 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
         step_fn(*pick(paths["torch"], *columns), **hyper)
 
 
-def _native_layout(param, exp_avg, exp_avg_sq, copy) -> bool:
-    ok = native.is_fp32_cpu(param) and native.is_fp32_cpu(exp_avg) and native.is_fp32_cpu(exp_avg_sq)
+def _native_layout(param, grad, exp_avg, exp_avg_sq, copy) -> bool:
+    # the kernel reads raw memory: every buffer's layout and size is checked here
+    ok = all(native.is_fp32_cpu(t) and t.shape == param.shape for t in (param, exp_avg, exp_avg_sq))
+    ok = ok and grad.device.type == "cpu" and grad.is_floating_point() and grad.shape == param.shape
     return ok and (copy is None or (copy.dtype in native.COPY_CODES and copy.device.type == "cpu"
                                     and copy.is_contiguous() and copy.shape == param.shape))
 

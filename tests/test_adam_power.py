@@ -226,3 +226,17 @@ def test_fused_true_on_the_cpu_needs_fp32_params():
         AdamPower([p], fused=True).step()
     AdamPower([p]).step()  # the automatic choice takes the multi-tensor path for bf16 params
     assert p.detach().lt(0).all()
+
+
+def test_native_path_checks_every_buffer_it_reads():
+    """The native kernel reads raw memory: a grad or moment of the wrong size is refused, never read past."""
+    from gradpower_ds import adam_power
+
+    param, m, v = torch.zeros(8), torch.zeros(8), torch.zeros(8)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, power=1.2)
+    with pytest.raises(TypeError, match="grads CPU tensors of their shape"):
+        adam_power([param], [torch.ones(4)], [m], [v], [torch.tensor(0.0)], fused=True, **hyper)
+    with pytest.raises(TypeError, match="fp32 CPU tensors"):
+        adam_power([param], [torch.ones(8)], [torch.zeros(4)], [v], [torch.tensor(0.0)], fused=True, **hyper)
+    with pytest.raises(RuntimeError):  # automatic choice: the torch path, whose own shape check speaks
+        adam_power([param], [torch.ones(4)], [m], [v], [torch.tensor(0.0)], **hyper)
