@@ -150,7 +150,12 @@ class _PrePowerStep(_PowerStep):
 def power_optimizer_class(base: type, dense_p: float, expert_p: float) -> type:
     """The subclass of optimizer class `base` that steps AdamPower with (dense p, expert p); one class per triple."""
     mixin = _FusedPowerStep if issubclass(base, torch.optim.Adam) else _PrePowerStep  # torch's AdamW is an Adam
-    return type(f"{base.__name__}Power", (mixin, base), {"gradpower": (dense_p, expert_p), "__module__": __name__})
+    cls = type(f"{base.__name__}Power", (mixin, base), {"gradpower": (dense_p, expert_p), "__module__": __name__})
+    # torch wraps a class's step (step pre/post hooks, profiling) when it builds the first instance; an
+    # optimizer moved to this class after it was built must find the step wrapped already.
+    cls.step = torch.optim.Optimizer.profile_hook_step(cls.step)
+    cls.step.hooked = True
+    return cls
 
 
 def inner_optimizers(megatron_optimizer) -> list:

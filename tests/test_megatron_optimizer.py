@@ -177,6 +177,19 @@ def test_power_class_p1_is_torch_bitwise():
     assert type(ours[2]).__name__ == "AdamWPower" and isinstance(ours[2], torch.optim.AdamW)
 
 
+def test_power_class_keeps_step_hooks_of_an_optimizer_moved_to_it():
+    """Megatron's optimizer is built first and moved to the AdamPower class: its step hooks still run."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.grad = torch.ones(3)
+    opt = torch.optim.AdamW([param])
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    opt.__class__ = power_optimizer_class(torch.optim.AdamW, 1.25, 1.25)  # a class no instance was built of yet
+    opt.step()
+    assert calls == ["pre", "post"]
+
+
 def test_power_class_refuses_unsupported_torch_options():
     opt = power_optimizer_class(torch.optim.Adam, 1.2, 1.2)([torch.nn.Parameter(torch.zeros(2))], amsgrad=True)
     opt.param_groups[0]["params"][0].grad = torch.ones(2)
