@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 
 from .adam_power import AdamPower
 from .hyperparams import ADAM_POWER_DEFAULTS, check_power
@@ -34,6 +35,30 @@ ACCEPTED_PARAMS = tuple(ADAM_POWER_DEFAULTS) + ("expert_power", "fused")
 
 _log = logging.getLogger(__name__)
 _originals: dict = {}  # (class, method name) -> the method register() replaced; empty when not registered
+
+
+UNREGISTERED_ERROR = re.compile(r"\b(adamw?power) is not a supported DeepSpeed Optimizer", re.IGNORECASE)
+"""DeepSpeed 0.19.8's AssertionError for a config naming our optimizer in a process where register() did not run."""
+UNREGISTERED_HINT = (
+    "gradpower_ds: DeepSpeed knows \"type\": \"AdamPower\" / \"AdamWPower\" only in a process that called "
+    "gradpower_ds.deepspeed.register() before deepspeed.initialize. Add `import gradpower_ds.deepspeed; "
+    "gradpower_ds.deepspeed.register()` at the top of the training script, or start every training process "
+    "through the runner, after the launcher: `deepspeed --module gradpower_ds.run train.py ...`, "
+    "`torchrun ... -m gradpower_ds.run train.py ...`, `accelerate launch ... -m gradpower_ds.run train.py ...`, "
+    "`python -m gradpower_ds.run train.py ...`. Processes the script starts itself (e.g. "
+    "torch.multiprocessing.spawn) must call register() themselves.")
+
+
+def explain_unregistered(exc: BaseException) -> bool:
+    """Adds UNREGISTERED_HINT as a note to `exc` (PEP 678, shown under its traceback) when its message is
+    DeepSpeed's "AdamPower is not a supported DeepSpeed Optimizer"; returns whether it did.
+
+    Patches nothing: callers (``python -m gradpower_ds.run``) use it on an exception that reached them.
+    """
+    if not UNREGISTERED_ERROR.search(str(exc)) or UNREGISTERED_HINT in getattr(exc, "__notes__", ()):
+        return False
+    exc.add_note(UNREGISTERED_HINT)
+    return True
 
 
 class UnsupportedDeepSpeedError(RuntimeError):
@@ -224,6 +249,7 @@ def unregister() -> None:
 
 
 __all__ = [
-    "ACCEPTED_PARAMS", "OPTIMIZER_NAMES", "SUPPORTED_DEEPSPEED", "UnsupportedDeepSpeedError", "build_optimizer",
-    "check_deepspeed_version", "is_registered", "optimizer_kwargs", "register", "unregister",
+    "ACCEPTED_PARAMS", "OPTIMIZER_NAMES", "SUPPORTED_DEEPSPEED", "UNREGISTERED_HINT", "UnsupportedDeepSpeedError",
+    "build_optimizer", "check_deepspeed_version", "explain_unregistered", "is_registered", "optimizer_kwargs",
+    "register", "unregister",
 ]

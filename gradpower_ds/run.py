@@ -8,10 +8,16 @@ instead of a file. Works under every launcher that starts ``python -m``:
 
     torchrun --nproc_per_node 8 -m gradpower_ds.run train.py --deepspeed_config ds.json
     deepspeed --num_gpus 8 --module gradpower_ds.run train.py --deepspeed_config ds.json
+    accelerate launch --config_file accelerate.yaml -m gradpower_ds.run train.py ...
+    python -m gradpower_ds.run train.py --deepspeed_config ds.json      # one process
 
 The ``deepspeed`` launcher puts ``--local_rank=N`` right after the module name,
 i.e. before the script; the runner moves it behind the script, where
-``deepspeed train.py`` would have put it.
+``deepspeed train.py`` would have put it. Started with no launcher (no ``RANK`` /
+``WORLD_SIZE``, no MPI environment) it sets torch.distributed's variables for a
+world of one process, where DeepSpeed would otherwise try MPI discovery.
+A launcher given as the script is refused: the runner belongs after the
+launcher, in every process it starts (registration does not cross processes).
 """
 
 from __future__ import annotations
@@ -20,11 +26,19 @@ import logging
 import os
 import re
 import runpy
+import socket
 import sys
 
 USAGE = ("usage: python -m gradpower_ds.run [--local_rank=N] (SCRIPT.py | -m MODULE) [ARGS...]\n"
          "Registers \"type\": \"AdamPower\" with DeepSpeed, then runs SCRIPT (or MODULE) as __main__ with ARGS.")
 LOCAL_RANK = re.compile(r"--local[_-]rank(=.*)?$")
+LAUNCHER_SCRIPTS = ("deepspeed", "torchrun", "accelerate", "accelerate-launch")
+LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch", "deepspeed.launcher.runner",
+                    "accelerate.commands.launch", "accelerate.commands.accelerate_cli")
+# Variables by which DeepSpeed's init_distributed finds a multi-process job other than torch's env:// ones
+# (MPI discovery, Azure ML, SageMaker): there the runner leaves the environment alone.
+CLUSTER_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "AZUREML_EXPERIMENT_ID",
+               "SM_TRAINING_ENV")
 
 _log = logging.getLogger("gradpower_ds.run")
 
@@ -55,6 +69,16 @@ def split_args(argv: list[str]) -> tuple[str | None, str, list[str]]:
     return None, argv[0], launcher_args + argv[1:]
 
 
+def refuse_launcher(module: str | None, target: str) -> None:
+    """Usage error when the target is a launcher (torchrun, deepspeed, accelerate): the processes it starts would
+    not be registered (DeepSpeed then says "AdamPower is not a supported DeepSpeed Optimizer")."""
+    name = module if module is not None else os.path.basename(target)
+    if name in (LAUNCHER_MODULES if module is not None else LAUNCHER_SCRIPTS):
+        usage_error(f"{name} is a launcher: put gradpower_ds.run after it, so that every process it starts "
+                    "registers AdamPower, e.g. `torchrun ... -m gradpower_ds.run train.py`, `deepspeed --module "
+                    "gradpower_ds.run train.py`, `accelerate launch ... -m gradpower_ds.run train.py`")
+
+
 def usage_error(message: str) -> None:
     """Prints ``error: message`` and USAGE to stderr and exits with status 2 (as argparse does)."""
     print(f"error: {message}\n{USAGE}", file=sys.stderr)
@@ -78,29 +102,61 @@ def enable_rank0_logging(name: str = "gradpower_ds") -> None:
     logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
 
 
-def default_to_world_of_one() -> None:
-    """Sets torch.distributed's env:// variables for a single process when no launcher set them (python -m ...)."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+def launched() -> bool:
+    """Whether a launcher set up a multi-process job: torch's env:// variables (RANK or WORLD_SIZE) or one of
+    CLUSTER_ENV (MPI, Azure ML, SageMaker), which DeepSpeed discovers itself."""
+    return any(name in os.environ for name in ("RANK", "WORLD_SIZE", *CLUSTER_ENV))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_to_world_of_one() -> bool:
+    """Sets torch.distributed's env:// variables for a single process when no launcher set up a job (`launched()`
+    is false: ``python -m gradpower_ds.run ...``); returns whether it did.
+
+    Without them DeepSpeed's init_distributed falls back to MPI discovery and fails with
+    ``No module named 'mpi4py'``. Variables already set (MASTER_ADDR, MASTER_PORT) are kept; an unset
+    MASTER_PORT becomes a free port, so single-process runs side by side do not collide.
+    """
+    if launched():
+        return False
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
     """Registers AdamPower with DeepSpeed and runs the script (or ``-m`` module) given in ``argv``."""
     module, target, script_args = split_args(sys.argv[1:] if argv is None else argv)
+    refuse_launcher(module, target)
     if module is None and not os.path.isfile(target):
         usage_error(f"training script not found: {target}")
+    one_process = default_to_world_of_one()
     enable_rank0_logging()
-    from .deepspeed import register
+    from .deepspeed import explain_unregistered, register
 
     register()
     _log.info("gradpower_ds.run: registered DeepSpeed optimizer types AdamPower/AdamWPower; running %s", target)
+    if one_process:
+        _log.info("gradpower_ds.run: no launcher (RANK, WORLD_SIZE unset): one process, world size 1, "
+                  "MASTER_PORT %s", os.environ["MASTER_PORT"])
     sys.argv = [target, *script_args]
-    if module is not None:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)  # sets argv[0] to the module's file
-    else:
-        sys.path[0] = os.path.dirname(os.path.abspath(target))
-        runpy.run_path(target, run_name="__main__")
+    try:
+        if module is not None:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)  # sets argv[0] to the module's file
+        else:
+            sys.path[0] = os.path.dirname(os.path.abspath(target))
+            runpy.run_path(target, run_name="__main__")
+    except Exception as exc:  # e.g. from a process the script started without registering (mp.spawn)
+        explain_unregistered(exc)
+        raise
 
 
 if __name__ == "__main__":
