@@ -7,6 +7,11 @@ under a launcher, as launch/quickstart.sh does); ``compare`` launches its runs i
 import sys
 
 USAGE = "usage: python -m gradpower_ds {train,compare} [options]   (--help after the command for its options)"
+HELP = USAGE + """
+
+commands:
+  train     the main job in this one process (for several ranks run gradpower_ds.train under a launcher)
+  compare   runs the main job for several optimizers, powers and seeds and compares them"""
 
 
 def main() -> None:
@@ -16,6 +21,9 @@ def main() -> None:
         from .train import main as run
     elif command == "compare":
         from .compare import main as run
+    elif command in ("-h", "--help"):
+        print(HELP)
+        raise SystemExit(0)
     else:
         print(USAGE, file=sys.stderr)
         raise SystemExit(2)

@@ -1,8 +1,11 @@
 """``python -m gradpower_ds compare``: the same pretraining for several optimizers/powers, GPAS off/on, seeds.
 
 Each variant x seed is one ``gradpower_ds.train`` run under the ``deepspeed``
-launcher in ``OUT/<variant>/seed<k>``; runs that already completed are reused, so
-an interrupted comparison picks up where it stopped. Then it prints a table
+launcher in ``OUT/<variant>/seed<k>``; runs that already completed with the same
+settings (the run folder's config.json) are reused, so an interrupted comparison
+picks up where it stopped; a run folder with other settings is refused (use
+another ``--out``). Every run's settings are checked before the first launch.
+Then it prints a table
 (final validation loss mean ± std over seeds, tokens/s) and writes
 ``OUT/compare.png`` (validation-loss curves, mean ± std band) and
 ``OUT/compare.json``.
@@ -21,19 +24,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .hyperparams import check_power
 from .metrics import plot_curves, read_metrics
-from .train_config import OPTIMIZERS
+from .train_config import OPTIMIZERS, ConfigError, OneLineParser, TrainConfig, load_config, report_error
 
 
 def parse_variant(text: str) -> tuple[str, float | None]:
-    """'adamw' -> ('adamw', None); 'adampower:1.2' -> ('adampower', 1.2); ValueError for unknown names."""
-    name, _, power = text.partition(":")
+    """'adamw' -> ('adamw', None); 'adampower:1.2' -> ('adampower', 1.2); ValueError naming the entry for unknown
+    names and bad powers (checked as AdamPower checks them)."""
+    name, colon, power = text.partition(":")
+    entry = f"--optimizers entry {text!r}"
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r} in {text!r}; choose one of {sorted(OPTIMIZERS)} "
+        raise ValueError(f"{entry}: unknown optimizer {name!r} in {text!r}; choose one of {sorted(OPTIMIZERS)} "
                          "(adampower:P for a power P)")
-    if power and name != "adampower":
-        raise ValueError(f"{text!r}: only adampower takes a power (adampower:1.2)")
-    return name, float(power) if power else (1.2 if name == "adampower" else None)
+    if colon and name != "adampower":
+        raise ValueError(f"{entry}: only adampower takes a power (adampower:1.2)")
+    if name != "adampower":
+        return name, None
+    if not colon:
+        return name, 1.2
+    try:
+        value = float(power)
+    except ValueError:
+        raise ValueError(f"{entry}: the power {power!r} is not a number (adampower:1.2)") from None
+    try:
+        check_power(value, owner="power")
+    except ValueError as error:
+        raise ValueError(f"{entry}: {str(error).partition(': ')[2]}") from None
+    return name, value
 
 
 def variant_label(optimizer: str, power: float | None, gpas: bool) -> str:
@@ -47,27 +65,84 @@ def launch_command(nproc: int, port: int, train_args: list[str]) -> list[str]:
             "--module", "gradpower_ds.train", *train_args]
 
 
-def run_all(args, variants: list[tuple[str, float | None, bool]]) -> dict[str, list[Path]]:
-    """Runs every variant x seed that has not completed yet; returns label -> run folders."""
-    runs = {}
+# settings that do not change what a run trains or measures: a finished run is reused whatever they are
+_NOT_COMPARED = {"run_dir", "resume", "stop_at", "progress", "tensorboard", "log_every", "save_every"}
+
+
+def setting_differences(run_dir: Path, cfg: TrainConfig, nproc: int) -> list[str]:
+    """How the run recorded in `run_dir` (config.json, and summary.json's world size) differs from `cfg` on `nproc`
+    ranks: ['lr: 0.003 there, 0.0001 now', ...]; [] when it has the same settings."""
+    recorded_path = run_dir / "config.json"
+    if not recorded_path.exists():
+        return ["no config.json to check its settings against"]
+    try:
+        recorded = json.loads(recorded_path.read_text())
+    except ValueError:
+        return [f"{recorded_path} is not valid JSON"]
+    requested = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as config.json holds them
+    differences = []
+    for key, value in requested.items():
+        if key in _NOT_COMPARED:
+            continue
+        there = recorded.get(key, _MISSING)
+        if there != value:
+            differences.append(f"{key}: {'(not recorded)' if there is _MISSING else json.dumps(there)} there, "
+                               f"{json.dumps(value)} now")
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        try:
+            world = json.loads(summary.read_text()).get("world_size")
+        except ValueError:
+            world = None
+        if world is not None and world != nproc:
+            differences.append(f"ranks (--nproc): {world} there, {nproc} now")
+    return differences
+
+
+_MISSING = object()
+
+
+def plan_runs(args, variants: list[tuple[str, float | None, bool]]) -> list[tuple[str, Path, list[str], bool]]:
+    """(label, run folder, train flags, complete) for every variant x seed, each run's settings checked as
+    gradpower_ds.train will check them and each existing run folder checked to hold the same settings; ValueError
+    (one line) before anything is launched otherwise."""
+    plan = []
     for optimizer, power, gpas in variants:
         label = variant_label(optimizer, power, gpas)
-        runs[label] = []
         for seed in args.seeds:
             run_dir = Path(args.out) / label / f"seed{seed}"
-            runs[label].append(run_dir)
-            if (run_dir / "summary.json").exists():
-                print(f"compare: {run_dir} already complete, reused", flush=True)
-                continue
             train_args = [*args.train_args, "--run_dir", str(run_dir), "--optimizer", optimizer, "--seed", str(seed),
                           "--gpas", str(gpas).lower(), "--progress", "false", "--resume", "true"]
             if power is not None:
                 train_args += ["--power", str(power)]
-            print(f"compare: training {label} seed {seed} -> {run_dir}", flush=True)
-            proc = subprocess.run(launch_command(args.nproc, args.master_port, train_args))
-            if proc.returncode:
-                raise SystemExit(f"compare: the run {run_dir} failed (exit {proc.returncode}); see its output above. "
-                                 "Fix the cause and rerun: completed runs are reused")
+            try:
+                cfg = load_config(train_args, world_size=args.nproc)
+            except ConfigError as error:
+                raise ValueError(f"{label} seed {seed}: {error}") from None
+            if (run_dir / "config.json").exists() or (run_dir / "summary.json").exists():
+                differences = setting_differences(run_dir, cfg, args.nproc)
+                if differences:
+                    raise ValueError(f"{run_dir} holds a run with other settings ({'; '.join(differences)}); use "
+                                     f"another --out, or delete {run_dir} to run it again")
+            plan.append((label, run_dir, train_args, (run_dir / "summary.json").exists()))
+    return plan
+
+
+def run_all(args, variants: list[tuple[str, float | None, bool]]) -> dict[str, list[Path]]:
+    """Runs every variant x seed that has not completed yet (after checking them all); returns label -> run
+    folders."""
+    plan = plan_runs(args, variants)
+    runs = {}
+    for label, run_dir, train_args, complete in plan:
+        runs.setdefault(label, []).append(run_dir)
+        if complete:
+            print(f"compare: {run_dir} already complete, reused (same settings)", flush=True)
+            continue
+        print(f"compare: training {label} seed {run_dir.name.removeprefix('seed')} -> {run_dir}", flush=True)
+        proc = subprocess.run(launch_command(args.nproc, args.master_port, train_args))
+        if proc.returncode:
+            raise SystemExit(f"compare: the run {run_dir} failed (exit {proc.returncode}); see its output above. "
+                             "Fix the cause and rerun: completed runs are reused")
     return runs
 
 
@@ -102,25 +177,37 @@ def format_table(table: dict, baseline: str | None = None) -> str:
     return "\n".join(lines)
 
 
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as it is written, and every option's default."""
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry (see the module docstring); returns the aggregated table."""
-    parser = argparse.ArgumentParser(prog="python -m gradpower_ds compare", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m gradpower_ds compare", description=__doc__.split("\n\n")[0],
+                                     formatter_class=Formatter)
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "adampower:1.1", "adampower:1.2", "adampower:1.4"],
                         help="adamw and/or adampower:P entries")
-    parser.add_argument("--gpas", nargs="+", choices=["off", "on"], default=["off"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--gpas", nargs="+", choices=["off", "on"], default=["off"], help="GPAS off and/or on")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="a run per seed and variant")
+    parser.add_argument("--out", default="runs/compare", help="folder of the runs (OUT/<variant>/seed<k>) and plots")
     parser.add_argument("--nproc", type=int, default=int(os.environ.get("NUM_GPUS", 2)), help="ranks per run")
-    parser.add_argument("--master_port", type=int, default=29512)
+    parser.add_argument("--master_port", type=int, default=29512, help="rendezvous port of the runs")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: flags for gradpower_ds.train")
     args = parser.parse_args(argv)
     args.train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if args.nproc < 1:
+        parser.error(f"--nproc {args.nproc} must be >= 1")
+    given = [flag for flag in ("--power", "--optimizer", "--seed", "--gpas", "--run_dir") if flag in args.train_args]
+    if given:
+        parser.error(f"{given[0]} after -- is set by compare for each run (--optimizers adamw adampower:P, --seeds, "
+                     "--gpas, --out); give it there")
     try:
         optimizers = [parse_variant(v) for v in args.optimizers]
+        variants = [(name, power, gpas == "on") for gpas in args.gpas for name, power in optimizers]
+        plan_runs(args, variants)  # every run's settings and folder checked before the first launch
     except ValueError as error:
-        parser.error(str(error))
-    variants = [(name, power, gpas == "on") for gpas in args.gpas for name, power in optimizers]
+        report_error(str(error), parser.prog)
+        raise SystemExit(2)
     table, curves = aggregate(run_all(args, variants))
     baseline = next((label for label in table if label.startswith("adamw")), None)
     print(format_table(table, baseline))

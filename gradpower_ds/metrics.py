@@ -3,7 +3,9 @@
 One CSV row per logged step: ``step, tokens, train_loss, val_loss, lr, tokens_per_s,
 elapsed_s`` (val_loss empty between evaluations). On resume the rows after the
 checkpoint's step are dropped, so the resumed run's curve continues the
-checkpointed one instead of repeating steps.
+checkpointed one instead of repeating steps; so are the TensorBoard events after
+it (the event files are rewritten without them, so every viewer shows each step
+once, whether or not it purges orphaned data itself).
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+            directory = Path(run_dir) / "tensorboard"
+            old_files = sorted(directory.glob("events.out.tfevents.*"))
+            self.writer = SummaryWriter(str(directory))
+            if old_files:
+                _copy_events_through(old_files, resume_step, self.writer)
 
     def log(self, **row) -> None:
         """Writes one row (keys from FIELDS; missing ones empty) and its scalars to TensorBoard."""
@@ -48,6 +54,25 @@ class MetricsLog:
         """Flushes and closes TensorBoard."""
         if self.writer is not None:
             self.writer.close()
+
+
+def _copy_events_through(files: list[Path], last_step: int, writer) -> None:
+    """Copies the summaries of step <= `last_step` from the event `files` into `writer`'s new file (wall
+    times kept), then deletes `files`: a run killed after its last checkpoint leaves no steps that the
+    resumed run logs again."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    file_writer = writer._get_file_writer()
+    for path in files:
+        try:
+            for event in LegacyEventFileLoader(str(path)).Load():
+                if event.HasField("summary") and event.step <= last_step:
+                    file_writer.add_event(event)
+        except Exception:  # a file cut short by the kill: keep what was read
+            pass
+    writer.flush()
+    for path in files:
+        path.unlink(missing_ok=True)
 
 
 def _cell(value):

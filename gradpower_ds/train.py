@@ -6,16 +6,24 @@ Run it under any launcher (one script for CPU/gloo and GPU/NCCL):
     torchrun --nproc_per_node 8 -m gradpower_ds.train --config configs/quickstart.json --steps 2000
 
 A run directory holds ``config.json``, ``metrics.csv``, ``tensorboard/``,
-``checkpoints/``, ``loss.png`` and ``status.json`` (``running``, ``failed`` with
-the error, ``stopped`` by ``--stop_at``, or ``complete``); ``summary.json`` is written only when the run
+``checkpoints/``, ``loss.png`` and ``status.json`` (``running`` with the last
+logged or saved step, ``failed`` with the error, ``stopped`` by ``--stop_at`` or
+by a signal, or ``complete``); ``summary.json`` is written only when the run
 completes. ``--resume true`` continues from the newest checkpoint with the same
 batches an uninterrupted run would have seen, so the loss curve continues exactly.
+It refuses settings that differ from the run's ``config.json``, except those in
+RESUME_MAY_CHANGE (the checkpoint holds the model, optimizer and schedule of the
+saved settings). SIGTERM or SIGINT (on any rank) finishes the current step on all
+ranks, saves a checkpoint, marks the run ``stopped`` and exits with 128 + the
+signal number (143, 130); a second SIGINT aborts at once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 import time
 import warnings
@@ -27,21 +35,133 @@ import torch.nn.functional as F
 
 from .files import atomic_open, write_json
 from .run import default_to_world_of_one, enable_rank0_logging
-from .train_config import TrainConfig, load_config
+from .train_config import TrainConfig, load_config, report_error
 
 _log = logging.getLogger("gradpower_ds.train")
 GATE_CLIP = 0.01  # the GPAS reference code's clip for the gates' gradients
+# The only settings a resumed run may change: none of them changes the model, the data, the optimizer or the
+# schedule (evaluation runs without gradients or randomness, so eval_every only changes when it is measured).
+RESUME_MAY_CHANGE = ("resume", "stop_at", "run_dir", "progress", "tensorboard", "log_every", "save_every",
+                     "eval_every")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class RunDirError(ValueError):
+    """The run_dir cannot be used as asked; raised before anything is written."""
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def changed_settings(saved: dict, cfg: TrainConfig) -> list[tuple[str, object, object]]:
+    """(name, saved value, new value) for each setting outside RESUME_MAY_CHANGE that differs from `saved`
+    (a run's config.json; a key it lacks counts as its default)."""
+    current = json.loads(json.dumps(cfg.to_dict()))
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+    return [(name, saved.get(name, defaults[name]), value) for name, value in current.items()
+            if name not in RESUME_MAY_CHANGE and saved.get(name, defaults[name]) != value]
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
-    """Checks that `cfg.run_dir` may be used: a new folder, or an existing run only with --resume true."""
+    """Checks that `cfg.run_dir` may be used: a new folder, or an existing run only with --resume true and the
+    run's own settings (RunDirError otherwise); runs on every rank before anything is written."""
     run_dir = Path(cfg.run_dir)
-    status = run_dir / "status.json"
+    status = _read_json(run_dir / "status.json")
+    state = status.get("state", "unknown") if status else "unknown"
     if run_dir.exists() and any(run_dir.iterdir()) and not cfg.resume:
-        state = json.loads(status.read_text())["state"] if status.exists() else "unknown"
-        raise ValueError(f"run_dir {run_dir} already holds a run (state: {state}); pass --resume true to continue "
-                         "it, or choose another --run_dir")
+        raise RunDirError(f"run_dir {run_dir} already holds a run (state: {state}); pass --resume true to continue "
+                          "it, or choose another --run_dir")
+    if not cfg.resume:
+        return run_dir
+    checkpoints = run_dir / "checkpoints"
+    if not (checkpoints / "latest").exists():
+        if state in ("stopped", "complete"):
+            raise RunDirError(f"run_dir {run_dir} holds a {state} run but no checkpoint ({checkpoints}/latest is "
+                              "missing), so it cannot be resumed; start a new --run_dir")
+        return run_dir  # nothing to resume: train() warns and starts from step 0
+    saved = _read_json(run_dir / "config.json")
+    changes = changed_settings(saved, cfg) if saved is not None else []
+    if changes:
+        listed = ", ".join(f"{name} {json.dumps(old)} -> {json.dumps(new)}" for name, old, new in changes)
+        extend = (" (a run cannot be extended: its lr schedule ends at its steps; train a new run with the new "
+                  "--steps, split into parts with --stop_at if needed)") if any(c[0] == "steps" for c in changes) else ""
+        raise RunDirError(f"--resume true cannot change the settings of the run in {run_dir}: {listed}{extend}. "
+                          f"Its checkpoint holds the model, optimizer and schedule of its config.json; resume with "
+                          f"those settings, or start a new --run_dir to train with these (a resumed run may change "
+                          f"only {', '.join(RESUME_MAY_CHANGE[1:])})")
     return run_dir
+
+
+def unbuilt_deepspeed_ops(cfg: TrainConfig) -> list[str]:
+    """The DeepSpeed ops this run JIT-builds because neither DeepSpeed's install nor the torch extensions
+    cache holds them (the shared-memory all-reduce on a CPU, the Adam kernel DeepSpeed's own AdamW uses)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import get_default_build_root
+
+    accelerator = get_accelerator()
+    wanted = ["ShareMemCommBuilder"] if accelerator.device_name() == "cpu" else []
+    if cfg.optimizer == "adamw":
+        wanted.append("CPUAdamBuilder" if cfg.offload_optimizer else "FusedAdamBuilder")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:  # as torch.utils.cpp_extension._get_build_directory, which would create the folder
+        device = f"rocm{torch.version.hip}" if torch.version.hip else \
+            f"cu{torch.version.cuda}" if torch.version.cuda else "cpu"
+        root = os.path.join(get_default_build_root(),
+                            f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_"
+                            f"{device.replace('.', '')}")
+    unbuilt = []
+    for kind in wanted:
+        builder = accelerator.create_op_builder(kind)
+        if builder is None or installed_ops.get(builder.NAME) or \
+                not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            continue
+        if not os.path.exists(os.path.join(root, builder.NAME, f"{builder.NAME}.so")):
+            unbuilt.append(builder.NAME)
+    return unbuilt
+
+
+def _warn_about_op_builds(cfg: TrainConfig) -> None:
+    try:
+        unbuilt = unbuilt_deepspeed_ops(cfg)
+    except Exception:  # cannot tell: say it anyway
+        unbuilt = ["its ops"]
+    if unbuilt:
+        _log.info("gradpower_ds.train: DeepSpeed builds %s on first use; this can take a few minutes",
+                  ", ".join(unbuilt))
+
+
+class StopRequest:
+    """Records SIGTERM/SIGINT during training instead of dying: the loop finishes its step, saves and stops.
+
+    A second SIGINT raises KeyboardInterrupt (stop now, no checkpoint).
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the signals alone
+                return
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def build_engine(cfg: TrainConfig, vocab_size: int):
@@ -80,7 +200,9 @@ def evaluate(engine, batches: list, rank: int, world: int) -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Runs (or resumes) the configured pretraining; returns the summary rank 0 prints and saves."""
+    """Runs (or resumes) the configured pretraining; returns the summary rank 0 prints and saves ({} when
+    stopped by stop_at). Stopped by SIGTERM/SIGINT it saves, marks the run stopped and raises
+    SystemExit(128 + signal number)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     from tqdm import tqdm
@@ -92,6 +214,8 @@ def train(cfg: TrainConfig) -> dict:
     run_dir = prepare_run_dir(cfg)
     register()
     default_to_world_of_one()
+    if os.environ.get("RANK", "0") == "0":
+        _warn_about_op_builds(cfg)
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     cfg.expert_parallel_size(world)  # fail before loading data when the experts cannot be placed
@@ -106,13 +230,17 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume and (checkpoints / "latest").exists():
         _, client = engine.load_checkpoint(str(checkpoints))
         start, tokens, elapsed = client["step"], client["tokens"], client["elapsed"]
+    elif cfg.resume and rank == 0:
+        _log.warning("gradpower_ds.train: no checkpoint in %s: starting from step 0", checkpoints)
+    stop = StopRequest()
+    stop.install()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "summary.json").unlink(missing_ok=True)
         write_json(run_dir / "config.json", cfg.to_dict())
         write_json(run_dir / "status.json", {"state": "running", "step": start})
         _log.info("gradpower_ds.train: %s | %d ranks, ZeRO-%d, %s, %s | %s | %.2fM parameters%s",
-                  corpus.description, world, cfg.zero_stage, cfg.precision, cfg.optimizer_label(),
+                  corpus.description, world, cfg.effective_zero_stage, cfg.precision, cfg.optimizer_label(),
                   type(engine.basic_optimizer).__name__,
                   sum(p.numel() for p in model.parameters()) / 1e6,
                   f" | resumed at step {start}" if start else "")
@@ -121,6 +249,8 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0 or not cfg.progress, unit="step", dynamic_ncols=True)
     val_loss = None
     last = cfg.stop_at or cfg.steps
+    stopped_by = 0  # the signal that stopped the run
+    done = start
     try:
         for step in range(start, last):
             began = time.perf_counter()
@@ -132,34 +262,60 @@ def train(cfg: TrainConfig) -> dict:
                 engine.backward(loss)
                 engine.step()
                 lm_loss += loss.detach().float() - cfg.aux_loss_coef * model.aux_loss().detach().float()
-            torch.distributed.all_reduce(lm_loss)
-            train_loss = lm_loss.item() / (cfg.grad_accum * world)
+            # one all-reduce for the loss and for how many ranks were asked to stop, by SIGTERM or by SIGINT
+            reduced = torch.stack([lm_loss, *(torch.tensor(float(stop.signum == s), device=engine.device)
+                                              for s in STOP_SIGNALS)])
+            torch.distributed.all_reduce(reduced)
+            train_loss = reduced[0].item() / (cfg.grad_accum * world)
             elapsed += time.perf_counter() - began
             tokens += step_tokens
             done = step + 1
             val_loss = evaluate(engine, val_batches, rank, world) if done % cfg.eval_every == 0 or done == cfg.steps \
                 else None
+            if step + 1 < last:
+                stopped_by = next((s for s, n in zip(STOP_SIGNALS, reduced[1:].tolist()) if n), 0)
+            logged = False
             if rank == 0:
                 bar.update(1)
                 bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}")
                 if val_loss is not None:
                     bar.write(f"step {done}: validation loss {val_loss:.4f}")
-                if done % cfg.log_every == 0 or val_loss is not None:
+                logged = done % cfg.log_every == 0 or val_loss is not None
+                if logged:
                     log.log(step=done, tokens=tokens, train_loss=train_loss, val_loss=val_loss, lr=lr,
                             tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
-            if done % cfg.save_every == 0 or done == last:
+            saving = done % cfg.save_every == 0 or done == last or stopped_by
+            if saving:
                 engine.save_checkpoint(str(checkpoints), tag=f"step{done}",
                                        client_state={"step": done, "tokens": tokens, "elapsed": elapsed})
-        if val_loss is None and last == cfg.steps:  # resumed a finished run: nothing to train, measure again
+            if rank == 0 and (logged or saving) and not stopped_by and done < last:
+                write_json(run_dir / "status.json", {"state": "running", "step": done})
+            if stopped_by:
+                break
+        if stopped_by:
+            torch.distributed.barrier()  # every rank's part of the checkpoint is written
+        elif val_loss is None and last == cfg.steps:  # resumed a finished run: nothing to train, measure again
             val_loss = evaluate(engine, val_batches, rank, world)
     except BaseException as error:
         if rank == 0:
-            write_json(run_dir / "status.json", {"state": "failed", "error": f"{type(error).__name__}: {error}"})
+            write_json(run_dir / "status.json", {"state": "failed", "step": done,
+                                                 "error": f"{type(error).__name__}: {error}"})
+        stop.restore()
         raise
     finally:
         bar.close()
         if log is not None:
             log.close()
+    if stopped_by:
+        name = signal.Signals(stopped_by).name
+        if rank == 0:
+            write_json(run_dir / "status.json", {"state": "stopped", "step": done, "signal": name})
+            _log.info("gradpower_ds.train: stopped after step %d of %d by %s, checkpoint saved; continue with "
+                      "--resume true", done, cfg.steps, name)
+        engine.destroy()
+        stop.restore()
+        raise SystemExit(128 + stopped_by)
+    stop.restore()
     if last < cfg.steps:
         if rank == 0:
             write_json(run_dir / "status.json", {"state": "stopped", "step": last})
@@ -192,8 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     try:
         cfg = load_config(argv)
+        prepare_run_dir(cfg)  # every setting checked before deepspeed is imported (one line, exit status 2)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        report_error(str(error))
         raise SystemExit(2)
     summary = train(cfg)
     if summary and torch.distributed.get_rank() == 0:

@@ -1,128 +1,234 @@
 """The main job's settings: one flat dataclass, read from a JSON file and overridden by command-line flags.
 
 Every field is a flag (``--steps 200``, ``--gpas true``) and a key of the JSON
-file (``configs/quickstart.json``); unknown keys and bad values are refused with
-a message naming them. ``deepspeed_config()`` turns the settings into the
-DeepSpeed config the engine is built from.
+file (``configs/quickstart.json``); its help text lives in the field's metadata
+(``--help`` lists them with their defaults). ``load_config`` checks every
+setting before anything heavy is imported or launched: value types (JSON
+included), ranges, the AdamPower hyperparameters as the optimizer will check
+them, the DeepSpeed config that results from ``deepspeed_overrides``, that the
+data and tokenizer paths exist and that the experts can be placed on the
+ranks. A bad setting raises ``ConfigError`` (a ValueError) whose one-line
+message names the setting and where it came from (the flag or the file).
+``deepspeed_config()`` turns the settings into the DeepSpeed config the engine
+is built from.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import math
+import os
+import re
+import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .gpas import ACTIVATIONS, VARIANTS
-from .hyperparams import check_power
+from .hyperparams import check_group, check_power
 
 OPTIMIZERS = {"adampower": "AdamPower", "adamw": "AdamW"}  # our name -> DeepSpeed "type"
 SCHEDULES = ("wsd", "cosine", "constant")
 PRECISIONS = ("bf16", "fp32", "fp16")
+POWER_SETTINGS = ("power", "expert_power")
+ERROR_GRACE_S = 10.0  # see report_error  # only used by optimizer adampower
+# DeepSpeed config keys that a TrainConfig field sets and the training loop relies on: deepspeed_overrides may
+# not change them (the loop would not follow), only the field may
+_FIELD_OF_DS_KEY = {"train_micro_batch_size_per_gpu": "micro_batch", "gradient_accumulation_steps": "grad_accum",
+                    "gradient_clipping": "grad_clip"}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; `keys` are the TrainConfig fields it is about (to say where they came from)."""
+
+    def __init__(self, message: str, *keys: str):
+        super().__init__(message)
+        self.keys = keys
+
+
+def _setting(default, help: str):
+    """A TrainConfig field with its --help text (the one place flags are described)."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     """What a pretraining run does; defaults are the quickstart's (a few minutes on 2 CPU cores)."""
 
-    run_dir: str = "runs/quickstart"
-    resume: bool = False
-    seed: int = 0
-    steps: int = 300
-    stop_at: int = 0  # > 0: save and stop after this step (the schedule stays that of `steps`); resume later
+    run_dir: str = _setting("runs/quickstart", "folder of the run (config.json, metrics.csv, checkpoints/, ...)")
+    resume: bool = _setting(False, "continue the run in run_dir from its newest checkpoint")
+    seed: int = _setting(0, "random seed (model init and the batches drawn)")
+    steps: int = _setting(300, "optimizer steps; the lr schedule spans them")
+    stop_at: int = _setting(0, "> 0: save and stop after this step (the schedule stays that of steps); resume later")
     # data
-    data: str = "stdlib"
-    tokenizer: str = "byte"
-    jsonl_key: str = "text"
-    val_fraction: float = 0.01
-    seq_len: int = 128
-    micro_batch: int = 8
-    grad_accum: int = 1
+    data: str = _setting("stdlib", "'stdlib', a text file, a folder or glob of text files, a .jsonl file, or a "
+                                   "Megatron indexed dataset prefix (P.bin/P.idx)")
+    tokenizer: str = _setting("byte", "'byte' (257 ids) or a local Hugging Face tokenizer folder")
+    jsonl_key: str = _setting("text", "the key holding each document's text in a .jsonl file")
+    val_fraction: float = _setting(0.01, "fraction of documents held out for validation, in (0, 1)")
+    seq_len: int = _setting(128, "tokens per sequence")
+    micro_batch: int = _setting(8, "sequences per rank per micro-step")
+    grad_accum: int = _setting(1, "micro-steps per optimizer step")
     # model (gradpower_ds.model.ModelConfig)
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    ffn_dim: int = 256
-    num_experts: int = 4
-    top_k: int = 2
-    ep_size: int = 0  # 0: as many expert-parallel ranks as divide both the world size and num_experts
-    aux_loss_coef: float = 0.01
-    norm: str = "pre_ln"
-    gpas: bool = False
-    gpas_act: str = "silu"
+    dim: int = _setting(128, "model width")
+    n_layers: int = _setting(4, "decoder layers")
+    n_heads: int = _setting(4, "attention heads (must divide dim)")
+    ffn_dim: int = _setting(256, "hidden size of each MLP / expert")
+    num_experts: int = _setting(4, "experts per MoE layer (0: dense MLP)")
+    top_k: int = _setting(2, "experts per token, in [1, num_experts]")
+    ep_size: int = _setting(0, "expert-parallel ranks (0: as many as divide both the world size and num_experts)")
+    aux_loss_coef: float = _setting(0.01, "weight of the MoE load-balancing loss")
+    norm: str = _setting("pre_ln", f"layer-norm placement: {', '.join(VARIANTS)}")
+    gpas: bool = _setting(False, "GPAS gates (gradient-preserving activation scaling)")
+    gpas_act: str = _setting("silu", f"GPAS gate activation: {', '.join(ACTIVATIONS)}")
     # optimizer
-    optimizer: str = "adampower"
-    power: float = 1.2
-    expert_power: float | None = None
-    lr: float = 3e-3
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    optimizer: str = _setting("adampower", f"{' or '.join(OPTIMIZERS)} (DeepSpeed's own AdamW)")
+    power: float = _setting(1.2, "GradPower exponent p > 0 (adampower only; 1.0 is plain Adam)")
+    expert_power: float | None = _setting(None, "p for the expert parameters (adampower only; none: power)")
+    lr: float = _setting(3e-3, "peak learning rate")
+    betas: tuple[float, float] = _setting((0.9, 0.95), "Adam betas, each in [0, 1)")
+    eps: float = _setting(1e-8, "Adam epsilon (>= 0)")
+    weight_decay: float = _setting(0.1, "decoupled weight decay (>= 0)")
+    grad_clip: float = _setting(1.0, "gradient-norm clipping (0: off)")
     # learning-rate schedule
-    schedule: str = "wsd"
-    warmup_steps: int = 30
-    decay_fraction: float = 0.2  # WSD: the last fraction of the steps decays linearly
-    min_lr_ratio: float = 0.0  # end of the decay, as a fraction of lr
+    schedule: str = _setting("wsd", f"lr schedule: {', '.join(SCHEDULES)}")
+    warmup_steps: int = _setting(30, "linear warmup steps, in [0, steps)")
+    decay_fraction: float = _setting(0.2, "WSD: the last fraction of the steps decays linearly")
+    min_lr_ratio: float = _setting(0.0, "end of the decay, as a fraction of lr")
     # DeepSpeed
-    zero_stage: int = 2
-    precision: str = "bf16"
-    offload_optimizer: bool = False
+    zero_stage: int = _setting(2, "ZeRO stage 0-3 (1 or 2 with experts)")
+    precision: str = _setting("bf16", f"{', '.join(PRECISIONS)}")
+    offload_optimizer: bool = _setting(False, "ZeRO optimizer states on the CPU")
     # evaluation, logging, checkpoints
-    eval_every: int = 50
-    eval_batches: int = 16
-    log_every: int = 5
-    save_every: int = 100
-    tensorboard: bool = True
-    progress: bool = True
-    deepspeed_overrides: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
+    eval_every: int = _setting(50, "validation every N steps (and at the end)")
+    eval_batches: int = _setting(16, "validation batches per evaluation")
+    log_every: int = _setting(5, "metrics.csv row every N steps")
+    save_every: int = _setting(100, "checkpoint every N steps (and at the end)")
+    tensorboard: bool = _setting(True, "write tensorboard/ event files")
+    progress: bool = _setting(True, "progress bar on rank 0")
+    deepspeed_overrides: dict = _setting({}, "JSON object merged into the generated DeepSpeed config")
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
         self.check()
 
     def check(self) -> None:
-        """Raises ValueError naming the first setting that cannot work and what it accepts."""
+        """Raises ConfigError naming the first setting that cannot work and what it accepts."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked_type(f.name, getattr(self, f.name), _kind(f)))
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r} is unknown; choose one of {sorted(OPTIMIZERS)}")
-        check_power(self.power, 0.0, owner="power")
+            raise ConfigError(f"optimizer={self.optimizer!r} is unknown; choose one of {sorted(OPTIMIZERS)}",
+                              "optimizer")
+        _hyper(lambda: check_power(self.power, 0.0, owner="power"), "power")
         if self.expert_power is not None:
-            check_power(self.expert_power, 0.0, owner="expert_power")
+            _hyper(lambda: check_power(self.expert_power, 0.0, owner="expert_power"), "expert_power")
         choices = {"schedule": SCHEDULES, "precision": PRECISIONS, "norm": VARIANTS, "gpas_act": ACTIVATIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is unknown; choose one of {list(allowed)}")
+                raise ConfigError(f"{name}={getattr(self, name)!r} is unknown; choose one of {list(allowed)}", name)
         positive = ("steps", "seq_len", "micro_batch", "grad_accum", "dim", "n_layers", "n_heads", "ffn_dim",
                     "eval_every", "eval_batches", "log_every", "save_every", "lr")
         for name in positive:
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0", name)
+        if self.dim % self.n_heads:
+            raise ConfigError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}", "dim", "n_heads")
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
-        if self.num_experts and self.zero_stage == 3:
-            raise ValueError("num_experts > 0 needs zero_stage 1 or 2 (DeepSpeed's MoE layers refuse ZeRO-3)")
+            raise ConfigError(f"zero_stage={self.zero_stage} must be 0, 1, 2 or 3", "zero_stage")
         if self.num_experts < 0 or self.ep_size < 0:
-            raise ValueError("num_experts and ep_size must be >= 0")
+            raise ConfigError("num_experts and ep_size must be >= 0", "num_experts", "ep_size")
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+            raise ConfigError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]",
+                              "top_k", "num_experts")
         if not 0 <= self.stop_at <= self.steps:
-            raise ValueError(f"stop_at={self.stop_at} must be in [0, steps={self.steps}] (0: run to the end)")
+            raise ConfigError(f"stop_at={self.stop_at} must be in [0, steps={self.steps}] (0: run to the end)",
+                              "stop_at", "steps")
         if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
+            raise ConfigError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})",
+                              "warmup_steps", "steps")
         if not 0 <= self.decay_fraction <= 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("decay_fraction and min_lr_ratio must be in [0, 1]")
+            raise ConfigError("decay_fraction and min_lr_ratio must be in [0, 1]", "decay_fraction", "min_lr_ratio")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in (0, 1)", "val_fraction")
+        if self.grad_clip < 0:
+            raise ConfigError(f"grad_clip={self.grad_clip} must be >= 0 (0: off)", "grad_clip")
+        self._check_deepspeed_config()
+
+    def _check_deepspeed_config(self) -> None:
+        """The checks that depend on the final DeepSpeed config (after deepspeed_overrides)."""
+        over = self.deepspeed_overrides
+        ds = self.deepspeed_config()
+        zero = ds.get("zero_optimization")
+        if not isinstance(zero, dict):
+            raise ConfigError(f"deepspeed_overrides: zero_optimization={zero!r} must be a JSON object",
+                              "deepspeed_overrides")
+        stage_key = "deepspeed_overrides" if "stage" in (over.get("zero_optimization") or {}) else "zero_stage"
+        stage = zero.get("stage", 0)
+        if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed_overrides: zero_optimization.stage={stage!r} must be 0, 1, 2 or 3",
+                              "deepspeed_overrides")
+        if self.num_experts and stage == 3:
+            where = " (set by deepspeed_overrides)" if stage_key == "deepspeed_overrides" else ""
+            raise ConfigError(f"num_experts={self.num_experts} > 0 needs zero_stage 1 or 2 (DeepSpeed's MoE layers "
+                              f"refuse ZeRO-3); the DeepSpeed config has stage 3{where}", "num_experts", stage_key)
+        for key, name in _FIELD_OF_DS_KEY.items():
+            if key in over and over[key] != getattr(self, name):
+                raise ConfigError(f"deepspeed_overrides sets {key}={over[key]!r}, which the training loop does not "
+                                  f"follow; set {name} instead", "deepspeed_overrides")
+        if "train_batch_size" in over:
+            raise ConfigError("deepspeed_overrides sets train_batch_size, which the training loop does not follow; "
+                              "set micro_batch and grad_accum instead", "deepspeed_overrides")
+        optimizer = ds.get("optimizer")
+        if not isinstance(optimizer, dict) or not isinstance(optimizer.get("params", {}), dict):
+            raise ConfigError(f"deepspeed_overrides: optimizer={optimizer!r} must be a JSON object with a params "
+                              "object", "deepspeed_overrides")
+        if str(optimizer.get("type", "")).lower() != OPTIMIZERS[self.optimizer].lower():
+            raise ConfigError(f"deepspeed_overrides sets optimizer.type={optimizer.get('type')!r}; set optimizer "
+                              f"({' or '.join(OPTIMIZERS)}) instead", "deepspeed_overrides", "optimizer")
+        params = optimizer.get("params", {})
+        group = {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
+                 "power": self.power, "power_eps": 0.0, "adam_w_mode": True, "bias_correction": True}
+        group.update({k: v for k, v in params.items() if k in group})
+        changed = [k for k in group if k in (over.get("optimizer") or {}).get("params", {})]
+        # what the optimizer will check when it is built, checked now (the betas, eps, weight decay, lr, power)
+        _hyper(lambda: check_group(group, owner="optimizer"), *(["deepspeed_overrides"] if changed else []),
+               infer_key=not changed)
+
+    @property
+    def effective_zero_stage(self) -> int:
+        """The ZeRO stage of the final DeepSpeed config (zero_stage, unless deepspeed_overrides sets another)."""
+        return self.deepspeed_config()["zero_optimization"].get("stage", 0)
 
     def expert_parallel_size(self, world_size: int) -> int:
-        """The expert-parallel size for `world_size` ranks; ValueError when the config cannot be placed."""
+        """The expert-parallel size for `world_size` ranks; ConfigError when the config cannot be placed."""
         if not self.num_experts:
             return 1
         ep = self.ep_size or math.gcd(world_size, self.num_experts)
         if ep > world_size or world_size % ep or self.num_experts % ep:
-            raise ValueError(f"ep_size={ep} cannot be placed: it must divide both the world size ({world_size} "
-                             f"ranks) and num_experts ({self.num_experts}); set ep_size to such a number, or 0 "
-                             "for the largest one")
+            raise ConfigError(f"ep_size={ep} cannot be placed: it must divide both the world size ({world_size} "
+                              f"ranks) and num_experts ({self.num_experts}); set ep_size to such a number, or 0 "
+                              "for the largest one", "ep_size", "num_experts")
         return ep
+
+    def check_paths(self) -> None:
+        """ConfigError when the data source or the tokenizer folder does not exist (as gradpower_ds.data reads
+        them; relative paths are relative to the current directory)."""
+        if self.data != "stdlib":
+            prefix = self.data.removesuffix(".bin").removesuffix(".idx")
+            megatron = Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()
+            path = Path(self.data).expanduser()
+            if not (megatron or path.exists() or any(os.path.isfile(m) for m in glob.iglob(self.data,
+                                                                                          recursive=True))):
+                raise ConfigError(f"data path not found: {self.data} (from {os.getcwd()}); give 'stdlib', a text "
+                                  "file, a folder or glob of text files, a .jsonl file or a Megatron prefix "
+                                  "P (P.bin + P.idx)", "data")
+        if self.tokenizer != "byte" and not Path(self.tokenizer).expanduser().exists():
+            raise ConfigError(f"tokenizer path not found: {self.tokenizer} (from {os.getcwd()}); give 'byte' or a "
+                              "local Hugging Face tokenizer folder", "tokenizer")
 
     def model_config(self, vocab_size: int, world_size: int):
         """The ModelConfig of this run (DeepSpeed's MoE layer for experts)."""
@@ -173,6 +279,81 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def _kind(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_EXPECTED = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string",
+             "float | None": "a finite number or null", "tuple[float, float]": "a list of 2 numbers",
+             "dict": "a JSON object"}
+
+
+def _checked_type(name: str, value, kind: str):
+    """`value` as field `name` of type `kind` holds it (ints as floats, lists as tuples); ConfigError naming the
+    key and the expected type otherwise."""
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = _finite_number(value)
+        value = float(value) if ok else value
+    elif kind == "str":
+        ok = isinstance(value, str)
+    elif kind == "float | None":
+        ok = value is None or _finite_number(value)
+        value = float(value) if ok and value is not None else value
+    elif kind == "tuple[float, float]":
+        ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_finite_number, value))
+        value = tuple(map(float, value)) if ok else value
+    else:
+        ok = isinstance(value, dict)
+    if not ok:
+        raise ConfigError(f"{name}={value!r} must be {_EXPECTED[kind]}, not {type(value).__name__}", name)
+    return value
+
+
+_HYPER_NAMES = ("lr", "betas", "eps", "weight_decay", "power")
+
+
+def _hyper(check, *keys: str, infer_key: bool = False) -> None:
+    """Runs a gradpower_ds.hyperparams check; its ValueError/TypeError becomes a ConfigError about `keys`."""
+    try:
+        check()
+    except (ValueError, TypeError) as error:
+        owner, _, message = str(error).partition(": ")
+        if infer_key:  # 'invalid betas[0]=1.0: must be in [0, 1)' is about betas
+            keys = tuple(k for k in _HYPER_NAMES if re.search(rf"\b{k}\b", message))[:1] or keys
+        raise ConfigError(message or owner, *keys) from None
+
+
+# ---- flags and the config file ------------------------------------------------------------------------------------
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def report_error(message: str, prog: str = "gradpower_ds.train") -> None:
+    """Prints ``prog: error: message`` as one line to stderr, once per node: every rank fails alike, so the other
+    local ranks first wait ERROR_GRACE_S for local rank 0 to print it and end the job (a launcher stops all ranks
+    when one fails), and print it only if they are still running then."""
+    if _local_rank() != 0:
+        time.sleep(ERROR_GRACE_S)
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (not the usage of 45 flags), once per node, exit status 2."""
+
+    def error(self, message: str):
+        report_error(f"{message} (see --help)", self.prog)
+        raise SystemExit(2)
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -181,40 +362,142 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def _parse_optional_float(text: str) -> float | None:
-    return None if text.lower() in ("none", "null", "") else float(text)
+    return None if text.lower() in ("none", "null", "") else _parse_float(text)
 
 
-_FLAG_TYPES = {"bool": _parse_bool, "int": int, "float": float, "str": str, "float | None": _parse_optional_float,
-               "tuple[float, float]": float, "dict": json.loads}
+def _parse_json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text!r}")
+    return value
+
+
+_FLAG_TYPES = {"bool": _parse_bool, "int": _parse_int, "float": _parse_float, "str": str,
+               "float | None": _parse_optional_float, "tuple[float, float]": _parse_float, "dict": _parse_json_object}
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return "none" if value is None else str(value)
 
 
 def argument_parser(prog: str = "python -m gradpower_ds train") -> argparse.ArgumentParser:
-    """A parser with --config FILE.json and one flag per TrainConfig field (flags win over the file)."""
-    parser = argparse.ArgumentParser(prog=prog, description="Pretrain the small LLaMA/MoE model with DeepSpeed.")
-    parser.add_argument("--config", help="JSON file with TrainConfig keys (e.g. configs/quickstart.json)")
+    """A parser with --config FILE.json and one flag per TrainConfig field (flags win over the file); the help
+    texts and defaults come from the fields."""
+    parser = OneLineParser(
+        prog=prog, description="Pretrain the small LLaMA/MoE model with DeepSpeed. Every flag is also a key of "
+                               "the --config file; flags win. The defaults shown are TrainConfig's; the config file "
+                               "replaces them (configs/quickstart.json sets the quickstart's).")
+    parser.add_argument("--config", metavar="FILE.json",
+                        help="JSON file with TrainConfig keys (e.g. configs/quickstart.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        kind = _kind(f)
         nargs = 2 if kind == "tuple[float, float]" else None
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        text = f"{f.metadata['help']} (default: {_show(default)})".replace("%", "%%")
         parser.add_argument(f"--{f.name}", type=_FLAG_TYPES[kind], nargs=nargs, default=argparse.SUPPRESS,
-                            metavar=f.name.upper() if nargs is None else ("B1", "B2"))
+                            metavar=("B1", "B2") if nargs else "{true,false}" if kind == "bool" else f.name.upper(),
+                            help=text)
     return parser
 
 
-def load_config(argv: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from the --config file (if any) and the flags; ValueError names unknown keys or bad values."""
+def read_config_file(path: str) -> dict:
+    """The settings in a --config JSON file; ConfigError (naming the file) when it is missing, not JSON, not an
+    object, or has unknown keys."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found (from {os.getcwd()})") from None
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot be read ({e.strerror or e})") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a JSON object {{\"key\": value, ...}}, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known - {"_comment"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; accepted keys are {sorted(known)}")
+    values.pop("_comment", None)
+    return values
+
+
+def _where(keys, sources: dict) -> str:
+    """Where the settings `keys` came from: '--flag', 'FILE' (for the defaults: nothing)."""
+    found = []
+    for key in keys:
+        source = sources.get(key)
+        if source and source not in found:
+            found.append(source)
+    return ", ".join(found)
+
+
+def load_config(argv: list[str] | None = None, world_size: int | None = None) -> TrainConfig:
+    """TrainConfig from the --config file (if any) and the flags, with every setting checked (see the module
+    docstring) before anything is imported or launched; ConfigError names the setting and its flag or file.
+
+    world_size (default: $WORLD_SIZE, else 1) is the number of ranks the experts must be placed on."""
     args = vars(argument_parser().parse_args(argv))
     args.pop("local_rank")
     path = args.pop("config")
-    values = {}
-    if path:
-        with open(path) as f:
-            values = json.load(f)
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(values) - known - {"_comment"})
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; accepted keys are {sorted(known)}")
-        values.pop("_comment", None)
+    values = read_config_file(path) if path is not None else {}
+    sources = {key: path for key in values}
+    sources.update({key: f"--{key}" for key in args})
     values.update(args)
-    return TrainConfig(**values)
+    try:
+        _check_power_needs_adampower(values, sources)
+        cfg = TrainConfig(**values)
+        cfg.check_paths()
+        cfg.expert_parallel_size(world_size or int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ConfigError as error:
+        where = _where(error.keys, sources)
+        raise ConfigError(f"{where}: {error}" if where else str(error), *error.keys) from None
+    return cfg
+
+
+def _check_power_needs_adampower(values: dict, sources: dict) -> None:
+    """power/expert_power given where optimizer adamw is chosen (as a flag, or both in the file) have no effect:
+    refused, as megatron_patches refuses --gradpower-p without --optimizer adampower. A power in the file with
+    --optimizer adamw as a flag is fine (the flag switches the optimizer, the file's power no longer applies)."""
+    optimizer = values.get("optimizer", "adampower")
+    if optimizer == "adampower" or optimizer not in OPTIMIZERS:
+        return
+    chosen_at = 2 if str(sources.get("optimizer", "")).startswith("--") else 1 if "optimizer" in sources else 0
+    for key in POWER_SETTINGS:
+        if key not in sources or (key == "expert_power" and values[key] is None):
+            continue
+        given_at = 2 if sources[key].startswith("--") else 1
+        if given_at >= chosen_at:
+            given = f"--{key} {values[key]}" if given_at == 2 else f"{sources[key]} key {key}={values[key]!r}"
+            chosen = "--optimizer" if chosen_at == 2 else f"{sources['optimizer']} key optimizer"
+            raise ConfigError(f"{given} has no effect unless --optimizer adampower (optimizer is {optimizer!r}, "
+                              f"from {chosen}); drop it or choose adampower")

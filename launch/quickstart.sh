@@ -10,11 +10,19 @@
 # (metrics.csv, loss.png, tensorboard/, checkpoints/); rerun with --resume true to continue.
 #
 # Environment: NUM_GPUS (ranks; default: the GPU count, else 2), MASTER_PORT (default 29500),
-# CONFIG (default configs/quickstart.json).
+# CONFIG (default: the repository's configs/quickstart.json).
+#
+# It may be started from any directory: the run starts in that directory, so relative paths (CONFIG,
+# --config, --data, --tokenizer, --run_dir, and the paths inside the config file) are relative to
+# where you started it, as for `python -m gradpower_ds train`; the default run_dir runs/quickstart
+# is created there too.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+start_dir=$PWD
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
 # shellcheck source=launch/setup_env.sh
 . launch/setup_env.sh
+cd "$start_dir"
 
 if [ -z "${NUM_GPUS:-}" ]; then
     NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
@@ -23,4 +31,4 @@ fi
 cores=$(nproc)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / NUM_GPUS > 0 ? cores / NUM_GPUS : 1 ))}
 exec deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
-    --module gradpower_ds.train --config "${CONFIG:-configs/quickstart.json}" "$@"
+    --module gradpower_ds.train --config "${CONFIG:-$root/configs/quickstart.json}" "$@"
