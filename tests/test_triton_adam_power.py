@@ -23,6 +23,7 @@ Tolerances, measured with the interpreter (worst case over the matrix):
   CUDA test allows the moments 2e-6 relative.
 """
 
+import itertools
 import math
 import subprocess
 import sys
@@ -292,6 +293,53 @@ def test_bench_gpu_step_smoke():
     for name in ("d2d copy", "ours p=1.2", "ours p=1", "ours p=1.2 +bf16 copy", "torch_adamw_fused",
                  "two-pass p=1.2", "TARGET"):
         assert name in out.stdout, out.stdout
+
+
+def _compile_for_sm90(constexprs: dict):
+    """The kernel compiled ahead of time for an H100 (sm_90) by Triton's own compiler and ptxas: no GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: "*i64" for name in ("p_addrs", "g_addrs", "m_addrs", "v_addrs", "copy_addrs", "numels",
+                                           "first_programs")}
+    signature["program_tensor"] = "*i32"
+    signature.update({name: "fp32" for name in ("lerp_coeff", "lerp_from_grad", "beta2", "one_minus_beta2", "eps",
+                                                "neg_step_size", "bias_corr2_sqrt", "decay", "weight_decay", "power",
+                                                "power_eps")})
+    signature["lerp_from_grad"] = "i1"
+    signature.update({name: "constexpr" for name in constexprs})
+    names = list(signature)
+    source = ASTSource(fn=triton.jit(tap._adam_power_kernel), signature=signature,
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=tap.NUM_WARPS, enable_fp_fusion=False))
+
+
+@pytest.mark.parametrize("phi_only", [False, True], ids=["adam", "phi_only"])
+@pytest.mark.parametrize("grad_dtype", ["float32", "bfloat16", "float16"])
+def test_kernel_compiles_for_sm90_in_every_variant(phi_only, grad_dtype, monkeypatch):
+    """Compiled mode, which the interpreter does not exercise: every constexpr variant lowers to an sm_90 cubin,
+    the unmasked ones with 16-byte vector loads; the phi-only variant has no Adam arithmetic (no sqrt) in it."""
+    import triton.language as tl
+
+    monkeypatch.delenv("TRITON_INTERPRET")  # triton.jit then gives the compiler's kernel, not the interpreter's
+
+    for masked, power_is_one in itertools.product((False, True), (False, True)):
+        has_copy = phi_only or grad_dtype == "bfloat16"
+        try:
+            compiled = _compile_for_sm90(dict(
+                GRAD_DTYPE=getattr(tl, grad_dtype), COPY_DTYPE=getattr(tl, grad_dtype if phi_only else "bfloat16"),
+                HAS_COPY=has_copy, POWER_IS_ONE=power_is_one, DECAY=not phi_only, L2=False, ALIGNED=True,
+                MASKED=masked, BLOCK=tap.BLOCK, PHI_ONLY=phi_only))
+        except Exception as exc:
+            if "ptxas" in str(exc) and ("not found" in str(exc) or "No such file" in str(exc)):
+                pytest.skip(f"Triton's ptxas is not available here: {exc}")
+            raise
+        ptx = compiled.asm["ptx"]
+        assert compiled.asm.get("cubin")
+        assert ("ld.global.v4" in ptx) is not masked  # whole blocks: 16-byte accesses; a run-time mask prevents them
+        assert ("sqrt.rn" in ptx) is not phi_only
 
 
 @pytest.mark.gpu
