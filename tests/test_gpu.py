@@ -58,7 +58,9 @@ def test_kernel_grad_power_in_place_on_cuda(fused, dtype):
     y = x.cuda()
     grad_power_(y, 1.2, fused=fused)
     ref = grad_power(x, 1.2)
-    rtol = 1e-5 if dtype == torch.float32 else 2.0**-7  # fp32 maths, then one rounding to bf16/fp16
+    # fp32: the GPU's approximate log2/exp2 (~2 ulp of p*log2|g|, up to ~126) for Triton; powf with p rounded to
+    # fp32 for torch. bf16/fp16: fp32 maths, then one rounding.
+    rtol = (3e-5 if fused else 5e-6) if dtype == torch.float32 else 2.0**-7
     torch.testing.assert_close(y.cpu(), ref, rtol=rtol, atol=2.0**-149, equal_nan=True)
 
 
