@@ -62,7 +62,9 @@ def main():
         losses=losses, all_finite=all(math.isfinite(loss) for loss in losses))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
-    accelerator.end_training()
+    accelerator.end_training()  # waits for every rank, then ends the process group (no live group at exit)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -62,6 +62,10 @@ def main():
         all_finite=all(math.isfinite(loss) for loss in losses))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(record))
+    # end the process group before exit: a live gloo group torn down at interpreter exit can abort a rank
+    # ("terminate called without an active exception", seen once in CI)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
