@@ -47,7 +47,6 @@ import argparse
 import gc
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -105,11 +104,10 @@ def launch(args: argparse.Namespace) -> int:
     print(f"ranks: {args.world_size} x {args.threads} thread(s); bf16; micro-batch {args.micro_batch} x "
           f"{args.seq} tokens, gas {args.gas}; {args.warmup} warmup + {args.steps} timed steps per optimizer",
           flush=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from gradpower_ds.run import free_port
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.world_size),
-           "--master_addr", "127.0.0.1", "--master_port", str(port), os.path.abspath(__file__), "--worker",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), os.path.abspath(__file__), "--worker",
            *sys.argv[1:]]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     return subprocess.run(cmd, env=env, check=False).returncode

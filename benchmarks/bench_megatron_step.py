@@ -45,7 +45,6 @@ import math
 import os
 import re
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -144,16 +143,11 @@ def build(args, dtype, optimizer: str, torch):
     return model, get_megatron_optimizer(opt_config, [model])
 
 
-def inner_optimizers(optimizer) -> list:
-    """The torch optimizers inside a megatron optimizer (a ChainedOptimizer's, recursively)."""
-    if hasattr(optimizer, "chained_optimizers"):
-        return [o for chained in optimizer.chained_optimizers for o in inner_optimizers(chained)]
-    return [optimizer.optimizer] if getattr(optimizer, "optimizer", None) is not None else []
-
-
 def run_case(args, dtype_name: str, torch, peak: Peak | None = None) -> dict:
     """Both optimizers on the same model and gradients, alternating rounds. Without `peak`: per optimizer the
     seconds of each timed optimizer.step() and of its inner torch step(s); with `peak`: their peak extra MiB."""
+    from megatron_patches.optimizer import inner_optimizers
+
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
     models, opts = {}, {}
@@ -245,6 +239,7 @@ def main() -> None:
     from megatron.core import parallel_state
 
     import megatron_patches
+    from gradpower_ds.run import free_port
 
     args.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     defaults = dict(hidden=2048, layers=8, vocab=32768) if cuda else dict(hidden=512, layers=6, vocab=8192)
@@ -261,10 +256,7 @@ def main() -> None:
     backend = "nccl" if cuda else "gloo"
     print(f"device: {device_name}; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
     print(f"torch {torch.__version__}, megatron-core {megatron.core.__version__}, backend {backend}", flush=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     megatron_patches.apply()
     peak = Peak(torch, cuda)

@@ -79,15 +79,8 @@ def setting_differences(run_dir: Path, cfg: TrainConfig, nproc: int) -> list[str
         recorded = json.loads(recorded_path.read_text())
     except ValueError:
         return [f"{recorded_path} is not valid JSON"]
-    requested = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as config.json holds them
-    differences = []
-    for key, value in requested.items():
-        if key in _NOT_COMPARED:
-            continue
-        there = recorded.get(key, _MISSING)
-        if there != value:
-            differences.append(f"{key}: {'(not recorded)' if there is _MISSING else json.dumps(there)} there, "
-                               f"{json.dumps(value)} now")
+    differences = [f"{key}: {'(not recorded)' if there is _MISSING else json.dumps(there)} there, "
+                   f"{json.dumps(value)} now" for key, there, value in cfg.differences(recorded, _NOT_COMPARED, _MISSING)]
     summary = run_dir / "summary.json"
     if summary.exists():
         try:

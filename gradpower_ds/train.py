@@ -60,10 +60,7 @@ def _read_json(path: Path) -> dict | None:
 def changed_settings(saved: dict, cfg: TrainConfig) -> list[tuple[str, object, object]]:
     """(name, saved value, new value) for each setting outside RESUME_MAY_CHANGE that differs from `saved`
     (a run's config.json; a key it lacks counts as its default)."""
-    current = json.loads(json.dumps(cfg.to_dict()))
-    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
-    return [(name, saved.get(name, defaults[name]), value) for name, value in current.items()
-            if name not in RESUME_MAY_CHANGE and saved.get(name, defaults[name]) != value]
+    return cfg.differences(saved, RESUME_MAY_CHANGE)
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:

@@ -270,6 +270,17 @@ class TrainConfig:
         """The settings as JSON-ready values."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    def differences(self, recorded: dict, ignore, missing=None) -> list[tuple[str, object, object]]:
+        """(name, recorded value, value here) for each setting outside `ignore` that a run's recorded settings
+        (its config.json) hold differently; a setting `recorded` lacks counts as `missing` (None: its default).
+
+        The one comparison behind a resume's refusal (gradpower_ds.train) and compare's reuse check.
+        """
+        now = json.loads(json.dumps(self.to_dict()))  # tuples as lists, as config.json holds them
+        fill = json.loads(json.dumps(TrainConfig().to_dict())) if missing is None else dict.fromkeys(now, missing)
+        return [(name, recorded.get(name, fill[name]), value) for name, value in now.items()
+                if name not in ignore and recorded.get(name, fill[name]) != value]
+
 
 def merge(base: dict, overrides: dict) -> dict:
     """`base` with `overrides` merged in recursively (override values win)."""

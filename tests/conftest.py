@@ -1,13 +1,14 @@
 """Shared test helpers: edge-value tensors, deterministic gradient streams, multi-process launches."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from gradpower_ds.run import free_port  # noqa: F401  (tests import it from here)
 
 FP32_EDGES = [0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 1.1754942e-38, 1.1754944e-38, 3.4028235e38, -3.4028235e38,
               float("inf"), float("-inf"), float("nan"), 1e-3, -2.5, 123456.0, 0.5, 2.0]
@@ -34,13 +35,6 @@ def grad_stream(shape, steps, seed=0, scale=1e-2):
 def _deterministic():
     torch.manual_seed(0)
     yield
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # DeepSpeed JIT-builds ops on first use (the CPU shm all-reduce at init, FusedAdam for "AdamW"), ~40 s each on
