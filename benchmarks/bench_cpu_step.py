@@ -2,7 +2,7 @@
 
 In ONE run, for each thread count (a fresh worker process with OMP_NUM_THREADS set,
 so every OpenMP runtime in it agrees) and each size, it times:
-  ours p=1.2 / ours p=1   gradpower_ds.ops.CPUAdamPower (and p=1.2 forced to AVX2 on AVX-512 CPUs)
+  ours p=1.2 / ours p=1   gradpower_ds.CPUAdamPower (and p=1.2 forced to AVX2 on AVX-512 CPUs)
   deepspeed_cpu_adam      deepspeed.ops.adam.DeepSpeedCPUAdam (the anchor)
   torch_adamw_fused       torch.optim.AdamW(fused=True)
   naive p=1.2             torch sign(g)*|g|**p, then torch AdamW(fused=True)
@@ -44,7 +44,8 @@ def _best_time(fn, repeats: int, warmup: int = 2) -> float:
 def _optimizer_cases(skip_deepspeed: bool):
     import torch
 
-    from gradpower_ds.ops import CPUAdamPower, resolve_isa
+    from gradpower_ds import CPUAdamPower
+    from gradpower_ds.ops import resolve_isa
 
     def naive(params):
         opt = torch.optim.AdamW(params, fused=True)

@@ -3,7 +3,7 @@
 In ONE run, on the same bf16 model (gradpower_ds.model.CausalLM, ~34M parameters
 by default), the same data and the same DeepSpeed config except the optimizer
 type, it times these settings (on the CPU, or on CUDA GPUs when there are any):
-  zero2          ZeRO-2: on the CPU ours builds gradpower_ds.ops.CPUAdamPower and
+  zero2          ZeRO-2: on the CPU ours builds gradpower_ds.CPUAdamPower and
                  DeepSpeed's AdamW its FusedAdam CPU op; on a GPU ours builds
                  AdamPower (fused=None: the torch multi-tensor path until the
                  Triton kernel is verified) and theirs DeepSpeed's FusedAdam

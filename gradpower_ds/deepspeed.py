@@ -122,7 +122,7 @@ def build_optimizer(name: str, params: dict | None, model_parameters, use_cpu_ke
                          kwargs.get("power", ADAM_POWER_DEFAULTS["power"]))
         groups = [dict(g, power=expert_power) if is_moe(g) else g for g in groups]
     if use_cpu_kernel:
-        from .ops import CPUAdamPower
+        from .cpu_adam_power import CPUAdamPower
 
         if kwargs.pop("fused", None):
             raise ValueError("DeepSpeed optimizer params: \"fused\": true selects the GPU (Triton) kernel, but this "
@@ -164,7 +164,7 @@ def _repair_zero3_universal_load(zero_optimizer, checkpoint_dir: str) -> None:
     """
     import torch
 
-    from .ops import CPUAdamPower
+    from .cpu_adam_power import CPUAdamPower
 
     optimizer = zero_optimizer.optimizer
     if not isinstance(optimizer, (AdamPower, CPUAdamPower)):
@@ -221,7 +221,7 @@ def register() -> None:
     from deepspeed.runtime import config as ds_config
     from deepspeed.runtime.zero import utils as zero_utils
 
-    from .ops import CPUAdamPower
+    from .cpu_adam_power import CPUAdamPower
 
     ds_config.DEEPSPEED_OPTIMIZERS.extend(OPTIMIZER_NAMES)
     zero_utils.ZERO_SUPPORTED_OPTIMIZERS.extend((AdamPower, CPUAdamPower))
@@ -237,7 +237,7 @@ def unregister() -> None:
     from deepspeed.runtime import config as ds_config
     from deepspeed.runtime.zero import utils as zero_utils
 
-    from .ops import CPUAdamPower
+    from .cpu_adam_power import CPUAdamPower
 
     for (cls, name), method in _originals.items():
         setattr(cls, name, method)

@@ -15,7 +15,7 @@ nothing.
     optimizer = get_megatron_optimizer(config, model_chunks)
 
 GPAS in transformer layers is asked for per model, not by ``apply()``:
-``enable_gpas(model)`` / ``disable_gpas(model)`` (``megatron_patches.gpas``), before
+``apply_gpas(model)`` / ``remove_gpas(model)`` (``megatron_patches.gpas``), before
 Megatron's DDP wraps the model. Where Megatron-LM is importable, apply() also lets its
 ``--optimizer`` accept ``adampower`` and its optimizer config carry the ``--gradpower-p``
 flags (see ``megatron_patches.arguments``); ``python -m megatron_patches.pretrain_gpt ARGS``
@@ -34,16 +34,16 @@ class UnsupportedMegatronError(RuntimeError):
     """The installed megatron-core is not the version these patches were written and tested for."""
 
 
-def enable_gpas(model_or_layers, act: str = "silu", learnable: bool = True) -> list:
+def apply_gpas(model_or_layers, act: str = "silu", learnable: bool = True) -> list:
     """GPAS gates in a megatron-core model's TransformerLayers (see megatron_patches.gpas)."""
-    from .gpas import enable_gpas as enable
+    from .gpas import apply_gpas as enable
 
     return enable(model_or_layers, act=act, learnable=learnable)
 
 
-def disable_gpas(model_or_layers) -> list:
-    """Undoes enable_gpas (see megatron_patches.gpas)."""
-    from .gpas import disable_gpas as disable
+def remove_gpas(model_or_layers) -> list:
+    """Undoes apply_gpas (see megatron_patches.gpas)."""
+    from .gpas import remove_gpas as disable
 
     return disable(model_or_layers)
 
@@ -95,5 +95,5 @@ def remove() -> None:
     _originals.clear()
 
 
-__all__ = ["SUPPORTED_MEGATRON_CORE", "UnsupportedMegatronError", "apply", "check_megatron_version", "disable_gpas",
-           "enable_gpas", "is_applied", "remove"]
+__all__ = ["SUPPORTED_MEGATRON_CORE", "UnsupportedMegatronError", "apply", "check_megatron_version", "remove_gpas",
+           "apply_gpas", "is_applied", "remove"]

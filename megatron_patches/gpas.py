@@ -1,4 +1,4 @@
-"""GPAS in megatron-core transformer layers: ``enable_gpas(model)`` / ``disable_gpas(model)``.
+"""GPAS in megatron-core transformer layers: ``apply_gpas(model)`` / ``remove_gpas(model)``.
 
 Nothing here runs on ``megatron_patches.apply()``: GPAS changes the model, so it
 is asked for explicitly, per model, after the model is built and *before* it is
@@ -89,7 +89,7 @@ def _transformer_layers(model_or_layers) -> list:
     layers = []
     for item in items:
         if type(item).__name__ == "DistributedDataParallel" or hasattr(item, "ddp_config"):
-            raise GPASUnsupportedError("enable_gpas/disable_gpas: got a megatron DistributedDataParallel; call it on "
+            raise GPASUnsupportedError("apply_gpas/remove_gpas: got a megatron DistributedDataParallel; call it on "
                                        "the model before wrapping it (DDP allocates grad buffers at construction)")
         decoder_layers = getattr(getattr(item, "decoder", None), "layers", None)
         if decoder_layers is not None:
@@ -131,7 +131,7 @@ def _check_layer(layer) -> None:
     for param in layer.parameters():
         if hasattr(param, "main_grad"):
             raise GPASUnsupportedError("GPAS: the layer's parameters already have main_grad (megatron DDP wraps "
-                                       "this model); call enable_gpas before DistributedDataParallel")
+                                       "this model); call apply_gpas before DistributedDataParallel")
 
 
 class _GradMode:
@@ -157,11 +157,11 @@ def _gated_bda(original, gate, grad_mode):
     return bda
 
 
-def enable_gpas(model_or_layers, act: str = "silu", learnable: bool = True) -> list:
+def apply_gpas(model_or_layers, act: str = "silu", learnable: bool = True) -> list:
     """Adds one GPAS gate to every megatron TransformerLayer (dense or MoE) of a model, or of a list of
     layers/models; idempotent (a layer that has a gate keeps it). Returns the gates' layers."""
     if act not in ACTIVATIONS:
-        raise ValueError(f"enable_gpas: unknown act={act!r}; choose one of {sorted(ACTIVATIONS)}")
+        raise ValueError(f"apply_gpas: unknown act={act!r}; choose one of {sorted(ACTIVATIONS)}")
     layers = _transformer_layers(model_or_layers)
     for layer in layers:
         if _ORIGINALS not in layer.__dict__:
@@ -184,8 +184,8 @@ def enable_gpas(model_or_layers, act: str = "silu", learnable: bool = True) -> l
     return layers
 
 
-def disable_gpas(model_or_layers) -> list:
-    """Undoes enable_gpas: removes the gates and their pre-hooks and restores the layers' own bias-dropout-add
+def remove_gpas(model_or_layers) -> list:
+    """Undoes apply_gpas: removes the gates and their pre-hooks and restores the layers' own bias-dropout-add
     (no-op where absent)."""
     layers = _transformer_layers(model_or_layers)
     for layer in layers:

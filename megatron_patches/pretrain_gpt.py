@@ -11,7 +11,7 @@ The one extra hook: ``megatron.training.pretrain`` is wrapped so that the
 ``extra_args_provider`` the script passes is chained with
 ``megatron_patches.arguments.add_arguments`` (the script imports ``pretrain``
 from ``megatron.training`` when it runs, after the wrap), and so that with
-``--gpas`` its ``model_provider`` is followed by ``megatron_patches.enable_gpas``
+``--gpas`` its ``model_provider`` is followed by ``megatron_patches.apply_gpas``
 (before Megatron-LM wraps the model in DDP). That is thinner than replacing
 ``parse_args``, which ``megatron.training.initialize`` has already bound by name,
 or rewriting the layer specs that ``gpt_builders`` builds. ``--gpas`` together
@@ -69,7 +69,7 @@ def with_gpas_model(pretrain):
             model = provider(*args, **kwargs)
             settings = get_args()
             if settings.gpas:
-                layers = megatron_patches.enable_gpas(model, act=settings.gpas_act)
+                layers = megatron_patches.apply_gpas(model, act=settings.gpas_act)
                 _log.info("megatron_patches: GPAS gates (act=%s) in %d layers", settings.gpas_act, len(layers))
             return model
 

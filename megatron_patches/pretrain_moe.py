@@ -161,7 +161,7 @@ def build_model(args, vocab_size: int):
     model = GPTModel(config, spec, vocab_size=vocab_size, max_sequence_length=args.seq_length,
                      position_embedding_type="rope", share_embeddings_and_output_weights=False)
     if args.gpas:
-        megatron_patches.enable_gpas(model, act=args.gpas_act)
+        megatron_patches.apply_gpas(model, act=args.gpas_act)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if args.bf16:

@@ -1,4 +1,4 @@
-"""megatron_patches.enable_gpas / disable_gpas: GPAS in megatron-core TransformerLayers.
+"""megatron_patches.apply_gpas / remove_gpas: GPAS in megatron-core TransformerLayers.
 
 Cheap (in-process): argument and version errors, and that apply()/remove() never touch GPAS.
 
@@ -30,17 +30,17 @@ JOBS = Path(__file__).parent / "jobs"
 
 def test_unknown_act_and_no_layers():
     with pytest.raises(ValueError, match="unknown act='gelu'"):
-        megatron_patches.enable_gpas(torch.nn.Linear(2, 2), act="gelu")
+        megatron_patches.apply_gpas(torch.nn.Linear(2, 2), act="gelu")
     with pytest.raises(GPASUnsupportedError, match="no megatron-core TransformerLayer found in \\['Linear'\\]"):
-        megatron_patches.enable_gpas(torch.nn.Linear(2, 2))
+        megatron_patches.apply_gpas(torch.nn.Linear(2, 2))
     with pytest.raises(GPASUnsupportedError, match="no megatron-core TransformerLayer"):
-        megatron_patches.disable_gpas([torch.nn.Linear(2, 2)])
+        megatron_patches.remove_gpas([torch.nn.Linear(2, 2)])
 
 
 def test_unsupported_version(monkeypatch):
     monkeypatch.setattr(megatron.core, "__version__", "0.17.0")
     with pytest.raises(megatron_patches.UnsupportedMegatronError, match=r"0\.17\.0 is installed"):
-        megatron_patches.enable_gpas(torch.nn.Linear(2, 2))
+        megatron_patches.apply_gpas(torch.nn.Linear(2, 2))
 
 
 def test_apply_does_not_enable_gpas():

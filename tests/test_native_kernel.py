@@ -11,7 +11,8 @@ import torch
 
 from conftest import edge_tensor, grad_stream
 from gradpower_ds import AdamPower
-from gradpower_ds.ops import CPUAdamPower, NativeExtensionError, native_grad_power, resolve_isa
+from gradpower_ds import CPUAdamPower
+from gradpower_ds.ops import NativeExtensionError, native_grad_power, resolve_isa
 from gradpower_ds.ops import builder
 
 ISAS = [isa for isa in ("avx512", "avx2", "scalar") if builder.load().cpu_supports({"scalar": 0, "avx2": 1, "avx512": 2}[isa])]

@@ -1,4 +1,4 @@
-"""2-rank job: GPAS in megatron-core TransformerLayers (``megatron_patches.enable_gpas``), dense and MoE (EP=2).
+"""2-rank job: GPAS in megatron-core TransformerLayers (``megatron_patches.apply_gpas``), dense and MoE (EP=2).
 
 Launched by tests/test_megatron_gpas.py (torch.distributed.run, 2 CPU ranks, gloo,
 tests/megatron_cpu_shim.py). For a tiny GPTModel, dense and MoE (4 experts, top-1,
@@ -21,7 +21,7 @@ EP=2, alltoall), it measures and writes to argv[1] (JSON, rank 0):
   (Megatron runs the bias-dropout-add under ``torch.enable_grad()``), and equal the
   grad-enabled eval-mode forward bit for bit, which still gives alpha a gradient,
   also with every other parameter frozen and with full activation recomputation
-  (reentrant: its first forward runs under no_grad); disable_gpas removes the
+  (reentrant: its first forward runs under no_grad); remove_gpas removes the
   forward pre-hooks;
 - refusals: the error message for each unsupported configuration.
 """
@@ -101,7 +101,7 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def identity_case(kind: str) -> dict:
     ref, gp = build(kind), build(kind)
-    layers = megatron_patches.enable_gpas(gp)
+    layers = megatron_patches.apply_gpas(gp)
     tokens, pos, labels = batch()
     out_ref, out_gp = ref(tokens, pos, None), gp(tokens, pos, None)
     ref(tokens, pos, None, labels=labels).float().mean().backward()
@@ -120,7 +120,7 @@ def identity_case(kind: str) -> dict:
 
 def layer_case(kind: str, act: str, alpha: float) -> dict:
     model = build(kind)
-    megatron_patches.enable_gpas(model, act=act)
+    megatron_patches.apply_gpas(model, act=act)
     layer = model.decoder.layers[0]
     gate = layer.gpas_gate
     with torch.no_grad():
@@ -152,7 +152,7 @@ def layer_case(kind: str, act: str, alpha: float) -> dict:
 
 def ddp_case(kind: str) -> dict:
     model = build(kind)
-    megatron_patches.enable_gpas(model)
+    megatron_patches.apply_gpas(model)
     config = model.config
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=False,
                                                                        overlap_grad_reduce=False), model)
@@ -182,9 +182,9 @@ def reversible_case(kind: str) -> dict:
     ref, model = build(kind), build(kind)
     keys, n_params = sorted(model.state_dict()), sum(1 for _ in model.parameters())
     bdas = {n: model.decoder.layers[0].__dict__[n] for n in ("self_attn_bda", "mlp_bda")}
-    megatron_patches.enable_gpas(model)
+    megatron_patches.apply_gpas(model)
     gates1 = gpas_gates(model)
-    megatron_patches.enable_gpas(model)  # idempotent
+    megatron_patches.apply_gpas(model)  # idempotent
     gates2 = gpas_gates(model)
     pre_hooks = [len(layer._forward_pre_hooks) for layer in model.decoder.layers]
     n_params_enabled = sum(1 for _ in model.parameters())
@@ -194,8 +194,8 @@ def reversible_case(kind: str) -> dict:
             g.alpha.fill_(0.5)
     tokens, pos, _ = batch()
     changed = max_abs(model(tokens, pos, None), ref(tokens, pos, None))
-    megatron_patches.disable_gpas(model)
-    megatron_patches.disable_gpas(model)  # a no-op now
+    megatron_patches.remove_gpas(model)
+    megatron_patches.remove_gpas(model)  # a no-op now
     restored = max_abs(model(tokens, pos, None), ref(tokens, pos, None))
     return dict(same_gates_after_second_enable=all(a is b for a, b in zip(gates1, gates2)) and len(gates1) == 2,
                 added_keys=sorted(set(keys_enabled) - set(keys)), n_params_added=n_params_enabled - n_params,
@@ -213,7 +213,7 @@ def no_grad_case(kind: str) -> dict:
     model, frozen, recomputed = build(kind), build(kind), build(kind, **recompute)
     hooks = [list(layer._forward_pre_hooks) for layer in model.decoder.layers]
     for m in (model, frozen, recomputed):
-        megatron_patches.enable_gpas(m)
+        megatron_patches.apply_gpas(m)
         with torch.no_grad():
             for g in gpas_gates(m):
                 g.alpha.fill_(0.3)
@@ -251,7 +251,7 @@ def no_grad_case(kind: str) -> dict:
         return [None if g.alpha.grad is None else g.alpha.grad.item() for g in gpas_gates(m)]
 
     eval_alpha_grads = gathered([g.alpha.grad.item() for g in gpas_gates(model)])
-    megatron_patches.disable_gpas(model)
+    megatron_patches.remove_gpas(model)
     return dict(graph_kept=graph_kept, n_outputs=len(no_grad), eval_alpha_grads=eval_alpha_grads,
                 no_grad_vs_grad=all_max(max(max_abs(a, b) for a, b in zip(no_grad, with_grad))),
                 frozen_alpha_grads=gathered(train_alpha_grads(frozen)),
@@ -268,7 +268,7 @@ def refusal_case() -> dict:
         if prepare is not None:
             target = prepare(model)
         try:
-            megatron_patches.enable_gpas(target if target is not None else model)
+            megatron_patches.apply_gpas(target if target is not None else model)
             errors[name] = None
         except GPASUnsupportedError as e:
             errors[name] = str(e)

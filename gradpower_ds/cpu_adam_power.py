@@ -13,8 +13,8 @@ import logging
 
 import torch
 
-from ..adam_power import AdamPowerBase
-from .native import COPY_CODES, resolve_isa
+from .ops.native import COPY_CODES, resolve_isa
+from .optimizer_base import AdamPowerBase
 
 _log = logging.getLogger(__name__)
 

@@ -1,0 +1,73 @@
+"""AdamPowerBase: what every AdamPower optimizer class shares (hyperparameters, validation, state layout).
+
+The optimizer classes (``gradpower_ds.AdamPower``, ``gradpower_ds.CPUAdamPower``)
+subclass it; it steps through the functional core ``gradpower_ds.functional.adam_power``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .functional import adam_power
+from .hyperparams import ADAM_POWER_DEFAULTS, check_group
+
+
+class AdamPowerBase(torch.optim.Optimizer):
+    """What every AdamPower implementation shares: hyperparameters, their validation, the state layout.
+
+    State keys are torch's AdamW ones (``step`` as a float32 tensor, ``exp_avg``,
+    ``exp_avg_sq``), so checkpoints move between AdamPower, CPUAdamPower and
+    torch.optim.AdamW.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = ADAM_POWER_DEFAULTS["lr"],
+        betas: tuple[float, float] = ADAM_POWER_DEFAULTS["betas"],
+        eps: float = ADAM_POWER_DEFAULTS["eps"],
+        weight_decay: float = ADAM_POWER_DEFAULTS["weight_decay"],
+        adam_w_mode: bool = ADAM_POWER_DEFAULTS["adam_w_mode"],
+        power: float = ADAM_POWER_DEFAULTS["power"],
+        power_eps: float = ADAM_POWER_DEFAULTS["power_eps"],
+        bias_correction: bool = ADAM_POWER_DEFAULTS["bias_correction"],
+    ):
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode,
+            power=power, power_eps=power_eps, bias_correction=bias_correction,
+        )
+        check_group(dict(defaults), type(self).__name__)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds a group (see torch.optim.Optimizer) after validating its hyperparameters."""
+        super().add_param_group(param_group)
+        check_group(self.param_groups[-1], type(self).__name__)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _step_group(self, group: dict, copies=None, **options) -> None:
+        """Steps a param group's params that have a grad through the functional core (options: its keywords).
+
+        copies: None or, per param of the group, None or a bf16/fp16 tensor receiving the new weights.
+        """
+        chosen = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+        if not chosen:
+            return
+        params = [group["params"][i] for i in chosen]
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        states = [self._init_state(p) for p in params]
+        beta1, beta2 = group["betas"]
+        adam_power(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                   [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"], beta1=beta1,
+                   beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], power=group["power"],
+                   power_eps=group["power_eps"], adam_w_mode=group["adam_w_mode"],
+                   bias_correction=group["bias_correction"],
+                   low_precision_params=None if copies is None else [copies[i] for i in chosen], **options)
