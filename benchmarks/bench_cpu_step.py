@@ -6,9 +6,10 @@ so every OpenMP runtime in it agrees) and each size, it times:
   deepspeed_cpu_adam      deepspeed.ops.adam.DeepSpeedCPUAdam (the anchor)
   torch_adamw_fused       torch.optim.AdamW(fused=True)
   naive p=1.2             torch sign(g)*|g|**p, then torch AdamW(fused=True)
-and the bandwidth roofline measured in the same worker: the native
-`stream_probe`, which moves exactly the optimizer's bytes (read w, g, m, v;
-write w, m, v in place) with one add per array, over the same elements.
+and the bandwidth roofline measured in the same worker: the native kernel's
+stream probe (gradpower_ds.ops.native.native_stream_probe), which moves exactly
+the optimizer's bytes (read w, g, m, v; write w, m, v in place) with one add per
+array, over the same elements.
 
 Reported: ms/step (best of --repeats), elements/s, effective GB/s at 28 bytes
 per element (read w, g, m, v; write w, m, v), % of the measured bandwidth, and
@@ -77,14 +78,13 @@ def worker(args) -> None:
     """Times every case at every size on this process's thread count; prints JSON rows."""
     import torch
 
-    from gradpower_ds.ops import builder
+    from gradpower_ds.ops.native import native_stream_probe
 
-    native = builder.load()
     torch.set_num_threads(args.threads)
     rows = []
     for n in args.sizes:
         arrays = [torch.zeros(n) for _ in range(4)]
-        probe_s = _best_time(lambda: native.stream_probe(*(t.data_ptr() for t in arrays), n, -1, args.threads),
+        probe_s = _best_time(lambda arrays=arrays: native_stream_probe(*arrays, isa="auto", num_threads=args.threads),
                              args.repeats)
         bandwidth = BYTES_PER_ELEMENT * n / probe_s
         del arrays

@@ -1,7 +1,7 @@
 """A DeepSpeed training step: ``"type": "AdamPower"`` (power 1.2) against DeepSpeed's ``"type": "AdamW"``.
 
-In ONE run, on the same bf16 model (gradpower_ds.model.CausalLM, ~34M parameters
-by default), the same data and the same DeepSpeed config except the optimizer
+In ONE run, on the same bf16 model (gradpower_ds.model.CausalLM, dense, ~34M
+parameters by default), the same data and the same DeepSpeed config except the optimizer
 type, it times these settings (on the CPU, or on CUDA GPUs when there are any):
   zero2          ZeRO-2: on the CPU ours builds gradpower_ds.CPUAdamPower and
                  DeepSpeed's AdamW its FusedAdam CPU op; on a GPU ours builds
@@ -104,7 +104,7 @@ def launch(args: argparse.Namespace) -> int:
     print(f"ranks: {args.world_size} x {args.threads} thread(s); bf16; micro-batch {args.micro_batch} x "
           f"{args.seq} tokens, gas {args.gas}; {args.warmup} warmup + {args.steps} timed steps per optimizer",
           flush=True)
-    from gradpower_ds.run import free_port
+    from gradpower_ds.processes import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.world_size),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), os.path.abspath(__file__), "--worker",
@@ -121,7 +121,8 @@ def make_model(args: argparse.Namespace):
 
     torch.manual_seed(0)
     return CausalLM(ModelConfig(n_layers=args.layers, dim=args.dim, n_heads=max(1, args.dim // 64),
-                                ffn_dim=11 * args.dim // 4, vocab_size=args.vocab, max_seq_len=args.seq))
+                                ffn_dim=11 * args.dim // 4, num_experts=0, vocab_size=args.vocab,
+                                max_seq_len=args.seq))
 
 
 def ds_config(args: argparse.Namespace, opt_type: str, offload: bool = False, fused: bool = False,

@@ -239,7 +239,7 @@ def main() -> None:
     from megatron.core import parallel_state
 
     import megatron_patches
-    from gradpower_ds.run import free_port
+    from gradpower_ds.processes import free_port
 
     args.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     defaults = dict(hidden=2048, layers=8, vocab=32768) if cuda else dict(hidden=512, layers=6, vocab=8192)

@@ -14,6 +14,7 @@ from .power import grad_power, grad_power_
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamPower", "CPUAdamPower", "GPASGate", "adam_power", "apply_gpas", "clip_gate_grad_norm_", "gpas_scale", "grad_power",
+    "AdamPower", "CPUAdamPower", "GPASGate", "adam_power", "apply_gpas", "clip_gate_grad_norm_", "gpas_scale",
+    "grad_power",
     "grad_power_", "param_groups_with_gpas", "register_gate_grad_clip", "remove_gpas", "__version__",
 ]

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .hyperparams import check_power
+from .hyperparams import ADAM_POWER_DEFAULTS, check_power
 from .metrics import plot_curves, read_metrics
 from .train_config import OPTIMIZERS, ConfigError, OneLineParser, TrainConfig, load_config, report_error
 
@@ -42,16 +42,12 @@ def parse_variant(text: str) -> tuple[str, float | None]:
     if name != "adampower":
         return name, None
     if not colon:
-        return name, 1.2
+        return name, ADAM_POWER_DEFAULTS["power"]
     try:
         value = float(power)
     except ValueError:
         raise ValueError(f"{entry}: the power {power!r} is not a number (adampower:1.2)") from None
-    try:
-        check_power(value, owner="power")
-    except ValueError as error:
-        raise ValueError(f"{entry}: {str(error).partition(': ')[2]}") from None
-    return name, value
+    return name, check_power(value, owner=entry)[0]
 
 
 def variant_label(optimizer: str, power: float | None, gpas: bool) -> str:

@@ -17,7 +17,7 @@ import re
 import sysconfig
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,16 +91,6 @@ def _megatron_indexed():
         warnings.simplefilter("ignore")
         from megatron.core.datasets import indexed_dataset
     return indexed_dataset
-
-
-def write_indexed_dataset(prefix: str | Path, documents: Iterable[Sequence[int]], vocab_size: int) -> None:
-    """Writes token documents as a Megatron indexed dataset prefix.bin/prefix.idx with megatron-core's builder
-    (the smallest dtype that holds vocab_size ids), e.g. to turn a pre-tokenized corpus into a data source."""
-    megatron = _megatron_indexed()
-    builder = megatron.IndexedDatasetBuilder(f"{prefix}.bin", dtype=megatron.DType.optimal_dtype(vocab_size))
-    for doc in documents:
-        builder.add_document(np.asarray(doc, dtype=np.int64), [len(doc)])
-    builder.finalize(f"{prefix}.idx")
 
 
 def _walk(root: Path, suffix: str = "") -> list[tuple[str, Path]]:

@@ -1,14 +1,15 @@
 """DeepSpeed integration: ``"optimizer": {"type": "AdamPower", ...}`` in a DeepSpeed config.
 
-``register()`` makes three thin, reversible changes to DeepSpeed (the version in
-``SUPPORTED_DEEPSPEED``; any other is refused with an error naming it):
+``register()`` applies four thin, reversible changes to DeepSpeed (``PATCHES``, a
+``gradpower_ds.patching.PatchSet``; a DeepSpeed other than ``SUPPORTED_DEEPSPEED`` is
+refused with an error naming it), all listed in ``_patches()``:
 
 1. ``"adampower"`` and ``"adamwpower"`` join DeepSpeed's list of named optimizers,
    so the config lower-cases them like ``"Adam"`` and the engine accepts them;
-2. ``DeepSpeedEngine._configure_basic_optimizer`` builds our optimizer for those
-   names and defers to DeepSpeed for every other one;
-3. ``AdamPower`` and ``CPUAdamPower`` join ZeRO's supported optimizers, so no
+2. ``AdamPower`` and ``CPUAdamPower`` join ZeRO's supported optimizers, so no
    ``zero_allow_untested_optimizer`` or ``zero_force_ds_cpu_optimizer`` is needed;
+3. ``DeepSpeedEngine._configure_basic_optimizer`` builds our optimizer for those
+   names and defers to DeepSpeed for every other one;
 4. ZeRO-3's universal-checkpoint load is followed, for our optimizers, by a repair
    of two DeepSpeed 0.19.8 defects that appear with more than one sub-group (see
    ``_repair_zero3_universal_load``).
@@ -18,7 +19,6 @@ a CPU accelerator) the native ``CPUAdamPower`` kernel is built; elsewhere the
 torch ``AdamPower``. Importing ``gradpower_ds`` patches nothing; ``unregister()``
 undoes all four changes.
 """
-
 from __future__ import annotations
 
 import functools
@@ -27,14 +27,16 @@ import os
 import re
 
 from .adam_power import AdamPower
+from .cpu_adam_power import CPUAdamPower
 from .hyperparams import ADAM_POWER_DEFAULTS, check_power
+from .patching import Extend, Package, PatchSet, UnsupportedVersionError, Wrap
 
-SUPPORTED_DEEPSPEED = "0.19.8"
+DEEPSPEED = Package("DeepSpeed", module="deepspeed", dist="deepspeed", supported="0.19.8")
+SUPPORTED_DEEPSPEED = DEEPSPEED.supported
 OPTIMIZER_NAMES = ("adampower", "adamwpower")
 ACCEPTED_PARAMS = tuple(ADAM_POWER_DEFAULTS) + ("expert_power", "fused")
 
 _log = logging.getLogger(__name__)
-_originals: dict = {}  # (class, method name) -> the method register() replaced; empty when not registered
 
 
 UNREGISTERED_ERROR = re.compile(r"\b(adamw?power) is not a supported DeepSpeed Optimizer", re.IGNORECASE)
@@ -61,19 +63,8 @@ def explain_unregistered(exc: BaseException) -> bool:
     return True
 
 
-class UnsupportedDeepSpeedError(RuntimeError):
+class UnsupportedDeepSpeedError(UnsupportedVersionError):
     """The installed DeepSpeed is not the version these patches were written and tested for."""
-
-
-def check_deepspeed_version() -> None:
-    """Raises UnsupportedDeepSpeedError unless the installed DeepSpeed is SUPPORTED_DEEPSPEED."""
-    import deepspeed
-
-    if deepspeed.__version__ != SUPPORTED_DEEPSPEED:
-        raise UnsupportedDeepSpeedError(
-            f"gradpower_ds.deepspeed supports DeepSpeed {SUPPORTED_DEEPSPEED} only (it patches its engine "
-            f"internals), but DeepSpeed {deepspeed.__version__} is installed: pip install "
-            f"deepspeed=={SUPPORTED_DEEPSPEED}")
 
 
 def optimizer_kwargs(name: str, params: dict | None) -> tuple[dict, float | None]:
@@ -97,7 +88,8 @@ def optimizer_kwargs(name: str, params: dict | None) -> tuple[dict, float | None
         kwargs["adam_w_mode"] = True
     expert_power = kwargs.pop("expert_power", None)
     if expert_power is not None:
-        expert_power = check_power(expert_power, kwargs.get("power_eps", 0.0), owner="expert_power")[0]
+        expert_power = check_power(expert_power, kwargs.get("power_eps", 0.0), owner="DeepSpeed optimizer params",
+                                   name="expert_power")[0]
     return kwargs, expert_power
 
 
@@ -122,8 +114,6 @@ def build_optimizer(name: str, params: dict | None, model_parameters, use_cpu_ke
                          kwargs.get("power", ADAM_POWER_DEFAULTS["power"]))
         groups = [dict(g, power=expert_power) if is_moe(g) else g for g in groups]
     if use_cpu_kernel:
-        from .cpu_adam_power import CPUAdamPower
-
         if kwargs.pop("fused", None):
             raise ValueError("DeepSpeed optimizer params: \"fused\": true selects the GPU (Triton) kernel, but this "
                              "config runs the optimizer on the CPU (optimizer offload or a CPU accelerator); remove it")
@@ -131,13 +121,22 @@ def build_optimizer(name: str, params: dict | None, model_parameters, use_cpu_ke
     return AdamPower(groups, **kwargs)
 
 
-def _configure_basic_optimizer(engine, model_parameters):
-    """Replacement for DeepSpeedEngine._configure_basic_optimizer that knows our optimizer names."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
+def _configure_basic_optimizer(original):
+    """DeepSpeedEngine._configure_basic_optimizer that builds our optimizer for our names (`original` for others)."""
 
-    name = engine.optimizer_name()
-    if name not in OPTIMIZER_NAMES:
-        return _original(DeepSpeedEngine, "_configure_basic_optimizer")(engine, model_parameters)
+    @functools.wraps(original)
+    def configure(engine, model_parameters):
+        name = engine.optimizer_name()
+        if name not in OPTIMIZER_NAMES:
+            return original(engine, model_parameters)
+        return _build_for_engine(engine, name, model_parameters)
+
+    return configure
+
+
+def _build_for_engine(engine, name: str, model_parameters):
+    """Our optimizer for a DeepSpeed engine whose config names it: the native CPU kernel where DeepSpeed would
+    build its CPU Adam (optimizer offload, a CPU accelerator), else AdamPower."""
     if engine.bf16_optimizer_states():
         raise ValueError(f"DeepSpeed optimizer {name!r} keeps fp32 moments; remove "
                          "\"bf16\": {\"bf16_optimizer_states\": true} from the config")
@@ -152,6 +151,17 @@ def _configure_basic_optimizer(engine, model_parameters):
     return optimizer
 
 
+def _load_universal_and_repair(original):
+    """ZeRO-3's universal-checkpoint load followed by _repair_zero3_universal_load."""
+
+    @functools.wraps(original)
+    def load(zero_optimizer, checkpoint_dir):
+        original(zero_optimizer, checkpoint_dir)
+        _repair_zero3_universal_load(zero_optimizer, checkpoint_dir)
+
+    return load
+
+
 def _repair_zero3_universal_load(zero_optimizer, checkpoint_dir: str) -> None:
     """Repairs DeepSpeed 0.19.8's ZeRO-3 universal-checkpoint load for AdamPower/CPUAdamPower.
 
@@ -163,8 +173,6 @@ def _repair_zero3_universal_load(zero_optimizer, checkpoint_dir: str) -> None:
     This gives each state its own step and each group its saved hyperparameters.
     """
     import torch
-
-    from .cpu_adam_power import CPUAdamPower
 
     optimizer = zero_optimizer.optimizer
     if not isinstance(optimizer, (AdamPower, CPUAdamPower)):
@@ -182,74 +190,44 @@ def _repair_zero3_universal_load(zero_optimizer, checkpoint_dir: str) -> None:
         group.update({k: v for k, v in saved_group.items() if k != "params"})
 
 
-def _original(cls, name: str):
-    """The method ``cls.name`` as DeepSpeed defines it (the one register() replaced, if any)."""
-    return _originals.get((cls, name), getattr(cls, name))
-
-
-def is_registered() -> bool:
-    """Whether register() is in effect."""
-    return bool(_originals)
-
-
-def _patch_targets():
-    """(class, method name, replacement) for each DeepSpeed method register() replaces."""
+def _patches() -> list:
+    """What register() changes in DeepSpeed, in order (see the module docstring)."""
+    from deepspeed.runtime import config as ds_config
     from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero import utils as zero_utils
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
-    load_universal = DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3
+    return [
+        Extend(ds_config.DEEPSPEED_OPTIMIZERS, OPTIMIZER_NAMES, "deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS"),
+        Extend(zero_utils.ZERO_SUPPORTED_OPTIMIZERS, (AdamPower, CPUAdamPower),
+               "deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS"),
+        Wrap(DeepSpeedEngine, "_configure_basic_optimizer", _configure_basic_optimizer),
+        Wrap(DeepSpeedZeroOptimizer_Stage3, "load_hp_checkpoint_state_from_checkpoint_dir_stage3",
+             _load_universal_and_repair),
+    ]
 
-    @functools.wraps(DeepSpeedEngine._configure_basic_optimizer)
-    def configure(engine, model_parameters):
-        return _configure_basic_optimizer(engine, model_parameters)
 
-    @functools.wraps(load_universal)
-    def load_universal_and_repair(zero_optimizer, checkpoint_dir):
-        load_universal(zero_optimizer, checkpoint_dir)
-        _repair_zero3_universal_load(zero_optimizer, checkpoint_dir)
-
-    return [(DeepSpeedEngine, "_configure_basic_optimizer", configure),
-            (DeepSpeedZeroOptimizer_Stage3, "load_hp_checkpoint_state_from_checkpoint_dir_stage3",
-             load_universal_and_repair)]
+PATCHES = PatchSet("gradpower_ds.deepspeed", DEEPSPEED, "it patches its engine internals", _patches,
+                   UnsupportedDeepSpeedError)
 
 
 def register() -> None:
     """Lets DeepSpeed configs use ``"type": "AdamPower"`` / ``"AdamWPower"`` (idempotent)."""
-    if is_registered():
-        return
-    check_deepspeed_version()
-    from deepspeed.runtime import config as ds_config
-    from deepspeed.runtime.zero import utils as zero_utils
-
-    from .cpu_adam_power import CPUAdamPower
-
-    ds_config.DEEPSPEED_OPTIMIZERS.extend(OPTIMIZER_NAMES)
-    zero_utils.ZERO_SUPPORTED_OPTIMIZERS.extend((AdamPower, CPUAdamPower))
-    for cls, name, replacement in _patch_targets():
-        _originals[(cls, name)] = getattr(cls, name)
-        setattr(cls, name, replacement)
+    PATCHES.apply()
 
 
 def unregister() -> None:
     """Undoes register(); a no-op when not registered."""
-    if not is_registered():
-        return
-    from deepspeed.runtime import config as ds_config
-    from deepspeed.runtime.zero import utils as zero_utils
+    PATCHES.remove()
 
-    from .cpu_adam_power import CPUAdamPower
 
-    for (cls, name), method in _originals.items():
-        setattr(cls, name, method)
-    _originals.clear()
-    for name in OPTIMIZER_NAMES:
-        ds_config.DEEPSPEED_OPTIMIZERS.remove(name)
-    for cls in (AdamPower, CPUAdamPower):
-        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.remove(cls)
+def is_registered() -> bool:
+    """Whether register() is in effect."""
+    return PATCHES.is_applied()
 
 
 __all__ = [
-    "ACCEPTED_PARAMS", "OPTIMIZER_NAMES", "SUPPORTED_DEEPSPEED", "UNREGISTERED_HINT", "UnsupportedDeepSpeedError",
-    "build_optimizer", "check_deepspeed_version", "explain_unregistered", "is_registered", "optimizer_kwargs",
+    "ACCEPTED_PARAMS", "OPTIMIZER_NAMES", "PATCHES", "SUPPORTED_DEEPSPEED", "UNREGISTERED_HINT",
+    "UnsupportedDeepSpeedError", "build_optimizer", "explain_unregistered", "is_registered", "optimizer_kwargs",
     "register", "unregister",
 ]

@@ -17,6 +17,11 @@
 Every path takes grads of any float dtype (a bf16 grad on an fp32 param is
 widened exactly) and leaves the grads untouched. ``AdamPower``, ``CPUAdamPower``,
 DeepSpeed (through them) and Megatron's AdamPower all step through here.
+
+Like torch.optim's functional code, nothing here validates hyperparameters on
+every step: the callers do once, where they enter (the optimizer classes at
+construction and add_param_group with ``gradpower_ds.hyperparams.check_group``,
+config and flag parsing with ``check_power``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .hyperparams import bias_corrections, check_power
+from .hyperparams import bias_corrections
 from .ops import native
 from .ops import triton_adam_power as triton_ops
 from .power import fused_kernel, grad_power_
@@ -47,9 +52,9 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
     foreach=True/False the torch multi-/single-tensor path; fused=True the device's
     kernel or an error. low_precision_params: per param None or a bf16/fp16 tensor
     that receives the new weights. isa, num_threads: the native kernel's (CPUAdamPower's).
-    Hyperparameters other than power/power_eps are the caller's to validate.
+    The hyperparameters are not validated here: callers validate them once, where they
+    enter (``gradpower_ds.hyperparams.check_group``/``check_power``), as AdamPowerBase does.
     """
-    power, power_eps = check_power(power, power_eps, "adam_power")
     if fused and foreach:
         raise ValueError("adam_power: fused=True and foreach=True are mutually exclusive")
     n = len(params)
@@ -95,11 +100,12 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
 
 
 def _native_layout(param, grad, exp_avg, exp_avg_sq, copy) -> bool:
-    # the kernel reads raw memory: every buffer's layout and size is checked here
-    ok = all(native.is_fp32_cpu(t) and t.shape == param.shape for t in (param, exp_avg, exp_avg_sq))
+    """Whether the native path takes this tensor: a dispatch decision. Which layouts the kernel can take is
+    ops.native's to say (``native.fits``), and ops.native checks every buffer again where it hands it over."""
+    n = param.numel()
+    ok = all(native.fits(t, n) and t.shape == param.shape for t in (param, exp_avg, exp_avg_sq))
     ok = ok and grad.device.type == "cpu" and grad.is_floating_point() and grad.shape == param.shape
-    return ok and (copy is None or (copy.dtype in native.COPY_CODES and copy.device.type == "cpu"
-                                    and copy.is_contiguous() and copy.shape == param.shape))
+    return ok and (copy is None or (native.fits(copy, n, tuple(native.COPY_CODES)) and copy.shape == param.shape))
 
 
 def _triton_layout(param, exp_avg, exp_avg_sq) -> bool:

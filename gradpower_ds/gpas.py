@@ -8,8 +8,13 @@ forward pass through a stop-gradient, leaving the backward gradient untouched:
 
 With act = SiLU (default) and alpha = 0 the gate is an exact identity at
 initialisation. One gate per decoder layer, shared by both residual adds; where
-it goes in each layer-norm placement is implemented in gradpower_ds.model and,
-for Hugging Face models, in gradpower_ds.gpas_hf.
+it goes is implemented in gradpower_ds.model (each layer-norm placement of
+VARIANTS), gradpower_ds.gpas_models (Hugging Face LLaMA, Qwen2, Qwen2-MoE and
+Mixtral decoder layers, Pre-LN) and megatron_patches.gpas (megatron-core layers).
+
+Both training jobs (gradpower_ds.train, gradpower_ds.train_megatron) clip each
+gate's gradient to +-GATE_GRAD_CLIP, the GPAS reference code's value, with
+register_gate_grad_clip; plain PyTorch loops can use clip_gate_grad_norm_.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ ACTIVATIONS = {
 }
 VARIANTS = ("pre_ln", "sandwich_ln", "deepnorm", "mix_ln", "lns")
 GATE_ATTR = "_gpas_gate"  # marks gate parameters (optimizer grouping, clipping)
+GATE_GRAD_CLIP = 0.01  # the GPAS reference code's clip for the gates' gradients
 
 
 def gpas_scale(x: torch.Tensor, alpha: torch.Tensor, act: str = "silu") -> torch.Tensor:
@@ -86,20 +92,22 @@ def param_groups_with_gpas(model: nn.Module, weight_decay: float, **group_option
     return groups
 
 
-def clip_gate_grad_norm_(model: nn.Module, max_norm: float = 0.01) -> torch.Tensor:
+def clip_gate_grad_norm_(model: nn.Module, max_norm: float = GATE_GRAD_CLIP) -> torch.Tensor:
     """Clips the joint gradient norm of all gates after backward (plain PyTorch loops), as the
-    GPAS reference code does with max_norm = 0.01; returns the norm before clipping."""
+    GPAS reference code does with max_norm = GATE_GRAD_CLIP; returns the norm before clipping."""
     return torch.nn.utils.clip_grad_norm_(gate_parameters(model), max_norm)
 
 
-def register_gate_grad_clip(model: nn.Module, max_value: float = 0.01) -> list:
+def register_gate_grad_clip(model: nn.Module, max_value: float = GATE_GRAD_CLIP) -> list:
     """Clips each gate's gradient to [-max_value, max_value] as autograd produces it.
 
-    For trainers that own the gradients after backward, such as DeepSpeed (ZeRO
-    keeps them in its own buffers, and applies its global `gradient_clipping`
-    afterwards): the clip acts on each backward's local gradient, per micro-batch
-    and rank, before reduction. For a single scalar gate this equals norm clipping;
-    across gates it clips each gate on its own. Returns the hook handles.
+    For trainers that own the gradients after backward: DeepSpeed (ZeRO keeps them
+    in its own buffers, and applies its global `gradient_clipping` afterwards) and
+    megatron DDP (its hook on the gradient accumulation copies the gradient into
+    `main_grad` after this tensor hook ran). The clip acts on each backward's local
+    gradient, per micro-batch and rank, before reduction. For a single scalar gate
+    this equals norm clipping; across gates it clips each gate on its own. Returns
+    the hook handles.
     """
     if max_value <= 0:
         raise ValueError(f"GPAS: invalid max_value={max_value}: must be > 0")

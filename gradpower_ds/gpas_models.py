@@ -1,11 +1,13 @@
 """apply_gpas / remove_gpas: GPAS gates on models users train.
 
-Supported: this project's gradpower_ds.model.CausalLM (every norm placement),
-and Hugging Face LLaMA, Qwen2, Qwen2-MoE and Mixtral decoder layers
-(transformers 5.x, Pre-LN). For Hugging Face layers the patch is thin and
-reversible: each decoder layer gets a `gpas_gate` submodule and an instance
-`forward` that is the library's own Pre-LN forward with the gate after each
-residual add; remove_gpas deletes both.
+Supported: this project's gradpower_ds.model.CausalLM (every norm placement,
+dense or with DeepSpeed MoE layers), and Hugging Face LLaMA, Qwen2, Qwen2-MoE
+and Mixtral decoder layers (transformers 5.x, Pre-LN). A CausalLM layer already
+has the gate's place in its forward (as built with ModelConfig(gpas=True)):
+apply_gpas sets its `gpas_gate` (and cfg.gpas), remove_gpas clears it. For
+Hugging Face layers the patch is thin and reversible: each decoder layer gets a
+`gpas_gate` submodule and an instance `forward` that is the library's own
+Pre-LN forward with the gate after each residual add; remove_gpas deletes both.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def apply_gpas(model: nn.Module, variant: str | None = None, act: str = "silu", 
     for layer in layers:
         if getattr(layer, _PATCHED, False):
             continue
-        missing = [a for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp") if not hasattr(layer, a)]
+        missing = [a for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+                   if not hasattr(layer, a)]
         if missing:
             raise RuntimeError(f"apply_gpas: {type(layer).__name__} lacks {missing}; this transformers version "
                                "changed the decoder layer")

@@ -1,7 +1,11 @@
-"""Validation and per-step scalars shared by every AdamPower implementation.
+"""AdamPower's hyperparameters: their defaults, their validation, and the per-step scalars derived from them.
 
-Keeping these in one place means the reference, foreach and native paths reject
-the same bad input with the same message and derive the same bias corrections.
+The one home of these: the optimizer classes, ``grad_power``, DeepSpeed's ``params``
+(``gradpower_ds.deepspeed``), Megatron's config fields and flags (``megatron_patches``)
+and the main job's settings (``gradpower_ds.train_config``) take their defaults from
+``ADAM_POWER_DEFAULTS`` and validate with ``check_power``/``check_group``, so every
+entry point rejects the same bad input with the same message. Values are checked once,
+where they enter (construction, config parsing), not on every step.
 """
 
 from __future__ import annotations
@@ -21,43 +25,44 @@ ADAM_POWER_DEFAULTS = dict(
 )
 
 
-def _number(name: str, value, owner: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{owner}: {name} must be a number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: invalid {name}={value}: must be finite")
-    return value
+POWER_RULE = (f"must be a finite number > 0 (1.0 is plain Adam; the paper's default is "
+              f"{ADAM_POWER_DEFAULTS['power']:g})")
+POWER_EPS_RULE = "must be a finite number >= 0 (0.0 is the paper's formula)"
 
 
-def check_power(power, power_eps=0.0, owner: str = "grad_power") -> tuple[float, float]:
-    """Validates the GradPower exponent p (> 0) and its epsilon (>= 0); returns them as floats."""
-    power = _number("power", power, owner)
-    if power <= 0.0:
-        raise ValueError(f"{owner}: invalid power={power}: must be > 0 (1.0 is plain Adam, the paper uses 1.2)")
-    power_eps = _number("power_eps", power_eps, owner)
-    if power_eps < 0.0:
-        raise ValueError(f"{owner}: invalid power_eps={power_eps}: must be >= 0 (0.0 is the paper's formula)")
+def check_power(power, power_eps=0.0, owner: str = "grad_power", name: str = "power") -> tuple[float, float]:
+    """Validates the GradPower exponent p (a finite number > 0) and its epsilon (>= 0); returns them as floats.
+
+    The message is ``"{owner}: invalid {name}={value}: must be ..."`` (no prefix when owner is empty):
+    TypeError for a value that is not a number, ValueError for one out of range.
+    """
+    power = _checked(power, name, owner, lambda p: p > 0.0, POWER_RULE)
+    power_eps = _checked(power_eps, "power_eps", owner, lambda e: e >= 0.0, POWER_EPS_RULE)
     return power, power_eps
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _checked(value, name: str, owner: str, in_range, rule: str) -> float:
+    if _is_number(value) and in_range(value):
+        return float(value)
+    shown = f"{value:g}" if _is_number(value) or isinstance(value, float) else repr(value)
+    error = ValueError if isinstance(value, Real) and not isinstance(value, bool) else TypeError
+    raise error(f"{owner + ': ' if owner else ''}invalid {name}={shown}: {rule}")
+
+
 def check_group(group: dict, owner: str) -> None:
-    """Validates one optimizer param group's AdamPower hyperparameters in place (ValueError/TypeError)."""
+    """Validates one optimizer param group's AdamPower hyperparameters in place, as floats/bools (ValueError for a
+    value out of range, TypeError for one of the wrong type, naming `owner` and the hyperparameter)."""
     for name in ("lr", "eps", "weight_decay"):
-        value = _number(name, group[name], owner)
-        if value < 0.0:
-            raise ValueError(f"{owner}: invalid {name}={value}: must be >= 0")
-        group[name] = value
+        group[name] = _checked(group[name], name, owner, lambda v: v >= 0.0, "must be a finite number >= 0")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{owner}: invalid betas={betas!r}: must be a pair (beta1, beta2)")
-    checked = []
-    for i, beta in enumerate(betas):
-        beta = _number(f"betas[{i}]", beta, owner)
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"{owner}: invalid betas[{i}]={beta}: must be in [0, 1)")
-        checked.append(beta)
-    group["betas"] = tuple(checked)
+    group["betas"] = tuple(_checked(beta, f"betas[{i}]", owner, lambda b: 0.0 <= b < 1.0,
+                                    "must be a finite number in [0, 1)") for i, beta in enumerate(betas))
     group["power"], group["power_eps"] = check_power(group["power"], group["power_eps"], owner)
     for name in ("adam_w_mode", "bias_correction"):
         if not isinstance(group[name], bool):

@@ -1,49 +1,66 @@
-"""A small LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, optional top-k MoE) for
-tests, the quickstart and GPAS experiments.
+"""A small LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, optional DeepSpeed MoE layers) for
+the main job (gradpower_ds.train), tests, the quickstart and GPAS experiments.
 
 `norm` picks the layer-norm placement GPAS is defined for (arXiv 2506.22049):
 pre_ln, sandwich_ln, deepnorm, mix_ln (the first `mix_ln_ratio` of the layers
 DeepNorm-style, the rest Pre-LN) and lns (Pre-LN with LayerNorm scaling
 1/sqrt(layer + 1)). With `gpas=True` every layer gets one GPASGate shared by
 both residual adds.
+
+With `num_experts > 0` (the default, as in the main job) each MLP is DeepSpeed's
+MoE layer (``DeepSpeedMoE``), which needs torch.distributed initialised, e.g.
+``deepspeed.init_distributed(dist_backend="gloo")`` in a world of one process;
+`num_experts=0` builds dense SwiGLU MLPs and needs nothing of the kind.
+
+ModelConfig is the one home of the model settings' defaults and help texts: the
+main job's settings (gradpower_ds.train_config.TrainConfig) take theirs from it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gpas import VARIANTS, GPASGate
+from .gpas import ACTIVATIONS, VARIANTS, GPASGate
 
 
-MOE_IMPLS = ("local", "deepspeed")
+def _setting(default, help: str):
+    """A ModelConfig field with its help text (TrainConfig's flags of the same name show it)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ModelConfig:
-    """Model shape and architecture switches."""
+    """Model shape and architecture switches, each with its help text in the field's metadata.
 
-    vocab_size: int = 256
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    ffn_dim: int = 352
-    max_seq_len: int = 256
-    norm: str = "pre_ln"
-    mix_ln_ratio: float = 0.25
-    num_experts: int = 0  # 0 = dense MLP
-    top_k: int = 2
-    moe_impl: str = "local"  # "local": TopKMoE in this process; "deepspeed": deepspeed.moe.layer.MoE
-    ep_size: int = 1  # expert-parallel ranks ("deepspeed" only; needs torch.distributed when > 1)
-    capacity_factor: float = 0.0  # "deepspeed" only: 0 = no token dropping (Mixtral/Qwen2-MoE style)
-    rope_theta: float = 10000.0
-    gpas: bool = False
-    gpas_act: str = "silu"
-    gpas_learnable: bool = True
+    The defaults are the main job's model (configs/quickstart.json: a 4-expert top-2 MoE); its settings of the
+    same names (TrainConfig.dim, ..., gpas_act) take their defaults and help from here. vocab_size and
+    max_seq_len come from the job's tokenizer and seq_len; ep_size is the resolved size, where the job's own
+    ep_size may be 0 (automatic placement).
+    """
+
+    vocab_size: int = _setting(256, "vocabulary size (token ids are in [0, vocab_size))")
+    dim: int = _setting(128, "model width")
+    n_layers: int = _setting(4, "decoder layers")
+    n_heads: int = _setting(4, "attention heads (must divide dim)")
+    ffn_dim: int = _setting(256, "hidden size of each MLP / expert")
+    max_seq_len: int = _setting(256, "longest sequence (size of the RoPE tables)")
+    norm: str = _setting("pre_ln", f"layer-norm placement: {', '.join(VARIANTS)}")
+    mix_ln_ratio: float = _setting(0.25, "mix_ln: fraction of the layers (the first ones) that are DeepNorm-style")
+    num_experts: int = _setting(4, "experts per MoE layer (0: dense MLP)")
+    top_k: int = _setting(2, "experts per token, in [1, num_experts]")
+    ep_size: int = _setting(1, "expert-parallel ranks the experts are sharded over (>= 1, a divisor of "
+                               "num_experts; each run of ep_size consecutive ranks holds all the experts)")
+    capacity_factor: float = _setting(0.0, "expert capacity factor (0: no token dropping, Mixtral/Qwen2-MoE "
+                                           "style)")
+    rope_theta: float = _setting(10000.0, "RoPE base")
+    gpas: bool = _setting(False, "GPAS gates (gradient-preserving activation scaling)")
+    gpas_act: str = _setting("silu", f"GPAS gate activation: {', '.join(ACTIVATIONS)}")
+    gpas_learnable: bool = _setting(True, "GPAS gate alpha is a parameter (False: a fixed buffer)")
 
     def __post_init__(self):
         if self.norm not in VARIANTS:
@@ -52,13 +69,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"ModelConfig: top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
-        if self.moe_impl not in MOE_IMPLS:
-            raise ValueError(f"ModelConfig: unknown moe_impl={self.moe_impl!r}; choose one of {MOE_IMPLS}")
         if self.ep_size < 1 or (self.num_experts and self.num_experts % self.ep_size):
             raise ValueError(f"ModelConfig: num_experts={self.num_experts} must be a multiple of ep_size="
                              f"{self.ep_size} (each expert-parallel rank holds num_experts / ep_size experts)")
-        if self.ep_size > 1 and self.moe_impl != "deepspeed":
-            raise ValueError(f"ModelConfig: ep_size={self.ep_size} needs moe_impl='deepspeed'")
 
 
 class RMSNorm(nn.Module):
@@ -117,36 +130,12 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-class TopKMoE(nn.Module):
-    """Top-k routed SwiGLU experts with the Switch-style load-balancing loss (kept in .aux_loss)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.top_k = cfg.top_k
-        self.router = nn.Linear(cfg.dim, cfg.num_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(cfg.dim, cfg.ffn_dim) for _ in range(cfg.num_experts))
-        self.aux_loss = torch.zeros(())
-
-    def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1])
-        probs = self.router(flat).float().softmax(-1)
-        weights, chosen = probs.topk(self.top_k, dim=-1)
-        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            rows, slot = (chosen == e).nonzero(as_tuple=True)
-            if rows.numel():
-                out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None])
-        load = F.one_hot(chosen, len(self.experts)).float().sum(1).mean(0) / self.top_k
-        self.aux_loss = len(self.experts) * (load * probs.mean(0)).sum()
-        return out.view_as(x)
-
-
 class DeepSpeedMoE(nn.Module):
     """DeepSpeed's MoE layer (experts sharded over ``ep_size`` ranks) with SwiGLU experts and top-k gating.
 
-    Deterministic routing (no random token selection or second-expert sampling);
-    the load-balancing loss is kept in .aux_loss, as TopKMoE does.
+    Deterministic routing (no random token selection or second-expert sampling); DeepSpeed's
+    load-balancing loss of the last forward is kept in .aux_loss. Needs torch.distributed
+    initialised (a world of one process will do).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -188,6 +177,8 @@ class DecoderLayer(nn.Module):
     pre_ln / lns:  h = g(x + Attn(s*LN(x)));  out = g(h + MLP(s*LN(h)))   (s = 1/sqrt(i+1) for lns, else 1)
     sandwich_ln:   h = g(x + LN'(Attn(LN(x))));  out = g(h + LN'(MLP(LN(h))))
     deepnorm:      h = LN(a*g(x) + Attn(x));  out = LN(a*g(h) + MLP(h))   (a = (2N)^(1/4))
+
+    MLP is a SwiGLU block, or DeepSpeedMoE when cfg.num_experts > 0.
     """
 
     def __init__(self, cfg: ModelConfig, index: int):
@@ -198,10 +189,7 @@ class DecoderLayer(nn.Module):
         self.scale = 1.0 / math.sqrt(index + 1) if cfg.norm == "lns" else 1.0
         self.deepnorm_alpha = (2 * cfg.n_layers) ** 0.25
         self.attn = Attention(cfg)
-        if cfg.num_experts:
-            self.mlp = DeepSpeedMoE(cfg) if cfg.moe_impl == "deepspeed" else TopKMoE(cfg)
-        else:
-            self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.mlp = DeepSpeedMoE(cfg) if cfg.num_experts else SwiGLU(cfg.dim, cfg.ffn_dim)
         self.norm1, self.norm2 = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
         if self.style == "sandwich_ln":
             self.post_norm1, self.post_norm2 = RMSNorm(cfg.dim), RMSNorm(cfg.dim)

@@ -40,9 +40,13 @@ class AdamPowerBase(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
-        """Adds a group (see torch.optim.Optimizer) after validating its hyperparameters."""
+        """Adds a group (see torch.optim.Optimizer) with its hyperparameters validated; a rejected group is not kept."""
         super().add_param_group(param_group)
-        check_group(self.param_groups[-1], type(self).__name__)
+        try:
+            check_group(self.param_groups[-1], type(self).__name__)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]

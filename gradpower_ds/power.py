@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .hyperparams import check_power
+from .hyperparams import ADAM_POWER_DEFAULTS, check_power
 from .ops import native
 from .ops import triton_adam_power as triton_ops
 
@@ -30,7 +30,7 @@ CHUNK = native.CHUNK  # elements per scratch chunk on the torch path
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def grad_power(t: torch.Tensor, p: float = 1.2, eps: float = 0.0) -> torch.Tensor:
+def grad_power(t: torch.Tensor, p: float = ADAM_POWER_DEFAULTS["power"], eps: float = 0.0) -> torch.Tensor:
     """Returns sign(t) * (|t| + eps)**p as a new tensor of t's dtype (t is left untouched): the reference.
 
     Evaluated in float64 and rounded once; it makes a float64 copy of t, so it is for
@@ -47,8 +47,8 @@ def grad_power(t: torch.Tensor, p: float = 1.2, eps: float = 0.0) -> torch.Tenso
     return work.pow_(p).mul_(sign).to(t.dtype)
 
 
-def grad_power_(tensors: torch.Tensor | Sequence[torch.Tensor], p: float = 1.2, eps: float = 0.0, *,
-                fused: bool | None = None):
+def grad_power_(tensors: torch.Tensor | Sequence[torch.Tensor], p: float = ADAM_POWER_DEFAULTS["power"],
+                eps: float = 0.0, *, fused: bool | None = None):
     """Overwrites each tensor g with sign(g) * (|g| + eps)**p, fast; returns its argument.
 
     Takes one tensor or a sequence of them (any float dtype, any device). ``fused``

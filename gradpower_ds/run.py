@@ -15,7 +15,8 @@ The ``deepspeed`` launcher puts ``--local_rank=N`` right after the module name,
 i.e. before the script; the runner moves it behind the script, where
 ``deepspeed train.py`` would have put it. Started with no launcher (no ``RANK`` /
 ``WORLD_SIZE``, no MPI environment) it sets torch.distributed's variables for a
-world of one process, where DeepSpeed would otherwise try MPI discovery.
+world of one process (``gradpower_ds.processes``), where DeepSpeed would otherwise
+try MPI discovery.
 A launcher given as the script is refused: the runner belongs after the
 launcher, in every process it starts (registration does not cross processes).
 """
@@ -26,8 +27,9 @@ import logging
 import os
 import re
 import runpy
-import socket
 import sys
+
+from .processes import default_to_world_of_one, enable_rank0_logging
 
 USAGE = ("usage: python -m gradpower_ds.run [--local_rank=N] (SCRIPT.py | -m MODULE) [ARGS...]\n"
          "Registers \"type\": \"AdamPower\" with DeepSpeed, then runs SCRIPT (or MODULE) as __main__ with ARGS.")
@@ -35,10 +37,6 @@ LOCAL_RANK = re.compile(r"--local[_-]rank(=.*)?$")
 LAUNCHER_SCRIPTS = ("deepspeed", "torchrun", "accelerate", "accelerate-launch")
 LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch", "deepspeed.launcher.runner",
                     "accelerate.commands.launch", "accelerate.commands.accelerate_cli")
-# Variables by which DeepSpeed's init_distributed finds a multi-process job other than torch's env:// ones
-# (MPI discovery, Azure ML, SageMaker): there the runner leaves the environment alone.
-CLUSTER_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "AZUREML_EXPERIMENT_ID",
-               "SM_TRAINING_ENV")
 
 _log = logging.getLogger("gradpower_ds.run")
 
@@ -83,53 +81,6 @@ def usage_error(message: str) -> None:
     """Prints ``error: message`` and USAGE to stderr and exits with status 2 (as argparse does)."""
     print(f"error: {message}\n{USAGE}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def enable_rank0_logging(name: str = "gradpower_ds") -> None:
-    """Shows INFO messages of logger `name` and its children (registration, the optimizer DeepSpeed built,
-    training progress) on rank 0 only.
-
-    Other ranks show warnings only. Adds one handler to that logger (none when it already has one) and
-    stops propagation, so a root handler the script sets up prints nothing twice.
-    """
-    logger = logging.getLogger(name)
-    if logger.handlers:
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.propagate = False
-    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
-
-
-def launched() -> bool:
-    """Whether a launcher set up a multi-process job: torch's env:// variables (RANK or WORLD_SIZE) or one of
-    CLUSTER_ENV (MPI, Azure ML, SageMaker), which DeepSpeed discovers itself."""
-    return any(name in os.environ for name in ("RANK", "WORLD_SIZE", *CLUSTER_ENV))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def default_to_world_of_one() -> bool:
-    """Sets torch.distributed's env:// variables for a single process when no launcher set up a job (`launched()`
-    is false: ``python -m gradpower_ds.run ...``); returns whether it did.
-
-    Without them DeepSpeed's init_distributed falls back to MPI discovery and fails with
-    ``No module named 'mpi4py'``. Variables already set (MASTER_ADDR, MASTER_PORT) are kept; an unset
-    MASTER_PORT becomes a free port, so single-process runs side by side do not collide.
-    """
-    if launched():
-        return False
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
-    return True
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,11 +5,13 @@ Run it under any launcher (one script for CPU/gloo and GPU/NCCL):
     deepspeed --num_gpus 2 --module gradpower_ds.train --config configs/quickstart.json
     torchrun --nproc_per_node 8 -m gradpower_ds.train --config configs/quickstart.json --steps 2000
 
-A run directory holds ``config.json``, ``metrics.csv``, ``tensorboard/``,
-``checkpoints/``, ``loss.png`` and ``status.json`` (``running`` with the last
+A run directory holds ``config.json``, ``checkpoints/`` and what
+``gradpower_ds.run_dir`` keeps for both training jobs: ``metrics.csv``,
+``tensorboard/``, ``loss.png`` and ``status.json`` (``running`` with the last
 logged or saved step, ``failed`` with the error, ``stopped`` by ``--stop_at`` or
 by a signal, or ``complete``); ``summary.json`` is written only when the run
-completes. ``--resume true`` continues from the newest checkpoint with the same
+completes. GPAS gates get their gradients clipped to +-GATE_GRAD_CLIP
+(``gradpower_ds.gpas``). ``--resume true`` continues from the newest checkpoint with the same
 batches an uninterrupted run would have seen, so the loss curve continues exactly.
 It refuses settings that differ from the run's ``config.json``, except those in
 RESUME_MAY_CHANGE (the checkpoint holds the model, optimizer and schedule of the
@@ -33,28 +35,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_open, write_json
-from .run import default_to_world_of_one, enable_rank0_logging
+from .processes import default_to_world_of_one, enable_rank0_logging
+from .run_dir import RunDir, RunDirError, StopRequest, make_summary, read_json, read_state, summary_line
 from .train_config import TrainConfig, load_config, report_error
 
-_log = logging.getLogger("gradpower_ds.train")
-GATE_CLIP = 0.01  # the GPAS reference code's clip for the gates' gradients
+JOB = "gradpower_ds.train"  # how the job names itself in its messages and its end line
+_log = logging.getLogger(JOB)
 # The only settings a resumed run may change: none of them changes the model, the data, the optimizer or the
 # schedule (evaluation runs without gradients or randomness, so eval_every only changes when it is measured).
 RESUME_MAY_CHANGE = ("resume", "stop_at", "run_dir", "progress", "tensorboard", "log_every", "save_every",
                      "eval_every")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class RunDirError(ValueError):
-    """The run_dir cannot be used as asked; raised before anything is written."""
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def changed_settings(saved: dict, cfg: TrainConfig) -> list[tuple[str, object, object]]:
@@ -67,8 +57,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     """Checks that `cfg.run_dir` may be used: a new folder, or an existing run only with --resume true and the
     run's own settings (RunDirError otherwise); runs on every rank before anything is written."""
     run_dir = Path(cfg.run_dir)
-    status = _read_json(run_dir / "status.json")
-    state = status.get("state", "unknown") if status else "unknown"
+    state = read_state(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not cfg.resume:
         raise RunDirError(f"run_dir {run_dir} already holds a run (state: {state}); pass --resume true to continue "
                           "it, or choose another --run_dir")
@@ -80,7 +69,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
             raise RunDirError(f"run_dir {run_dir} holds a {state} run but no checkpoint ({checkpoints}/latest is "
                               "missing), so it cannot be resumed; start a new --run_dir")
         return run_dir  # nothing to resume: train() warns and starts from step 0
-    saved = _read_json(run_dir / "config.json")
+    saved = read_json(run_dir / "config.json")
     changes = changed_settings(saved, cfg) if saved is not None else []
     if changes:
         listed = ", ".join(f"{name} {json.dumps(old)} -> {json.dumps(new)}" for name, old, new in changes)
@@ -133,46 +122,18 @@ def _warn_about_op_builds(cfg: TrainConfig) -> None:
                   ", ".join(unbuilt))
 
 
-class StopRequest:
-    """Records SIGTERM/SIGINT during training instead of dying: the loop finishes its step, saves and stops.
-
-    A second SIGINT raises KeyboardInterrupt (stop now, no checkpoint).
-    """
-
-    def __init__(self):
-        self.signum = 0
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in STOP_SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave the signals alone
-                return
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = self.signum or signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
 def build_engine(cfg: TrainConfig, vocab_size: int):
     """Model, param groups (GPAS gates without weight decay) and the DeepSpeed engine with its lr schedule."""
     import deepspeed
 
-    from .gpas import param_groups_with_gpas, register_gate_grad_clip
+    from .gpas import GATE_GRAD_CLIP, param_groups_with_gpas, register_gate_grad_clip
     from .model import CausalLM
     from .schedules import lr_multiplier
 
     torch.manual_seed(cfg.seed)
     model = CausalLM(cfg.model_config(vocab_size, torch.distributed.get_world_size()))
     if cfg.gpas:
-        register_gate_grad_clip(model, GATE_CLIP)
+        register_gate_grad_clip(model, GATE_GRAD_CLIP)
     schedule = partial(lr_multiplier, schedule=cfg.schedule, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                        decay_fraction=cfg.decay_fraction, min_ratio=cfg.min_lr_ratio)
     engine, *_ = deepspeed.initialize(
@@ -206,7 +167,6 @@ def train(cfg: TrainConfig) -> dict:
 
     from .data import load_corpus_distributed
     from .deepspeed import register
-    from .metrics import MetricsLog, plot_curves, read_metrics
 
     run_dir = prepare_run_dir(cfg)
     register()
@@ -231,17 +191,14 @@ def train(cfg: TrainConfig) -> dict:
         _log.warning("gradpower_ds.train: no checkpoint in %s: starting from step 0", checkpoints)
     stop = StopRequest()
     stop.install()
+    run = RunDir(run_dir, writer=rank == 0)
+    run.start(start, config=cfg.to_dict(), tensorboard=cfg.tensorboard)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "summary.json").unlink(missing_ok=True)
-        write_json(run_dir / "config.json", cfg.to_dict())
-        write_json(run_dir / "status.json", {"state": "running", "step": start})
         _log.info("gradpower_ds.train: %s | %d ranks, ZeRO-%d, %s, %s | %s | %.2fM parameters%s",
                   corpus.description, world, cfg.effective_zero_stage, cfg.precision, cfg.optimizer_label(),
                   type(engine.basic_optimizer).__name__,
                   sum(p.numel() for p in model.parameters()) / 1e6,
                   f" | resumed at step {start}" if start else "")
-    log = MetricsLog(run_dir, resume_step=start, tensorboard=cfg.tensorboard) if rank == 0 else None
     step_tokens = cfg.micro_batch * cfg.seq_len * cfg.grad_accum * world
     bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0 or not cfg.progress, unit="step", dynamic_ncols=True)
     val_loss = None
@@ -260,8 +217,7 @@ def train(cfg: TrainConfig) -> dict:
                 engine.step()
                 lm_loss += loss.detach().float() - cfg.aux_loss_coef * model.aux_loss().detach().float()
             # one all-reduce for the loss and for how many ranks were asked to stop, by SIGTERM or by SIGINT
-            reduced = torch.stack([lm_loss, *(torch.tensor(float(stop.signum == s), device=engine.device)
-                                              for s in STOP_SIGNALS)])
+            reduced = torch.cat([lm_loss.view(1), stop.flags(engine.device)])
             torch.distributed.all_reduce(reduced)
             train_loss = reduced[0].item() / (cfg.grad_accum * world)
             elapsed += time.perf_counter() - began
@@ -270,7 +226,7 @@ def train(cfg: TrainConfig) -> dict:
             val_loss = evaluate(engine, val_batches, rank, world) if done % cfg.eval_every == 0 or done == cfg.steps \
                 else None
             if step + 1 < last:
-                stopped_by = next((s for s, n in zip(STOP_SIGNALS, reduced[1:].tolist()) if n), 0)
+                stopped_by = stop.agreed(reduced[1:])
             logged = False
             if rank == 0:
                 bar.update(1)
@@ -279,14 +235,14 @@ def train(cfg: TrainConfig) -> dict:
                     bar.write(f"step {done}: validation loss {val_loss:.4f}")
                 logged = done % cfg.log_every == 0 or val_loss is not None
                 if logged:
-                    log.log(step=done, tokens=tokens, train_loss=train_loss, val_loss=val_loss, lr=lr,
-                            tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
+                    run.log(step=done, tokens=tokens, train_loss=train_loss, val_loss=val_loss, lr=lr,
+                            elapsed=elapsed)
             saving = done % cfg.save_every == 0 or done == last or stopped_by
             if saving:
                 engine.save_checkpoint(str(checkpoints), tag=f"step{done}",
                                        client_state={"step": done, "tokens": tokens, "elapsed": elapsed})
-            if rank == 0 and (logged or saving) and not stopped_by and done < last:
-                write_json(run_dir / "status.json", {"state": "running", "step": done})
+            if (logged or saving) and not stopped_by and done < last:
+                run.running(done)
             if stopped_by:
                 break
         if stopped_by:
@@ -294,48 +250,33 @@ def train(cfg: TrainConfig) -> dict:
         elif val_loss is None and last == cfg.steps:  # resumed a finished run: nothing to train, measure again
             val_loss = evaluate(engine, val_batches, rank, world)
     except BaseException as error:
-        if rank == 0:
-            write_json(run_dir / "status.json", {"state": "failed", "step": done,
-                                                 "error": f"{type(error).__name__}: {error}"})
+        run.failed(done, error)
         stop.restore()
         raise
     finally:
         bar.close()
-        if log is not None:
-            log.close()
+        run.close()
     if stopped_by:
-        name = signal.Signals(stopped_by).name
+        run.stopped(done, stopped_by)
         if rank == 0:
-            write_json(run_dir / "status.json", {"state": "stopped", "step": done, "signal": name})
             _log.info("gradpower_ds.train: stopped after step %d of %d by %s, checkpoint saved; continue with "
-                      "--resume true", done, cfg.steps, name)
+                      "--resume true", done, cfg.steps, signal.Signals(stopped_by).name)
         engine.destroy()
         stop.restore()
         raise SystemExit(128 + stopped_by)
     stop.restore()
     if last < cfg.steps:
+        run.stopped(last)
         if rank == 0:
-            write_json(run_dir / "status.json", {"state": "stopped", "step": last})
             _log.info("gradpower_ds.train: stopped after step %d of %d as asked (stop_at); continue with --resume true",
                       last, cfg.steps)
         engine.destroy()
         return {}
-    summary = {"val_loss": val_loss, "steps": cfg.steps, "tokens": tokens, "train_seconds": elapsed,
-               "tokens_per_s": tokens / elapsed if elapsed else None, "world_size": world, "run_dir": str(run_dir)}
-    if rank == 0:
-        plot_curves({cfg.optimizer_label(): read_metrics(run_dir / "metrics.csv")}, run_dir / "loss.png",
-                    title=str(run_dir))
-        write_json(run_dir / "summary.json", summary)
-        write_json(run_dir / "status.json", {"state": "complete", "step": cfg.steps})
+    summary = make_summary(val_loss=val_loss, steps=cfg.steps, resumed_at=start, tokens=tokens, train_seconds=elapsed,
+                           world_size=world, run_dir=run_dir, optimizer=cfg.optimizer, gpas=cfg.gpas)
+    run.complete(summary, cfg.optimizer_label())
     engine.destroy()
     return summary
-
-
-def summary_line(summary: dict) -> str:
-    """The one line a run ends with: validation loss, throughput, wall time, where the results are."""
-    return (f"gradpower_ds.train: done | validation loss {summary['val_loss']:.4f} | "
-            f"{summary['tokens']:,} tokens in {summary['train_seconds']:.1f} s = {summary['tokens_per_s']:,.0f} "
-            f"tokens/s on {summary['world_size']} ranks | {summary['run_dir']}/ (metrics.csv, loss.png, tensorboard/)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -351,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     summary = train(cfg)
     if summary and torch.distributed.get_rank() == 0:
-        print(summary_line(summary), flush=True)
+        print(summary_line(JOB, summary), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 
 Every field is a flag (``--steps 200``, ``--gpas true``) and a key of the JSON
 file (``configs/quickstart.json``); its help text lives in the field's metadata
-(``--help`` lists them with their defaults). ``load_config`` checks every
+(``--help`` lists them with their defaults). The model settings (``dim``,
+``num_experts``, ``norm``, ``gpas``, ...) are ModelConfig's fields of the same
+name: their defaults and help texts are gradpower_ds.model.ModelConfig's, and
+``model_config()`` passes them on by name. Flag and JSON value types are the
+fields' real types (``typing.get_type_hints``). ``load_config`` checks every
 setting before anything heavy is imported or launched: value types (JSON
 included), ranges, the AdamPower hyperparameters as the optimizer will check
 them, the DeepSpeed config that results from ``deepspeed_overrides``, that the
@@ -24,11 +28,13 @@ import os
 import re
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .gpas import ACTIVATIONS, VARIANTS
-from .hyperparams import check_group, check_power
+from .hyperparams import ADAM_POWER_DEFAULTS, check_group, check_power
+from .model import ModelConfig
 
 OPTIMIZERS = {"adampower": "AdamPower", "adamw": "AdamW"}  # our name -> DeepSpeed "type"
 SCHEDULES = ("wsd", "cosine", "constant")
@@ -56,6 +62,16 @@ def _setting(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+_MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+
+
+def _model_setting(name: str):
+    """A TrainConfig field that is ModelConfig's field `name`: its default and help text are ModelConfig's (their
+    one home), and model_config() passes it on by that name (metadata "model")."""
+    f = _MODEL_FIELDS[name]
+    return field(default=f.default, metadata={"help": f.metadata["help"], "model": True})
+
+
 @dataclass
 class TrainConfig:
     """What a pretraining run does; defaults are the quickstart's (a few minutes on 2 CPU cores)."""
@@ -74,21 +90,24 @@ class TrainConfig:
     seq_len: int = _setting(128, "tokens per sequence")
     micro_batch: int = _setting(8, "sequences per rank per micro-step")
     grad_accum: int = _setting(1, "micro-steps per optimizer step")
-    # model (gradpower_ds.model.ModelConfig)
-    dim: int = _setting(128, "model width")
-    n_layers: int = _setting(4, "decoder layers")
-    n_heads: int = _setting(4, "attention heads (must divide dim)")
-    ffn_dim: int = _setting(256, "hidden size of each MLP / expert")
-    num_experts: int = _setting(4, "experts per MoE layer (0: dense MLP)")
-    top_k: int = _setting(2, "experts per token, in [1, num_experts]")
+    # model: the _model_setting fields are gradpower_ds.model.ModelConfig's (defaults and help texts there)
+    dim: int = _model_setting("dim")
+    n_layers: int = _model_setting("n_layers")
+    n_heads: int = _model_setting("n_heads")
+    ffn_dim: int = _model_setting("ffn_dim")
+    num_experts: int = _model_setting("num_experts")
+    top_k: int = _model_setting("top_k")
+    # a job setting, not ModelConfig.ep_size: 0 asks for automatic placement; model_config() passes the resolved
+    # size (expert_parallel_size) as ModelConfig.ep_size
     ep_size: int = _setting(0, "expert-parallel ranks (0: as many as divide both the world size and num_experts)")
     aux_loss_coef: float = _setting(0.01, "weight of the MoE load-balancing loss")
-    norm: str = _setting("pre_ln", f"layer-norm placement: {', '.join(VARIANTS)}")
-    gpas: bool = _setting(False, "GPAS gates (gradient-preserving activation scaling)")
-    gpas_act: str = _setting("silu", f"GPAS gate activation: {', '.join(ACTIVATIONS)}")
+    norm: str = _model_setting("norm")
+    gpas: bool = _model_setting("gpas")
+    gpas_act: str = _model_setting("gpas_act")
     # optimizer
     optimizer: str = _setting("adampower", f"{' or '.join(OPTIMIZERS)} (DeepSpeed's own AdamW)")
-    power: float = _setting(1.2, "GradPower exponent p > 0 (adampower only; 1.0 is plain Adam)")
+    power: float = _setting(ADAM_POWER_DEFAULTS["power"],
+                            "GradPower exponent p > 0 (adampower only; 1.0 is plain Adam)")
     expert_power: float | None = _setting(None, "p for the expert parameters (adampower only; none: power)")
     lr: float = _setting(3e-3, "peak learning rate")
     betas: tuple[float, float] = _setting((0.9, 0.95), "Adam betas, each in [0, 1)")
@@ -119,13 +138,13 @@ class TrainConfig:
     def check(self) -> None:
         """Raises ConfigError naming the first setting that cannot work and what it accepts."""
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _checked_type(f.name, getattr(self, f.name), _kind(f)))
+            setattr(self, f.name, _checked_type(f.name, getattr(self, f.name), _TYPES[f.name]))
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer={self.optimizer!r} is unknown; choose one of {sorted(OPTIMIZERS)}",
                               "optimizer")
         _hyper(lambda: check_power(self.power, 0.0, owner="power"), "power")
         if self.expert_power is not None:
-            _hyper(lambda: check_power(self.expert_power, 0.0, owner="expert_power"), "expert_power")
+            _hyper(lambda: check_power(self.expert_power, 0.0, owner="expert_power", name="expert_power"), "expert_power")
         choices = {"schedule": SCHEDULES, "precision": PRECISIONS, "norm": VARIANTS, "gpas_act": ACTIVATIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -190,8 +209,8 @@ class TrainConfig:
             raise ConfigError(f"deepspeed_overrides sets optimizer.type={optimizer.get('type')!r}; set optimizer "
                               f"({' or '.join(OPTIMIZERS)}) instead", "deepspeed_overrides", "optimizer")
         params = optimizer.get("params", {})
-        group = {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
-                 "power": self.power, "power_eps": 0.0, "adam_w_mode": True, "bias_correction": True}
+        group = {**ADAM_POWER_DEFAULTS, "lr": self.lr, "betas": self.betas, "eps": self.eps,
+                 "weight_decay": self.weight_decay, "power": self.power}
         group.update({k: v for k, v in params.items() if k in group})
         changed = [k for k in group if k in (over.get("optimizer") or {}).get("params", {})]
         # what the optimizer will check when it is built, checked now (the betas, eps, weight decay, lr, power)
@@ -230,14 +249,13 @@ class TrainConfig:
             raise ConfigError(f"tokenizer path not found: {self.tokenizer} (from {os.getcwd()}); give 'byte' or a "
                               "local Hugging Face tokenizer folder", "tokenizer")
 
-    def model_config(self, vocab_size: int, world_size: int):
-        """The ModelConfig of this run (DeepSpeed's MoE layer for experts)."""
-        from .model import ModelConfig
-
-        return ModelConfig(vocab_size=vocab_size, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
-                           ffn_dim=self.ffn_dim, max_seq_len=self.seq_len, norm=self.norm,
-                           num_experts=self.num_experts, top_k=self.top_k, moe_impl="deepspeed",
-                           ep_size=self.expert_parallel_size(world_size), gpas=self.gpas, gpas_act=self.gpas_act)
+    def model_config(self, vocab_size: int, world_size: int) -> ModelConfig:
+        """The ModelConfig of this run: the model settings by their shared names, max_seq_len = seq_len, and the
+        expert-parallel size resolved for `world_size` ranks (experts: DeepSpeed's MoE layer); the other
+        ModelConfig fields keep their defaults."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("model")}
+        return ModelConfig(vocab_size=vocab_size, max_seq_len=self.seq_len,
+                           ep_size=self.expert_parallel_size(world_size), **shared)
 
     def deepspeed_config(self) -> dict:
         """The DeepSpeed config: optimizer, ZeRO stage, precision, batch, clipping, plus deepspeed_overrides."""
@@ -290,39 +308,38 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def _kind(f: dataclasses.Field) -> str:
-    return f.type if isinstance(f.type, str) else f.type.__name__
-
-
 def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-_EXPECTED = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string",
-             "float | None": "a finite number or null", "tuple[float, float]": "a list of 2 numbers",
-             "dict": "a JSON object"}
+_TYPES = typing.get_type_hints(TrainConfig)  # field name -> its type (the annotations evaluated)
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+             float | None: "a finite number or null", tuple[float, float]: "a list of 2 numbers",
+             dict: "a JSON object"}
 
 
-def _checked_type(name: str, value, kind: str):
-    """`value` as field `name` of type `kind` holds it (ints as floats, lists as tuples); ConfigError naming the
-    key and the expected type otherwise."""
-    if kind == "bool":
+def _checked_type(name: str, value, kind):
+    """`value` as field `name` of type `kind` (a key of _EXPECTED) holds it (ints as floats, lists as tuples);
+    ConfigError naming the key and the expected type otherwise."""
+    if kind is bool:
         ok = isinstance(value, bool)
-    elif kind == "int":
+    elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind == "float":
+    elif kind is float:
         ok = _finite_number(value)
         value = float(value) if ok else value
-    elif kind == "str":
+    elif kind is str:
         ok = isinstance(value, str)
-    elif kind == "float | None":
+    elif kind == float | None:
         ok = value is None or _finite_number(value)
         value = float(value) if ok and value is not None else value
-    elif kind == "tuple[float, float]":
+    elif kind == tuple[float, float]:
         ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_finite_number, value))
         value = tuple(map(float, value)) if ok else value
-    else:
+    elif kind is dict:
         ok = isinstance(value, dict)
+    else:
+        raise TypeError(f"TrainConfig.{name}: unsupported field type {kind!r}; supported are {list(_EXPECTED)}")
     if not ok:
         raise ConfigError(f"{name}={value!r} must be {_EXPECTED[kind]}, not {type(value).__name__}", name)
     return value
@@ -404,8 +421,8 @@ def _parse_json_object(text: str) -> dict:
     return value
 
 
-_FLAG_TYPES = {"bool": _parse_bool, "int": _parse_int, "float": _parse_float, "str": str,
-               "float | None": _parse_optional_float, "tuple[float, float]": _parse_float, "dict": _parse_json_object}
+_FLAG_TYPES = {bool: _parse_bool, int: _parse_int, float: _parse_float, str: str,
+               float | None: _parse_optional_float, tuple[float, float]: _parse_float, dict: _parse_json_object}
 
 
 def _show(value) -> str:
@@ -429,12 +446,12 @@ def argument_parser(prog: str = "python -m gradpower_ds train") -> argparse.Argu
                         help="JSON file with TrainConfig keys (e.g. configs/quickstart.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
-        kind = _kind(f)
-        nargs = 2 if kind == "tuple[float, float]" else None
+        kind = _TYPES[f.name]
+        nargs = 2 if kind == tuple[float, float] else None
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         text = f"{f.metadata['help']} (default: {_show(default)})".replace("%", "%%")
         parser.add_argument(f"--{f.name}", type=_FLAG_TYPES[kind], nargs=nargs, default=argparse.SUPPRESS,
-                            metavar=("B1", "B2") if nargs else "{true,false}" if kind == "bool" else f.name.upper(),
+                            metavar=("B1", "B2") if nargs else "{true,false}" if kind is bool else f.name.upper(),
                             help=text)
     return parser
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # megatron-core MoE pretraining with AdamPower and GPAS on one or several nodes (torchrun).
 #
-#   launch/megatron_moe.sh [pretrain_moe args...]              # one node
+#   launch/megatron_moe.sh [train_megatron args...]            # one node
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node1 launch/megatron_moe.sh [args...]   # on node1
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node1 launch/megatron_moe.sh [args...]   # on node2
 #
-# Runs `torchrun ... -m megatron_patches.pretrain_moe` with the settings of GRADPOWER_CONFIG, the
-# distributed optimizer, bf16, MoE with EP experts-parallel ranks, and checkpoints in RUN_DIR; when
-# RUN_DIR already holds a checkpoint it resumes from it (after a crash, run the same command again).
+# Runs `torchrun ... -m gradpower_ds.train_megatron` with the settings of GRADPOWER_CONFIG, the
+# distributed optimizer, bf16, MoE with EP experts-parallel ranks, and the run folder RUN_DIR; when
+# RUN_DIR already holds a checkpoint it resumes from it (after a crash, or after a stop by SIGTERM or
+# SIGINT, which first saves a checkpoint: run the same command again).
 # Arguments after the script's name are passed on and win over the defaults below (the last
 # occurrence of a flag wins).
 #
@@ -19,7 +20,8 @@
 #   MASTER_PORT      rendezvous port on node 0 (default 29500)
 #   GRADPOWER_CONFIG --gradpower-config file (default configs/megatron/adampower_gpas.json)
 #   EP               --expert-model-parallel-size (default 2; must divide the ranks and the experts)
-#   RUN_DIR          checkpoints, metrics.csv, tensorboard/, summary.json (default runs/megatron_moe)
+#   RUN_DIR          --save: checkpoints, status.json, metrics.csv, tensorboard/, loss.png and
+#                    summary.json (default runs/megatron_moe)
 #   PYTHON           the interpreter (default python)
 set -euo pipefail
 
@@ -44,4 +46,4 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "$python" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc" \
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-    -m megatron_patches.pretrain_moe "${args[@]}" "$@"
+    -m gradpower_ds.train_megatron "${args[@]}" "$@"

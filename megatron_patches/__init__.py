@@ -1,13 +1,13 @@
 """Megatron-core integration of AdamPower: ``OptimizerConfig(optimizer="adampower", gradpower_p=1.2)``.
 
 ``apply()`` makes thin, reversible patches to megatron-core (the version in
-``SUPPORTED_MEGATRON_CORE``; any other is refused with an error naming it), one
-module per patched area: ``megatron_patches.optimizer`` (AdamPower; see its
-docstring for the design), ``megatron_patches.checkpoint`` (two fixes to the
-DistributedOptimizer's checkpoints with torch's Adam, when TE/apex are absent)
-and, where Megatron-LM is importable, ``megatron_patches.arguments``;
-``remove()`` undoes them; both are idempotent. Importing this package patches
-nothing.
+``SUPPORTED_MEGATRON_CORE``; any other is refused with an error naming it), all
+listed in ``megatron_patches.patches``, one module per patched area:
+``megatron_patches.optimizer`` (AdamPower; see its docstring for the design),
+``megatron_patches.checkpoint`` (two fixes to the DistributedOptimizer's
+checkpoints with torch's Adam, when TE/apex are absent) and, where Megatron-LM is
+importable, ``megatron_patches.arguments``; ``remove()`` undoes them; both are
+idempotent. Importing this package patches nothing.
 
     import megatron_patches
     megatron_patches.apply()
@@ -25,75 +25,28 @@ gates into the model its provider builds).
 
 from __future__ import annotations
 
-SUPPORTED_MEGATRON_CORE = "0.16.1"
-
-_originals: dict = {}  # (owner, attribute) -> what apply() replaced; empty when not applied
-
-
-class UnsupportedMegatronError(RuntimeError):
-    """The installed megatron-core is not the version these patches were written and tested for."""
-
-
-def apply_gpas(model_or_layers, act: str = "silu", learnable: bool = True) -> list:
-    """GPAS gates in a megatron-core model's TransformerLayers (see megatron_patches.gpas)."""
-    from .gpas import apply_gpas as enable
-
-    return enable(model_or_layers, act=act, learnable=learnable)
-
-
-def remove_gpas(model_or_layers) -> list:
-    """Undoes apply_gpas (see megatron_patches.gpas)."""
-    from .gpas import remove_gpas as disable
-
-    return disable(model_or_layers)
-
-
-def check_megatron_version() -> None:
-    """Raises UnsupportedMegatronError unless the installed megatron-core is SUPPORTED_MEGATRON_CORE."""
-    import megatron.core
-
-    if megatron.core.__version__ != SUPPORTED_MEGATRON_CORE:
-        raise UnsupportedMegatronError(
-            f"megatron_patches supports megatron-core {SUPPORTED_MEGATRON_CORE} only (it patches its optimizer "
-            f"construction), but megatron-core {megatron.core.__version__} is installed: pip install "
-            f"megatron-core=={SUPPORTED_MEGATRON_CORE}")
-
-
-def is_applied() -> bool:
-    """Whether apply() is in effect."""
-    return bool(_originals)
+from .gpas import GPASUnsupportedError, apply_gpas, remove_gpas
+from .patches import PATCHES, SUPPORTED_MEGATRON_CORE, UnsupportedMegatronError
 
 
 def apply() -> None:
     """Lets megatron-core build AdamPower for ``OptimizerConfig(optimizer="adampower")`` (idempotent).
 
     Where Megatron-LM (``megatron.training``) is importable, also patches its ``--optimizer`` choices and
-    ``get_megatron_optimizer_config`` (``megatron_patches.arguments``).
+    ``get_megatron_optimizer_config`` (``megatron_patches.arguments``). The list: ``megatron_patches.patches``.
     """
-    if is_applied():
-        return
-    check_megatron_version()
-    from . import arguments, checkpoint, optimizer
-
-    config_class = optimizer._config_class()
-    for owner, name, wrap in optimizer._patch_targets() + checkpoint._patch_targets() + arguments._patch_targets():
-        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-        _originals[(owner, name)] = original
-        setattr(owner, name, wrap(original))
-    for name, default in optimizer.FIELDS.items():  # configs built before apply() read the defaults
-        _originals[(config_class, name)] = None
-        setattr(config_class, name, default)
+    PATCHES.apply()
 
 
 def remove() -> None:
     """Undoes apply(); a no-op when not applied."""
-    for (owner, name), original in _originals.items():
-        if original is None:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, original)
-    _originals.clear()
+    PATCHES.remove()
 
 
-__all__ = ["SUPPORTED_MEGATRON_CORE", "UnsupportedMegatronError", "apply", "check_megatron_version", "remove_gpas",
-           "apply_gpas", "is_applied", "remove"]
+def is_applied() -> bool:
+    """Whether apply() is in effect."""
+    return PATCHES.is_applied()
+
+
+__all__ = ["GPASUnsupportedError", "PATCHES", "SUPPORTED_MEGATRON_CORE", "UnsupportedMegatronError", "apply",
+           "apply_gpas", "is_applied", "remove", "remove_gpas"]

@@ -4,8 +4,7 @@
 
     --gradpower-p P            p for dense parameters (> 0; default 1.2; needs --optimizer adampower)
     --gradpower-p-expert P     p for MoE expert parameters (> 0; default: --gradpower-p)
-    --gpas                     GPAS gates in the decoder layers
-    --gpas-variant VARIANT     layer-norm placement (GPAS_VARIANTS)
+    --gpas                     GPAS gates in the decoder layers (Megatron's layers are Pre-LN)
     --gpas-act ACT             gate activation (gradpower_ds.gpas.ACTIVATIONS)
     --gradpower-config FILE    JSON object with any of CONFIG_KEYS
 
@@ -28,8 +27,9 @@ without the extra provider; ``megatron_patches.apply()`` therefore also wraps
 'adam'/'sgd' and copies dataclass fields only) to build the config as for 'adam'
 and then set ``optimizer``/``gradpower_p``/``gradpower_p_expert`` from the args
 (``optimizer_config_kwargs``). Both patches apply only where Megatron-LM is
-importable; they are written against Megatron-LM core_v0.16.1 (whose megatron-core
-is the version ``apply()`` checks) but were tested here with stand-in modules only.
+importable (``megatron_lm_patches``, listed in ``megatron_patches.patches``); they are
+written against Megatron-LM core_v0.16.1 (whose megatron-core is the version ``apply()``
+checks). Values are validated by ``gradpower_ds.hyperparams.check_power``, as everywhere.
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ import importlib
 import inspect
 import json
 import logging
-import math
 
 from gradpower_ds.gpas import ACTIVATIONS
+from gradpower_ds.hyperparams import check_power
+from gradpower_ds.patching import Wrap
 
-OPTIMIZER_NAME = "adampower"
-GPAS_VARIANTS = ("pre_ln",)  # Megatron's TransformerLayer is Pre-LN; extend when the GPAS layers support more
-DEFAULTS = {"optimizer": "adam", "gradpower_p": 1.2, "gradpower_p_expert": None, "gpas": False,
-            "gpas_variant": "pre_ln", "gpas_act": "silu"}
+from .optimizer import FIELDS, OPTIMIZER_NAME, as_adam, powers
+
+DEFAULTS = {"optimizer": "adam", **FIELDS, "gpas": False, "gpas_act": "silu"}
 CONFIG_KEYS = tuple(DEFAULTS)  # the keys a --gradpower-config file may hold
 FLAGS = {key: "--" + key.replace("_", "-") for key in CONFIG_KEYS}
 
@@ -60,10 +60,10 @@ def _power(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"invalid p={text}: must be a finite number > 0 (1.0 is plain Adam, "
-                                         "the paper uses 1.2)")
-    return value
+    try:
+        return check_power(value, owner="", name="p")[0]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _optimizer_action(parser: argparse.ArgumentParser):
@@ -93,12 +93,11 @@ def add_arguments(parser: argparse.ArgumentParser, after_parse=None) -> argparse
                             help="optimizer (adampower: Adam fed with sign(g)|g|^p)")
     group = parser.add_argument_group("GradPower / GPAS (megatron_patches)")
     group.add_argument(FLAGS["gradpower_p"], type=_power, default=DEFAULTS["gradpower_p"], metavar="P",
-                       help="--optimizer adampower: p for dense parameters, > 0 (1.0 = Adam; default 1.2)")
+                       help=f"--optimizer adampower: p for dense parameters, > 0 (1.0 = Adam; default "
+                            f"{DEFAULTS['gradpower_p']:g})")
     group.add_argument(FLAGS["gradpower_p_expert"], type=_power, default=None, metavar="P",
                        help="--optimizer adampower: p for MoE expert parameters (default: --gradpower-p)")
     group.add_argument(FLAGS["gpas"], action="store_true", help="GPAS gates in the decoder layers")
-    group.add_argument(FLAGS["gpas_variant"], choices=GPAS_VARIANTS, default=DEFAULTS["gpas_variant"],
-                       help="layer-norm placement the GPAS gates are placed for")
     group.add_argument(FLAGS["gpas_act"], choices=sorted(ACTIVATIONS), default=DEFAULTS["gpas_act"],
                        help="GPAS gate activation (default silu)")
     group.add_argument("--gradpower-config", metavar="FILE.json", default=None,
@@ -142,17 +141,14 @@ def read_config(path: str, optimizers=None) -> dict:
         raise ValueError(f"--gradpower-config {path}: unknown key(s) {unknown}; accepted keys are {list(CONFIG_KEYS)}")
     where = f"--gradpower-config {path}: key"
     for key in ("gradpower_p", "gradpower_p_expert"):
-        value = values.get(key)
-        if value is None and key == "gradpower_p_expert":
-            continue
-        if key in values:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{where} {key}={value!r}: must be a finite number > 0 (1.0 is plain Adam, the "
-                                 "paper uses 1.2)")
-            values[key] = float(value)
+        if values.get(key) is not None or key == "gradpower_p" and key in values:
+            try:
+                values[key] = check_power(values[key], owner=f"--gradpower-config {path}", name=key)[0]
+            except (TypeError, ValueError) as error:
+                raise ValueError(str(error)) from None
     if "gpas" in values and not isinstance(values["gpas"], bool):
         raise ValueError(f"{where} gpas={values['gpas']!r}: must be true or false")
-    choices = {"gpas_variant": GPAS_VARIANTS, "gpas_act": sorted(ACTIVATIONS), "optimizer": optimizers}
+    choices = {"gpas_act": sorted(ACTIVATIONS), "optimizer": optimizers}
     for key, allowed in choices.items():
         if key in values and allowed is not None and values[key] not in allowed:
             raise ValueError(f"{where} {key}={values[key]!r} is unknown; choose one of {list(allowed)}")
@@ -186,9 +182,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, defaults:
                 parser.error(f"{source[key]} has no effect unless --optimizer {OPTIMIZER_NAME} (optimizer is "
                              f"{args.optimizer!r})")
     if not args.gpas:
-        for key in ("gpas_variant", "gpas_act"):
-            if key in source:
-                parser.error(f"{source[key]} has no effect without --gpas (or \"gpas\": true in the file)")
+        if "gpas_act" in source:
+            parser.error(f"{source['gpas_act']} has no effect without --gpas (or \"gpas\": true in the file)")
 
 
 def optimizer_config_kwargs(args) -> dict:
@@ -198,7 +193,9 @@ def optimizer_config_kwargs(args) -> dict:
     return {"optimizer": OPTIMIZER_NAME, "gradpower_p": args.gradpower_p, "gradpower_p_expert": args.gradpower_p_expert}
 
 
-def _add_training_args(original):
+def add_training_args_with_adampower(original):
+    """Megatron-LM's _add_training_args with 'adampower' among its --optimizer choices."""
+
     @functools.wraps(original)
     def wrapper(parser, *args, **kwargs):
         result = original(parser, *args, **kwargs)
@@ -210,42 +207,40 @@ def _add_training_args(original):
     return wrapper
 
 
-def _get_megatron_optimizer_config(original):
+def optimizer_config_with_adampower(original):
+    """Megatron-LM's get_megatron_optimizer_config building, for --optimizer adampower, the Adam config plus the
+    AdamPower fields from the args."""
+
     @functools.wraps(original)
     def wrapper(args, *rest, **kwargs):
         if getattr(args, "optimizer", None) != OPTIMIZER_NAME:
             return original(args, *rest, **kwargs)
-        args.optimizer = "adam"  # Megatron-LM builds the Adam config; AdamPower is Adam plus the grad power
-        try:
+        with as_adam(args):
             result = original(args, *rest, **kwargs)
-        finally:
-            args.optimizer = OPTIMIZER_NAME
         config = result[0] if isinstance(result, tuple) else result
         for name, value in optimizer_config_kwargs(args).items():
             setattr(config, name, value)
-        from .optimizer import powers
-
         powers(config)
         return result
 
     return wrapper
 
 
-def _patch_targets():
-    """(owner, attribute, wrapper factory) for Megatron-LM; empty where Megatron-LM is not importable."""
-    targets = []
-    for module_name, name, wrap in (("megatron.training.arguments", "_add_training_args", _add_training_args),
-                                    ("megatron.training.training", "get_megatron_optimizer_config",
-                                     _get_megatron_optimizer_config)):
+def megatron_lm_patches() -> list:
+    """The Megatron-LM patches (``Wrap``s) where Megatron-LM is importable; empty where it is not."""
+    patches = []
+    for module_name, name, factory in (
+            ("megatron.training.arguments", "_add_training_args", add_training_args_with_adampower),
+            ("megatron.training.training", "get_megatron_optimizer_config", optimizer_config_with_adampower)):
         try:
             module = importlib.import_module(module_name)
         except ImportError:
             continue
         if hasattr(module, name):
-            targets.append((module, name, wrap))
+            patches.append(Wrap(module, name, factory))
         else:
             _log.warning("megatron_patches: %s has no %s; not patched", module_name, name)
-    return targets
+    return patches
 
 
 def chain_providers(provider, after_parse=None):
@@ -257,7 +252,6 @@ def chain_providers(provider, after_parse=None):
             parser = parser if returned is None else returned
         return add_arguments(parser, after_parse)
 
-    extra_args_provider.chained = provider
     return extra_args_provider
 
 
@@ -283,6 +277,6 @@ def with_extra_args(function, after_parse=None):
     return replace_argument(function, "extra_args_provider", lambda provider: chain_providers(provider, after_parse))
 
 
-__all__ = ["CONFIG_KEYS", "DEFAULTS", "GPAS_VARIANTS", "OPTIMIZER_NAME", "add_arguments", "add_optimizer_choice",
+__all__ = ["CONFIG_KEYS", "DEFAULTS", "OPTIMIZER_NAME", "add_arguments", "add_optimizer_choice",
            "chain_providers", "optimizer_config_kwargs", "read_config", "replace_argument", "resolve",
            "with_extra_args"]

@@ -18,7 +18,8 @@ AdamW inside its DistributedOptimizer, and two of its checkpoint paths then go w
 
 Both wrappers do nothing when TE or apex provides the Adam (then Megatron keeps the step in the param
 groups). They matter to any optimizer Megatron builds this way, Adam and AdamPower alike; they are
-installed by ``megatron_patches.apply()`` and removed by ``remove()``.
+installed by ``megatron_patches.apply()`` (listed in ``megatron_patches.patches``) and removed by
+``remove()``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def _torch_adam(distributed_optimizer):
     return inner
 
 
-def _state_dict(original):
+def state_dict_with_initial_state(original):
+    """DistributedOptimizer.state_dict that first gives each empty torch Adam param state its initial state (fix 1)."""
+
     @functools.wraps(original)
     def state_dict(self):
         inner = _torch_adam(self)
@@ -53,7 +56,10 @@ def _state_dict(original):
     return state_dict
 
 
-def _load_state_dict(original):
+def load_state_dict_with_own_steps(original):
+    """DistributedOptimizer.load_state_dict that then gives every param its own step tensor, holding the checkpoint's
+    step (fix 2)."""
+
     @functools.wraps(original)
     def load_state_dict(self, state_dict):
         result = original(self, state_dict)
@@ -66,11 +72,3 @@ def _load_state_dict(original):
         return result
 
     return load_state_dict
-
-
-def _patch_targets():
-    """(owner, attribute, wrapper factory) for the DistributedOptimizer methods apply() wraps."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return [(DistributedOptimizer, "state_dict", _state_dict),
-            (DistributedOptimizer, "load_state_dict", _load_state_dict)]

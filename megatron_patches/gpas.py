@@ -61,6 +61,8 @@ from torch import nn
 
 from gradpower_ds.gpas import ACTIVATIONS, GPASGate
 
+from .patches import PATCHES
+
 GATE = "gpas_gate"
 _ORIGINALS = "_gpas_original_bda"  # on a layer: {"self_attn_bda": fn, "mlp_bda": fn}
 _HOOK = "_gpas_grad_mode_hook"  # on a layer: the RemovableHandle of its _GradMode pre-hook
@@ -82,9 +84,7 @@ class GPASUnsupportedError(RuntimeError):
 def _transformer_layers(model_or_layers) -> list:
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    from . import check_megatron_version
-
-    check_megatron_version()
+    PATCHES.check_version()
     items = list(model_or_layers) if isinstance(model_or_layers, (list, tuple, nn.ModuleList)) else [model_or_layers]
     layers = []
     for item in items:
@@ -153,7 +153,6 @@ def _gated_bda(original, gate, grad_mode):
 
         return bias_dropout_add_gpas
 
-    bda.gpas_original = original
     return bda
 
 
@@ -196,8 +195,3 @@ def remove_gpas(model_or_layers) -> list:
         layer.__dict__.pop(_HOOK).remove()
         del layer._modules[GATE]
     return layers
-
-
-def gpas_gates(model_or_layers) -> list:
-    """The GPASGate modules of the layers that have one, in layer order."""
-    return [layer._modules[GATE] for layer in _transformer_layers(model_or_layers) if GATE in layer._modules]

@@ -2,10 +2,10 @@
 
 megatron-core (the version in ``megatron_patches.SUPPORTED_MEGATRON_CORE``) knows
 only ``'adam'`` and ``'sgd'``. ``megatron_patches.apply()`` makes three thin,
-reversible changes, all listed in ``_patch_targets()``:
+reversible changes with the wrappers here (listed in ``megatron_patches.patches``):
 
 1. ``OptimizerConfig.__init__`` (and its subclass ``AdamOptimizerConfig``'s)
-   accept ``gradpower_p`` (default 1.2) and ``gradpower_p_expert`` (default None:
+   accept ``gradpower_p`` (default ``ADAM_POWER_DEFAULTS["power"]``, 1.2) and ``gradpower_p_expert`` (default None:
    the same as ``gradpower_p``); every config has them as attributes;
 2. ``OptimizerConfig.__post_init__`` validates them (p > 0, ValueError naming the
    field) when ``optimizer == "adampower"`` and runs Megatron's own checks as for
@@ -50,14 +50,25 @@ import logging
 import torch
 
 from gradpower_ds.functional import adam_power
-from gradpower_ds.hyperparams import check_power
+from gradpower_ds.hyperparams import ADAM_POWER_DEFAULTS, check_power
 from gradpower_ds.power import grad_power_
 
-OPTIMIZER_NAME = "adampower"
-FIELDS = {"gradpower_p": 1.2, "gradpower_p_expert": None}
+OPTIMIZER_NAME = "adampower"  # the name Megatron's OptimizerConfig.optimizer and --optimizer take
+FIELDS = {"gradpower_p": ADAM_POWER_DEFAULTS["power"], "gradpower_p_expert": None}  # OptimizerConfig's new fields
 _UNSUPPORTED_TORCH_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable")
 
 _log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def as_adam(holder):
+    """While Megatron checks or builds what it knows: ``holder.optimizer`` (a config or Megatron-LM's args) is
+    ``'adam'`` (AdamPower is Adam plus phi_p), and ``OPTIMIZER_NAME`` again afterwards, also on an error."""
+    holder.optimizer = "adam"
+    try:
+        yield holder
+    finally:
+        holder.optimizer = OPTIMIZER_NAME
 
 
 def powers(config) -> tuple[float, float]:
@@ -182,7 +193,9 @@ def _offload_classes(dense_p: float, expert_p: float):
             setattr(mcore_optimizer, name, cls)
 
 
-def _config_init(original):
+def config_init(original):
+    """OptimizerConfig.__init__ (and AdamOptimizerConfig's) taking gradpower_p and gradpower_p_expert."""
+
     @functools.wraps(original)
     def __init__(self, *args, gradpower_p=FIELDS["gradpower_p"], gradpower_p_expert=FIELDS["gradpower_p_expert"],
                  **kwargs):
@@ -193,33 +206,31 @@ def _config_init(original):
     return __init__
 
 
-def _config_post_init(original):
+def config_post_init(original):
+    """OptimizerConfig.__post_init__ validating the powers and running Megatron's checks as for 'adam'."""
+
     @functools.wraps(original)
     def __post_init__(self):
         if self.optimizer != OPTIMIZER_NAME:
             return original(self)
         powers(self)
-        self.optimizer = "adam"  # Megatron's checks, as for the Adam it builds
-        try:
+        with as_adam(self):
             original(self)
-        finally:
-            self.optimizer = OPTIMIZER_NAME
 
     return __post_init__
 
 
-def _build_optimizer(original):
+def build_with_power(original):
+    """_get_megatron_optimizer_based_on_param_groups building Adam for 'adampower', then giving it AdamPower's step."""
+
     @functools.wraps(original)
     def build(config, *args, **kwargs):
         if config.optimizer != OPTIMIZER_NAME:
             return original(config, *args, **kwargs)
         dense_p, expert_p = powers(config)
-        config.optimizer = "adam"
-        try:
-            with _offload_classes(dense_p, expert_p) if config.optimizer_cpu_offload else contextlib.nullcontext():
-                megatron_optimizer = original(config, *args, **kwargs)
-        finally:
-            config.optimizer = OPTIMIZER_NAME
+        offload = _offload_classes(dense_p, expert_p) if config.optimizer_cpu_offload else contextlib.nullcontext()
+        with as_adam(config), offload:
+            megatron_optimizer = original(config, *args, **kwargs)
         for inner in inner_optimizers(megatron_optimizer):
             if not isinstance(inner, _PowerStep) and not config.optimizer_cpu_offload:
                 inner.__class__ = power_optimizer_class(type(inner), dense_p, expert_p)
@@ -229,20 +240,3 @@ def _build_optimizer(original):
         return megatron_optimizer
 
     return build
-
-
-def _patch_targets():
-    """(owner, attribute, wrapper factory) for each megatron-core attribute apply() replaces."""
-    import megatron.core.optimizer as mcore_optimizer
-    from megatron.core.optimizer.optimizer_config import AdamOptimizerConfig, OptimizerConfig
-
-    return [(OptimizerConfig, "__init__", _config_init),
-            (AdamOptimizerConfig, "__init__", _config_init),
-            (OptimizerConfig, "__post_init__", _config_post_init),
-            (mcore_optimizer, "_get_megatron_optimizer_based_on_param_groups", _build_optimizer)]
-
-
-def _config_class():
-    from megatron.core.optimizer.optimizer_config import OptimizerConfig
-
-    return OptimizerConfig

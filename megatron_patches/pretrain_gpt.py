@@ -16,8 +16,8 @@ from ``megatron.training`` when it runs, after the wrap), and so that with
 ``parse_args``, which ``megatron.training.initialize`` has already bound by name,
 or rewriting the layer specs that ``gpt_builders`` builds. ``--gpas`` together
 with a setting GPAS cannot run with (``megatron_patches.gpas.REFUSED_FLAGS``:
-CUDA graphs, the MoE/EP overlap) is refused when the arguments are parsed. Without Megatron-LM this exits with status 2 and says how to
-point at it.
+CUDA graphs, the MoE/EP overlap) is refused when the arguments are parsed. Without Megatron-LM
+this exits with status 2 and says how to point at it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import grad_stream
-from gradpower_ds import AdamPower
+from gradpower_ds import AdamPower, CPUAdamPower
 from reference import Float64AdamPower
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
@@ -119,10 +119,19 @@ def test_bad_hyperparameters_raise_value_error(kwargs, match):
         AdamPower([torch.nn.Parameter(torch.zeros(2))], **kwargs)
 
 
-def test_bad_group_power_raises():
-    opt = AdamPower([torch.nn.Parameter(torch.zeros(2))])
-    with pytest.raises(ValueError, match="power=0.0"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "power": 0.0})
+@pytest.mark.parametrize("cls", [AdamPower, CPUAdamPower])
+def test_bad_group_power_raises(cls):
+    """The optimizer classes validate where hyperparameters enter (construction, add_param_group): the
+    functional core adam_power does not re-check them on every step."""
+    opt = cls([torch.nn.Parameter(torch.zeros(2))])
+    rejected = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"invalid power=0:"):
+        opt.add_param_group({"params": [rejected], "power": 0.0})
+    with pytest.raises(ValueError, match=r"invalid power_eps=-1e-08"):
+        opt.add_param_group({"params": [rejected], "power_eps": -1e-8})
+    assert len(opt.param_groups) == 1  # a rejected group is not kept, so its params can be added again
+    opt.add_param_group({"params": [rejected], "power": 1.1})
+    assert [g["power"] for g in opt.param_groups] == [1.2, 1.1]
 
 
 # ---- the functional core: every path, bf16 grads, bounded batches --------------------------------------------

@@ -152,11 +152,20 @@ def test_bad_inputs(tmp_path):
     assert not list(tmp_path.glob("*.npy"))
 
 
+def write_indexed_dataset(prefix, documents, vocab_size: int) -> None:
+    """Writes token documents as a Megatron indexed dataset prefix.bin/prefix.idx with megatron-core's builder."""
+    indexed = data._megatron_indexed()
+    builder = indexed.IndexedDatasetBuilder(f"{prefix}.bin", dtype=indexed.DType.optimal_dtype(vocab_size))
+    for doc in documents:
+        builder.add_document(np.asarray(doc, dtype=np.int64), [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+
+
 def test_megatron_indexed_dataset(tmp_path):
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 256, size=int(rng.integers(5, 50))).tolist() for _ in range(60)]
     prefix = tmp_path / "tokens_text_document"
-    data.write_indexed_dataset(prefix, docs, vocab_size=257)
+    write_indexed_dataset(prefix, docs, vocab_size=257)
     assert prefix.with_suffix(".bin").exists() and prefix.with_suffix(".idx").exists()
     corpus = load_corpus(str(prefix), val_fraction=0.2, cache_dir=tmp_path / "c")
     join = lambda ids: [t for i in ids for t in docs[i] + [256]]  # noqa: E731
@@ -164,14 +173,14 @@ def test_megatron_indexed_dataset(tmp_path):
     assert corpus.val.tolist() == join(val) and val
     assert corpus.train.tolist() == join(i for i in range(60) if i not in val)
     assert load_corpus(f"{prefix}.bin", val_fraction=0.2, cache_dir=tmp_path / "c").cache_path == corpus.cache_path
-    data.write_indexed_dataset(tmp_path / "big", [[1, 2, 3], [300, 4]], vocab_size=1000)
+    write_indexed_dataset(tmp_path / "big", [[1, 2, 3], [300, 4]], vocab_size=1000)
     with pytest.raises(ValueError, match=r"has token id 300 .*outside the tokenizer's vocab 0..256"):
         load_corpus(str(tmp_path / "big"), val_fraction=0.5, cache_dir=tmp_path / "c")
 
 
 def test_megatron_documents_with_eod_get_no_second_eos(tmp_path):
     docs = [[i % 250 + 1] * 4 + [256] for i in range(40)]  # as made by Megatron's preprocess_data --append-eod
-    data.write_indexed_dataset(tmp_path / "eod", docs, vocab_size=257)
+    write_indexed_dataset(tmp_path / "eod", docs, vocab_size=257)
     corpus = load_corpus(str(tmp_path / "eod"), val_fraction=0.3, cache_dir=tmp_path / "c")
     assert len(corpus.train) + len(corpus.val) == 40 * 5
 

@@ -67,7 +67,7 @@ def test_optimizer_kwargs():
         gds.optimizer_kwargs("AdamPower", {"pwr": 1.2, "max_grad_norm": 1.0})
     with pytest.raises(ValueError, match="adam_w_mode"):
         gds.optimizer_kwargs("AdamWPower", {"adam_w_mode": False})
-    with pytest.raises(ValueError, match="expert_power.*power=0.0"):
+    with pytest.raises(ValueError, match="invalid expert_power=0:"):
         gds.optimizer_kwargs("AdamPower", {"expert_power": 0})
 
 
@@ -107,7 +107,7 @@ def test_deepspeed_initialize_with_adam_power_configs(tmp_path):
     assert r["zero2"]["optimizer"] == r["zero3_offload"]["optimizer"] == "CPUAdamPower"
     assert r["unknown_key"]["error"] == "ValueError" and "['pwr']" in r["unknown_key"]["message"]
     assert "accepted keys are ['lr', 'betas'" in r["unknown_key"]["message"]
-    assert r["bad_power"]["error"] == "ValueError" and "invalid power=0.0" in r["bad_power"]["message"]
+    assert r["bad_power"]["error"] == "ValueError" and "invalid power=0:" in r["bad_power"]["message"]
     assert r["bad_expert_power"]["error"] == "ValueError" and "expert_power" in r["bad_expert_power"]["message"]
     assert r["adamw_l2_conflict"]["error"] == "ValueError"
     assert "bf16_optimizer_states" in r["bf16_optimizer_states"]["message"]

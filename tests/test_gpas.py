@@ -1,14 +1,23 @@
-"""GPAS: the gate's maths against autograd and the formula, identity at init, every placement against
-a hand-written block, torch.compile, bf16 autocast, Hugging Face models, grouping and clipping."""
+"""GPAS: the gate's maths against autograd and the formula, identity at init (dense, and with DeepSpeed's MoE
+layer in one launched job), every placement against a hand-written block, torch.compile, bf16 autocast, Hugging
+Face models, grouping and clipping."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import free_port, launch_env
 from gradpower_ds import (GPASGate, apply_gpas, clip_gate_grad_norm_, gpas_scale, param_groups_with_gpas,
                           register_gate_grad_clip, remove_gpas)
 from gradpower_ds.gpas import ACTIVATIONS, gate_parameters
 from gradpower_ds.model import CausalLM, DecoderLayer, ModelConfig, rope_tables
+from jobs import ds_gpas_identity
+
+IDENTITY_JOB = Path(__file__).resolve().parent / "jobs" / "ds_gpas_identity.py"
 
 ACT_DERIVATIVES = {
     "silu": lambda a: torch.sigmoid(a) * (1 + a * (1 - torch.sigmoid(a))),
@@ -77,20 +86,18 @@ NORMS = ["pre_ln", "sandwich_ln", "deepnorm", "mix_ln", "lns"]
 
 
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("experts", [0, 4])
-def test_identity_at_init(norm, experts):
-    cfg = ModelConfig(norm=norm, num_experts=experts, n_layers=4, dim=32, n_heads=4, ffn_dim=64, vocab_size=50)
-    plain = CausalLM(cfg)
-    gated = apply_gpas(CausalLM(ModelConfig(**{**cfg.__dict__})))
-    gated.load_state_dict(plain.state_dict(), strict=False)
-    tokens = torch.randint(0, 50, (2, 12))
-    (lp, loss_p), (lg, loss_g) = plain(tokens, tokens), gated(tokens, tokens)
-    assert torch.equal(lp, lg)
-    loss_p.backward()
-    loss_g.backward()
-    gated_params = dict(gated.named_parameters())
-    for name, p in plain.named_parameters():
-        assert torch.equal(p.grad, gated_params[name].grad), name
+def test_identity_at_init(norm):
+    """Bitwise-equal logits and gradients with and without gates at init (jobs/ds_gpas_identity.py), dense."""
+    ds_gpas_identity.identity_at_init(norm, experts=0)
+
+
+def test_identity_at_init_with_deepspeed_moe():
+    """The same with 4 experts (DeepSpeed's MoE layer needs torch.distributed): every norm in one world-of-one job."""
+    env = launch_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, str(IDENTITY_JOB), *NORMS], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert [line for line in proc.stdout.splitlines() if line.startswith("ok ")] == [f"ok {n}" for n in NORMS]
 
 
 def reference_layer(layer: DecoderLayer, x, cos, sin, s):
@@ -110,7 +117,7 @@ def reference_layer(layer: DecoderLayer, x, cos, sin, s):
 
 @pytest.mark.parametrize("norm", NORMS)
 def test_each_placement_matches_hand_written_block(norm):
-    cfg = ModelConfig(norm=norm, n_layers=4, dim=32, n_heads=4, ffn_dim=64, gpas=True)
+    cfg = ModelConfig(norm=norm, n_layers=4, dim=32, n_heads=4, ffn_dim=64, num_experts=0, gpas=True)
     cos, sin = rope_tables(cfg)
     styles = set()
     for index in range(cfg.n_layers):
@@ -186,11 +193,11 @@ def test_unknown_model_and_bad_variant():
     with pytest.raises(ValueError, match="Pre-LN"):
         apply_gpas(tiny_hf_models()[0], variant="deepnorm")
     with pytest.raises(ValueError, match="norm='pre_ln'"):
-        apply_gpas(CausalLM(ModelConfig()), variant="sandwich_ln")
+        apply_gpas(CausalLM(ModelConfig(ffn_dim=352, num_experts=0)), variant="sandwich_ln")
 
 
 def test_param_groups_and_gate_clipping():
-    model = apply_gpas(CausalLM(ModelConfig(n_layers=2, dim=32, n_heads=4, ffn_dim=64)))
+    model = apply_gpas(CausalLM(ModelConfig(n_layers=2, dim=32, n_heads=4, ffn_dim=64, num_experts=0)))
     groups = param_groups_with_gpas(model, weight_decay=0.1, lr=1e-3)
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in gate_parameters(model)}

@@ -10,7 +10,7 @@ Test names start with the check.sh step that runs them:
   scaling, ZeRO-3 fp32 and ZeRO-2 bf16 with CPU offload (CPUAdamPower), each against the unsharded
   reference and, at power 1, DeepSpeed's own AdamW (FusedAdam / DeepSpeedCPUAdam), as on the CPU.
 - main_job_: gradpower_ds.train on the GPU, and a stop at step 4 + resume that logs the same curve.
-- megatron_: megatron_patches.pretrain_moe on the GPU with AdamPower and GPAS, saved at iteration 3,
+- megatron_: gradpower_ds.train_megatron on the GPU with AdamPower and GPAS, saved at iteration 3,
   then resumed from it.
 """
 
@@ -118,11 +118,11 @@ def test_main_job_on_gpu_resumes_exactly(tmp_path):
     assert rows_whole[0]["train_loss"] > rows_whole[-1]["train_loss"]
 
 
-def test_megatron_pretrain_moe_on_gpu_with_adampower_and_gpas(tmp_path):
+def test_megatron_pretrain_on_gpu_with_adampower_and_gpas(tmp_path):
     pytest.importorskip("megatron.core", reason="megatron-core is not installed")
     from test_megatron_pretrain import CONFIGS, TINY, metrics
 
-    common = ["-m", "megatron_patches.pretrain_moe", *TINY, "--gradpower-config",
+    common = ["-m", "gradpower_ds.train_megatron", *TINY, "--gradpower-config",
               str(CONFIGS / "adampower_moe_expert_p.json"), "--bf16", "--use-distributed-optimizer",
               "--train-iters", "6"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"

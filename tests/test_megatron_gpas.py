@@ -11,7 +11,6 @@ autograd graph under torch.no_grad() and the refusals of unsupported configurati
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

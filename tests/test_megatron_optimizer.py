@@ -30,7 +30,7 @@ from megatron.core.optimizer import AdamOptimizerConfig, OptimizerConfig  # noqa
 import megatron_patches  # noqa: E402
 from conftest import torchrun  # noqa: E402
 from gradpower_ds import grad_power  # noqa: E402
-from megatron_patches.optimizer import inner_optimizers, power_optimizer_class, powers  # noqa: E402
+from megatron_patches.optimizer import power_optimizer_class, powers  # noqa: E402
 
 JOBS = Path(__file__).parent / "jobs"
 

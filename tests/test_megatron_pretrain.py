@@ -1,20 +1,26 @@
-"""megatron_patches.pretrain_moe and launch/megatron_moe.sh: flags, exact resume, two nodes on loopback.
+"""gradpower_ds.train_megatron and launch/megatron_moe.sh: flags, exact resume, the GPAS gate clip, the run
+folder (status, summary, end line) and a stop by SIGTERM, two nodes on loopback.
 
 The launched tests run the product's own commands on 2 CPU ranks (gloo); tests/megatron_cpu_site
-installs the test-only CPU shim in each rank (conftest.MEGATRON_CPU_ENV).
+installs the test-only CPU shim in each rank (conftest.MEGATRON_CPU_ENV) and, where asked, records
+the gates' gradients as megatron DDP accumulated them.
 """
 
 import csv
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import MEGATRON_CPU_ENV, free_port, launch_env, torchrun
+from gradpower_ds.run_dir import SUMMARY_KEYS
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 
@@ -26,7 +32,7 @@ TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
 
 
 def parse(argv):
-    from megatron_patches.pretrain_moe import build_parser
+    from gradpower_ds.train_megatron import build_parser
 
     return build_parser().parse_args(argv)
 
@@ -49,7 +55,7 @@ def test_flags_and_config_file_defaults():
     (["--optimizer", "adampower", "--gradpower-p", "0"], "argument --gradpower-p: invalid p=0"),
     (["--optimizer", "adampower", "--gradpower-p-expert", "-1"], "argument --gradpower-p-expert: invalid p=-1"),
     (["--gradpower-p", "1.3"], "--gradpower-p has no effect unless --optimizer adampower"),
-    (["--gpas-variant", "post_ln"], "argument --gpas-variant: invalid choice: 'post_ln'"),
+    (["--gpas-variant", "post_ln"], "unrecognized arguments: --gpas-variant post_ln"),
     (["--num-experts", "3", "--expert-model-parallel-size", "2"], "--num-experts 3 must be a multiple of "
                                                                   "--expert-model-parallel-size 2"),
     (["--num-experts", "0", "--expert-model-parallel-size", "2"], "--num-experts 0 (dense) leaves nothing"),
@@ -75,6 +81,13 @@ def metrics(run_dir: Path) -> dict:
         return {int(row["step"]): row for row in csv.DictReader(f)}
 
 
+def end_line(output: str, run_dir: Path, ranks: int = 2) -> re.Match:
+    """The job's one end line, of the same shape as the DeepSpeed main job's (gradpower_ds.run_dir.summary_line)."""
+    return re.search(r"gradpower_ds\.train_megatron: done \| validation loss \d+\.\d{4} \| [\d,]+ tokens in "
+                     rf"[\d.]+ s = [\d,]+ tokens/s on {ranks} ranks \| {re.escape(str(run_dir))}/ \(metrics\.csv, "
+                     r"loss\.png, tensorboard/\)", output)
+
+
 def checkpoint_tensors(path: Path) -> dict:
     """All tensors of a dist_checkpointing (torch_dist) checkpoint, read in this process."""
     import torch
@@ -87,21 +100,45 @@ def checkpoint_tensors(path: Path) -> dict:
 
 def test_save_load_continue_is_identical(tmp_path):
     """bf16, EP=2 alltoall, distributed optimizer, AdamPower (dense and expert p), GPAS, dropout: a run resumed
-    from its step-3 checkpoint logs the same losses and lr and ends with the same weights, bit for bit."""
+    from its step-3 checkpoint logs the same losses and lr and ends with the same weights, bit for bit.
+    The first run also records its gates' gradients (tests/megatron_cpu_site): clipped to GATE_GRAD_CLIP."""
     import torch
 
-    common = ["-m", "megatron_patches.pretrain_moe", *TINY, "--gradpower-config",
+    from gradpower_ds.gpas import GATE_GRAD_CLIP
+
+    common = ["-m", "gradpower_ds.train_megatron", *TINY, "--gradpower-config",
               str(CONFIGS / "adampower_moe_expert_p.json"), "--bf16", "--use-distributed-optimizer",
               "--expert-model-parallel-size", "2", "--hidden-dropout", "0.1", "--train-iters", "6"]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    first = torchrun(*common, "--save", full, "--save-interval", "3", env=MEGATRON_CPU_ENV, timeout=600)
+    full, resumed, gate_grads = tmp_path / "full", tmp_path / "resumed", tmp_path / "gate_grads"
+    gate_grads.mkdir()
+    first = torchrun(*common, "--save", full, "--save-interval", "3", env=dict(MEGATRON_CPU_ENV,
+                     GRADPOWER_TEST_GATE_GRADS=str(gate_grads)), timeout=600)
     log = first.stdout + first.stderr
     assert "megatron_patches: AdamPower (gradpower_p=1.2, gradpower_p_expert=1.1) on DistributedOptimizer" in log
     assert "4 experts top-2, EP=2 | adampower (p=1.2, expert p=1.1) | GPAS silu, distributed optimizer | bf16" in log
     assert (full / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    # the run folder, as the DeepSpeed main job keeps its own
+    assert end_line(first.stdout, full), first.stdout[-3000:]
+    assert json.loads((full / "status.json").read_text()) == {"state": "complete", "step": 6}
+    summary = json.loads((full / "summary.json").read_text())
+    assert tuple(summary) == SUMMARY_KEYS and summary["steps"] == 6 and summary["resumed_at"] == 0
+    assert summary["run_dir"] == str(full) and summary["tokens"] == 6 * 2 * 4 * 64 and summary["tokens_per_s"] > 0
+    assert (full / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # the gate clip: each rank's local gate gradient is within +-GATE_GRAD_CLIP (as the bf16 gate rounds it), and
+    # the first layer's gate sits on the bound (unclipped, this run's are 0.02 to 0.07)
+    bound = torch.tensor(GATE_GRAD_CLIP, dtype=torch.bfloat16).item()
+    for rank in (0, 1):
+        steps = [json.loads(line) for line in (gate_grads / f"gate_grads_rank{rank}.jsonl").read_text().splitlines()]
+        assert len(steps) == 6 and all(len(gates) == 2 for gates in steps)
+        values = [g for gates in steps for gate in gates for g in gate]
+        assert all(abs(g) <= bound for g in values), values
+        assert all(abs(gates[0][0]) == bound for gates in steps), steps
     second = torchrun(*common, "--save", resumed, "--load", full, "--ckpt-step", "3", env=MEGATRON_CPU_ENV,
                       timeout=600)
     assert "resumed at iteration 3" in second.stdout + second.stderr
+    assert end_line(second.stdout, resumed)
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert (summary["steps"], summary["resumed_at"], summary["tokens"]) == (6, 3, 6 * 2 * 4 * 64)
 
     before, after = metrics(full), metrics(resumed)
     assert sorted(after) == [4, 5, 6]
@@ -144,7 +181,7 @@ def test_launch_script_as_two_nodes_on_loopback_then_resumes(tmp_path):
     log = "".join(outputs)
     assert "2 ranks (DP=2), 4 experts top-2, EP=2 | adampower (p=1.2) | GPAS silu, distributed optimizer | bf16" in log
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert (summary["world_size"], summary["iterations"], summary["optimizer"], summary["gpas"]) == \
+    assert (summary["world_size"], summary["steps"], summary["optimizer"], summary["gpas"]) == \
         (2, 4, "adampower", True)
     assert math.isfinite(summary["val_loss"])
     # the same command again, now on one node with 2 ranks and more steps: it resumes from RUN_DIR
@@ -155,6 +192,47 @@ def test_launch_script_as_two_nodes_on_loopback_then_resumes(tmp_path):
     assert "resumed at iteration 4" in output
     assert json.loads((run_dir / "summary.json").read_text())["resumed_at"] == 4
     assert sorted(metrics(run_dir)) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_all_ranks_after_a_saved_step(tmp_path):
+    """SIGTERM to rank 1 only, while status.json counts the steps: both ranks finish the same step, save its
+    checkpoint and mark the run stopped (rank 1 exits 143), as the DeepSpeed main job does."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "gradpower_ds.train_megatron", *TINY, "--gpas",
+           "--train-iters", "40", "--eval-interval", "20", "--save", str(run_dir), "--save-interval", "20"]
+    proc = subprocess.Popen(cmd, env=launch_env(**MEGATRON_CPU_ENV), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, ranks, status = time.time() + 300, [], None
+        while time.time() < deadline and proc.poll() is None and len(ranks) < 2:
+            ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "LOCAL_RANK" in p.environ()]
+            time.sleep(0.05)
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                status = json.loads((run_dir / "status.json").read_text())
+            except (OSError, ValueError):
+                status = None
+            if status and status["state"] == "running" and status["step"] >= 2:
+                break
+            time.sleep(0.005)
+        rank1 = next(p for p in ranks if p.environ()["LOCAL_RANK"] == "1")
+        rank1.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert status is not None and status["step"] >= 2, out[-4000:]  # status.json follows the steps
+    assert "exitcode  : 143" in out, out[-4000:]  # torchrun reports rank 1's exit status (and exits 1 itself)
+    stopped = json.loads((run_dir / "status.json").read_text())
+    assert stopped["state"] == "stopped" and stopped["signal"] == "SIGTERM" and 2 <= stopped["step"] < 40, stopped
+    step = stopped["step"]
+    assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == str(step)
+    assert f"stopped after iteration {step} of 40 by SIGTERM, checkpoint saved; continue with --load {run_dir}" in out
+    assert sorted(metrics(run_dir)) == list(range(1, step + 1)) and not (run_dir / "summary.json").exists()
 
 
 @pytest.mark.parametrize("env, named", [({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK must be in 0..1"),
@@ -170,7 +248,7 @@ def test_without_cuda_it_says_so_before_starting(tmp_path):
     """On this CPU-only torch, without the tests' shim, megatron-core cannot run: a clear exit, not a traceback."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop("GRADPOWER_MEGATRON_CPU_SHIM", None)
-    result = subprocess.run([sys.executable, "-m", "megatron_patches.pretrain_moe", "--train-iters", "1",
+    result = subprocess.run([sys.executable, "-m", "gradpower_ds.train_megatron", "--train-iters", "1",
                              "--lr-warmup-iters", "0"],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 1 and "megatron-core needs CUDA" in result.stderr, result.stderr[-3000:]

@@ -1,10 +1,12 @@
 """The native CPU kernel: phi accuracy over the fp32 range, CPUAdamPower vs the reference optimizer,
-every ISA the CPU has (forced on purpose), 1 and 2 threads, copy-out, checkpoints and bad input."""
+every ISA the CPU has (forced on purpose), 1 and 2 threads, copy-out, checkpoints, bad input, the checks at the
+kernel's boundary (ops.native) and how the kernel is found or built (ops.builder)."""
 
 import io
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -12,10 +14,10 @@ import torch
 from conftest import edge_tensor, grad_stream
 from gradpower_ds import AdamPower
 from gradpower_ds import CPUAdamPower
-from gradpower_ds.ops import NativeExtensionError, native_grad_power, resolve_isa
-from gradpower_ds.ops import builder
+from gradpower_ds.ops import NativeExtensionError, resolve_isa
+from gradpower_ds.ops import builder, native
 
-ISAS = [isa for isa in ("avx512", "avx2", "scalar") if builder.load().cpu_supports({"scalar": 0, "avx2": 1, "avx512": 2}[isa])]
+ISAS = [isa for isa in ("avx512", "avx2", "scalar") if builder.load().cpu_supports(isa=native.ISA_CODES[isa])]
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 SUBNORMAL_ULP = 2.0**-149
 
@@ -44,6 +46,11 @@ def assert_phi_accurate(got: torch.Tensor, x: torch.Tensor, p: float, eps: float
     worst = ratio.max().item() if err.numel() else 0.0
     assert worst <= 1.0, f"phi error {worst:.3f}x the bound"
     assert torch.equal(got[x == 0], torch.zeros_like(got[x == 0])), "phi(0) must be 0"
+
+
+def native_grad_power(t: torch.Tensor, p: float, eps: float = 0.0, isa: str | None = None) -> torch.Tensor:
+    """phi_p(t) from the native kernel, as a new tensor."""
+    return native.native_power_(t.clone(), p, eps, isa)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -124,7 +131,7 @@ def test_state_dict_roundtrip_and_interop_with_adam_power():
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_copy_out(isa, dtype):
-    for n in (1, 17, 70001):
+    for n in (0, 1, 17, 70001):
         p = torch.nn.Parameter(torch.randn(n) * 100)
         p.grad = torch.randn(n)
         copy = torch.full((n,), -7.0, dtype=dtype)
@@ -159,6 +166,66 @@ def test_bad_input():
     q.grad = torch.zeros(4)
     with pytest.raises(TypeError, match="copy-out"):
         CPUAdamPower([q]).step(fp16_param_groups=[[torch.zeros(3, dtype=torch.bfloat16)]])
+
+
+STEP = dict(step=1.0, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, adam_w_mode=True, power=1.2,
+            power_eps=0.0, bias_correction=True, isa="auto", num_threads=1)
+
+
+def test_kernel_boundary_checks_every_tensor():
+    """ops.native hands the kernel no address it has not checked: CPU, dtype, contiguous, exactly n elements."""
+    def step(param=None, grad=None, m=None, v=None, copy=None):
+        fresh = [torch.zeros(8) if t is None else t for t in (param, grad, m, v)]
+        native.native_adam_power_step(*fresh, copy, **STEP)
+
+    with pytest.raises(ValueError, match=r"exp_avg must have 8 elements .*got 4"):
+        step(m=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"grad must have 8 elements"):
+        step(grad=torch.zeros(16, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match=r"exp_avg_sq must be a float32 tensor, got torch.float64"):
+        step(v=torch.zeros(8, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"param must be contiguous.*\.contiguous\(\)"):
+        step(param=torch.zeros(4, 2).t())
+    with pytest.raises(TypeError, match=r"exp_avg must be a CPU tensor, got one on meta"):
+        step(m=torch.zeros(8, device="meta"))
+    with pytest.raises(TypeError, match=r"copy_out must be a bfloat16/float16 tensor, got torch.float32"):
+        step(copy=torch.zeros(8))
+    with pytest.raises(ValueError, match=r"copy_out must have 8 elements"):
+        step(copy=torch.zeros(9, dtype=torch.float16))
+    with pytest.raises(TypeError, match=r"t must be a float32 tensor"):
+        native.kernel_ptr(torch.zeros(3, dtype=torch.float16), 3, name="t", owner="test")
+    with pytest.raises(ValueError, match=r"exp_avg_sq must have 5 elements"):
+        native.native_stream_probe(*[torch.zeros(5)] * 3, torch.zeros(6))
+    assert native.fits(torch.zeros(3), 3) and not native.fits(torch.zeros(3), 4)
+    assert native.fits(torch.zeros(3, dtype=torch.bfloat16), 3, tuple(native.COPY_CODES))
+    assert not native.fits(torch.zeros(3, 3).t(), 9)
+
+
+def test_kernel_takes_keywords_only_and_checks_sizes():
+    kernel = builder.load()
+    x = torch.ones(4)
+    with pytest.raises(TypeError):
+        kernel.grad_power(x.data_ptr(), x.data_ptr(), 4, 1.2, 0.0, -1, 1)  # positional: refused
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        kernel.grad_power(src=x.data_ptr(), dst=x.data_ptr(), n=-1, power=1.2, power_eps=0.0, isa=-1, threads=1)
+    kernel.grad_power(src=x.data_ptr(), dst=x.data_ptr(), n=4, power=2.0, power_eps=0.0, isa=-1, threads=1)
+    assert torch.equal(x, torch.ones(4))
+    arrays = [torch.zeros(5) for _ in range(4)]
+    native.native_stream_probe(*arrays, num_threads=1)  # the benchmark's roofline runs through the checked API
+
+
+def test_stale_installed_build_is_not_used(monkeypatch):
+    """An installed module built from other sources (say, before an edit of csrc) is refused, never called."""
+    monkeypatch.setattr(builder, "_module", None)
+    monkeypatch.setenv("GRADPOWER_NO_JIT", "1")
+    real_import = builder.importlib.import_module
+    stale = types.SimpleNamespace(__file__="/somewhere/_cpu_adam_power.so", SOURCE_HASH="0" * 16)
+    monkeypatch.setattr(builder.importlib, "import_module",
+                        lambda name, *a, **k: stale if name == builder.MODULE else real_import(name, *a, **k))
+    with pytest.raises(NativeExtensionError, match="stale.*pip install"):
+        builder.load()
+    monkeypatch.setattr(stale, "SOURCE_HASH", builder.source_hash())
+    assert builder.load() is stale
 
 
 def test_isa_env_var_is_honoured(monkeypatch):
@@ -196,9 +263,9 @@ def test_jit_build_when_not_installed(tmp_path):
         "    if name == builder.MODULE: raise ImportError('simulated')\n"
         "    return real(name, *a, **k)\n"
         "builder.importlib.import_module = fail\n"
-        "from gradpower_ds.ops import native_grad_power\n"
+        "from gradpower_ds.ops.native import native_power_\n"
         "x = torch.tensor([-8.0, 0.0, 2.0])\n"
-        "y = native_grad_power(x, 1.5)\n"
+        "y = native_power_(x.clone(), 1.5)\n"
         "ref = torch.tensor([-(8.0 ** 1.5), 0.0, 2.0 ** 1.5], dtype=torch.float64)\n"
         "assert torch.allclose(y.double(), ref, rtol=2e-7, atol=0), y\n"
         "print('ok', builder.load().__name__)\n"

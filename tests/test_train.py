@@ -6,7 +6,7 @@ deepspeed launcher (experts sharded over both); they are `slow`.
 
 import json
 import math
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +16,7 @@ import pytest
 from conftest import free_port, launch_env
 from gradpower_ds import compare
 from gradpower_ds.metrics import MetricsLog, plot_curves, read_metrics
+from gradpower_ds.run_dir import SUMMARY_KEYS
 from gradpower_ds.schedules import lr_multiplier
 from gradpower_ds.train_config import TrainConfig, load_config
 
@@ -56,7 +57,7 @@ def test_config_file_and_flags(tmp_path):
 
 @pytest.mark.parametrize("values, message", [
     ({"optimizer": "lion"}, r"optimizer='lion' is unknown; choose one of \['adampower', 'adamw'\]"),
-    ({"power": 0}, r"power=0.0: must be > 0"),
+    ({"power": 0}, r"invalid power=0: must be a finite number > 0"),
     ({"schedule": "linear"}, r"schedule='linear' is unknown"),
     ({"steps": 0}, r"steps=0 must be > 0"),
     ({"stop_at": 500}, r"stop_at=500 must be in \[0, steps=300\]"),
@@ -154,6 +155,9 @@ def test_train_resume_continues_the_curve_exactly(tmp_path):
     proc = deepspeed_train(whole)
     assert "gradpower_ds.train: done | validation loss" in proc.stdout + proc.stderr
     assert "2 ranks, ZeRO-2, bf16, adampower p=1.2 | CPUAdamPower" in proc.stdout + proc.stderr
+    assert re.search(r"gradpower_ds\.train: done \| validation loss \d+\.\d{4} \| [\d,]+ tokens in [\d.]+ s = [\d,]+ "
+                     rf"tokens/s on 2 ranks \| {re.escape(str(whole))}/ \(metrics\.csv, loss\.png, tensorboard/\)",
+                     proc.stdout)
     split = tmp_path / "split"
     deepspeed_train(split, "--stop_at", "4")
     assert json.loads((split / "status.json").read_text()) == {"state": "stopped", "step": 4}
@@ -168,6 +172,8 @@ def test_train_resume_continues_the_curve_exactly(tmp_path):
     for run in (whole, split):
         summary = json.loads((run / "summary.json").read_text())
         assert summary["val_loss"] == rows_whole[-1]["val_loss"] and summary["world_size"] == 2
+        assert tuple(summary) == SUMMARY_KEYS and summary["steps"] == 8  # the same keys as the Megatron job's
+        assert summary["resumed_at"] == (4 if run == split else 0)
         assert json.loads((run / "status.json").read_text())["state"] == "complete"
         assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
         assert list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -226,8 +232,7 @@ os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0
 deepspeed.init_distributed(dist_backend="gloo")
 from gradpower_ds.model import CausalLM, ModelConfig
 torch.manual_seed(3)
-model = CausalLM(ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, ffn_dim=32, num_experts=4, top_k=2,
-                             moe_impl="deepspeed"))
+model = CausalLM(ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, ffn_dim=32, num_experts=4, top_k=2))
 experts = model.layers[0].mlp.moe.deepspeed_moe.experts.deepspeed_experts
 weights = [e.gate.weight for e in experts]
 assert all(not torch.equal(a, b) for i, a in enumerate(weights) for b in weights[i + 1:])

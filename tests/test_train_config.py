@@ -3,7 +3,6 @@ each error one line naming the setting and its flag or file, exit status 2; --he
 ZeRO stage; launch/quickstart.sh from another directory."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -63,11 +62,11 @@ def test_json_numbers_become_floats(tmp_path):
 # ---- AdamPower hyperparameters, as the optimizer checks them ----------------------------------------------------------
 
 @pytest.mark.parametrize("flags, message", [
-    (["--betas", "1.0", "0.95"], r"^--betas: invalid betas\[0\]=1.0: must be in \[0, 1\)"),
+    (["--betas", "1.0", "0.95"], r"^--betas: invalid betas\[0\]=1: must be a finite number in \[0, 1\)"),
     (["--betas", "0.9", "-0.1"], r"^--betas: invalid betas\[1\]=-0.1"),
-    (["--weight_decay", "-1"], r"^--weight_decay: invalid weight_decay=-1.0: must be >= 0"),
-    (["--eps=-1e-8"], r"^--eps: invalid eps=-1e-08: must be >= 0"),
-    (["--expert_power", "0"], r"^--expert_power: invalid power=0.0: must be > 0"),
+    (["--weight_decay", "-1"], r"^--weight_decay: invalid weight_decay=-1: must be a finite number >= 0"),
+    (["--eps=-1e-8"], r"^--eps: invalid eps=-1e-08: must be a finite number >= 0"),
+    (["--expert_power", "0"], r"^--expert_power: invalid expert_power=0: must be a finite number > 0"),
     (["--deepspeed_overrides", '{"optimizer": {"params": {"betas": [0.9, 1.5]}}}'],
      r"^--deepspeed_overrides: invalid betas\[1\]=1.5"),
 ])
@@ -179,7 +178,7 @@ def test_train_main_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     err = _main_error(["--steps", "x"], capsys)  # argparse: one line, not the usage of 45 flags
     assert err.startswith("python -m gradpower_ds train: error: argument --steps: expected an integer, got 'x'")
     err = _main_error(["--config", str(QUICKSTART), "--betas", "1.0", "0.95"], capsys)
-    assert err.startswith("gradpower_ds.train: error: --betas: invalid betas[0]=1.0")
+    assert err.startswith("gradpower_ds.train: error: --betas: invalid betas[0]=1:")
 
 
 def test_validation_imports_no_deepspeed(tmp_path):
@@ -211,6 +210,44 @@ def test_other_local_ranks_wait_then_report(monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_RANK", "1")
     train_config.report_error("x=1 is bad")
     assert capsys.readouterr().err == "gradpower_ds.train: error: x=1 is bad\n"
+
+
+# ---- the model settings and the field types ---------------------------------------------------------------------------
+
+MODEL_SETTINGS = ["dim", "n_layers", "n_heads", "ffn_dim", "num_experts", "top_k", "norm", "gpas", "gpas_act"]
+
+
+def test_model_settings_are_model_config_fields():
+    """Their defaults, help texts and types are ModelConfig's; model_config() passes them on by name."""
+    import dataclasses
+    import typing
+
+    from gradpower_ds.model import ModelConfig
+
+    model_fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    shared = [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("model")]
+    assert [f.name for f in shared] == MODEL_SETTINGS
+    train_types, model_types = typing.get_type_hints(TrainConfig), typing.get_type_hints(ModelConfig)
+    for f in shared:
+        assert f.default == model_fields[f.name].default, f.name
+        assert f.metadata["help"] == model_fields[f.name].metadata["help"], f.name
+        assert train_types[f.name] is model_types[f.name], f.name
+    # the main job's model is ModelConfig's default one (sized to the data)
+    assert TrainConfig().model_config(257, 1) == ModelConfig(vocab_size=257, max_seq_len=128)
+    cfg = TrainConfig(dim=64, num_experts=2, top_k=1, norm="lns", gpas=True, gpas_act="tanh", seq_len=32)
+    model = cfg.model_config(vocab_size=257, world_size=4)
+    assert all(getattr(model, name) == getattr(cfg, name) for name in MODEL_SETTINGS)
+    assert (model.vocab_size, model.max_seq_len) == (257, 32)
+    # ep_size: the job's (0 = automatic placement) is resolved into the model's (the size)
+    assert cfg.ep_size == 0 and model.ep_size == 2 and ModelConfig().ep_size == 1
+    assert TrainConfig(num_experts=0).model_config(257, 4).ep_size == 1
+
+
+def test_field_types_are_real_types():
+    """The type checks and flag parsers are keyed by the fields' evaluated annotations, not their strings."""
+    types = train_config._TYPES
+    assert types["steps"] is int and types["expert_power"] == (float | None) and types["betas"] == tuple[float, float]
+    assert set(types.values()) <= set(train_config._EXPECTED) == set(train_config._FLAG_TYPES)
 
 
 # ---- --help ---------------------------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ from conftest import free_port, launch_env
 from gradpower_ds import compare
 from gradpower_ds.files import atomic_open, write_json
 from gradpower_ds.metrics import MetricsLog, read_metrics
+from gradpower_ds.run_dir import SUMMARY_KEYS, RunDir, RunDirError, StopRequest, make_summary, summary_line
 from gradpower_ds.schedules import lr_multiplier
-from gradpower_ds.train import (RESUME_MAY_CHANGE, RunDirError, StopRequest, changed_settings, prepare_run_dir,
-                                unbuilt_deepspeed_ops)
+from gradpower_ds.train import RESUME_MAY_CHANGE, changed_settings, prepare_run_dir, unbuilt_deepspeed_ops
 from gradpower_ds.train_config import TrainConfig
 from test_train import QUICKSTART, ROOT, TINY, deepspeed_train
 
@@ -116,6 +116,55 @@ def test_stop_request_records_signals():
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_stop_request_flags_agree_on_one_signal():
+    stop = StopRequest()
+    assert stop.flags("cpu").tolist() == [0.0, 0.0] and StopRequest.agreed(stop.flags("cpu")) == 0
+    stop.signum = signal.SIGINT
+    assert stop.flags("cpu").tolist() == [0.0, 1.0]
+    assert StopRequest.agreed([1.0, 1.0]) == signal.SIGTERM and StopRequest.agreed([0.0, 2.0]) == signal.SIGINT
+
+
+def test_run_dir_files_and_end_line(tmp_path):
+    """gradpower_ds.run_dir, as both jobs use it: status.json through a run's life, summary.json and loss.png only
+    at completion, the one end line (also without a validation loss or a run folder); other ranks write nothing."""
+    status = lambda: json.loads((tmp_path / "run" / "status.json").read_text())  # noqa: E731
+    RunDir(tmp_path / "other", writer=False).start(0)
+    RunDir(None).start(0)
+    assert not (tmp_path / "other").exists()
+    run = RunDir(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    run.start(0, config={"steps": 2}, tensorboard=False)
+    assert status() == {"state": "running", "step": 0} and not (tmp_path / "run" / "summary.json").exists()
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"steps": 2}
+    run.log(step=1, tokens=100, train_loss=3.0, val_loss=None, lr=1e-3, elapsed=2.0)
+    run.running(1)
+    assert status() == {"state": "running", "step": 1}
+    assert read_metrics(tmp_path / "run" / "metrics.csv")[0]["tokens_per_s"] == 50.0
+    run.failed(1, RuntimeError("boom"))
+    assert status() == {"state": "failed", "step": 1, "error": "RuntimeError: boom"}
+    run.stopped(1, signal.SIGTERM)
+    assert status() == {"state": "stopped", "step": 1, "signal": "SIGTERM"}
+    run.stopped(1)
+    assert status() == {"state": "stopped", "step": 1}
+    run.log(step=2, tokens=200, train_loss=2.5, val_loss=2.25, lr=1e-3, elapsed=4.0)
+    run.close()
+    summary = make_summary(val_loss=2.25, steps=2, resumed_at=1, tokens=200, train_seconds=4.0, world_size=2,
+                           run_dir=tmp_path / "run", optimizer="adampower", gpas=True)
+    assert tuple(summary) == SUMMARY_KEYS and summary["tokens_per_s"] == 50.0
+    run.complete(summary, "adampower p=1.2")
+    assert status() == {"state": "complete", "step": 2}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary_line("job", summary) == (
+        f"job: done | validation loss 2.2500 | 200 tokens in 4.0 s = 50 tokens/s on 2 ranks | {tmp_path / 'run'}/ "
+        "(metrics.csv, loss.png, tensorboard/)")
+    empty = make_summary(val_loss=None, steps=2, resumed_at=2, tokens=200, train_seconds=0.0, world_size=1,
+                         run_dir=None, optimizer="adam", gpas=False)
+    assert summary_line("job", empty) == ("job: done | validation loss - | 200 tokens in 0.0 s = - tokens/s on 1 ranks"
+                                          " | no run folder")
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

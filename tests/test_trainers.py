@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import free_port, launch_env
-from gradpower_ds import run
+from gradpower_ds import processes
 from gradpower_ds.deepspeed import UNREGISTERED_HINT, explain_unregistered
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ TIMEOUT = 300
 POWER = 1.3  # not the default 1.2, so the power seen in the optimizer must come from the config
 STEPS = 3
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-                "MASTER_PORT", *run.CLUSTER_ENV)
+                "MASTER_PORT", *processes.CLUSTER_ENV)
 
 
 def check(proc: subprocess.CompletedProcess, what: str) -> None:
@@ -67,19 +67,19 @@ def check_adampower_trained(recs: list[dict]) -> None:
 def test_default_to_world_of_one_only_without_a_launcher(monkeypatch):
     for name in LAUNCHER_ENV:
         monkeypatch.delenv(name, raising=False)
-    assert run.default_to_world_of_one()
+    assert processes.default_to_world_of_one()
     assert {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == dict(
         RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     assert 0 < int(os.environ["MASTER_PORT"]) < 65536
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv("MASTER_PORT", "12345")
-    assert run.default_to_world_of_one() and os.environ["MASTER_PORT"] == "12345"  # the user's port is kept
+    assert processes.default_to_world_of_one() and os.environ["MASTER_PORT"] == "12345"  # the user's port is kept
     for launcher_var in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):  # torchrun/deepspeed, MPI
         for name in LAUNCHER_ENV:
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv(launcher_var, "4")
-        assert not run.default_to_world_of_one() and "MASTER_PORT" not in os.environ
+        assert not processes.default_to_world_of_one() and "MASTER_PORT" not in os.environ
 
 
 @pytest.mark.slow

@@ -5,7 +5,11 @@
 // AVX2+FMA+F16C and baseline x86-64. The library itself is built for baseline
 // x86-64, so one build runs on any x86-64 CPU; `Isa::kAuto` picks the widest
 // set the CPU (and OS) supports, and tests can force a narrower one.
-#include <omp.h>
+//
+// Buffers arrive as raw addresses, by keyword only. Python's one caller,
+// gradpower_ds/ops/native.py, checks each tensor behind an address (CPU,
+// dtype, contiguous, exactly n elements) before handing it over; this file
+// trusts the addresses and checks only the codes and sizes it is given.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -140,11 +144,16 @@ void parallel_tiles(int64_t n, int threads, Fn&& fn) {
 
 void* as_ptr(uintptr_t address) { return reinterpret_cast<void*>(address); }
 
+void check_size(int64_t n) {
+  if (n < 0) throw std::invalid_argument("element count n must be >= 0, got " + std::to_string(n));
+}
+
 void adam_power_step(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq,
                      uintptr_t copy_out, int copy_dtype, int64_t n, float one_minus_beta1,
                      float beta2, float one_minus_beta2, float eps, float l2, float decay,
                      float step_size, float inv_bias_corr2_sqrt, double power, float power_eps,
                      int isa_code, int threads) {
+  check_size(n);
   AdamPowerArgs a{static_cast<float*>(as_ptr(param)),  static_cast<const float*>(as_ptr(grad)),
                   static_cast<float*>(as_ptr(exp_avg)), static_cast<float*>(as_ptr(exp_avg_sq)),
                   as_ptr(copy_out), n, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay,
@@ -152,7 +161,7 @@ void adam_power_step(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr
   const CopyOut copy = static_cast<CopyOut>(copy_dtype);
   if (copy != CopyOut::kNone && copy != CopyOut::kBF16 && copy != CopyOut::kFP16)
     throw std::invalid_argument("unknown copy-out dtype code " + std::to_string(copy_dtype));
-  if (copy != CopyOut::kNone && copy_out == 0)
+  if (copy != CopyOut::kNone && copy_out == 0 && n > 0)
     throw std::invalid_argument("copy-out dtype given without a copy-out buffer");
   const Isa isa = resolve(isa_code);
   const AdamChunkFn fn = adam_for(isa, power != 1.0, power_eps != 0.0f, copy);
@@ -162,6 +171,7 @@ void adam_power_step(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr
 
 void stream_probe(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, int64_t n,
                   int isa_code, int threads) {
+  check_size(n);
   AdamPowerArgs a{};
   a.param = static_cast<float*>(as_ptr(param));
   a.grad = static_cast<const float*>(as_ptr(grad));
@@ -174,6 +184,7 @@ void stream_probe(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t 
 
 void grad_power_into(uintptr_t in, uintptr_t out, int64_t n, double power, float power_eps,
                      int isa_code, int threads) {
+  check_size(n);
   const Isa isa = resolve(isa_code);
   const PowerChunkFn fn = power_for(isa, power != 1.0, power_eps != 0.0f);
   const float* src = static_cast<const float*>(as_ptr(in));
@@ -191,26 +202,36 @@ void grad_power_into(uintptr_t in, uintptr_t out, int64_t n, double power, float
 #define TORCH_EXTENSION_NAME _cpu_adam_power
 #endif
 
+// Every function takes keyword arguments only (py::kw_only), so a call names
+// each address and scalar it passes; buffers are addresses of contiguous
+// arrays of n elements (fp32; bf16/fp16 for copy_out), checked by the caller.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace gradpower;
-  m.doc() = "Fused GradPower + Adam(W) CPU kernel (see gradpower_ds.ops.cpu_adam_power).";
+  m.doc() =
+      "Fused GradPower + Adam(W) CPU kernel. Call it through gradpower_ds.ops.native, which checks "
+      "every tensor behind an address; the optimizer built on it is gradpower_ds.CPUAdamPower.";
   m.def("adam_power_step", &adam_power_step,
-        "One fused phi_p + Adam(W) step over contiguous fp32 buffers given by address.",
-        py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+        "One fused phi_p + Adam(W) step in place over n elements at param, exp_avg, exp_avg_sq (fp32), "
+        "reading grad (fp32) and, with copy_dtype 1 (bf16) or 2 (fp16), also writing the new weights "
+        "to copy_out (0: none).",
+        py::kw_only(), py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
         py::arg("copy_out"), py::arg("copy_dtype"), py::arg("n"), py::arg("one_minus_beta1"),
         py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"), py::arg("l2"),
         py::arg("decay"), py::arg("step_size"), py::arg("inv_bias_corr2_sqrt"), py::arg("power"),
         py::arg("power_eps"), py::arg("isa"), py::arg("threads"));
-  m.def("grad_power", &grad_power_into, "out = phi_p(in) over contiguous fp32 buffers.",
-        py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("power"), py::arg("power_eps"),
+  m.def("grad_power", &grad_power_into, "dst = phi_p(src) over n fp32 elements (dst may be src).",
+        py::kw_only(), py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("power"), py::arg("power_eps"),
         py::arg("isa"), py::arg("threads"));
   m.def("stream_probe", &stream_probe,
         "The optimizer's 28 B/element memory traffic without its arithmetic (bandwidth roofline).",
-        py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("n"),
-        py::arg("isa"), py::arg("threads"));
+        py::kw_only(), py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+        py::arg("n"), py::arg("isa"), py::arg("threads"));
   m.def("best_isa", [] { return static_cast<int>(best_isa()); },
         "Widest ISA code this CPU supports: 2 = AVX-512, 1 = AVX2, 0 = scalar.");
   m.def("cpu_supports", [](int code) { return code < 0 || cpu_has(static_cast<Isa>(code)); },
-        "Whether this CPU supports the ISA code.");
-  m.def("max_threads", [] { return omp_get_max_threads(); });
+        "Whether this CPU supports the ISA code.", py::kw_only(), py::arg("isa"));
+#ifdef GP_SOURCE_HASH
+  // builder.load() compares it with the sources beside it, so a stale build is never used.
+  m.attr("SOURCE_HASH") = GP_SOURCE_HASH;
+#endif
 }

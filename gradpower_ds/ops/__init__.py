@@ -5,6 +5,6 @@ Kernels only: the optimizers built on them (``gradpower_ds.AdamPower``,
 """
 
 from .builder import NativeExtensionError
-from .native import native_grad_power, resolve_isa
+from .native import resolve_isa
 
-__all__ = ["NativeExtensionError", "native_grad_power", "resolve_isa"]
+__all__ = ["NativeExtensionError", "resolve_isa"]

@@ -7,11 +7,21 @@ scalar code picked at run time:
   fp64 through a bounded fp32 scratch chunk);
 - ``native_adam_power_step``: phi_p + Adam(W) fused over one fp32 param and its
   fp32 moments (a bf16/fp16 gradient is widened chunk by chunk), optionally
-  writing the new weights into a bf16/fp16 copy in the same pass.
+  writing the new weights into a bf16/fp16 copy in the same pass;
+
+and ``native_stream_probe``, the optimizer's memory traffic alone (a bandwidth
+roofline for benchmarks/bench_cpu_step.py).
+
+The kernel takes raw addresses, by keyword only. This module is the one place
+that calls it, and every tensor it hands over goes through ``kernel_ptr``, which
+checks device, dtype, contiguity and element count first, so no address reaches
+C++ unchecked. ``fits`` asks the same question without raising, for callers that
+choose a path by it (``functional.adam_power``).
 
 Native phi matches the float64 reference to 2e-7 relative over the whole fp32
 range (tests/test_native_kernel.py). This module imports no optimizer, so the
-functional core and the optimizers can both use it.
+functional core and the optimizers can both use it. Hyperparameters arrive
+validated (``gradpower_ds.hyperparams``, where they enter).
 """
 
 from __future__ import annotations
@@ -21,13 +31,14 @@ import os
 
 import torch
 
-from ..hyperparams import bias_corrections, check_power
+from ..hyperparams import bias_corrections
 from . import builder
 
 ISA_CODES = {"auto": -1, "scalar": 0, "avx2": 1, "avx512": 2}
 ISA_NAMES = {code: name for name, code in ISA_CODES.items()}
 ISA_ENV = "GRADPOWER_CPU_ISA"
-COPY_CODES = {torch.bfloat16: 1, torch.float16: 2}
+FP32 = (torch.float32,)
+COPY_CODES = {torch.bfloat16: 1, torch.float16: 2}  # copy-out dtypes, as the kernel's copy_dtype codes
 CHUNK = 1 << 20  # elements per scratch chunk when a tensor is not fp32 (4 MiB of fp32 scratch)
 
 
@@ -43,7 +54,7 @@ def resolve_isa(isa: str | None = None) -> str:
     native = builder.load()
     if name == "auto":
         return ISA_NAMES[native.best_isa()]
-    if not native.cpu_supports(ISA_CODES[name]):
+    if not native.cpu_supports(isa=ISA_CODES[name]):
         raise ValueError(f"CPUAdamPower: isa={name!r} is not supported by this CPU (best: "
                          f"{ISA_NAMES[native.best_isa()]!r})")
     return name
@@ -59,14 +70,48 @@ def native_available() -> bool:
     return True
 
 
-def is_fp32_cpu(t: torch.Tensor) -> bool:
-    """Whether `t` is a contiguous fp32 CPU tensor, the layout the kernel works on directly."""
-    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+def _layout_error(t, n: int, dtypes, name: str, owner: str) -> Exception | None:
+    """Why the kernel cannot take `t` as n contiguous CPU elements of one of `dtypes` (an error to raise), or None."""
+    if not isinstance(t, torch.Tensor):
+        return TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        return TypeError(f"{owner}: {name} must be a CPU tensor, got one on {t.device}; move it with .cpu()")
+    if t.dtype not in dtypes:
+        allowed = [str(d).removeprefix("torch.") for d in dtypes]
+        return TypeError(f"{owner}: {name} must be a {'/'.join(allowed)} tensor, got {t.dtype}; convert it with "
+                         f".to(torch.{allowed[0]})")
+    if not t.is_contiguous():
+        return TypeError(f"{owner}: {name} must be contiguous, got strides {t.stride()} for shape "
+                         f"{tuple(t.shape)}; pass {name}.contiguous()")
+    if t.numel() != n:
+        return ValueError(f"{owner}: {name} must have {n} elements (as the param), got {t.numel()} "
+                          f"(shape {tuple(t.shape)}); pass a tensor shaped like the param")
+    return None
+
+
+def fits(t: torch.Tensor, n: int, dtypes=FP32) -> bool:
+    """Whether the kernel can take `t` as n contiguous CPU elements of one of `dtypes` (what kernel_ptr checks)."""
+    return _layout_error(t, n, dtypes, "tensor", "") is None
+
+
+def kernel_ptr(t: torch.Tensor, n: int, dtypes=FP32, *, name: str, owner: str) -> int:
+    """t's data_ptr for the kernel, after checking that t is a contiguous CPU tensor of one of `dtypes` with
+    exactly n elements (the kernel reads or writes n of them); TypeError/ValueError naming `name` otherwise."""
+    error = _layout_error(t, n, dtypes, name, owner)
+    if error is not None:
+        raise error
+    return t.data_ptr()
 
 
 def _chunks(n: int):
     for begin in range(0, n, CHUNK):
         yield begin, min(n, begin + CHUNK)
+
+
+def _power_fp32_(t: torch.Tensor, p: float, eps: float, isa_code: int, threads: int) -> None:
+    n = t.numel()
+    ptr = kernel_ptr(t, n, name="t", owner="native_power_")
+    builder.load().grad_power(src=ptr, dst=ptr, n=n, power=p, power_eps=eps, isa=isa_code, threads=threads)
 
 
 def native_power_(t: torch.Tensor, p: float, eps: float = 0.0, isa: str | None = None,
@@ -75,60 +120,74 @@ def native_power_(t: torch.Tensor, p: float, eps: float = 0.0, isa: str | None =
     if t.device.type != "cpu" or not t.is_contiguous() or not t.is_floating_point():
         raise TypeError(f"native_power_: needs a contiguous floating-point CPU tensor, got {t.dtype} on {t.device}")
     code, threads = ISA_CODES[resolve_isa(isa)], num_threads or torch.get_num_threads()
-    power = builder.load().grad_power
     if t.dtype == torch.float32:
-        power(t.data_ptr(), t.data_ptr(), t.numel(), p, eps, code, threads)
+        _power_fp32_(t, p, eps, code, threads)
         return t
     flat = t.view(-1)
     scratch = torch.empty(min(CHUNK, flat.numel()), dtype=torch.float32)
     for begin, end in _chunks(flat.numel()):
         work = scratch[: end - begin]
         work.copy_(flat[begin:end])
-        power(work.data_ptr(), work.data_ptr(), work.numel(), p, eps, code, threads)
+        _power_fp32_(work, p, eps, code, threads)
         flat[begin:end].copy_(work)
     return t
-
-
-def native_grad_power(t: torch.Tensor, p: float, eps: float = 0.0, isa: str | None = None,
-                      num_threads: int | None = None) -> torch.Tensor:
-    """phi_p(t) from the native kernel as a new fp32 tensor; for tests and benchmarks."""
-    p, eps = check_power(p, eps)
-    if not is_fp32_cpu(t):
-        raise TypeError(f"native_grad_power: input must be a contiguous fp32 CPU tensor, got {t.dtype} on {t.device}")
-    return native_power_(t.clone(), p, eps, isa, num_threads)
 
 
 def native_adam_power_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                            copy: torch.Tensor | None, *, step: float, lr: float, beta1: float, beta2: float,
                            eps: float, weight_decay: float, adam_w_mode: bool, power: float, power_eps: float,
                            bias_correction: bool, isa: str, num_threads: int) -> None:
-    """One fused phi_p + Adam(W) step of one tensor (step = its count after this step); layouts checked by the caller.
+    """One fused phi_p + Adam(W) step of one tensor (step = its count after this step).
 
-    param, exp_avg, exp_avg_sq: contiguous fp32 CPU; grad: any float dtype of the same
-    shape (a bf16/fp16/fp64 one is widened through a bounded fp32 scratch chunk);
-    copy: None or a contiguous bf16/fp16 CPU tensor shaped like param.
+    param, exp_avg, exp_avg_sq: contiguous fp32 CPU tensors of one size; grad: a CPU
+    tensor of any float dtype and that size (a bf16/fp16/fp64 one is widened through a
+    bounded fp32 scratch chunk); copy: None or a contiguous bf16/fp16 CPU tensor of that
+    size. Every buffer is checked before the kernel sees it (``kernel_ptr``);
+    hyperparameters are the caller's to validate.
     """
+    owner = "native_adam_power_step"
+    n = param.numel()
     bc1, bc2_sqrt = bias_corrections(beta1, beta2, step, bias_correction)
     kernel = builder.load().adam_power_step
-    copy_code = COPY_CODES[copy.dtype] if copy is not None else 0
     scalars = dict(one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2, eps=eps,
                    l2=0.0 if adam_w_mode else weight_decay, decay=1 - lr * weight_decay if adam_w_mode else 1.0,
                    step_size=lr / bc1, inv_bias_corr2_sqrt=1 / bc2_sqrt, power=power, power_eps=power_eps,
+                   copy_dtype=0 if copy is None else COPY_CODES.get(copy.dtype, 0),  # a bad copy: refused below
                    isa=ISA_CODES[isa], threads=num_threads)
+    buffers = {"param": (param, FP32), "exp_avg": (exp_avg, FP32), "exp_avg_sq": (exp_avg_sq, FP32)}
+    if copy is not None:
+        buffers["copy_out"] = (copy, tuple(COPY_CODES))
 
-    def run(begin: int, end: int, grad_ptr: int) -> None:
-        copy_ptr = copy.data_ptr() + 2 * begin if copy is not None else 0
-        kernel(param.data_ptr() + 4 * begin, grad_ptr, exp_avg.data_ptr() + 4 * begin,
-               exp_avg_sq.data_ptr() + 4 * begin, copy_ptr, copy_code, end - begin, **scalars)
+    def run(begin: int, end: int, grad_fp32: torch.Tensor) -> None:  # elements [begin, end) of every buffer
+        size = end - begin
+        ptrs = {name: kernel_ptr(t if size == n else t.view(-1)[begin:end], size, dtypes, name=name, owner=owner)
+                for name, (t, dtypes) in buffers.items()}
+        ptrs.setdefault("copy_out", 0)
+        kernel(**ptrs, grad=kernel_ptr(grad_fp32, size, name="grad", owner=owner), n=size, **scalars)
 
+    if grad.numel() != n:
+        raise ValueError(f"{owner}: grad must have {n} elements (as the param), got {grad.numel()}")
     if not grad.is_contiguous():  # rare (torch makes grads contiguous): one copy in grad's own dtype
         grad = grad.contiguous()
     if grad.dtype == torch.float32:
-        run(0, param.numel(), grad.data_ptr())
+        run(0, n, grad)
         return
-    flat = grad.view(-1)
-    scratch = torch.empty(min(CHUNK, param.numel()), dtype=torch.float32)
-    for begin, end in _chunks(param.numel()):
+    for name, (t, dtypes) in buffers.items():  # whole first, so that a bad one is named before it is sliced
+        kernel_ptr(t, n, dtypes, name=name, owner=owner)
+    grad_flat = grad.view(-1)
+    scratch = torch.empty(min(CHUNK, n), dtype=torch.float32)
+    for begin, end in _chunks(n):
         work = scratch[: end - begin]
-        work.copy_(flat[begin:end])
-        run(begin, end, work.data_ptr())
+        work.copy_(grad_flat[begin:end])
+        run(begin, end, work)
+
+
+def native_stream_probe(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+                        isa: str | None = None, num_threads: int | None = None) -> None:
+    """The optimizer's memory traffic (read all four, write param, exp_avg, exp_avg_sq) with no real arithmetic: the
+    bandwidth roofline for benchmarks. All four: contiguous fp32 CPU tensors of one size (their values change)."""
+    n = param.numel()
+    ptrs = {key: kernel_ptr(t, n, name=key, owner="native_stream_probe")
+            for key, t in dict(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq).items()}
+    builder.load().stream_probe(**ptrs, n=n, isa=ISA_CODES[resolve_isa(isa)],
+                                threads=num_threads or torch.get_num_threads())

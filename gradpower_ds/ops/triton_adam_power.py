@@ -50,7 +50,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..hyperparams import bias_corrections, check_power
+from ..hyperparams import bias_corrections
 
 try:
     import triton
@@ -232,10 +232,9 @@ def triton_adam_power_step(
     float32 step counters (incremented here). low_precision_params, if given,
     holds per param a contiguous bf16 or fp16 tensor (or None) that receives
     the updated weights, bitwise equal to param.to(dtype) (NaN payloads aside).
-    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Hyperparameters are
-    not validated beyond p and power_eps (AdamPower validates its groups).
+    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Hyperparameters arrive
+    validated (AdamPower validates its groups; gradpower_ds.hyperparams).
     """
-    power, power_eps = check_power(power, power_eps, "triton_adam_power_step")
     reason = triton_unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"triton_adam_power_step: the Triton kernel cannot run: {reason}")

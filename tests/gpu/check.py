@@ -10,7 +10,7 @@ Steps, each a subprocess with its own time budget (seconds), in order of importa
                        % of the copy roofline
   deepspeed_tests      tests/test_gpu.py -k deepspeed (ZeRO-2 bf16/fp16, ZeRO-3, ZeRO-2 offload on one GPU)
   main_job_tests       tests/test_gpu.py -k main_job (a short run on the GPU, stop + resume)
-  megatron_tests       tests/test_gpu.py -k megatron_pretrain (pretrain_moe with AdamPower and GPAS, resumed)
+  megatron_tests       tests/test_gpu.py -k megatron_pretrain (train_megatron with AdamPower and GPAS, resumed)
   bench_megatron_step  benchmarks/bench_megatron_step.py: the AdamPower/Adam step ratio, peak extra memory
   bench_deepspeed_step benchmarks/bench_deepspeed_step.py --world-size 1: the train-step ratio
 

@@ -18,7 +18,8 @@ from gradpower_ds.model import CausalLM, ModelConfig
 
 def run(stage: int, out):
     torch.manual_seed(0)
-    model = apply_gpas(CausalLM(ModelConfig(n_layers=2, dim=32, n_heads=4, ffn_dim=64, vocab_size=64, max_seq_len=32)))
+    model = apply_gpas(CausalLM(ModelConfig(n_layers=2, dim=32, n_heads=4, ffn_dim=64, num_experts=0, vocab_size=64,
+                                            max_seq_len=32)))
     register_gate_grad_clip(model, 0.01)
     config = {
         "train_micro_batch_size_per_gpu": 2,

@@ -23,7 +23,8 @@ INITIAL_SCALE_POWER = 8  # fp16: dynamic loss scaling from 2**8, so no step of t
 def make_model(seed: int = 0) -> CausalLM:
     """A 2-layer LLaMA-style model, identical for a given seed on every rank and in the reference."""
     torch.manual_seed(seed)
-    return CausalLM(ModelConfig(n_layers=2, dim=32, n_heads=4, ffn_dim=64, vocab_size=VOCAB, max_seq_len=SEQ))
+    return CausalLM(ModelConfig(n_layers=2, dim=32, n_heads=4, ffn_dim=64, num_experts=0, vocab_size=VOCAB,
+                                max_seq_len=SEQ))
 
 
 def micro_batch(rank: int, micro_step: int) -> torch.Tensor:

@@ -56,10 +56,16 @@ from megatron.core.transformer.identity_op import IdentityFuncOp  # noqa: E402
 from megatron.core.transformer.transformer_layer import MoETransformerLayer  # noqa: E402
 
 import megatron_patches  # noqa: E402
-from megatron_patches.gpas import GPASUnsupportedError, gpas_gates  # noqa: E402
+from gradpower_ds.gpas import GPASGate  # noqa: E402
+from megatron_patches.gpas import GPASUnsupportedError  # noqa: E402
 from megatron_patches.optimizer import inner_optimizers  # noqa: E402
 
 VOCAB, SEQ, BATCH, HIDDEN, EXPERTS, EP = 64, 8, 2, 16, 4, 2
+
+
+def gpas_gates(model) -> list:
+    """The GPAS gates of a model (through any wrappers), in layer order."""
+    return [m for m in model.modules() if isinstance(m, GPASGate)]
 
 
 def build(kind: str, seed: int = 1234, **extra) -> GPTModel:

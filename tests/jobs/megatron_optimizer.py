@@ -19,7 +19,6 @@ after the last step. Results go to argv[1] (JSON, written by rank 0).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -1,6 +1,6 @@
-"""A small megatron-core MoE GPT pretraining script with AdamPower and GPAS, for users without Megatron-LM.
+"""A small megatron-core MoE GPT pretraining job with AdamPower and GPAS, for users without Megatron-LM.
 
-    torchrun --nproc_per_node 2 -m megatron_patches.pretrain_moe \\
+    torchrun --nproc_per_node 2 -m gradpower_ds.train_megatron \\
         --gradpower-config configs/megatron/adampower_gpas.json --train-iters 300 --save runs/megatron
 
 or ``bash launch/megatron_moe.sh`` (torchrun, one or many nodes). Flags carry Megatron-LM's names for
@@ -16,8 +16,16 @@ with the local MoE layer spec, ``Float16Module`` for bf16, megatron DDP and ``ge
 ``forward_backward_no_pipelining`` for the micro-batches of a step (gradient accumulation, MoE aux-loss
 scaling, ``finalize_model_grads``), ``OptimizerParamScheduler`` for the lr, and ``dist_checkpointing``
 for ``--save``/``--load``. Every step reseeds the RNGs from (``--seed``, step), so a run resumed from a
-checkpoint continues exactly as the uninterrupted run would have. ``--save DIR`` also receives
-``metrics.csv``, ``tensorboard/`` and, at the end, ``summary.json``.
+checkpoint continues exactly as the uninterrupted run would have. With ``--gpas`` each gate's gradient is
+clipped to +-``gradpower_ds.gpas.GATE_GRAD_CLIP`` before megatron DDP takes it, as in the DeepSpeed main job.
+
+``--save DIR`` is the run folder, kept as the DeepSpeed main job keeps its own (``gradpower_ds.run_dir``):
+besides the checkpoints it holds ``status.json`` (running / failed / stopped / complete), ``metrics.csv``,
+``tensorboard/`` and, when the run completes, ``loss.png`` and ``summary.json``. SIGTERM or SIGINT (on any
+rank) finishes the current step on all ranks, saves a checkpoint (with ``--save``), marks the run
+``stopped`` and exits with 128 + the signal number (143, 130); continue it with ``--load DIR``.
+Checkpoints also carry the training seconds, so a resumed run's tokens/s counts the whole run. Rank 0
+ends with the same one line as the DeepSpeed main job (``gradpower_ds.run_dir.summary_line``).
 """
 
 from __future__ import annotations
@@ -25,25 +33,28 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from gradpower_ds.files import atomic_open, write_json
-from gradpower_ds.run import default_to_world_of_one, enable_rank0_logging
+from megatron_patches import arguments
 
-from . import arguments
+from .files import atomic_open
+from .processes import default_to_world_of_one, enable_rank0_logging
+from .run_dir import RunDir, StopRequest, make_summary, summary_line
 
-_log = logging.getLogger("megatron_patches.pretrain_moe")
+JOB = "gradpower_ds.train_megatron"  # how the job names itself in its messages and its end line
+_log = logging.getLogger(JOB)
 LATEST = "latest_checkpointed_iteration.txt"  # Megatron-LM's name for the pointer to the newest checkpoint
 DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The script's flags (Megatron-LM names) plus megatron_patches.arguments' GradPower/GPAS flags."""
-    parser = argparse.ArgumentParser(prog="python -m megatron_patches.pretrain_moe", allow_abbrev=False,
+    """The job's flags (Megatron-LM names) plus megatron_patches.arguments' GradPower/GPAS flags."""
+    parser = argparse.ArgumentParser(prog=f"python -m {JOB}", allow_abbrev=False,
                                      description=__doc__.split("\n\n")[0])
     add = parser.add_argument_group("model").add_argument
     add("--num-layers", type=int, default=4)
@@ -83,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "Megatron indexed prefix (see gradpower_ds.data)")
     add("--eval-interval", type=int, default=100)
     add("--eval-iters", type=int, default=8, help="validation batches per evaluation (per run, all ranks)")
-    add("--save", default=None, help="checkpoint folder (also metrics.csv, tensorboard/, summary.json)")
+    add("--save", default=None, help="run folder: checkpoints, status.json, metrics.csv, tensorboard/, loss.png, "
+                                     "summary.json")
     add("--save-interval", type=int, default=None, help="save every N steps (and always after the last step)")
     add("--load", default=None, help="resume from the newest checkpoint in this folder (the iteration in "
                                      f"{LATEST}, or --ckpt-step)")
@@ -135,7 +147,8 @@ def data_parallel_layout(args) -> tuple[int, int, int]:
 
 
 def build_model(args, vocab_size: int):
-    """GPTModel (MoE local spec), GPAS gates if asked, Float16Module for bf16, wrapped in megatron DDP."""
+    """GPTModel (MoE local spec), GPAS gates if asked (their gradients clipped), Float16Module for bf16, wrapped
+    in megatron DDP."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -143,6 +156,8 @@ def build_model(args, vocab_size: int):
     from megatron.core.transformer.module import Float16Module
 
     import megatron_patches
+
+    from .gpas import GATE_GRAD_CLIP, register_gate_grad_clip
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     ffn = args.ffn_hidden_size or 4 * args.hidden_size
@@ -169,6 +184,8 @@ def build_model(args, vocab_size: int):
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=args.use_distributed_optimizer)
     model = DistributedDataParallel(config, ddp_config, model)
+    if args.gpas:  # a tensor hook on each gate: it runs before DDP's hook copies the gradient into main_grad
+        register_gate_grad_clip(model, GATE_GRAD_CLIP)
     model.broadcast_params()
     return model
 
@@ -239,13 +256,14 @@ def unwrap(model):
     return model
 
 
-def sharded_state(model, optimizer, scheduler, step: int, loading: bool) -> dict:
-    """The state dict dist_checkpointing saves and loads: model and optimizer shards plus plain run state."""
+def sharded_state(model, optimizer, scheduler, step: int, loading: bool, train_seconds: float = 0.0) -> dict:
+    """The state dict dist_checkpointing saves and loads: model and optimizer shards plus plain run state (the
+    iteration, and the training seconds so far for the run's tokens/s)."""
     model_state = unwrap(model).sharded_state_dict()
     return {"model": model_state,
             "optimizer": optimizer.sharded_state_dict(model_state, is_loading=loading,
                                                       metadata={"distrib_optim_sharding_type": "dp_reshardable"}),
-            "scheduler": scheduler.state_dict(), "iteration": step}
+            "scheduler": scheduler.state_dict(), "iteration": step, "train_seconds": train_seconds}
 
 
 def checkpoint_dir(root: str | Path, step: int) -> Path:
@@ -253,15 +271,20 @@ def checkpoint_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"iter_{step:07d}"
 
 
-def save_checkpoint(root: str, model, optimizer, scheduler, step: int) -> None:
-    """Writes ROOT/iter_NNNNNNN with dist_checkpointing, then (rank 0) points ROOT/latest... at it."""
+def save_checkpoint(root: str, model, optimizer, scheduler, step: int, train_seconds: float = 0.0) -> None:
+    """Writes ROOT/iter_NNNNNNN with dist_checkpointing, then (rank 0) points ROOT/latest... at it. The
+    training seconds saved are rank 0's (the plain run state must be the same on every rank)."""
     from megatron.core import dist_checkpointing
 
     path = checkpoint_dir(root, step)
     if dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
+    seconds = torch.tensor([train_seconds], dtype=torch.float64,
+                           device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.broadcast(seconds, src=0)
     dist.barrier()
-    dist_checkpointing.save(sharded_state(model, optimizer, scheduler, step, loading=False), str(path))
+    dist_checkpointing.save(sharded_state(model, optimizer, scheduler, step, loading=False,
+                                          train_seconds=seconds.item()), str(path))
     dist.barrier()
     if dist.get_rank() == 0:
         with atomic_open(Path(root) / LATEST) as f:
@@ -269,8 +292,9 @@ def save_checkpoint(root: str, model, optimizer, scheduler, step: int) -> None:
     _log.info("saved checkpoint %s", path)
 
 
-def load_checkpoint(root: str, step: int | None, model, optimizer, scheduler) -> int:
-    """Loads ROOT's checkpoint of `step` (default: the one LATEST names); returns its iteration."""
+def load_checkpoint(root: str, step: int | None, model, optimizer, scheduler) -> tuple[int, float]:
+    """Loads ROOT's checkpoint of `step` (default: the one LATEST names); returns its iteration and training
+    seconds (0 for a checkpoint that does not record them)."""
     from megatron.core import dist_checkpointing
 
     if step is None:
@@ -288,18 +312,19 @@ def load_checkpoint(root: str, step: int | None, model, optimizer, scheduler) ->
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _log.info("resumed from %s", path)
-    return int(state["iteration"])
+    return int(state["iteration"]), float(state.get("train_seconds", 0.0))
 
 
 def train(args) -> dict:
-    """Runs (or resumes) the pretraining on an initialised process group; returns the summary."""
+    """Runs (or resumes) the pretraining on an initialised process group; returns the summary (rank 0 keeps the
+    run folder, --save). Stopped by SIGTERM/SIGINT it saves, marks the run stopped and raises
+    SystemExit(128 + signal number)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
 
-    from gradpower_ds.data import load_corpus_distributed
-    from gradpower_ds.metrics import MetricsLog
-
     import megatron_patches
+
+    from .data import load_corpus_distributed
 
     megatron_patches.apply()
     parallel_state.initialize_model_parallel(expert_model_parallel_size=args.expert_model_parallel_size)
@@ -315,28 +340,33 @@ def train(args) -> dict:
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = model.no_sync
 
-    start = load_checkpoint(args.load, args.ckpt_step, model, optimizer, scheduler) if args.load else 0
+    start, elapsed = load_checkpoint(args.load, args.ckpt_step, model, optimizer, scheduler) if args.load \
+        else (0, 0.0)
     rank0 = dist.get_rank() == 0
     save = Path(args.save) if args.save else None
+    powers = f"p={args.gradpower_p}" + (f", expert p={args.gradpower_p_expert}"
+                                        if args.gradpower_p_expert is not None else "")
+    label = args.optimizer + (f" ({powers})" if args.optimizer == arguments.OPTIMIZER_NAME else "")
+    stop = StopRequest()
+    stop.install()
+    run = RunDir(save, writer=rank0)
+    run.start(start)
     if rank0:
         experts = f"{args.num_experts} experts top-{args.moe_router_topk}, EP={args.expert_model_parallel_size}" \
             if args.num_experts else "dense"
-        powers = f"p={args.gradpower_p}" + (f", expert p={args.gradpower_p_expert}"
-                                            if args.gradpower_p_expert is not None else "")
-        _log.info("megatron_patches.pretrain_moe: %s | %d ranks (DP=%d), %s | %s%s | %s%s | %s | %.2fM parameters%s",
-                  corpus.description, dist.get_world_size(), dp_size, experts, args.optimizer,
-                  f" ({powers})" if args.optimizer == arguments.OPTIMIZER_NAME else "",
+        _log.info("%s: %s | %d ranks (DP=%d), %s | %s | %s%s | %s | %.2fM parameters%s", JOB,
+                  corpus.description, dist.get_world_size(), dp_size, experts, label,
                   "GPAS " + args.gpas_act if args.gpas else "no GPAS", ", distributed optimizer"
                   if args.use_distributed_optimizer else "", "bf16" if args.bf16 else "fp32",
                   sum(p.numel() for p in model.parameters()) / 1e6, f" | resumed at iteration {start}" if start else "")
-        if save:
-            save.mkdir(parents=True, exist_ok=True)
-            (save / "summary.json").unlink(missing_ok=True)
-    log = MetricsLog(save, resume_step=start) if rank0 and save else None
     step_tokens = micro_batches * args.micro_batch_size * dp_size * args.seq_length
-    tokens, elapsed, val_loss = start * step_tokens, 0.0, None
+    tokens, val_loss = start * step_tokens, None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    last = args.train_iters
+    stopped_by = 0  # the signal that stopped the run
+    done = start
     try:
-        for step in range(start, args.train_iters):
+        for step in range(start, last):
             began = time.perf_counter()
             reseed(args.seed, step + 1)
             model.zero_grad_buffer()
@@ -349,41 +379,57 @@ def train(args) -> dict:
             if ok:
                 scheduler.step(increment=1)
             train_loss = data_parallel_mean(loss)
+            stop_flags = stop.flags(device)  # how many ranks were asked to stop, by SIGTERM or by SIGINT
+            dist.all_reduce(stop_flags)
             elapsed += time.perf_counter() - began
             tokens += step_tokens
             done = step + 1
-            if val_batches and (done % args.eval_interval == 0 or done == args.train_iters):
+            if val_batches and (done % args.eval_interval == 0 or done == last):
                 model.eval()
                 with torch.no_grad():
                     val_loss = data_parallel_mean(run_micro_batches(model, val_batches, args, forward_only=True))
                 model.train()
             else:
                 val_loss = None
-            if rank0 and (done % args.log_interval == 0 or val_loss is not None):
+            if done < last:
+                stopped_by = stop.agreed(stop_flags)
+            logged = rank0 and (done % args.log_interval == 0 or val_loss is not None)
+            if logged:
                 _log.info("iteration %d/%d | lm loss %.6f | lr %.3e | grad norm %.4f | %s%.0f tokens/s", done,
-                          args.train_iters, train_loss, lr, grad_norm if grad_norm is not None else float("nan"),
+                          last, train_loss, lr, grad_norm if grad_norm is not None else float("nan"),
                           f"validation loss {val_loss:.6f} | " if val_loss is not None else "", tokens / elapsed)
-                if log is not None:
-                    log.log(step=done, tokens=tokens, train_loss=train_loss, val_loss=val_loss, lr=lr,
-                            tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
-            if save and (done == args.train_iters or (args.save_interval and done % args.save_interval == 0)):
-                save_checkpoint(str(save), model, optimizer, scheduler, done)
+                run.log(step=done, tokens=tokens, train_loss=train_loss, val_loss=val_loss, lr=lr, elapsed=elapsed)
+            saving = save is not None and (done == last or bool(stopped_by)
+                                           or bool(args.save_interval and done % args.save_interval == 0))
+            if saving:
+                save_checkpoint(str(save), model, optimizer, scheduler, done, train_seconds=elapsed)
+            if (logged or saving) and not stopped_by and done < last:
+                run.running(done)
+            if stopped_by:
+                break
+    except BaseException as error:
+        run.failed(done, error)
+        stop.restore()
+        raise
     finally:
-        if log is not None:
-            log.close()
-    summary = {"val_loss": val_loss, "iterations": args.train_iters, "resumed_at": start, "tokens": tokens,
-               "train_seconds": elapsed, "world_size": dist.get_world_size(), "optimizer": args.optimizer,
-               "gpas": args.gpas}
-    if rank0:
-        if save:
-            write_json(save / "summary.json", summary)
-        _log.info("megatron_patches.pretrain_moe: done | validation loss %s | %s",
-                  f"{val_loss:.4f}" if val_loss is not None else "-", save or "(no --save)")
+        run.close()
+    stop.restore()
+    if stopped_by:
+        run.stopped(done, stopped_by)
+        if rank0:
+            _log.info("%s: stopped after iteration %d of %d by %s, %s", JOB, done, last,
+                      signal.Signals(stopped_by).name, f"checkpoint saved; continue with --load {save}" if save
+                      else "nothing saved (no --save)")
+        dist.barrier()  # no rank exits (and so makes its launcher stop the others) before the run is marked
+        raise SystemExit(128 + stopped_by)
+    summary = make_summary(val_loss=val_loss, steps=last, resumed_at=start, tokens=tokens, train_seconds=elapsed,
+                           world_size=dist.get_world_size(), run_dir=save, optimizer=args.optimizer, gpas=args.gpas)
+    run.complete(summary, label + (" + GPAS" if args.gpas else ""))
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: parse, set up torch.distributed (any launcher), train."""
+    """Command-line entry: parse, set up torch.distributed (any launcher), train, print the end line on rank 0."""
     enable_rank0_logging()
     enable_rank0_logging("megatron_patches")
     args = build_parser().parse_args(argv)
@@ -392,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         torch.cuda.current_device()  # megatron-core calls torch.cuda throughout, even for CPU tensors
     except (AssertionError, RuntimeError) as err:
-        raise SystemExit(f"megatron_patches.pretrain_moe: megatron-core needs CUDA ({err}); run it on GPU nodes. "
+        raise SystemExit(f"{JOB}: megatron-core needs CUDA ({err}); run it on GPU nodes. "
                          "Without a GPU, use the DeepSpeed main job (python -m gradpower_ds.train) instead") from None
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -401,7 +447,9 @@ def main(argv: list[str] | None = None) -> None:
         if dist.get_world_size() % args.expert_model_parallel_size:
             raise SystemExit(f"--expert-model-parallel-size {args.expert_model_parallel_size} does not divide the "
                              f"{dist.get_world_size()} ranks")
-        train(args)
+        summary = train(args)
+        if dist.get_rank() == 0:
+            print(summary_line(JOB, summary), flush=True)
     finally:
         dist.destroy_process_group()
 

@@ -1,0 +1,64 @@
+"""What a training process needs to know about the processes around it, for both jobs and the runner.
+
+``launched()``: whether a launcher set up a multi-process job; ``default_to_world_of_one()``:
+torch.distributed's env:// variables for one process when none did; ``free_port()``: a port for a
+rendezvous on this machine; ``enable_rank0_logging()``: INFO messages on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+# Variables by which DeepSpeed's init_distributed finds a multi-process job other than torch's env:// ones
+# (MPI discovery, Azure ML, SageMaker): there default_to_world_of_one leaves the environment alone.
+CLUSTER_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "AZUREML_EXPERIMENT_ID",
+               "SM_TRAINING_ENV")
+
+
+def enable_rank0_logging(name: str = "gradpower_ds") -> None:
+    """Shows INFO messages of logger `name` and its children (registration, the optimizer DeepSpeed built,
+    training progress) on rank 0 only.
+
+    Other ranks show warnings only. Adds one handler to that logger (none when it already has one) and
+    stops propagation, so a root handler the script sets up prints nothing twice.
+    """
+    logger = logging.getLogger(name)
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+
+
+def launched() -> bool:
+    """Whether a launcher set up a multi-process job: torch's env:// variables (RANK or WORLD_SIZE) or one of
+    CLUSTER_ENV (MPI, Azure ML, SageMaker), which DeepSpeed discovers itself."""
+    return any(name in os.environ for name in ("RANK", "WORLD_SIZE", *CLUSTER_ENV))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_to_world_of_one() -> bool:
+    """Sets torch.distributed's env:// variables for a single process when no launcher set up a job (`launched()`
+    is false: ``python -m gradpower_ds.run ...``, ``python -m gradpower_ds train``); returns whether it did.
+
+    Without them DeepSpeed's init_distributed falls back to MPI discovery and fails with
+    ``No module named 'mpi4py'``. Variables already set (MASTER_ADDR, MASTER_PORT) are kept; an unset
+    MASTER_PORT becomes a free port, so single-process runs side by side do not collide.
+    """
+    if launched():
+        return False
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    return True

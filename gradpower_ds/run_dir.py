@@ -1,0 +1,180 @@
+"""A training run's folder as both training jobs keep it: status, metrics, loss curve, summary, the end line.
+
+The DeepSpeed main job (``gradpower_ds.train``) keeps it in its ``--run_dir`` (beside ``config.json``
+and ``checkpoints/``), the Megatron MoE job (``gradpower_ds.train_megatron``) in its ``--save``
+folder (beside its ``iter_NNNNNNN`` checkpoints). ``RunDir`` writes, on rank 0 only, each file whole
+(``gradpower_ds.files``):
+
+- ``status.json``: ``{"state": "running", "step": N}`` from the start and after each logged or saved
+  step; ``{"state": "failed", "step": N, "error": "Type: message"}``; ``{"state": "stopped", "step": N,
+  "signal": "SIGTERM"}`` after a stop by a signal (``StopRequest``), ``{"state": "stopped", "step": N}``
+  after a stop where the run was asked to stop; ``{"state": "complete", "step": N}``;
+- ``metrics.csv`` and ``tensorboard/`` (``gradpower_ds.metrics.MetricsLog``), each row with the tokens
+  per second of the training time so far (the jobs' checkpoints carry tokens and training seconds, so
+  a resumed run's figures continue the interrupted one's);
+- at completion only, ``loss.png`` and ``summary.json`` (``SUMMARY_KEYS``, the same in both jobs); a
+  run that starts or resumes deletes an earlier ``summary.json``.
+
+``summary_line`` is the one line both jobs end with. SIGTERM or SIGINT during training is recorded by
+``StopRequest``; the jobs then finish the step on all ranks, save a checkpoint, mark the run stopped and
+exit with 128 + the signal number (143, 130).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import torch
+
+from .files import write_json
+from .metrics import MetricsLog, plot_curves, read_metrics
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SUMMARY_KEYS = ("val_loss", "steps", "resumed_at", "tokens", "train_seconds", "tokens_per_s", "world_size", "run_dir",
+                "optimizer", "gpas")
+
+
+class RunDirError(ValueError):
+    """The run folder cannot be used as asked; raised before anything is written."""
+
+
+def read_json(path: str | Path) -> dict | None:
+    """The JSON object in `path`, or None when it is missing or not JSON (e.g. a folder of another program)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_state(run_dir: str | Path) -> str:
+    """The state in the folder's status.json ("running", "failed", "stopped", "complete"), or "unknown"."""
+    status = read_json(Path(run_dir) / "status.json")
+    return status.get("state", "unknown") if isinstance(status, dict) else "unknown"
+
+
+class StopRequest:
+    """Records SIGTERM/SIGINT during training instead of dying: the loop finishes its step, saves and stops.
+
+    A second SIGINT raises KeyboardInterrupt (stop now, no checkpoint). Every rank reduces ``flags()``
+    (a sum) after each step, so all ranks stop after the same step whichever of them got the signal.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def install(self) -> None:
+        """Handles STOP_SIGNALS from now on (in the main thread only; elsewhere the signals are left alone)."""
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the signals alone
+                return
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    def restore(self) -> None:
+        """Puts back the handlers install() replaced."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def flags(self, device) -> torch.Tensor:
+        """float32 [this rank got STOP_SIGNALS[0], ... [1]] (1 or 0) on `device`, to all-reduce (sum) over all ranks."""
+        return torch.tensor([float(self.signum == s) for s in STOP_SIGNALS], device=device)
+
+    @staticmethod
+    def agreed(reduced_flags) -> int:
+        """The signal that stops the run, from the all-reduced flags (SIGTERM before SIGINT), or 0."""
+        counts = reduced_flags.tolist() if isinstance(reduced_flags, torch.Tensor) else list(reduced_flags)
+        return next((int(s) for s, n in zip(STOP_SIGNALS, counts) if n), 0)
+
+
+def tokens_per_s(tokens: int, seconds: float) -> float | None:
+    """Training throughput; None before any training time was measured."""
+    return tokens / seconds if seconds else None
+
+
+def make_summary(*, val_loss: float | None, steps: int, resumed_at: int, tokens: int, train_seconds: float,
+                 world_size: int, run_dir: str | Path | None, optimizer: str, gpas: bool) -> dict:
+    """summary.json of a completed run (SUMMARY_KEYS, in both jobs): the last validation loss, the run's steps,
+    the step this part of it resumed at (0: not resumed), tokens and training seconds over the whole run (all
+    parts), tokens/s, ranks, the run folder (None: none) and the optimizer and GPAS settings."""
+    return {"val_loss": val_loss, "steps": steps, "resumed_at": resumed_at, "tokens": tokens,
+            "train_seconds": train_seconds, "tokens_per_s": tokens_per_s(tokens, train_seconds),
+            "world_size": world_size, "run_dir": None if run_dir is None else str(run_dir), "optimizer": optimizer,
+            "gpas": gpas}
+
+
+def summary_line(job: str, summary: dict) -> str:
+    """The one line a run of `job` ends with: validation loss, throughput, wall time, where the results are."""
+    val_loss = "-" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
+    rate = "-" if summary["tokens_per_s"] is None else f"{summary['tokens_per_s']:,.0f}"
+    where = f"{summary['run_dir']}/ (metrics.csv, loss.png, tensorboard/)" if summary["run_dir"] is not None \
+        else "no run folder"
+    return (f"{job}: done | validation loss {val_loss} | {summary['tokens']:,} tokens in "
+            f"{summary['train_seconds']:.1f} s = {rate} tokens/s on {summary['world_size']} ranks | {where}")
+
+
+class RunDir:
+    """The run folder `path` as rank 0 writes it; on other ranks (writer=False) or without a folder (path None)
+    every method does nothing."""
+
+    def __init__(self, path: str | Path | None, writer: bool = True):
+        self.path = None if path is None else Path(path)
+        self.writer = writer and self.path is not None
+        self.metrics: MetricsLog | None = None
+
+    def start(self, step: int, config: dict | None = None, tensorboard: bool = True) -> None:
+        """A run starts, or resumes, at `step`: creates the folder, deletes an old summary.json, writes
+        config.json (if given) and status running, and opens the metrics (rows after `step` dropped)."""
+        if not self.writer:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "summary.json").unlink(missing_ok=True)
+        if config is not None:
+            write_json(self.path / "config.json", config)
+        self.running(step)
+        self.metrics = MetricsLog(self.path, resume_step=step, tensorboard=tensorboard)
+
+    def log(self, *, step: int, tokens: int, train_loss: float, val_loss: float | None, lr: float,
+            elapsed: float) -> None:
+        """One metrics row (and TensorBoard scalars) with tokens/s over the `elapsed` training seconds."""
+        if self.metrics is not None:
+            self.metrics.log(step=step, tokens=tokens, train_loss=train_loss, val_loss=val_loss, lr=lr,
+                             tokens_per_s=tokens_per_s(tokens, elapsed), elapsed_s=elapsed)
+
+    def running(self, step: int) -> None:
+        """status.json: running, `step` steps done."""
+        self._status(state="running", step=step)
+
+    def failed(self, step: int, error: BaseException) -> None:
+        """status.json: failed after `step` steps, with the error."""
+        self._status(state="failed", step=step, error=f"{type(error).__name__}: {error}")
+
+    def stopped(self, step: int, signum: int = 0) -> None:
+        """status.json: stopped after `step` steps, by signal `signum` (0: where the run was asked to stop)."""
+        self._status(state="stopped", step=step, **({"signal": signal.Signals(signum).name} if signum else {}))
+
+    def complete(self, summary: dict, label: str) -> None:
+        """The run completed: loss.png (the metrics as `label`), summary.json and status complete."""
+        if not self.writer:
+            return
+        plot_curves({label: read_metrics(self.path / "metrics.csv")}, self.path / "loss.png", title=str(self.path))
+        write_json(self.path / "summary.json", summary)
+        self._status(state="complete", step=summary["steps"])
+
+    def close(self) -> None:
+        """Closes the metrics (TensorBoard); the files stay."""
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    def _status(self, **status) -> None:
+        if self.writer:
+            write_json(self.path / "status.json", status)

@@ -1,0 +1,48 @@
+"""Everything ``megatron_patches.apply()`` changes in megatron-core (and Megatron-LM), in one list.
+
+``PATCHES`` is a ``gradpower_ds.patching.PatchSet``: a megatron-core other than
+``SUPPORTED_MEGATRON_CORE`` is refused with ``UnsupportedMegatronError`` naming it; every
+patch is undone by ``remove()``. What each patch does is documented where its wrapper
+lives: ``megatron_patches.optimizer`` (AdamPower), ``megatron_patches.checkpoint`` (the
+DistributedOptimizer's checkpoints with torch's Adam), ``megatron_patches.arguments``
+(Megatron-LM's ``--optimizer`` and optimizer config, only where Megatron-LM is importable).
+"""
+
+from __future__ import annotations
+
+from gradpower_ds.patching import Add, Package, PatchSet, UnsupportedVersionError, Wrap
+
+MEGATRON_CORE = Package("megatron-core", module="megatron.core", dist="megatron-core", supported="0.16.1")
+SUPPORTED_MEGATRON_CORE = MEGATRON_CORE.supported
+
+
+class UnsupportedMegatronError(UnsupportedVersionError):
+    """The installed megatron-core is not the version these patches were written and tested for."""
+
+
+def _patches() -> list:
+    """The patches, in the order apply() makes them."""
+    import megatron.core.optimizer as mcore_optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer_config import AdamOptimizerConfig, OptimizerConfig
+
+    from . import arguments, checkpoint, optimizer
+
+    return [
+        # OptimizerConfig(optimizer="adampower", gradpower_p=..., gradpower_p_expert=...)
+        *(Add(OptimizerConfig, name, default) for name, default in optimizer.FIELDS.items()),
+        Wrap(OptimizerConfig, "__init__", optimizer.config_init),
+        Wrap(AdamOptimizerConfig, "__init__", optimizer.config_init),
+        Wrap(OptimizerConfig, "__post_init__", optimizer.config_post_init),
+        # get_megatron_optimizer builds AdamPower for it, per chained optimizer (dense, expert)
+        Wrap(mcore_optimizer, "_get_megatron_optimizer_based_on_param_groups", optimizer.build_with_power),
+        # the DistributedOptimizer's checkpoints with torch's Adam (no TE/apex)
+        Wrap(DistributedOptimizer, "state_dict", checkpoint.state_dict_with_initial_state),
+        Wrap(DistributedOptimizer, "load_state_dict", checkpoint.load_state_dict_with_own_steps),
+        # Megatron-LM, where importable: --optimizer adampower and its optimizer config
+        *arguments.megatron_lm_patches(),
+    ]
+
+
+PATCHES = PatchSet("megatron_patches", MEGATRON_CORE, "it patches its optimizer construction", _patches,
+                   UnsupportedMegatronError)
