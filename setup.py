@@ -29,7 +29,7 @@ setup(
     cmdclass={"build_ext": build_ext},
     # torch is pinned by requirements.txt (the CPU wheel on our machines); a range here
     # keeps pip from replacing an installed torch with a CUDA build.
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "tensorboard"],
+    install_requires=["torch>=2.4", "numpy", "packaging", "tqdm", "matplotlib", "tensorboard"],
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
         "megatron": ["megatron-core==0.16.1"],

@@ -31,7 +31,7 @@ from .cpu_adam_power import CPUAdamPower
 from .hyperparams import ADAM_POWER_DEFAULTS, check_power
 from .patching import Extend, Package, PatchSet, UnsupportedVersionError, Wrap
 
-DEEPSPEED = Package("DeepSpeed", module="deepspeed", dist="deepspeed", supported="0.19.8")
+DEEPSPEED = Package("DeepSpeed", module="deepspeed", dist="deepspeed", oldest="0.19.8", newest="0.19.8")
 SUPPORTED_DEEPSPEED = DEEPSPEED.supported
 OPTIMIZER_NAMES = ("adampower", "adamwpower")
 ACCEPTED_PARAMS = tuple(ADAM_POWER_DEFAULTS) + ("expert_power", "fused")

@@ -8,8 +8,10 @@ of its patches, each one of three kinds:
     Add(owner, name, value)       owner.name = value, an attribute the owner did not have
     Extend(registry, items)       items appended to a list the package keeps (e.g. its optimizer names)
 
-``apply()`` checks the installed version (``UnsupportedVersionError`` naming it and the
-fix), applies the patches in order and keeps how to undo each; a failure part-way undoes
+``apply()`` checks the installed version against the tested range
+(``UnsupportedVersionError`` naming both and what to install; with
+``GRADPOWER_ALLOW_UNTESTED=1`` one warning instead, and the patches are applied anyway),
+applies the patches in order and keeps how to undo each; a failure part-way undoes
 the ones applied. ``remove()`` undoes them in reverse order. Both are idempotent;
 ``describe()`` lists what is patched. Nothing is patched at import.
 """
@@ -17,8 +19,16 @@ the ones applied. ``remove()`` undoes them in reverse order. Both are idempotent
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from packaging.version import Version
+
+ALLOW_UNTESTED = "GRADPOWER_ALLOW_UNTESTED"  # =1: patch a version outside the tested range, with a warning
+
+_log = logging.getLogger(__name__)
 
 
 class UnsupportedVersionError(RuntimeError):
@@ -27,16 +37,34 @@ class UnsupportedVersionError(RuntimeError):
 
 @dataclass(frozen=True)
 class Package:
-    """A patched package: its display name, the module holding ``__version__``, its pip name, the version supported."""
+    """A patched package: its display name, the module holding ``__version__``, its pip name, and the tested
+    versions, ``oldest`` through ``newest`` (both tested, both included)."""
 
     name: str
     module: str
     dist: str
-    supported: str
+    oldest: str
+    newest: str
+
+    @property
+    def supported(self) -> str:
+        """The tested range as people write it: '0.19.8' or '0.16.0 through 0.19.8'."""
+        return self.oldest if self.oldest == self.newest else f"{self.oldest} through {self.newest}"
+
+    @property
+    def requirement(self) -> str:
+        """The pip requirement for the tested range."""
+        return f"{self.dist}=={self.oldest}" if self.oldest == self.newest else \
+            f"{self.dist}>={self.oldest},<={self.newest}"
 
     def installed(self) -> str:
         """The installed version (``module.__version__``)."""
         return importlib.import_module(self.module).__version__
+
+    def is_tested(self, version: str) -> bool:
+        """Whether `version` lies in the tested range (local build tags such as +cu130 ignored)."""
+        release = Version(Version(version).base_version)
+        return Version(self.oldest) <= release <= Version(self.newest)
 
 
 @dataclass(frozen=True)
@@ -111,15 +139,24 @@ class PatchSet:
         self._patches = patches
         self._undo: list[Callable[[], None]] = []
         self._applied: list[str] = []
+        self._warned = False
 
     def check_version(self) -> None:
-        """Raises ``error`` (an UnsupportedVersionError) unless the installed package is the supported version."""
-        installed = self.package.installed()
-        if installed != self.package.supported:
-            raise self.error(
-                f"{self.owner} supports {self.package.name} {self.package.supported} only ({self.reason}), but "
-                f"{self.package.name} {installed} is installed: "
-                f"pip install {self.package.dist}=={self.package.supported}")
+        """Raises ``error`` (an UnsupportedVersionError) unless the installed package is in the tested range; with
+        GRADPOWER_ALLOW_UNTESTED=1 it logs one warning instead (once per process)."""
+        package, installed = self.package, self.package.installed()
+        if package.is_tested(installed):
+            return
+        only = " only" if package.oldest == package.newest else ""
+        message = (f"{self.owner} supports {package.name} {package.supported}{only} ({self.reason}), but "
+                   f"{package.name} {installed} is installed")
+        if os.environ.get(ALLOW_UNTESTED) == "1":
+            if not self._warned:
+                self._warned = True
+                _log.warning("%s; patching it anyway because %s=1: results are untested", message, ALLOW_UNTESTED)
+            return
+        raise self.error(f"{message}: pip install \"{package.requirement}\" (or set {ALLOW_UNTESTED}=1 to try "
+                         "this version anyway, untested)")
 
     def is_applied(self) -> bool:
         """Whether apply() is in effect."""
@@ -156,4 +193,4 @@ def _qualname(obj) -> str:
     return getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__name__
 
 
-__all__ = ["Add", "Extend", "Package", "PatchSet", "UnsupportedVersionError", "Wrap"]
+__all__ = ["ALLOW_UNTESTED", "Add", "Extend", "Package", "PatchSet", "UnsupportedVersionError", "Wrap"]

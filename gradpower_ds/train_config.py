@@ -144,7 +144,8 @@ class TrainConfig:
                               "optimizer")
         _hyper(lambda: check_power(self.power, 0.0, owner="power"), "power")
         if self.expert_power is not None:
-            _hyper(lambda: check_power(self.expert_power, 0.0, owner="expert_power", name="expert_power"), "expert_power")
+            _hyper(lambda: check_power(self.expert_power, 0.0, owner="expert_power", name="expert_power"),
+                   "expert_power")
         choices = {"schedule": SCHEDULES, "precision": PRECISIONS, "norm": VARIANTS, "gpas_act": ACTIVATIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from gradpower_ds.patching import Add, Package, PatchSet, UnsupportedVersionError, Wrap
 
-MEGATRON_CORE = Package("megatron-core", module="megatron.core", dist="megatron-core", supported="0.16.1")
+MEGATRON_CORE = Package("megatron-core", module="megatron.core", dist="megatron-core", oldest="0.16.1",
+                        newest="0.16.1")
 SUPPORTED_MEGATRON_CORE = MEGATRON_CORE.supported
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import logging
 import sys
 import types
 from pathlib import Path
@@ -125,8 +126,8 @@ def thing(monkeypatch):
     return module
 
 
-def _set(patches, supported="1.0"):
-    package = Package("Thing", module="thing", dist="thing", supported=supported)
+def _set(patches, oldest="1.0", newest="1.0"):
+    package = Package("Thing", module="thing", dist="thing", oldest=oldest, newest=newest)
     return PatchSet("tests", package, "it patches things", lambda: patches)
 
 
@@ -159,12 +160,47 @@ def test_patch_set_undoes_a_partial_apply():
 
 def test_patch_set_refuses_another_version(thing):
     registry = []
-    patches = _set([Extend(registry, ("x",), "registry")], supported="1.0")
+    patches = _set([Extend(registry, ("x",), "registry")])
     thing.__version__ = "2.0"
     with pytest.raises(UnsupportedVersionError, match=r"tests supports Thing 1\.0 only \(it patches things\), but "
-                                                      r"Thing 2\.0 is installed: pip install thing==1\.0"):
+                                                      r"Thing 2\.0 is installed: pip install \"thing==1\.0\" \(or set "
+                                                      r"GRADPOWER_ALLOW_UNTESTED=1"):
         patches.apply()
     assert registry == [] and not patches.is_applied()
+
+
+@pytest.mark.parametrize("version, tested", [("0.9.9", False), ("1.0", True), ("1.3.2", True), ("1.3.2+cu130", True),
+                                             ("1.5", True), ("1.5.1", False), ("2.0", False)])
+def test_tested_range_includes_both_ends(thing, version, tested):
+    thing.__version__ = version
+    patches = _set([], oldest="1.0", newest="1.5")
+    assert patches.package.is_tested(version) is tested
+    if tested:
+        patches.check_version()
+    else:
+        with pytest.raises(UnsupportedVersionError, match=r"supports Thing 1\.0 through 1\.5 \(.*"
+                                                          r"pip install \"thing>=1\.0,<=1\.5\""):
+            patches.check_version()
+
+
+def test_allow_untested_patches_with_one_warning(thing, monkeypatch, caplog):
+    registry = []
+    patches = _set([Extend(registry, ("x",), "registry")])
+    thing.__version__ = "2.0"
+    monkeypatch.setenv("GRADPOWER_ALLOW_UNTESTED", "1")
+    monkeypatch.setattr(logging.getLogger("gradpower_ds"), "propagate", True)  # whatever an earlier test set up
+    with caplog.at_level("WARNING", logger="gradpower_ds.patching"):
+        patches.apply()
+        patches.remove()
+        patches.apply()
+    assert registry == ["x"] and patches.is_applied()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "Thing 2.0 is installed; patching it anyway because GRADPOWER_ALLOW_UNTESTED=1" \
+        in warnings[0]
+    patches.remove()
+    monkeypatch.setenv("GRADPOWER_ALLOW_UNTESTED", "0")  # only "1" opens the door
+    with pytest.raises(UnsupportedVersionError):
+        patches.apply()
 
 
 def test_both_integrations_are_patch_sets():
