@@ -16,8 +16,11 @@ refused with an error naming it), all listed in ``_patches()``:
 
 Where DeepSpeed would build its own CPU Adam (``offload_optimizer`` to the CPU, or
 a CPU accelerator) the native ``CPUAdamPower`` kernel is built; elsewhere the
-torch ``AdamPower``. Importing ``gradpower_ds`` patches nothing; ``unregister()``
-undoes all four changes.
+torch ``AdamPower``. DeepSpeed features that step only with DeepSpeed's own Adam
+(partial offload, SuperOffload, ZenFlow, fp16/bf16 master weights, bf16 optimizer
+states) are refused inside ``deepspeed.initialize`` with an error naming the setting
+and what to use instead (``_unsupported_features``). Importing ``gradpower_ds``
+patches nothing; ``unregister()`` undoes all four changes.
 """
 from __future__ import annotations
 
@@ -136,10 +139,18 @@ def _configure_basic_optimizer(original):
 
 def _build_for_engine(engine, name: str, model_parameters):
     """Our optimizer for a DeepSpeed engine whose config names it: the native CPU kernel where DeepSpeed would
-    build its CPU Adam (optimizer offload, a CPU accelerator), else AdamPower."""
-    if engine.bf16_optimizer_states():
-        raise ValueError(f"DeepSpeed optimizer {name!r} keeps fp32 moments; remove "
-                         "\"bf16\": {\"bf16_optimizer_states\": true} from the config")
+    build its CPU Adam (optimizer offload, a CPU accelerator), else AdamPower.
+
+    First refuses (ValueError) the DeepSpeed features that step only with DeepSpeed's own Adam
+    (``_unsupported_features``), before DeepSpeed fails on them deeper in deepspeed.initialize or runs them
+    with its Adam's maths.
+    """
+    problems = _unsupported_features(engine)
+    if len(problems) == 1:
+        raise ValueError(f"DeepSpeed optimizer {name!r}: {problems[0]}")
+    if problems:
+        raise ValueError(f"DeepSpeed optimizer {name!r} cannot run with {len(problems)} settings of this config:\n"
+                         + "\n".join(f"- {problem}" for problem in problems))
     from deepspeed.accelerator import get_accelerator
 
     use_cpu_kernel = engine.zero_use_cpu_optimizer() or get_accelerator().device_name() == "cpu"
@@ -149,6 +160,56 @@ def _build_for_engine(engine, name: str, model_parameters):
         _log.info("gradpower_ds: %s built %s (power %s)", name, type(optimizer).__name__,
                   ", ".join(f"{p:g}" for p in powers))
     return optimizer
+
+
+def _engine_setting(engine, method: str, default=None):
+    """``engine.<method>()``, or `default` where this DeepSpeed's engine has no such method."""
+    getter = getattr(engine, method, None)
+    return getter() if callable(getter) else default
+
+
+def _unsupported_features(engine) -> list[str]:
+    """The DeepSpeed features this engine's config enables that step only with DeepSpeed's own Adam, one sentence
+    each naming the config key and what to use instead ([] when none).
+
+    DeepSpeed 0.19.8 asserts ``type(optimizer) == DeepSpeedCPUAdam`` for partial offload and for fp16/bf16 master
+    weights, runs SuperOffload's steps in worker processes that build their own DeepSpeedCPUAdam, and ZenFlow's
+    with its AdamW (ZenFlowSelectiveAdamW) and ZenFlow CPU Adam (``step(step_id=...)``, or a native Adam in a
+    separate process with ``overlap_step``, which runs without an error and ignores AdamPower's power).
+    """
+    problems = []
+    # engine.bf16_optimizer_states() exists from DeepSpeed 0.18.3 on.
+    if _engine_setting(engine, "bf16_optimizer_states", False):
+        problems.append("\"bf16\": {\"bf16_optimizer_states\": true} keeps the optimizer moments in bf16, AdamPower "
+                        "keeps fp32 moments: remove \"bf16_optimizer_states\" from the config")
+    for dtype in ("fp16", "bf16"):
+        if _engine_setting(engine, f"{dtype}_master_weights_and_gradients", False):
+            problems.append(
+                f"\"{dtype}\": {{\"{dtype}_master_weights_and_grads\": true}} ({dtype} master weights and gradients) "
+                "works in DeepSpeed only with its own DeepSpeedCPUAdam: remove it (AdamPower keeps fp32 master "
+                "weights; \"offload_optimizer\": {\"device\": \"cpu\"} keeps them on the CPU, stepped by "
+                f"CPUAdamPower), or use DeepSpeed's \"type\": \"AdamW\" for {dtype} master weights")
+    if _engine_setting(engine, "zenflow_config") is not None:
+        problems.append(
+            "ZenFlow (\"zero_optimization\": {\"zenflow\": ...}) steps the important gradient columns with "
+            "DeepSpeed's AdamW (ZenFlowSelectiveAdamW) and the others with its own ZenFlow CPU Adam, not with "
+            "AdamPower: remove \"zenflow\" (\"offload_optimizer\": {\"device\": \"cpu\"} alone steps CPUAdamPower on "
+            "the CPU), or use DeepSpeed's \"type\": \"AdamW\" for ZenFlow")
+    if engine.zero_optimization_stage() == 3 and _engine_setting(engine, "super_offload", False):
+        problems.append(
+            "SuperOffload (\"zero_optimization\": {\"offload_optimizer\": {\"super_offload\": true}}) steps in worker "
+            "processes that build DeepSpeed's own DeepSpeedCPUAdam (and needs a CUDA GPU): remove \"super_offload\" "
+            "(ZeRO-3 \"offload_optimizer\": {\"device\": \"cpu\"} steps CPUAdamPower on the CPU), or use DeepSpeed's "
+            "\"type\": \"AdamW\" for SuperOffload")
+    ratio = _engine_setting(engine, "zero_partial_offload", 1.0)
+    if engine.zero_use_cpu_optimizer() and ratio < 1.0:
+        problems.append(
+            f"partial optimizer offload (\"zero_optimization\": {{\"offload_optimizer\": {{\"ratio\": {ratio:g}}}}}) "
+            "works in DeepSpeed only with its own DeepSpeedCPUAdam for the offloaded part and torch.optim.AdamW for "
+            "the rest: offload all of the optimizer (\"ratio\": 1.0, CPUAdamPower on the CPU) or none of it (remove "
+            "\"offload_optimizer\": AdamPower on the accelerator), or use DeepSpeed's \"type\": \"AdamW\" for partial "
+            "offload")
+    return problems
 
 
 def _load_universal_and_repair(original):

@@ -94,11 +94,17 @@ def test_build_optimizer_fused_switch():
         gds.build_optimizer("adampower", {"fused": True}, params, use_cpu_kernel=True)
 
 
-@pytest.mark.slow
-def test_deepspeed_initialize_with_adam_power_configs(tmp_path):
-    out = tmp_path / "checks.json"
+@pytest.fixture(scope="module")
+def config_checks(tmp_path_factory):
+    """The results of tests/jobs/ds_config_checks.py: one launch for every test that reads them."""
+    out = tmp_path_factory.mktemp("ds_config_checks") / "checks.json"
     torchrun(JOB, out, nproc=1, timeout=900)
-    r = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_deepspeed_initialize_with_adam_power_configs(config_checks):
+    r = config_checks
     assert "AdamPower is not a supported DeepSpeed Optimizer" in r["unregistered"]["message"]
     assert "AdamPower is not a supported DeepSpeed Optimizer" in r["after_unregister"]["message"]
     assert r["lowercase"] == dict(optimizer="CPUAdamPower", power=1.2, adam_w_mode=True, weight_decay=0.1)
@@ -111,3 +117,86 @@ def test_deepspeed_initialize_with_adam_power_configs(tmp_path):
     assert r["bad_expert_power"]["error"] == "ValueError" and "expert_power" in r["bad_expert_power"]["message"]
     assert r["adamw_l2_conflict"]["error"] == "ValueError"
     assert "bf16_optimizer_states" in r["bf16_optimizer_states"]["message"]
+
+
+class _Engine:
+    """The engine methods _build_for_engine reads; only those of DeepSpeed's older API unless `settings` adds
+    newer ones (e.g. bf16_optimizer_states=True: a method returning True, as DeepSpeed >= 0.18.3 has)."""
+
+    global_rank = 0
+
+    def __init__(self, stage=3, offload=True, **settings):
+        self.stage, self.offload = stage, offload
+        for method, value in settings.items():
+            setattr(self, method, lambda value=value: value)
+
+    def zero_optimization_stage(self):
+        return self.stage
+
+    def zero_use_cpu_optimizer(self):
+        return self.offload
+
+    def optimizer_params(self):
+        return {"lr": 1e-3, "power": 1.1}
+
+
+FEATURES = {  # engine settings of a DeepSpeed feature that steps only with DeepSpeed's own Adam -> the error
+    "bf16_optimizer_states": (dict(bf16_optimizer_states=True),
+                              r'"bf16": \{"bf16_optimizer_states": true\}.*fp32 moments'),
+    "fp16_master_weights": (dict(fp16_master_weights_and_gradients=True),
+                            r'"fp16": \{"fp16_master_weights_and_grads": true\}.*DeepSpeedCPUAdam.*"AdamW"'),
+    "bf16_master_weights": (dict(bf16_master_weights_and_gradients=True),
+                            r'"bf16": \{"bf16_master_weights_and_grads": true\}.*fp32 master weights'),
+    "zenflow": (dict(zenflow_config=object()), r'ZenFlow \("zero_optimization": \{"zenflow".*remove "zenflow"'),
+    "super_offload": (dict(super_offload=True), r'SuperOffload .*"super_offload": true.*remove "super_offload"'),
+    "partial_offload": (dict(zero_partial_offload=0.25),
+                        r'partial optimizer offload .*"ratio": 0\.25\}.*"ratio": 1\.0'),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_features_needing_deepspeeds_adam_are_refused(feature):
+    settings, message = FEATURES[feature]
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match=r"^DeepSpeed optimizer 'adampower': " + message):
+        gds._build_for_engine(_Engine(**settings), "adampower", params)
+
+
+def test_features_refused_all_at_once_and_only_where_deepspeed_uses_them():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    both = _Engine(bf16_optimizer_states=True, bf16_master_weights_and_gradients=True)
+    with pytest.raises(ValueError, match=r"cannot run with 2 settings of this config:\n- .*bf16_optimizer_states.*"
+                                         r"\n- .*bf16_master_weights_and_grads"):
+        gds._build_for_engine(both, "adampower", params)
+    # A DeepSpeed without the newer engine methods (bf16_optimizer_states() is 0.18.3's), features off, SuperOffload
+    # below ZeRO-3 (DeepSpeed ignores it there), partial offload without offload, full offload: ours is built.
+    for engine in (_Engine(), _Engine(bf16_optimizer_states=False, zenflow_config=None, zero_partial_offload=1.0),
+                   _Engine(stage=2, super_offload=True), _Engine(offload=False, zero_partial_offload=0.5)):
+        optimizer = gds._build_for_engine(engine, "adampower", params)
+        assert type(optimizer).__name__ == "CPUAdamPower" and optimizer.param_groups[0]["power"] == 1.1
+
+
+@pytest.mark.slow
+def test_deepspeed_initialize_refuses_features_needing_deepspeeds_adam(config_checks):
+    """The same refusals from inside deepspeed.initialize, before DeepSpeed's own assert / TypeError (or, for
+    ZenFlow with overlap_step, a run that ignores AdamPower's power)."""
+    r = config_checks
+    prefix = "DeepSpeed optimizer 'adampower': "
+    expected = {
+        "partial_offload": 'partial optimizer offload ("zero_optimization": {"offload_optimizer": {"ratio": 0.5}})',
+        "super_offload": 'SuperOffload ("zero_optimization": {"offload_optimizer": {"super_offload": true}})',
+        "zenflow": 'ZenFlow ("zero_optimization": {"zenflow": ...})',
+        "zenflow_overlap_step": 'ZenFlow ("zero_optimization": {"zenflow": ...})',
+        "bf16_master_weights": '"bf16": {"bf16_master_weights_and_grads": true}',
+        "bf16_master_weights_zero3": '"bf16": {"bf16_master_weights_and_grads": true}',
+        "fp16_master_weights": '"fp16": {"fp16_master_weights_and_grads": true}',
+    }
+    for check, feature in expected.items():
+        assert r[check]["error"] == "ValueError", (check, r[check])
+        assert r[check]["message"].startswith(prefix + feature), (check, r[check]["message"])
+        assert "or use DeepSpeed's \"type\": \"AdamW\"" in r[check]["message"], check
+    assert '"ratio": 1.0, CPUAdamPower on the CPU' in r["partial_offload"]["message"]
+    states = r["bf16_optimizer_states_zero2"]
+    assert states["error"] == "ValueError" and "cannot run with 2 settings" in states["message"]
+    assert '"bf16_optimizer_states": true' in states["message"]
+    assert r["full_offload_ratio"]["optimizer"] == r["super_offload_zero2"]["optimizer"] == "CPUAdamPower"

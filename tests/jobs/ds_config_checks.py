@@ -1,6 +1,8 @@
 """Launched job (1 rank, gloo): how deepspeed.initialize treats AdamPower configs, good and bad.
 
 Writes a JSON dict to argv[1]: for each check, the optimizer class built or the error raised.
+FEATURE_CHECKS are the DeepSpeed features that step only with DeepSpeed's own Adam (refused with a ValueError
+inside deepspeed.initialize) and their neighbours that must still build ours.
 """
 
 import json
@@ -24,10 +26,35 @@ CHECKS = {
     "adamw_l2_conflict": dict(opt_type="AdamWPower", params=dict(adam_w_mode=False)),
 }
 
+CPU_OFFLOAD = {"device": "cpu"}
+FEATURE_CHECKS = {
+    "partial_offload": dict(stage=3, zero={"offload_optimizer": dict(CPU_OFFLOAD, ratio=0.5)}),
+    "full_offload_ratio": dict(stage=3, zero={"offload_optimizer": dict(CPU_OFFLOAD, ratio=1.0)}),
+    "super_offload": dict(stage=3, zero={"offload_optimizer": dict(CPU_OFFLOAD, super_offload=True)}),
+    # DeepSpeed uses SuperOffload only at ZeRO-3 and ignores the flag below: ours is built as without it
+    "super_offload_zero2": dict(stage=2, zero={"offload_optimizer": dict(CPU_OFFLOAD, super_offload=True)}),
+    "zenflow": dict(stage=2, zero={"offload_optimizer": CPU_OFFLOAD, "overlap_comm": True, "zenflow": {}}),
+    "zenflow_overlap_step": dict(stage=2, zero={"offload_optimizer": CPU_OFFLOAD, "overlap_comm": True,
+                                                "zenflow": {"overlap_step": True}}),
+    "bf16_master_weights": dict(stage=2, dtype="bf16", zero={"offload_optimizer": CPU_OFFLOAD},
+                                extra={"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}}),
+    "bf16_master_weights_zero3": dict(stage=3, dtype="bf16", zero={"offload_optimizer": CPU_OFFLOAD},
+                                      extra={"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}}),
+    "fp16_master_weights": dict(stage=1, dtype="fp16", zero={"offload_optimizer": CPU_OFFLOAD},
+                                extra={"fp16": {"enabled": True, "fp16_master_weights_and_grads": True}}),
+    "bf16_optimizer_states_zero2": dict(stage=2, dtype="bf16", zero={"offload_optimizer": CPU_OFFLOAD},
+                                        extra={"bf16": {"enabled": True, "bf16_master_weights_and_grads": True,
+                                                        "bf16_optimizer_states": True}}),
+}
 
-def build(stage=0, offload=False, opt_type="AdamPower", params=None, extra=None) -> dict:
-    """deepspeed.initialize on the toy model; returns what was built or what was raised."""
-    config = ds_toy.ds_config(stage, offload=offload, opt_type=opt_type, params=params)
+
+def build(stage=0, offload=False, opt_type="AdamPower", params=None, extra=None, dtype="fp32", zero=None) -> dict:
+    """deepspeed.initialize on the toy model; returns what was built or what was raised.
+
+    zero: keys merged into "zero_optimization"; extra: top-level keys replacing the config's.
+    """
+    config = ds_toy.ds_config(stage, dtype=dtype, offload=offload, opt_type=opt_type, params=params)
+    config["zero_optimization"].update(zero or {})
     config.update(extra or {})
     model = ds_toy.make_model()
     try:
@@ -48,6 +75,8 @@ def main():
     register()  # idempotent
     results.update({name: build(**kwargs) for name, kwargs in CHECKS.items()})
     results["bf16_optimizer_states"] = build(extra={"bf16": {"enabled": True, "bf16_optimizer_states": True}})
+    ds_toy.enable_cpu_fp16()  # for "fp16_master_weights" (the CPU accelerator refuses fp16 otherwise)
+    results.update({name: build(**kwargs) for name, kwargs in FEATURE_CHECKS.items()})
     unregister()
     results["after_unregister"] = build()
     with open(sys.argv[1], "w") as out:
