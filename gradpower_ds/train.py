@@ -251,9 +251,9 @@ def train(cfg: TrainConfig) -> dict:
             val_loss = evaluate(engine, val_batches, rank, world)
     except BaseException as error:
         run.failed(done, error)
-        stop.restore()
         raise
     finally:
+        stop.restore()
         bar.close()
         run.close()
     if stopped_by:
@@ -262,9 +262,7 @@ def train(cfg: TrainConfig) -> dict:
             _log.info("gradpower_ds.train: stopped after step %d of %d by %s, checkpoint saved; continue with "
                       "--resume true", done, cfg.steps, signal.Signals(stopped_by).name)
         engine.destroy()
-        stop.restore()
         raise SystemExit(128 + stopped_by)
-    stop.restore()
     if last < cfg.steps:
         run.stopped(last)
         if rank == 0:

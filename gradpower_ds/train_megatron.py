@@ -409,11 +409,10 @@ def train(args) -> dict:
                 break
     except BaseException as error:
         run.failed(done, error)
-        stop.restore()
         raise
     finally:
+        stop.restore()
         run.close()
-    stop.restore()
     if stopped_by:
         run.stopped(done, stopped_by)
         if rank0:

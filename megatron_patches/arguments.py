@@ -141,11 +141,12 @@ def read_config(path: str, optimizers=None) -> dict:
         raise ValueError(f"--gradpower-config {path}: unknown key(s) {unknown}; accepted keys are {list(CONFIG_KEYS)}")
     where = f"--gradpower-config {path}: key"
     for key in ("gradpower_p", "gradpower_p_expert"):
-        if values.get(key) is not None or key == "gradpower_p" and key in values:
-            try:
-                values[key] = check_power(values[key], owner=f"--gradpower-config {path}", name=key)[0]
-            except (TypeError, ValueError) as error:
-                raise ValueError(str(error)) from None
+        if key not in values or (key == "gradpower_p_expert" and values[key] is None):  # null: the dense p
+            continue
+        try:
+            values[key] = check_power(values[key], owner=f"--gradpower-config {path}", name=key)[0]
+        except (TypeError, ValueError) as error:
+            raise ValueError(str(error)) from None
     if "gpas" in values and not isinstance(values["gpas"], bool):
         raise ValueError(f"{where} gpas={values['gpas']!r}: must be true or false")
     choices = {"gpas_act": sorted(ACTIVATIONS), "optimizer": optimizers}

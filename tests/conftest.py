@@ -3,12 +3,14 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from gradpower_ds.processes import free_port  # noqa: F401  (tests import it from here)
+from gradpower_ds.run_dir import read_json
 
 FP32_EDGES = [0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 1.1754942e-38, 1.1754944e-38, 3.4028235e38, -3.4028235e38,
               float("inf"), float("-inf"), float("nan"), 1e-3, -2.5, 123456.0, 0.5, 2.0]
@@ -44,6 +46,18 @@ def _deterministic():
 # on PATH for every launch.
 JIT_ENV = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
+def wait_for_running_step(run_dir, proc, step: int, deadline: float) -> dict | None:
+    """Polls run_dir/status.json (every 5 ms) until it says running at `step` or later; returns the last status
+    read (None: none) when that happens, when `proc` exits or when time.time() passes `deadline`."""
+    status = None
+    while time.time() < deadline and proc.poll() is None:
+        status = read_json(Path(run_dir) / "status.json")
+        if status and status["state"] == "running" and status["step"] >= step:
+            break
+        time.sleep(0.005)
+    return status
 
 
 def launch_env(**extra) -> dict:

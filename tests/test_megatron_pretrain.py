@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MEGATRON_CPU_ENV, free_port, launch_env, torchrun
+from conftest import MEGATRON_CPU_ENV, free_port, launch_env, torchrun, wait_for_running_step
 from gradpower_ds.run_dir import SUMMARY_KEYS
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
@@ -207,18 +207,11 @@ def test_sigterm_stops_all_ranks_after_a_saved_step(tmp_path):
     proc = subprocess.Popen(cmd, env=launch_env(**MEGATRON_CPU_ENV), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline, ranks, status = time.time() + 300, [], None
+        deadline, ranks = time.time() + 300, []
         while time.time() < deadline and proc.poll() is None and len(ranks) < 2:
             ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "LOCAL_RANK" in p.environ()]
             time.sleep(0.05)
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                status = json.loads((run_dir / "status.json").read_text())
-            except (OSError, ValueError):
-                status = None
-            if status and status["state"] == "running" and status["step"] >= 2:
-                break
-            time.sleep(0.005)
+        status = wait_for_running_step(run_dir, proc, 2, deadline)
         rank1 = next(p for p in ranks if p.environ()["LOCAL_RANK"] == "1")
         rank1.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=300)

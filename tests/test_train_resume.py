@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, launch_env
+from conftest import free_port, launch_env, wait_for_running_step
 from gradpower_ds import compare
 from gradpower_ds.files import atomic_open, write_json
 from gradpower_ds.metrics import MetricsLog, read_metrics
@@ -280,15 +280,7 @@ def test_sigterm_stops_after_a_saved_step_and_resume_continues_exactly(tmp_path)
                             cwd=ROOT)
     try:
         rank0, rank1 = _rank_processes(proc.pid)
-        status, deadline = None, time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                status = json.loads((split / "status.json").read_text())
-            except (OSError, ValueError):
-                status = None
-            if status and status["state"] == "running" and status["step"] >= 2:
-                break
-            time.sleep(0.005)
+        status = wait_for_running_step(split, proc, 2, time.time() + 300)
         rank1.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=300)
     finally:
