@@ -1,5 +1,6 @@
 """Shared test helpers: edge-value tensors, deterministic gradient streams, multi-process launches."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -37,6 +38,23 @@ def grad_stream(shape, steps, seed=0, scale=1e-2):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+DEEPSPEED_SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_deepspeed_shm_buffers():
+    """DeepSpeed 0.19.8's CPU all-reduce can leave its shared-memory buffers (66 MB per rank) in /dev/shm after a
+    job (a clean 2-rank job here left none; a full CI run beside other test runs left 48, 3.1 GB), where they
+    hold the machine's memory until removed: the session removes the ones that appeared while it ran."""
+    before = set(glob.glob(DEEPSPEED_SHM_BUFFERS))
+    yield
+    for path in set(glob.glob(DEEPSPEED_SHM_BUFFERS)) - before:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 # DeepSpeed JIT-builds ops on first use (the CPU shm all-reduce at init, FusedAdam for "AdamW"), ~40 s each on
