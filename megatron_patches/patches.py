@@ -24,6 +24,7 @@ class UnsupportedMegatronError(UnsupportedVersionError):
 def _patches() -> list:
     """The patches, in the order apply() makes them."""
     import megatron.core.optimizer as mcore_optimizer
+    from megatron.core.transformer.moe import moe_utils
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.optimizer_config import AdamOptimizerConfig, OptimizerConfig
 
@@ -42,6 +43,9 @@ def _patches() -> list:
         Wrap(DistributedOptimizer, "load_state_dict", checkpoint.load_state_dict_with_own_steps),
         # Megatron-LM, where importable: --optimizer adampower and its optimizer config
         *arguments.megatron_lm_patches(),
+        # megatron-core 0.16.1's MoE router names te_general_gemm, defined only when TransformerEngine imports:
+        # without TE every MoE forward fails with NameError. None is the no-TE path its code checks for.
+        *([] if hasattr(moe_utils, "te_general_gemm") else [Add(moe_utils, "te_general_gemm", None)]),
     ]
 
 

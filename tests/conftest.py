@@ -2,6 +2,7 @@
 
 import glob
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -83,6 +84,24 @@ def launch_env(**extra) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", **JIT_ENV, **extra)
 
 
+def run_launched(cmd: list, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """Runs a launched job (its own process group, output captured) for at most `timeout` seconds, or
+    $GRADPOWER_TEST_LAUNCH_TIMEOUT where that is shorter (the GPU check sets it, so a stuck launch fails its
+    test with the job's output instead of silently using up the check's budget). On timeout the whole group
+    (launcher and ranks) is killed and the test fails with the tail of what the job printed."""
+    limit = min(timeout, float(os.environ.get("GRADPOWER_TEST_LAUNCH_TIMEOUT") or timeout))
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{' '.join(map(str, cmd))} still running after {limit:g} s; killed. Its output ended:\n"
+                        f"{out[-3000:]}\n{err[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def torchrun(script, *args, nproc: int = 2, timeout: int = 900, env: dict | None = None):
     """Runs `script args` on `nproc` local ranks with torch.distributed.run (1 OpenMP thread each).
 
@@ -91,7 +110,7 @@ def torchrun(script, *args, nproc: int = 2, timeout: int = 900, env: dict | None
     env = launch_env(**(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *map(str, args)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_launched(cmd, timeout, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-8000:]}"
     return proc
 

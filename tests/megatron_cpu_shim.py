@@ -221,7 +221,7 @@ def install() -> None:
         _set(torch.cuda, name, value)
     _set(mrandom, "_set_cuda_rng_state", lambda state, device=-1, graph_safe=False: torch.set_rng_state(state))
     _set(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
-    if not hasattr(moe_utils, "te_general_gemm"):
+    if not hasattr(moe_utils, "te_general_gemm"):  # as megatron_patches.apply() does, for jobs that only use GPAS
         _set(moe_utils, "te_general_gemm", None)
     _set(dist, "all_to_all_single", _all_to_all_single)
     _install_megatron_lm()

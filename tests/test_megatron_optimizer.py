@@ -68,6 +68,24 @@ def test_apply_remove_idempotent_and_reversible():
         OptimizerConfig(optimizer="adampower", gradpower_p=1.2)
 
 
+def test_apply_defines_te_general_gemm_without_transformer_engine():
+    """megatron-core 0.16.1's MoE router reads moe_utils.te_general_gemm, defined only with TE: apply() makes it
+    None (Megatron's own no-TE path), remove() takes it away again. Seen on a GPU without TE: NameError."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if moe_utils.HAVE_TE:
+        pytest.skip("TransformerEngine is installed: megatron-core defines te_general_gemm itself")
+    assert not hasattr(moe_utils, "te_general_gemm")  # (this test process has not installed the CPU shim)
+    megatron_patches.apply()
+    try:
+        assert moe_utils.te_general_gemm is None
+        out = moe_utils.router_gating_linear(torch.randn(3, 8), torch.randn(4, 8), None, torch.float32)
+        assert out.shape == (3, 4)
+    finally:
+        megatron_patches.remove()
+    assert not hasattr(moe_utils, "te_general_gemm")
+
+
 def test_config_fields(applied):
     config = OptimizerConfig(optimizer="adampower", lr=1e-3)
     assert (config.gradpower_p, config.gradpower_p_expert) == (1.2, None)

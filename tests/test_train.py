@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, launch_env
+from conftest import free_port, launch_env, run_launched
 from gradpower_ds import compare
 from gradpower_ds.metrics import MetricsLog, plot_curves, read_metrics
 from gradpower_ds.run_dir import SUMMARY_KEYS
@@ -31,7 +31,7 @@ def deepspeed_train(run_dir, *args, nproc=2, check=True):
     """Runs gradpower_ds.train under the deepspeed launcher; returns the CompletedProcess."""
     cmd = compare.launch_command(nproc, free_port(), ["--config", str(QUICKSTART), *TINY, "--run_dir", str(run_dir),
                                                       *map(str, args)])
-    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = run_launched(cmd, 600, env=launch_env(), cwd=ROOT)
     if check:
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return proc
