@@ -1,7 +1,8 @@
 """Build script: the Python packages plus the native CPU kernel (pybind11, OpenMP).
 
 The kernel's sources and flags live in gradpower_ds/ops/builder.py, shared with
-the just-in-time build; it is loaded here by path so that building needs
+the just-in-time build, and the tested DeepSpeed/megatron-core ranges (the extras)
+in gradpower_ds/versions.py; both are loaded here by path so that building needs
 neither torch nor the package itself.
 """
 
@@ -12,9 +13,18 @@ from pybind11.setup_helpers import build_ext
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("_gp_builder", ROOT / "gradpower_ds" / "ops" / "builder.py")
-builder = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(builder)
+
+
+def _load(name: str, path: Path):
+    """A module of the package loaded by path (no imports of the package or torch)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+builder = _load("_gp_builder", ROOT / "gradpower_ds" / "ops" / "builder.py")
+versions = _load("_gp_versions", ROOT / "gradpower_ds" / "versions.py")
 
 setup(
     name="gradpower-ds",
@@ -27,12 +37,14 @@ setup(
     package_data={"gradpower_ds": ["csrc/*.h", "csrc/*.cpp"]},
     ext_modules=[builder.extension()],
     cmdclass={"build_ext": build_ext},
-    # torch is pinned by requirements.txt (the CPU wheel on our machines); a range here
-    # keeps pip from replacing an installed torch with a CUDA build.
+    # Ranges, never pins: installing gradpower-ds keeps the torch, DeepSpeed and megatron-core a
+    # cluster image already has (any torch >= 2.4 satisfies this, so pip never replaces it, e.g. by
+    # a CUDA build); DeepSpeed and megatron-core are extras, each the tested range of versions.py.
+    # The test environments' exact pins are requirements-test*.txt.
     install_requires=["torch>=2.4", "numpy", "packaging", "tqdm", "matplotlib", "tensorboard"],
     extras_require={
-        "deepspeed": ["deepspeed==0.19.8"],
-        "megatron": ["megatron-core==0.16.1"],
+        "deepspeed": [versions.requirement("deepspeed")],
+        "megatron": [versions.requirement("megatron-core")],
     },
     zip_safe=False,
 )

@@ -1,8 +1,8 @@
 """DeepSpeed integration: ``"optimizer": {"type": "AdamPower", ...}`` in a DeepSpeed config.
 
 ``register()`` applies four thin, reversible changes to DeepSpeed (``PATCHES``, a
-``gradpower_ds.patching.PatchSet``; a DeepSpeed other than ``SUPPORTED_DEEPSPEED`` is
-refused with an error naming it), all listed in ``_patches()``:
+``gradpower_ds.patching.PatchSet``; a DeepSpeed outside ``SUPPORTED_DEEPSPEED``, the
+tested range, is refused with an error naming it), all listed in ``_patches()``:
 
 1. ``"adampower"`` and ``"adamwpower"`` join DeepSpeed's list of named optimizers,
    so the config lower-cases them like ``"Adam"`` and the engine accepts them;
@@ -11,16 +11,17 @@ refused with an error naming it), all listed in ``_patches()``:
 3. ``DeepSpeedEngine._configure_basic_optimizer`` builds our optimizer for those
    names and defers to DeepSpeed for every other one;
 4. ZeRO-3's universal-checkpoint load is followed, for our optimizers, by a repair
-   of two DeepSpeed 0.19.8 defects that appear with more than one sub-group (see
-   ``_repair_zero3_universal_load``).
+   of two DeepSpeed defects (0.18.0 through 0.19.8) that appear with more than one
+   sub-group (see ``_repair_zero3_universal_load``).
 
 Where DeepSpeed would build its own CPU Adam (``offload_optimizer`` to the CPU, or
 a CPU accelerator) the native ``CPUAdamPower`` kernel is built; elsewhere the
 torch ``AdamPower``. DeepSpeed features that step only with DeepSpeed's own Adam
 (partial offload, SuperOffload, ZenFlow, fp16/bf16 master weights, bf16 optimizer
-states) are refused inside ``deepspeed.initialize`` with an error naming the setting
-and what to use instead (``_unsupported_features``). Importing ``gradpower_ds``
-patches nothing; ``unregister()`` undoes all four changes.
+states), and universal checkpoints on DeepSpeed before 0.18.0, are refused inside
+``deepspeed.initialize`` with an error naming the setting and what to use instead
+(``_unsupported_features``). Importing ``gradpower_ds`` patches nothing;
+``unregister()`` undoes all four changes.
 """
 from __future__ import annotations
 
@@ -33,17 +34,23 @@ from .adam_power import AdamPower
 from .cpu_adam_power import CPUAdamPower
 from .hyperparams import ADAM_POWER_DEFAULTS, check_power
 from .patching import Extend, Package, PatchSet, UnsupportedVersionError, Wrap
+from .versions import TESTED
 
-DEEPSPEED = Package("DeepSpeed", module="deepspeed", dist="deepspeed", oldest="0.19.8", newest="0.19.8")
+DEEPSPEED = Package("DeepSpeed", "deepspeed", "deepspeed", *TESTED["deepspeed"])
 SUPPORTED_DEEPSPEED = DEEPSPEED.supported
 OPTIMIZER_NAMES = ("adampower", "adamwpower")
+UNIVERSAL_CHECKPOINTS_FROM = "0.18.0"  # the first DeepSpeed whose universal checkpoints hold for AdamPower
+# ZeRO-3 on the CPU accelerator (gloo): before 0.19.8 its coalesced parameter all-gather waits only for the last of
+# its async gathers, so params can be read half-gathered (DeepSpeed PR #8539): wrong results, NaN at times, whatever
+# the optimizer. NCCL (GPUs) orders the gathers and is unaffected.
+ZERO3_ON_CPU_FIXED_IN = "0.19.8"
 ACCEPTED_PARAMS = tuple(ADAM_POWER_DEFAULTS) + ("expert_power", "fused")
 
 _log = logging.getLogger(__name__)
 
 
 UNREGISTERED_ERROR = re.compile(r"\b(adamw?power) is not a supported DeepSpeed Optimizer", re.IGNORECASE)
-"""DeepSpeed 0.19.8's AssertionError for a config naming our optimizer in a process where register() did not run."""
+"""DeepSpeed's AssertionError (0.16.0 through 0.19.8) for a config naming our optimizer in a process where register() did not run."""
 UNREGISTERED_HINT = (
     "gradpower_ds: DeepSpeed knows \"type\": \"AdamPower\" / \"AdamWPower\" only in a process that called "
     "gradpower_ds.deepspeed.register() before deepspeed.initialize. Add `import gradpower_ds.deepspeed; "
@@ -153,7 +160,15 @@ def _build_for_engine(engine, name: str, model_parameters):
                          + "\n".join(f"- {problem}" for problem in problems))
     from deepspeed.accelerator import get_accelerator
 
-    use_cpu_kernel = engine.zero_use_cpu_optimizer() or get_accelerator().device_name() == "cpu"
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu and engine.zero_optimization_stage() == 3 and engine.global_rank == 0 and \
+            not DEEPSPEED.installed_at_least(ZERO3_ON_CPU_FIXED_IN):
+        _log.warning("gradpower_ds: ZeRO-3 on DeepSpeed's CPU accelerator with DeepSpeed %s: before %s its parameter "
+                     "all-gather can read parameters gloo has not finished gathering (DeepSpeed PR #8539), which "
+                     "makes runs nondeterministically wrong (NaN at times) with any optimizer; install "
+                     "deepspeed>=%s for ZeRO-3 without GPUs", DEEPSPEED.installed(), ZERO3_ON_CPU_FIXED_IN,
+                     ZERO3_ON_CPU_FIXED_IN)
+    use_cpu_kernel = engine.zero_use_cpu_optimizer() or on_cpu
     optimizer = build_optimizer(name, engine.optimizer_params(), model_parameters, use_cpu_kernel)
     if engine.global_rank == 0:
         powers = sorted({g["power"] for g in optimizer.param_groups})
@@ -201,6 +216,14 @@ def _unsupported_features(engine) -> list[str]:
             "processes that build DeepSpeed's own DeepSpeedCPUAdam (and needs a CUDA GPU): remove \"super_offload\" "
             "(ZeRO-3 \"offload_optimizer\": {\"device\": \"cpu\"} steps CPUAdamPower on the CPU), or use DeepSpeed's "
             "\"type\": \"AdamW\" for SuperOffload")
+    if _engine_setting(engine, "load_universal_checkpoint", False) and not DEEPSPEED.installed_at_least(
+            UNIVERSAL_CHECKPOINTS_FROM):
+        problems.append(
+            f"loading a universal checkpoint (\"checkpoint\": {{\"load_universal\": true}}) with AdamPower needs "
+            f"DeepSpeed {UNIVERSAL_CHECKPOINTS_FROM} or newer (this is {DEEPSPEED.installed()}: its ds_to_universal "
+            "fails for ZeRO-3 with several sub-groups, fixed in 0.18.0 by DeepSpeed PR #7585, and 0.16.0's ZeRO-1/2 "
+            "universal load loses the fp32 master weights): install deepspeed>=0.18.0, or resume from the regular "
+            "checkpoint on the same number of ranks")
     ratio = _engine_setting(engine, "zero_partial_offload", 1.0)
     if engine.zero_use_cpu_optimizer() and ratio < 1.0:
         problems.append(
@@ -224,7 +247,7 @@ def _load_universal_and_repair(original):
 
 
 def _repair_zero3_universal_load(zero_optimizer, checkpoint_dir: str) -> None:
-    """Repairs DeepSpeed 0.19.8's ZeRO-3 universal-checkpoint load for AdamPower/CPUAdamPower.
+    """Repairs DeepSpeed's ZeRO-3 universal-checkpoint load (0.18.0 through 0.19.8) for AdamPower/CPUAdamPower.
 
     With more than one sub-group (several param groups, or ``sub_group_size``)
     DeepSpeed (a) puts one and the same ``step`` tensor into every sub-group's
@@ -288,7 +311,7 @@ def is_registered() -> bool:
 
 
 __all__ = [
-    "ACCEPTED_PARAMS", "OPTIMIZER_NAMES", "PATCHES", "SUPPORTED_DEEPSPEED", "UNREGISTERED_HINT",
+    "ACCEPTED_PARAMS", "DEEPSPEED", "OPTIMIZER_NAMES", "PATCHES", "SUPPORTED_DEEPSPEED", "UNREGISTERED_HINT",
     "UnsupportedDeepSpeedError", "build_optimizer", "explain_unregistered", "is_registered", "optimizer_kwargs",
     "register", "unregister",
 ]

@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 from packaging.version import Version
 
+from .versions import requirement_for
+
 ALLOW_UNTESTED = "GRADPOWER_ALLOW_UNTESTED"  # =1: patch a version outside the tested range, with a warning
 
 _log = logging.getLogger(__name__)
@@ -54,12 +56,15 @@ class Package:
     @property
     def requirement(self) -> str:
         """The pip requirement for the tested range."""
-        return f"{self.dist}=={self.oldest}" if self.oldest == self.newest else \
-            f"{self.dist}>={self.oldest},<={self.newest}"
+        return requirement_for(self.dist, self.oldest, self.newest)
 
     def installed(self) -> str:
         """The installed version (``module.__version__``)."""
         return importlib.import_module(self.module).__version__
+
+    def installed_at_least(self, version: str) -> bool:
+        """Whether the installed version is `version` or newer: the test of a feature's first version."""
+        return Version(Version(self.installed()).base_version) >= Version(version)
 
     def is_tested(self, version: str) -> bool:
         """Whether `version` lies in the tested range (local build tags such as +cu130 ignored)."""

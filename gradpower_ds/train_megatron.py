@@ -259,10 +259,14 @@ def unwrap(model):
 def sharded_state(model, optimizer, scheduler, step: int, loading: bool, train_seconds: float = 0.0) -> dict:
     """The state dict dist_checkpointing saves and loads: model and optimizer shards plus plain run state (the
     iteration, and the training seconds so far for the run's tokens/s)."""
+    from megatron_patches import MEGATRON_CORE
+
+    # "dp_reshardable" (megatron-core 0.15.0 on) reshards by data-parallel size; before it, the model-space format
+    sharding = "dp_reshardable" if MEGATRON_CORE.installed_at_least("0.15.0") else "fully_sharded_model_space"
     model_state = unwrap(model).sharded_state_dict()
     return {"model": model_state,
             "optimizer": optimizer.sharded_state_dict(model_state, is_loading=loading,
-                                                      metadata={"distrib_optim_sharding_type": "dp_reshardable"}),
+                                                      metadata={"distrib_optim_sharding_type": sharding}),
             "scheduler": scheduler.state_dict(), "iteration": step, "train_seconds": train_seconds}
 
 

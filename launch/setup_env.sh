@@ -1,25 +1,28 @@
-#!/usr/bin/env bash
-# Sourced by tests/run.sh and launch/quickstart.sh (from the repository root): creates .venv if
+# Sourced by tests/run.sh and launch/quickstart.sh (from the repository root): creates the venv if
 # missing, installs the pinned stack and this package (building the native kernel), activates it.
 # The installs are skipped when nothing they depend on changed since the last successful one
-# (stamp: .venv/.gradpower-setup); set PYTHON to choose the interpreter (default python3, 3.11).
+# (stamp: $VENV/.gradpower-setup); set PYTHON to choose the interpreter (default python3, 3.11).
+# VENV (default .venv) and REQUIREMENTS (default requirements-test.txt, the newest pins) choose
+# the environment: tests/run.sh also builds .venv-oldest from requirements-test-oldest.txt.
 
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+VENV=${VENV:-.venv}
+REQUIREMENTS=${REQUIREMENTS:-requirements-test.txt}
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 # shellcheck disable=SC1091
-. .venv/bin/activate
+. "$VENV/bin/activate"
 # DeepSpeed JIT-builds its ops (CPU all-reduce, Adam) on first use: one cache per venv, so venvs
 # and ninja versions do not keep rebuilding each other's (see launch/README.md).
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
+export TORCH_EXTENSIONS_DIR=$PWD/$VENV/torch_extensions
 
-stamp=$(cat requirements.txt setup.py gradpower_ds/ops/builder.py gradpower_ds/csrc/* | sha256sum | cut -d' ' -f1)
-if [ "$(cat .venv/.gradpower-setup 2>/dev/null)" != "$stamp" ]; then
+stamp=$(cat "$REQUIREMENTS" setup.py gradpower_ds/ops/builder.py gradpower_ds/csrc/* | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$VENV/.gradpower-setup" 2>/dev/null)" != "$stamp" ]; then
     export PIP_DISABLE_PIP_VERSION_CHECK=1
     python -m pip install -q --upgrade pip setuptools wheel
     # torch first (the CPU wheel on this machine's disk), so nothing below pulls a CUDA build;
     # deepspeed builds against it, hence --no-build-isolation.
     python -m pip install -q "torch==2.13.0"
-    python -m pip install -q --no-build-isolation -r requirements.txt
+    python -m pip install -q --no-build-isolation -r "$REQUIREMENTS"
     python -m pip install -q -e .
-    echo "$stamp" > .venv/.gradpower-setup
+    echo "$stamp" > "$VENV/.gradpower-setup"
 fi

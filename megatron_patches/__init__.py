@@ -1,10 +1,10 @@
 """Megatron-core integration of AdamPower: ``OptimizerConfig(optimizer="adampower", gradpower_p=1.2)``.
 
-``apply()`` makes thin, reversible patches to megatron-core (the version in
+``apply()`` makes thin, reversible patches to megatron-core (a version in the tested range
 ``SUPPORTED_MEGATRON_CORE``; any other is refused with an error naming it), all
 listed in ``megatron_patches.patches``, one module per patched area:
 ``megatron_patches.optimizer`` (AdamPower; see its docstring for the design),
-``megatron_patches.checkpoint`` (two fixes to the DistributedOptimizer's
+``megatron_patches.checkpoint`` (fixes to the DistributedOptimizer's
 checkpoints with torch's Adam, when TE/apex are absent) and, where Megatron-LM is
 importable, ``megatron_patches.arguments``; ``remove()`` undoes them; both are
 idempotent. Importing this package patches nothing.
@@ -26,7 +26,7 @@ gates into the model its provider builds).
 from __future__ import annotations
 
 from .gpas import GPASUnsupportedError, apply_gpas, remove_gpas
-from .patches import PATCHES, SUPPORTED_MEGATRON_CORE, UnsupportedMegatronError
+from .patches import MEGATRON_CORE, PATCHES, SUPPORTED_MEGATRON_CORE, UnsupportedMegatronError
 
 
 def apply() -> None:
@@ -48,5 +48,5 @@ def is_applied() -> bool:
     return PATCHES.is_applied()
 
 
-__all__ = ["GPASUnsupportedError", "PATCHES", "SUPPORTED_MEGATRON_CORE", "UnsupportedMegatronError", "apply",
+__all__ = ["GPASUnsupportedError", "MEGATRON_CORE", "PATCHES", "SUPPORTED_MEGATRON_CORE", "UnsupportedMegatronError", "apply",
            "apply_gpas", "is_applied", "remove", "remove_gpas"]

@@ -228,7 +228,8 @@ def optimizer_config_with_adampower(original):
 
 
 def megatron_lm_patches() -> list:
-    """The Megatron-LM patches (``Wrap``s) where Megatron-LM is importable; empty where it is not."""
+    """The Megatron-LM patches (``Wrap``s) where Megatron-LM is importable; empty where it is not. LookupError,
+    saying what to install, where Megatron-LM lacks a function they patch (an older Megatron-LM)."""
     patches = []
     for module_name, name, factory in (
             ("megatron.training.arguments", "_add_training_args", add_training_args_with_adampower),
@@ -237,10 +238,13 @@ def megatron_lm_patches() -> list:
             module = importlib.import_module(module_name)
         except ImportError:
             continue
-        if hasattr(module, name):
-            patches.append(Wrap(module, name, factory))
-        else:
-            _log.warning("megatron_patches: %s has no %s; not patched", module_name, name)
+        if not hasattr(module, name):  # get_megatron_optimizer_config: Megatron-LM core_v0.16.0 on
+            raise LookupError(
+                f"megatron_patches: this Megatron-LM's {module_name} has no {name} (Megatron-LM core_v0.16.0 on), "
+                "where --gradpower-p/--gradpower-p-expert reach the optimizer config; without it they would be "
+                "ignored. Use Megatron-LM core_v0.16.0 or newer (megatron-core alone, without Megatron-LM's "
+                "training loop, works from 0.13.0: OptimizerConfig(optimizer='adampower', gradpower_p=...))")
+        patches.append(Wrap(module, name, factory))
     return patches
 
 

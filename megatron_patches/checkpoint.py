@@ -1,4 +1,4 @@
-"""Two fixes for megatron-core's DistributedOptimizer checkpoints with torch's Adam (no TransformerEngine/apex).
+"""Fixes for megatron-core's DistributedOptimizer checkpoints with torch's Adam (no TransformerEngine/apex).
 
 Without TE or apex, megatron-core (``megatron_patches.SUPPORTED_MEGATRON_CORE``) runs torch's
 AdamW inside its DistributedOptimizer, and two of its checkpoint paths then go wrong:
@@ -16,7 +16,12 @@ AdamW inside its DistributedOptimizer, and two of its checkpoint paths then go w
    one. The wrapper sets every param's step, as its own tensor, to the step the checkpoint's param
    groups hold (what Megatron saved from torch's state).
 
-Both wrappers do nothing when TE or apex provides the Adam (then Megatron keeps the step in the param
+3. (megatron-core before 0.15.0) its parameter-state loads copy every key of a torch Adam param
+   state from the checkpoint's tensors, which never hold ``step`` (``KeyError: 'step'``, with or
+   without fix 1: its ``load_state_dict`` puts a step into every state first). The wrapper of
+   ``_set_main_param_and_optimizer_states`` copies the others and leaves the step to fix 2.
+
+The wrappers do nothing when TE or apex provides the Adam (then Megatron keeps the step in the param
 groups). They matter to any optimizer Megatron builds this way, Adam and AdamPower alike; they are
 installed by ``megatron_patches.apply()`` (listed in ``megatron_patches.patches``) and removed by
 ``remove()``.
@@ -72,3 +77,24 @@ def load_state_dict_with_own_steps(original):
         return result
 
     return load_state_dict
+
+
+def set_param_state_keeping_step(original):
+    """DistributedOptimizer._set_main_param_and_optimizer_states that leaves a torch Adam param's step alone when
+    the loaded tensors hold none (fix 3, megatron-core before 0.15.0)."""
+
+    @functools.wraps(original)
+    def set_states(self, model_param, tensors):
+        inner = _torch_adam(self)
+        if inner is None or "step" in tensors:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = inner.state[inner.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None)
+        try:
+            return original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    return set_states

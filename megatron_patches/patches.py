@@ -1,8 +1,9 @@
 """Everything ``megatron_patches.apply()`` changes in megatron-core (and Megatron-LM), in one list.
 
-``PATCHES`` is a ``gradpower_ds.patching.PatchSet``: a megatron-core other than
-``SUPPORTED_MEGATRON_CORE`` is refused with ``UnsupportedMegatronError`` naming it; every
-patch is undone by ``remove()``. What each patch does is documented where its wrapper
+``PATCHES`` is a ``gradpower_ds.patching.PatchSet``: a megatron-core outside
+``SUPPORTED_MEGATRON_CORE`` (the tested range) is refused with ``UnsupportedMegatronError``
+naming it. Where an internal differs between supported versions, the list holds one adapter
+for it with the version named beside it. Every patch is undone by ``remove()``. What each patch does is documented where its wrapper
 lives: ``megatron_patches.optimizer`` (AdamPower), ``megatron_patches.checkpoint`` (the
 DistributedOptimizer's checkpoints with torch's Adam), ``megatron_patches.arguments``
 (Megatron-LM's ``--optimizer`` and optimizer config, only where Megatron-LM is importable).
@@ -11,9 +12,9 @@ DistributedOptimizer's checkpoints with torch's Adam), ``megatron_patches.argume
 from __future__ import annotations
 
 from gradpower_ds.patching import Add, Package, PatchSet, UnsupportedVersionError, Wrap
+from gradpower_ds.versions import TESTED
 
-MEGATRON_CORE = Package("megatron-core", module="megatron.core", dist="megatron-core", oldest="0.16.1",
-                        newest="0.16.1")
+MEGATRON_CORE = Package("megatron-core", "megatron.core", "megatron-core", *TESTED["megatron-core"])
 SUPPORTED_MEGATRON_CORE = MEGATRON_CORE.supported
 
 
@@ -26,24 +27,34 @@ def _patches() -> list:
     import megatron.core.optimizer as mcore_optimizer
     from megatron.core.transformer.moe import moe_utils
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatron.core.optimizer.optimizer_config import AdamOptimizerConfig, OptimizerConfig
+    from megatron.core.optimizer import optimizer_config
+    from megatron.core.optimizer.optimizer_config import OptimizerConfig
 
     from . import arguments, checkpoint, optimizer
 
+    try:
+        megatron_lm = arguments.megatron_lm_patches()
+    except LookupError as exc:
+        raise UnsupportedMegatronError(str(exc)) from exc
+
+    # AdamOptimizerConfig, the subclass Megatron-LM builds for "adam": megatron-core 0.16.0 on
+    adam_config = getattr(optimizer_config, "AdamOptimizerConfig", OptimizerConfig)
     return [
         # OptimizerConfig(optimizer="adampower", gradpower_p=..., gradpower_p_expert=...)
         *(Add(OptimizerConfig, name, default) for name, default in optimizer.FIELDS.items()),
         Wrap(OptimizerConfig, "__init__", optimizer.config_init),
-        Wrap(AdamOptimizerConfig, "__init__", optimizer.config_init),
+        *([] if adam_config is OptimizerConfig else [Wrap(adam_config, "__init__", optimizer.config_init)]),
         Wrap(OptimizerConfig, "__post_init__", optimizer.config_post_init),
         # get_megatron_optimizer builds AdamPower for it, per chained optimizer (dense, expert)
         Wrap(mcore_optimizer, "_get_megatron_optimizer_based_on_param_groups", optimizer.build_with_power),
         # the DistributedOptimizer's checkpoints with torch's Adam (no TE/apex)
         Wrap(DistributedOptimizer, "state_dict", checkpoint.state_dict_with_initial_state),
         Wrap(DistributedOptimizer, "load_state_dict", checkpoint.load_state_dict_with_own_steps),
+        *([] if MEGATRON_CORE.installed_at_least("0.15.0") else
+          [Wrap(DistributedOptimizer, "_set_main_param_and_optimizer_states", checkpoint.set_param_state_keeping_step)]),
         # Megatron-LM, where importable: --optimizer adampower and its optimizer config
-        *arguments.megatron_lm_patches(),
-        # megatron-core 0.16.1's MoE router names te_general_gemm, defined only when TransformerEngine imports:
+        *megatron_lm,
+        # megatron-core's MoE router (0.13.0 through 0.16.1) names te_general_gemm, defined only when TE imports:
         # without TE every MoE forward fails with NameError. None is the no-TE path its code checks for.
         *([] if hasattr(moe_utils, "te_general_gemm") else [Add(moe_utils, "te_general_gemm", None)]),
     ]

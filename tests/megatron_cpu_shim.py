@@ -1,4 +1,4 @@
-"""Test-only shim: runs megatron-core 0.16.1 on a CPU-only torch with the gloo backend.
+"""Test-only shim: runs megatron-core (the tested range, 0.13.0 through 0.16.1) on a CPU-only torch with the gloo backend.
 
 megatron-core assumes CUDA in many places that a CPU run reaches: ``device='cuda'``
 and ``torch.cuda.current_device()`` tensors (optimizer, grad scaler, clip_grads,
@@ -49,7 +49,6 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-SUPPORTED_MEGATRON_CORE = "0.16.1"
 _state: dict = {}  # "mode" -> the active mode; (owner, name) -> original attribute
 
 
@@ -201,15 +200,17 @@ def _install_megatron_lm() -> None:
 
 
 def install() -> None:
-    """Lets megatron-core 0.16.1 run on the CPU (idempotent); raises RuntimeError for other versions."""
+    """Lets megatron-core run on the CPU (idempotent); raises RuntimeError outside the tested range."""
     if _state:
         return
     import megatron.core
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer.moe import moe_utils
 
-    if megatron.core.__version__ != SUPPORTED_MEGATRON_CORE:
-        raise RuntimeError(f"tests/megatron_cpu_shim.py was written for megatron-core {SUPPORTED_MEGATRON_CORE}, "
+    from megatron_patches import MEGATRON_CORE
+
+    if not MEGATRON_CORE.is_tested(megatron.core.__version__):
+        raise RuntimeError(f"tests/megatron_cpu_shim.py was written for megatron-core {MEGATRON_CORE.supported}, "
                            f"but {megatron.core.__version__} is installed; re-check which CUDA assumptions it "
                            "must paper over before using it with this version")
     stream = _FakeStream()

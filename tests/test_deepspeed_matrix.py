@@ -43,10 +43,11 @@ def results(tmp_path_factory):
 
 
 @functools.cache
-def reference(dtype: str, power: float, stage0: bool, world: int = 2) -> dict:
-    # DeepSpeed's stage-0 fp16/bf16 wrappers sum gradients in the low precision and take one
-    # all-zero-gradient step when they initialise the optimizer; the reference does the same.
-    low_stage0 = stage0 and dtype != "fp32"
+def reference(dtype: str, power: float, stage0: bool, world: int = 2, wrapper: str = "") -> dict:
+    # DeepSpeed's stage-0 fp16/bf16 wrappers (FP16_Optimizer, FP16_UnfusedOptimizer) sum gradients in the low
+    # precision and take one all-zero-gradient step when they initialise the optimizer; the reference does the
+    # same. Some DeepSpeed versions (0.16.0; not 0.19.8) wrap stage-0 bf16 in BF16_Optimizer, which does neither.
+    low_stage0 = stage0 and dtype != "fp32" and wrapper != "BF16_Optimizer"
     return ds_toy.reference_run(ds_toy.MATRIX_STEPS, dtype, world=world, accumulate=dtype if low_stage0 else "fp32",
                                 zero_grad_step=low_stage0, power=power, **ds_toy.LR_WD)
 
@@ -72,12 +73,13 @@ def update_rel_error(got: dict, want: dict) -> float:
 def check_case(results: dict, case: tuple, world: int, ours_class: str, adamw_class: str) -> None:
     """One matrix case of a ds_matrix.py job on `world` ranks against the reference and DeepSpeed's AdamW."""
     stage, dtype, offload, _ = case
+    ds_toy.skip_zero3_where_deepspeed_races(stage)
     name = ds_toy.case_name(*case)
     ours, ours_p1, adamw = (results[(name, label)] for label in ("power1.2", "power1", "ds_adamw"))
     assert ours["optimizer"] == ours_p1["optimizer"] == ours_class
     assert adamw["optimizer"] == adamw_class
 
-    want = reference(dtype, 1.2, stage == 0, world)
+    want = reference(dtype, 1.2, stage == 0, world, ours["wrapper"])
     if dtype == "fp32":
         assert tensor_rel_error(ours["params"], want) <= FP32_TOL
         assert tensor_rel_error(ours_p1["params"], reference(dtype, 1.0, stage == 0, world)) <= FP32_TOL

@@ -53,10 +53,12 @@ def test_register_is_idempotent_and_reversible():
 def test_unsupported_deepspeed_version_is_named(monkeypatch):
     import deepspeed
 
-    monkeypatch.setattr(deepspeed, "__version__", "0.18.2")
-    with pytest.raises(gds.UnsupportedDeepSpeedError, match=r"supports DeepSpeed 0\.19\.8 only.*0\.18\.2"):
-        gds.register()
-    assert not gds.is_registered()
+    for outside in ("0.15.4", "0.20.0"):
+        monkeypatch.setattr(deepspeed, "__version__", outside)
+        with pytest.raises(gds.UnsupportedDeepSpeedError, match=r"supports DeepSpeed 0\.16\.0 through 0\.19\.8 \(.*"
+                           rf"{outside} is installed: pip install \"deepspeed>=0\.16\.0,<=0\.19\.8\""):
+            gds.register()
+        assert not gds.is_registered()
 
 
 def test_optimizer_kwargs():
@@ -116,7 +118,23 @@ def test_deepspeed_initialize_with_adam_power_configs(config_checks):
     assert r["bad_power"]["error"] == "ValueError" and "invalid power=0:" in r["bad_power"]["message"]
     assert r["bad_expert_power"]["error"] == "ValueError" and "expert_power" in r["bad_expert_power"]["message"]
     assert r["adamw_l2_conflict"]["error"] == "ValueError"
-    assert "bf16_optimizer_states" in r["bf16_optimizer_states"]["message"]
+    if r["features"]["bf16_optimizer_states"]:  # at stage 0 DeepSpeed refuses it itself (stage 2: ours, below)
+        assert "bf16_optimizer_states" in r["bf16_optimizer_states"]["message"]
+    else:  # an older DeepSpeed ignores the key
+        assert r["bf16_optimizer_states"]["optimizer"] == "CPUAdamPower"
+
+
+def assert_refused_where_deepspeed_has_it(r: dict, check: str, feature: str, named: str) -> None:
+    """Check `check` of the config-check job: refused by us, naming `named`, where this DeepSpeed has `feature`;
+    where it lacks it (older DeepSpeed), DeepSpeed's config validation refuses the key or ignores it (ours built)."""
+    if r["features"][feature]:
+        assert r[check]["error"] == "ValueError", (check, r[check])
+        assert r[check]["message"].startswith("DeepSpeed optimizer 'adampower': " + named) or \
+            "cannot run with" in r[check]["message"] and named in r[check]["message"], (check, r[check]["message"])
+    else:
+        assert r[check].get("optimizer") == "CPUAdamPower" or (
+            r[check]["error"] == "ValidationError" and "Extra inputs are not permitted" in r[check]["message"]), \
+            (check, r[check])
 
 
 class _Engine:
@@ -176,27 +194,56 @@ def test_features_refused_all_at_once_and_only_where_deepspeed_uses_them():
         assert type(optimizer).__name__ == "CPUAdamPower" and optimizer.param_groups[0]["power"] == 1.1
 
 
+def test_universal_checkpoints_refused_before_deepspeed_0_18(monkeypatch):
+    """DeepSpeed < 0.18.0 cannot convert (ZeRO-3, several sub-groups) or load (0.16.0, ZeRO-1/2) universal
+    checkpoints correctly: loading one with AdamPower is refused there, naming the version that has it."""
+    import deepspeed
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    monkeypatch.setattr(deepspeed, "__version__", "0.17.6")
+    with pytest.raises(ValueError, match=r'loading a universal checkpoint \("checkpoint": \{"load_universal": true\}\) '
+                                         r"with AdamPower needs DeepSpeed 0\.18\.0 or newer \(this is 0\.17\.6.*"
+                                         r"install deepspeed>=0\.18\.0, or resume from the regular checkpoint"):
+        gds._build_for_engine(_Engine(load_universal_checkpoint=True), "adampower", params)
+    assert type(gds._build_for_engine(_Engine(load_universal_checkpoint=False), "adampower", params)).__name__ \
+        == "CPUAdamPower"
+    monkeypatch.setattr(deepspeed, "__version__", "0.18.0")
+    assert type(gds._build_for_engine(_Engine(load_universal_checkpoint=True), "adampower", params)).__name__ \
+        == "CPUAdamPower"
+
+
 @pytest.mark.slow
 def test_deepspeed_initialize_refuses_features_needing_deepspeeds_adam(config_checks):
     """The same refusals from inside deepspeed.initialize, before DeepSpeed's own assert / TypeError (or, for
     ZenFlow with overlap_step, a run that ignores AdamPower's power)."""
     r = config_checks
-    prefix = "DeepSpeed optimizer 'adampower': "
-    expected = {
-        "partial_offload": 'partial optimizer offload ("zero_optimization": {"offload_optimizer": {"ratio": 0.5}})',
-        "super_offload": 'SuperOffload ("zero_optimization": {"offload_optimizer": {"super_offload": true}})',
-        "zenflow": 'ZenFlow ("zero_optimization": {"zenflow": ...})',
-        "zenflow_overlap_step": 'ZenFlow ("zero_optimization": {"zenflow": ...})',
-        "bf16_master_weights": '"bf16": {"bf16_master_weights_and_grads": true}',
-        "bf16_master_weights_zero3": '"bf16": {"bf16_master_weights_and_grads": true}',
-        "fp16_master_weights": '"fp16": {"fp16_master_weights_and_grads": true}',
+    expected = {  # check -> (the feature as the job names it, what our error names)
+        "partial_offload": ("partial_offload",
+                            'partial optimizer offload ("zero_optimization": {"offload_optimizer": {"ratio": 0.5}})'),
+        "super_offload": ("super_offload",
+                          'SuperOffload ("zero_optimization": {"offload_optimizer": {"super_offload": true}})'),
+        "zenflow": ("zenflow", 'ZenFlow ("zero_optimization": {"zenflow": ...})'),
+        "zenflow_overlap_step": ("zenflow", 'ZenFlow ("zero_optimization": {"zenflow": ...})'),
+        "bf16_master_weights": ("bf16_master_weights_and_gradients", '"bf16": {"bf16_master_weights_and_grads": true}'),
+        "bf16_master_weights_zero3": ("bf16_master_weights_and_gradients",
+                                      '"bf16": {"bf16_master_weights_and_grads": true}'),
+        "fp16_master_weights": ("fp16_master_weights_and_gradients", '"fp16": {"fp16_master_weights_and_grads": true}'),
     }
-    for check, feature in expected.items():
-        assert r[check]["error"] == "ValueError", (check, r[check])
-        assert r[check]["message"].startswith(prefix + feature), (check, r[check]["message"])
-        assert "or use DeepSpeed's \"type\": \"AdamW\"" in r[check]["message"], check
-    assert '"ratio": 1.0, CPUAdamPower on the CPU' in r["partial_offload"]["message"]
+    for check, (feature, named) in expected.items():
+        assert_refused_where_deepspeed_has_it(r, check, feature, named)
+        if r["features"][feature]:
+            assert "or use DeepSpeed's \"type\": \"AdamW\"" in r[check]["message"], check
+    if r["features"]["partial_offload"]:
+        assert '"ratio": 1.0, CPUAdamPower on the CPU' in r["partial_offload"]["message"]
     states = r["bf16_optimizer_states_zero2"]
-    assert states["error"] == "ValueError" and "cannot run with 2 settings" in states["message"]
-    assert '"bf16_optimizer_states": true' in states["message"]
-    assert r["full_offload_ratio"]["optimizer"] == r["super_offload_zero2"]["optimizer"] == "CPUAdamPower"
+    if r["features"]["bf16_optimizer_states"] and r["features"]["bf16_master_weights_and_gradients"]:
+        assert states["error"] == "ValueError" and "cannot run with 2 settings" in states["message"]
+        assert '"bf16_optimizer_states": true' in states["message"]
+    else:
+        assert_refused_where_deepspeed_has_it(r, "bf16_optimizer_states_zero2", "bf16_master_weights_and_gradients",
+                                              '"bf16": {"bf16_master_weights_and_grads": true}')
+    assert r["full_offload_ratio"]["optimizer"] == "CPUAdamPower"
+    if r["features"]["super_offload"]:
+        assert r["super_offload_zero2"]["optimizer"] == "CPUAdamPower"
+    if gds.DEEPSPEED.installed() == gds.DEEPSPEED.newest:  # the newest tested DeepSpeed has all: none goes untested
+        assert all(r["features"].values()), r["features"]

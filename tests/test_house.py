@@ -183,6 +183,27 @@ def test_tested_range_includes_both_ends(thing, version, tested):
             patches.check_version()
 
 
+@pytest.mark.parametrize("version, at_least", [("0.17.6", False), ("0.18.0", True), ("0.18.0+cu130", True),
+                                               ("0.19.8", True)])
+def test_installed_at_least_names_a_features_first_version(thing, version, at_least):
+    thing.__version__ = version
+    assert _set([]).package.installed_at_least("0.18.0") is at_least
+
+
+def test_extras_are_the_tested_ranges():
+    """setup.py's extras and the patch sets' checks come from gradpower_ds/versions.py: one range each."""
+    from gradpower_ds import versions
+    from gradpower_ds.deepspeed import DEEPSPEED
+    from megatron_patches import MEGATRON_CORE
+
+    for package in (DEEPSPEED, MEGATRON_CORE):
+        assert (package.oldest, package.newest) == versions.TESTED[package.dist]
+        assert package.requirement == versions.requirement(package.dist)
+    assert versions.requirement("deepspeed") == "deepspeed>=0.16.0,<=0.19.8"
+    setup_py = (Path(__file__).parent.parent / "setup.py").read_text()
+    assert 'versions.requirement("deepspeed")' in setup_py and 'versions.requirement("megatron-core")' in setup_py
+
+
 def test_allow_untested_patches_with_one_warning(thing, monkeypatch, caplog):
     registry = []
     patches = _set([Extend(registry, ("x",), "registry")])

@@ -170,7 +170,11 @@ def _fake_megatron_training(monkeypatch):
     """Stand-ins for megatron.training.arguments / .training, as in Megatron-LM core_v0.16.1 at the patched points."""
     import dataclasses
 
-    from megatron.core.optimizer import AdamOptimizerConfig, SGDOptimizerConfig
+    from megatron.core.optimizer import OptimizerConfig, optimizer_config
+
+    # the subclasses Megatron-LM core_v0.16 builds (megatron-core 0.16.0 on); OptimizerConfig itself before
+    AdamOptimizerConfig = getattr(optimizer_config, "AdamOptimizerConfig", OptimizerConfig)
+    SGDOptimizerConfig = getattr(optimizer_config, "SGDOptimizerConfig", OptimizerConfig)
 
     fake_arguments = types.ModuleType("megatron.training.arguments")
 
@@ -250,6 +254,21 @@ def test_apply_patches_megatron_lm_optimizer_choices_and_remove_restores(fake_me
         fake_arguments._add_training_args(argparse.ArgumentParser()).parse_args(["--optimizer", "adampower"])
 
 
+def test_megatron_lm_before_core_v0_16_is_refused_not_ignored(fake_megatron_lm, monkeypatch):
+    """Megatron-LM before core_v0.16.0 has no get_megatron_optimizer_config: --gradpower-p could not reach the
+    optimizer config, so apply() refuses it (naming the version) and patches nothing."""
+    import megatron_patches
+
+    fake_arguments, fake_training = fake_megatron_lm
+    original_add = fake_arguments._add_training_args
+    monkeypatch.delattr(fake_training, "get_megatron_optimizer_config")
+    with pytest.raises(megatron_patches.UnsupportedMegatronError,
+                       match=r"megatron\.training\.training has no get_megatron_optimizer_config \(Megatron-LM "
+                             r"core_v0\.16\.0 on\).*would be ignored\. Use Megatron-LM core_v0\.16\.0 or newer"):
+        megatron_patches.apply()
+    assert not megatron_patches.is_applied() and fake_arguments._add_training_args is original_add
+
+
 def test_with_extra_args_chains_the_scripts_provider():
     seen = {}
 
@@ -312,8 +331,10 @@ def test_split_path():
 FAKE_TRAINING = '''
 """Stand-in for megatron/training/training.py: pretrain parses twice, builds the model and the optimizer config."""
 import dataclasses, json
-from megatron.core.optimizer import AdamOptimizerConfig
+from megatron.core.optimizer import OptimizerConfig, optimizer_config
 from megatron.training import arguments
+
+AdamOptimizerConfig = getattr(optimizer_config, "AdamOptimizerConfig", OptimizerConfig)
 
 _ARGS = None
 

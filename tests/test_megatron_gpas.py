@@ -63,10 +63,17 @@ def results(tmp_path_factory):
 KINDS = ("dense", "moe")
 
 
+def _result(results: dict, case: str) -> dict:
+    """One case of the job's results; the MoETransformerLayer cases skip where the class is missing (before 0.16)."""
+    if case.startswith("moe_layer_class") and case not in results:
+        pytest.skip(f"megatron-core {megatron.core.__version__} has no MoETransformerLayer (0.16.0 on)")
+    return results[case]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS + ("moe_layer_class",))
 def test_identity_at_init(results, kind):
-    r = results[f"{kind}_identity"]
+    r = _result(results, f"{kind}_identity")
     assert r["gate_names"] == ["decoder.layers.0.gpas_gate.alpha", "decoder.layers.1.gpas_gate.alpha"]
     assert r["layer_classes"] == ["MoETransformerLayer" if kind == "moe_layer_class" else "TransformerLayer"] * 2
     assert r["logits_diff"] == 0.0 and r["grad_diff"] == 0.0  # bit for bit, all ranks
@@ -79,7 +86,7 @@ def test_identity_at_init(results, kind):
 @pytest.mark.parametrize("case", [f"{k}_layer_{a}" for k in KINDS for a in ("silu", "identity")]
                          + ["moe_layer_class_layer_silu"])
 def test_layer_matches_plain_reference(results, case):
-    r = results[case]
+    r = _result(results, case)
     assert r["out_minus_ungated"] > 0.1  # the gate really scales the output
     # forward: (x + f(x)) * (1 - act(alpha)) per residual add; measured <= 1.2e-7
     assert r["out_vs_plain"] <= 5e-7 and r["out_vs_straight_through"] <= 5e-7

@@ -13,6 +13,7 @@ and bf16, 3 clipped steps, against an independent clip -> phi -> AdamW
 reference computed from the full model's gradients (see the job's docstring).
 """
 
+import inspect
 import json
 import sys
 from types import SimpleNamespace
@@ -25,12 +26,14 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 
 import megatron.core  # noqa: E402
 import megatron.core.optimizer as mcore_optimizer  # noqa: E402
-from megatron.core.optimizer import AdamOptimizerConfig, OptimizerConfig  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig, optimizer_config  # noqa: E402
 
 import megatron_patches  # noqa: E402
 from conftest import torchrun  # noqa: E402
 from gradpower_ds import grad_power  # noqa: E402
 from megatron_patches.optimizer import power_optimizer_class, powers  # noqa: E402
+
+AdamOptimizerConfig = getattr(optimizer_config, "AdamOptimizerConfig", OptimizerConfig)  # megatron-core 0.16.0 on
 
 JOBS = Path(__file__).parent / "jobs"
 
@@ -79,7 +82,10 @@ def test_apply_defines_te_general_gemm_without_transformer_engine():
     megatron_patches.apply()
     try:
         assert moe_utils.te_general_gemm is None
-        out = moe_utils.router_gating_linear(torch.randn(3, 8), torch.randn(4, 8), None, torch.float32)
+        args = (torch.randn(3, 8), torch.randn(4, 8), None, torch.float32)  # inp, weight, bias (0.16 on), dtype
+        if "bias" not in inspect.signature(moe_utils.router_gating_linear).parameters:
+            args = args[:2] + args[3:]
+        out = moe_utils.router_gating_linear(*args)
         assert out.shape == (3, 4)
     finally:
         megatron_patches.remove()
@@ -128,8 +134,11 @@ def test_cpu_offload_builds_hybrid_optimizer_with_adampower_classes(applied, mon
 
     megatron_cpu_shim.install()  # Megatron's FP32Optimizer wrapper asks for a CUDA device
     try:
-        optimizer = mcore_optimizer._get_megatron_optimizer_based_on_param_groups(
-            config, [], [{"params": [param]}], pg_collection=SimpleNamespace(tp=None))  # no model-parallel state
+        build = mcore_optimizer._get_megatron_optimizer_based_on_param_groups
+        # no model-parallel state: pg_collection (megatron-core 0.16.0 on) names none; before it, none is asked for
+        extra = {"pg_collection": SimpleNamespace(tp=None)} if "pg_collection" in inspect.signature(build).parameters \
+            else {}
+        optimizer = build(config, [], [{"params": [param]}], **extra)
     finally:
         megatron_cpu_shim.uninstall()
     assert isinstance(optimizer.optimizer, Recorder)
@@ -142,14 +151,14 @@ def test_cpu_offload_builds_hybrid_optimizer_with_adampower_classes(applied, mon
 def test_unsupported_version(monkeypatch):
     before = _patched_attributes()
     monkeypatch.setattr(megatron.core, "__version__", "0.17.0")
-    with pytest.raises(megatron_patches.UnsupportedMegatronError, match=r"supports megatron-core 0\.16\.1 only.*"
-                       r"0\.17\.0 is installed"):
+    with pytest.raises(megatron_patches.UnsupportedMegatronError, match=r"supports megatron-core 0\.13\.0 through 0\.16\.1 "
+                       r"\(.*0\.17\.0 is installed"):
         megatron_patches.apply()
     assert not megatron_patches.is_applied() and _patched_attributes() == before
     sys.path.insert(0, str(Path(__file__).parent))
     import megatron_cpu_shim
 
-    with pytest.raises(RuntimeError, match=r"megatron-core 0\.16\.1, but 0\.17\.0 is installed"):
+    with pytest.raises(RuntimeError, match=r"megatron-core 0\.13\.0 through 0\.16\.1, but 0\.17\.0 is installed"):
         megatron_cpu_shim.install()
     assert not megatron_cpu_shim._state
 

@@ -33,7 +33,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton; CI installs it from "
-                                     "requirements.txt)")
+                                     "requirements-test.txt)")
 
 from conftest import edge_tensor, grad_stream  # noqa: E402
 from gradpower_ds import AdamPower, grad_power, grad_power_  # noqa: E402

@@ -40,12 +40,26 @@ FEATURE_CHECKS = {
                                 extra={"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}}),
     "bf16_master_weights_zero3": dict(stage=3, dtype="bf16", zero={"offload_optimizer": CPU_OFFLOAD},
                                       extra={"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}}),
-    "fp16_master_weights": dict(stage=1, dtype="fp16", zero={"offload_optimizer": CPU_OFFLOAD},
+    "fp16_master_weights": dict(stage=2, dtype="fp16", zero={"offload_optimizer": CPU_OFFLOAD},
                                 extra={"fp16": {"enabled": True, "fp16_master_weights_and_grads": True}}),
     "bf16_optimizer_states_zero2": dict(stage=2, dtype="bf16", zero={"offload_optimizer": CPU_OFFLOAD},
                                         extra={"bf16": {"enabled": True, "bf16_master_weights_and_grads": True,
                                                         "bf16_optimizer_states": True}}),
 }
+
+
+def features_of_this_deepspeed() -> dict:
+    """Which of the FEATURE_CHECKS' features this DeepSpeed has (older ones lack some, e.g. ZenFlow and
+    bf16_optimizer_states): a config field or an engine method of its own."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadOptimizerConfig
+
+    offload_fields = DeepSpeedZeroOffloadOptimizerConfig.model_fields
+    return {"partial_offload": "ratio" in offload_fields, "super_offload": "super_offload" in offload_fields,
+            "zenflow": "zenflow" in DeepSpeedZeroConfig.model_fields,
+            **{name: hasattr(DeepSpeedEngine, name) for name in (
+                "bf16_optimizer_states", "bf16_master_weights_and_gradients", "fp16_master_weights_and_gradients")}}
 
 
 def build(stage=0, offload=False, opt_type="AdamPower", params=None, extra=None, dtype="fp32", zero=None) -> dict:
@@ -70,7 +84,7 @@ def build(stage=0, offload=False, opt_type="AdamPower", params=None, extra=None,
 
 def main():
     deepspeed.init_distributed(dist_backend="gloo")
-    results = {"unregistered": build()}
+    results = {"unregistered": build(), "features": features_of_this_deepspeed()}
     register()
     register()  # idempotent
     results.update({name: build(**kwargs) for name, kwargs in CHECKS.items()})

@@ -64,7 +64,7 @@ def main():
             engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
             ds_toy.train(engine, rank, ds_toy.MATRIX_STEPS)
             key = (ds_toy.case_name(*case), label)
-            results[key] = dict(params=ds_toy.full_fp32_params(engine),
+            results[key] = dict(params=ds_toy.full_fp32_params(engine), wrapper=type(engine.optimizer).__name__,
                                 optimizer=type(engine.basic_optimizer).__name__)
             if dtype == "fp16" and label == "power1.2":
                 results[key]["overflow"] = overflow_is_skipped(engine)
