@@ -3,9 +3,14 @@
 In ONE run, for each thread count (a fresh worker process with OMP_NUM_THREADS set,
 so every OpenMP runtime in it agrees) and each size, it times:
   ours p=1.2 / ours p=1   gradpower_ds.CPUAdamPower (and p=1.2 forced to AVX2 on AVX-512 CPUs)
-  deepspeed_cpu_adam      deepspeed.ops.adam.DeepSpeedCPUAdam (the anchor)
+  deepspeed_cpu_adam      deepspeed.ops.adam.DeepSpeedCPUAdam (the anchor), as DeepSpeed builds it here
+  deepspeed_cpu_adam avx2 on an AVX-512 CPU: the same, built as DeepSpeed builds it for an AVX2 CPU
+                          (its op builder's SIMD width -D__AVX256__ and -march=haswell, under the JIT
+                          name cpu_adam_avx2; inside this benchmark only): the anchor of the AVX2 ratio
   torch_adamw_fused       torch.optim.AdamW(fused=True)
   naive p=1.2             torch sign(g)*|g|**p, then torch AdamW(fused=True)
+  ... bf16 params         ours and DeepSpeedCPUAdam on bf16 params and grads (fp32 moments; their GB/s and
+                          % columns count 28 bytes per element like every row, though they move 22)
 and the bandwidth roofline measured in the same worker: the native kernel's
 stream probe (gradpower_ds.ops.native.native_stream_probe), which moves exactly
 the optimizer's bytes (read w, g, m, v; write w, m, v in place) with one add per
@@ -13,7 +18,7 @@ array, over the same elements.
 
 Reported: ms/step (best of --repeats), elements/s, effective GB/s at 28 bytes
 per element (read w, g, m, v; write w, m, v), % of the measured bandwidth, and
-speed(ours p=1.2) / speed(DeepSpeedCPUAdam).
+speed(ours p=1.2) / speed(DeepSpeedCPUAdam); each RATIO line names the ISA of both sides.
 
     python benchmarks/bench_cpu_step.py                     # 16M and 64M, 1 and 2 threads
     python benchmarks/bench_cpu_step.py --sizes 1048576 --threads 1 --skip-deepspeed
@@ -57,21 +62,50 @@ def _optimizer_cases(skip_deepspeed: bool):
             opt.step()
         return step
 
-    cases = [
-        ("ours p=1.2", lambda ps: CPUAdamPower(ps, power=1.2).step),
-        ("ours p=1", lambda ps: CPUAdamPower(ps, power=1.0).step),
+    fp32, bf16 = torch.float32, torch.bfloat16
+    cases = [  # (name, optimizer step of params, the params' dtype)
+        ("ours p=1.2", lambda ps: CPUAdamPower(ps, power=1.2).step, fp32),
+        ("ours p=1", lambda ps: CPUAdamPower(ps, power=1.0).step, fp32),
     ]
     if resolve_isa() == "avx512":  # the AVX2 path too, as CPUs without AVX-512 would run it
-        cases.append(("ours p=1.2 avx2", lambda ps: CPUAdamPower(ps, power=1.2, isa="avx2").step))
+        cases.append(("ours p=1.2 avx2", lambda ps: CPUAdamPower(ps, power=1.2, isa="avx2").step, fp32))
     cases += [
-        ("torch_adamw_fused", lambda ps: torch.optim.AdamW(ps, fused=True).step),
-        ("naive p=1.2", naive),
+        ("ours p=1.2 bf16 params", lambda ps: CPUAdamPower(ps, power=1.2).step, bf16),
+        ("torch_adamw_fused", lambda ps: torch.optim.AdamW(ps, fused=True).step, fp32),
+        ("naive p=1.2", naive, fp32),
     ]
     if not skip_deepspeed:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        cases.insert(2, ("deepspeed_cpu_adam", lambda ps: DeepSpeedCPUAdam(ps).step))
+        cases.insert(2, ("deepspeed_cpu_adam", lambda ps: DeepSpeedCPUAdam(ps).step, fp32))
+        cases.append(("deepspeed_cpu_adam bf16 params", lambda ps: DeepSpeedCPUAdam(ps).step, bf16))
+        if resolve_isa() == "avx512":
+            cases.insert(3, ("deepspeed_cpu_adam avx2", lambda ps: deepspeed_cpu_adam_avx2(ps).step, fp32))
     return cases
+
+
+def deepspeed_cpu_adam_avx2(params):
+    """DeepSpeedCPUAdam running DeepSpeed's CPU Adam op as DeepSpeed builds it for an AVX2 CPU (no AVX-512):
+    its op builder with the AVX2 SIMD width and -march=haswell, JIT-built under its own name."""
+    from unittest import mock
+
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, cpu_adam
+    from deepspeed.ops.op_builder.cpu import CPUAdamBuilder
+
+    class CPUAdamAVX2Builder(CPUAdamBuilder):
+        NAME = "cpu_adam_avx2"  # CPUAdamBuilder.__init__ names the op by it: its own JIT build
+
+        def absolute_name(self):
+            return f"deepspeed.ops.adam.{self.NAME}_op"
+
+        def simd_width(self):
+            return "-D__AVX256__"
+
+        def cpu_arch(self):
+            return "-march=haswell"  # AVX2 + FMA + F16C, as on an AVX2-only CPU
+
+    with mock.patch.object(cpu_adam, "CPUAdamBuilder", CPUAdamAVX2Builder):
+        return DeepSpeedCPUAdam(params)
 
 
 def worker(args) -> None:
@@ -88,9 +122,9 @@ def worker(args) -> None:
                              args.repeats)
         bandwidth = BYTES_PER_ELEMENT * n / probe_s
         del arrays
-        for name, make in _optimizer_cases(args.skip_deepspeed):
-            p = torch.nn.Parameter(torch.randn(n))
-            grad = torch.randn(n) * 1e-3
+        for name, make, dtype in _optimizer_cases(args.skip_deepspeed):
+            p = torch.nn.Parameter(torch.randn(n).to(dtype))
+            grad = (torch.randn(n) * 1e-3).to(dtype)
             p.grad = grad.clone()
             step = make([p])
             if name.startswith("naive"):
@@ -107,8 +141,8 @@ def worker(args) -> None:
     print("ROWS " + json.dumps(rows), flush=True)
 
 
-def report(rows) -> None:
-    """Prints the table and the ours/DeepSpeed ratios."""
+def report(rows, isa: str, deepspeed_isa: str) -> None:
+    """Prints the table and the ours/DeepSpeed ratios (`isa`: our kernel's; `deepspeed_isa`: DeepSpeed's build)."""
     print(f"{'thr':>3} {'elements':>10} {'optimizer':<20} {'ms/step':>9} {'Gelem/s':>8} {'GB/s':>7} "
           f"{'%roof':>6} {'vs DS':>6}")
     for threads in sorted({r["threads"] for r in rows}):
@@ -122,14 +156,31 @@ def report(rows) -> None:
                 vs = f"{ds['seconds'] / r['seconds']:6.2f}" if ds else "   n/a"
                 print(f"{threads:>3} {n:>10} {r['name']:<20} {r['seconds'] * 1e3:9.2f} {n / r['seconds'] / 1e9:8.3f} "
                       f"{gbs / 1e9:7.1f} {100 * gbs / r['bandwidth']:6.1f} {vs}")
-    for r in rows:
-        if r["name"] != "ours p=1.2":
-            continue
-        ds = next((d for d in rows if d["name"] == "deepspeed_cpu_adam" and d["n"] == r["n"]
-                   and d["threads"] == r["threads"]), None)
-        if ds:
-            print(f"RATIO speed(ours p=1.2)/speed(DeepSpeedCPUAdam) threads={r['threads']} n={r['n']}: "
-                  f"{ds['seconds'] / r['seconds']:.3f}")
+    for ours_name, ds_name, ours_isa, ds_isa in (("ours p=1.2", "deepspeed_cpu_adam", isa, deepspeed_isa),
+                                                 ("ours p=1.2 avx2", "deepspeed_cpu_adam avx2", "avx2", "avx2")):
+        for r in rows:
+            if r["name"] != ours_name:
+                continue
+            ds = next((d for d in rows if d["name"] == ds_name and d["n"] == r["n"] and d["threads"] == r["threads"]),
+                      None)
+            if ds:
+                print(f"RATIO speed(ours p=1.2, {ours_isa})/speed(DeepSpeedCPUAdam, {ds_isa} build) "
+                      f"threads={r['threads']} n={r['n']}: {ds['seconds'] / r['seconds']:.3f}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (every figure is named with it)."""
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                "unknown CPU")
+
+
+def deepspeed_simd_width() -> str:
+    """The ISA DeepSpeed builds its CPU Adam for on this machine: avx512, avx2 or scalar (its op builder's choice)."""
+    try:
+        from deepspeed.ops.op_builder.cpu import CPUAdamBuilder
+    except ImportError:
+        return "n/a"
+    return {"-D__AVX512__": "avx512", "-D__AVX256__": "avx2"}.get(CPUAdamBuilder().simd_width(), "scalar")
 
 
 def main() -> None:
@@ -148,7 +199,8 @@ def main() -> None:
 
     from gradpower_ds.ops import resolve_isa
 
-    print(f"torch {torch.__version__}, kernel ISA {resolve_isa()}, {os.cpu_count()} CPUs")
+    isa = resolve_isa()
+    print(f"cpu: {cpu_model()}; torch {torch.__version__}, kernel ISA {isa}, {os.cpu_count()} CPUs")
     rows = []
     for threads in args.threads:
         cmd = [sys.executable, __file__, "--worker", "--threads", str(threads), "--repeats", str(args.repeats),
@@ -158,7 +210,7 @@ def main() -> None:
         if out.returncode != 0:
             sys.exit(f"benchmark worker ({threads} threads) failed:\n{out.stderr[-3000:]}")
         rows += json.loads(next(line for line in out.stdout.splitlines() if line.startswith("ROWS "))[5:])
-    report(rows)
+    report(rows, isa, deepspeed_simd_width())
 
 
 if __name__ == "__main__":

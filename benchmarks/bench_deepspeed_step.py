@@ -1,6 +1,6 @@
 """A DeepSpeed training step: ``"type": "AdamPower"`` (power 1.2) against DeepSpeed's ``"type": "AdamW"``.
 
-In ONE run, on the same bf16 model (gradpower_ds.model.CausalLM, dense, ~34M
+In ONE run, on the same model (gradpower_ds.model.CausalLM, dense, ~34M
 parameters by default), the same data and the same DeepSpeed config except the optimizer
 type, it times these settings (on the CPU, or on CUDA GPUs when there are any):
   zero2          ZeRO-2: on the CPU ours builds gradpower_ds.CPUAdamPower and
@@ -77,6 +77,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gas", type=int, default=1, help="gradient accumulation steps per training step")
     parser.add_argument("--warmup", type=int, default=5, help="untimed training steps per optimizer")
     parser.add_argument("--steps", type=int, default=40, help="timed training steps per optimizer")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto (default): bf16 on GPUs and CPUs with native bf16, else fp32 (gradpower_ds.precision)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -101,8 +103,11 @@ def launch(args: argparse.Namespace) -> int:
     """Prints the machine facts, then runs this script's worker on --world-size ranks; returns its exit code."""
     for fact in machine_facts():
         print(fact)
-    print(f"ranks: {args.world_size} x {args.threads} thread(s); bf16; micro-batch {args.micro_batch} x "
-          f"{args.seq} tokens, gas {args.gas}; {args.warmup} warmup + {args.steps} timed steps per optimizer",
+    from gradpower_ds.precision import resolve_precision
+
+    precision, why = resolve_precision(args.precision)
+    print(f"ranks: {args.world_size} x {args.threads} thread(s); {precision} ({why}); micro-batch {args.micro_batch} "
+          f"x {args.seq} tokens, gas {args.gas}; {args.warmup} warmup + {args.steps} timed steps per optimizer",
           flush=True)
     from gradpower_ds.processes import free_port
 
@@ -128,6 +133,8 @@ def make_model(args: argparse.Namespace):
 def ds_config(args: argparse.Namespace, opt_type: str, offload: bool = False, fused: bool = False,
               torch_adam: bool = False) -> dict:
     """The DeepSpeed config of a setting; the two optimizers' configs differ only in the optimizer entry."""
+    from gradpower_ds.precision import resolve_precision
+
     zero = {"stage": 2}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -139,7 +146,7 @@ def ds_config(args: argparse.Namespace, opt_type: str, offload: bool = False, fu
         "train_micro_batch_size_per_gpu": args.micro_batch,
         "gradient_accumulation_steps": args.gas,
         "gradient_clipping": 1.0,
-        "bf16": {"enabled": True},
+        "bf16": {"enabled": resolve_precision(args.precision)[0] == "bf16"},
         "optimizer": {"type": opt_type, "params": params},
         "zero_optimization": zero,
         "steps_per_print": 10**9,

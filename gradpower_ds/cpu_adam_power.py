@@ -1,4 +1,4 @@
-"""CPUAdamPower: AdamPower on fp32 CPU tensors through the fused native kernel.
+"""CPUAdamPower: AdamPower on CPU tensors through the fused native kernel.
 
 One pass over param/grad/exp_avg/exp_avg_sq per step (phi + Adam(W) fused,
 OpenMP threads, AVX-512/AVX2/scalar chosen at run time), optionally writing the
@@ -20,14 +20,18 @@ _log = logging.getLogger(__name__)
 
 
 class CPUAdamPower(AdamPowerBase):
-    """AdamPower for fp32 CPU parameters, one fused native pass per tensor and step.
+    """AdamPower for CPU parameters, one fused native pass per tensor and step.
 
     Same hyperparameters (AdamPowerBase's, in the same order) and state layout
     as gradpower_ds.AdamPower, so checkpoints move freely between them. `isa`
     forces "avx512", "avx2" or "scalar" (default: $GRADPOWER_CPU_ISA or the best
-    the CPU has); `num_threads` defaults to torch.get_num_threads(). Grads may be
+    the CPU has); `num_threads` defaults to torch.get_num_threads(). Params may be
+    fp32, bf16 or fp16, as DeepSpeedCPUAdam takes them: the moments are fp32 and the
+    update is computed in fp32, then rounded into a bf16/fp16 param. Grads may be
     fp32, bf16 or fp16 (widened in bounded chunks).
     """
+
+    MOMENT_DTYPE = torch.float32
 
     def __init__(self, params, *args, isa: str | None = None, num_threads: int | None = None, **hyperparameters):
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
@@ -38,6 +42,19 @@ class CPUAdamPower(AdamPowerBase):
         self.num_threads = num_threads
         _log.info("CPUAdamPower: native kernel with %s, %s OpenMP threads", self.isa,
                   num_threads or f"torch.get_num_threads() (now {torch.get_num_threads()})")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, keeping the saved fp32 moments of bf16/fp16 params fp32 (torch would round them to the
+        param's dtype)."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        moments = {i: {k: v for k, v in state_dict["state"].get(i, {}).items() if k in ("exp_avg", "exp_avg_sq")}
+                   for i in saved_ids}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(saved_ids, params):
+            if p.dtype != self.MOMENT_DTYPE:
+                for key, value in moments[i].items():
+                    self.state[p][key] = value.to(device=p.device, dtype=self.MOMENT_DTYPE, copy=True)
 
     @torch.no_grad()
     def step(self, closure=None, fp16_param_groups=None):

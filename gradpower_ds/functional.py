@@ -72,10 +72,11 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
         if kernel == "native" and not _native_layout(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], copies[i]):
             if fused:
                 raise TypeError(
-                    f"adam_power(fused=True) on the CPU: params and moments must be contiguous fp32 CPU tensors, "
-                    f"grads CPU tensors of their shape and copies contiguous bf16/fp16 ones, got a {p.dtype} param"
-                    f"{'' if p.is_contiguous() else ' (non-contiguous)'}; keep fp32 master weights on the CPU (as "
-                    "ZeRO-Offload does) or use fused=None")
+                    f"adam_power(fused=True) on the CPU: params must be contiguous fp32, bf16 or fp16 CPU tensors "
+                    f"and moments contiguous fp32 ones, grads CPU tensors of their shape and copies contiguous "
+                    f"bf16/fp16 ones (none for a bf16/fp16 param), got a {p.dtype} param"
+                    f"{'' if p.is_contiguous() else ' (non-contiguous)'} with {exp_avgs[i].dtype} moments; "
+                    "use fused=None")
             kernel = None
         if kernel == "triton" and not fused and not _triton_layout(params[i], exp_avgs[i], exp_avg_sqs[i]):
             kernel = None
@@ -103,7 +104,9 @@ def _native_layout(param, grad, exp_avg, exp_avg_sq, copy) -> bool:
     """Whether the native path takes this tensor: a dispatch decision. Which layouts the kernel can take is
     ops.native's to say (``native.fits``), and ops.native checks every buffer again where it hands it over."""
     n = param.numel()
-    ok = all(native.fits(t, n) and t.shape == param.shape for t in (param, exp_avg, exp_avg_sq))
+    low_param = native.fits(param, n, tuple(native.COPY_CODES))  # bf16/fp16 weights with fp32 moments
+    ok = (native.fits(param, n) or low_param and copy is None) and \
+        all(native.fits(t, n) and t.shape == param.shape for t in (exp_avg, exp_avg_sq))
     ok = ok and grad.device.type == "cpu" and grad.is_floating_point() and grad.shape == param.shape
     return ok and (copy is None or (native.fits(copy, n, tuple(native.COPY_CODES)) and copy.shape == param.shape))
 

@@ -48,12 +48,14 @@ class AdamPowerBase(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
+    MOMENT_DTYPE: torch.dtype | None = None  # the moments' dtype; None: the param's (as torch's AdamW)
+
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=self.MOMENT_DTYPE, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.MOMENT_DTYPE, memory_format=torch.preserve_format)
         return state
 
     def _step_group(self, group: dict, copies=None, **options) -> None:

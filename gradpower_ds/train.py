@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .precision import resolve_precision, slow_bf16_warning
 from .processes import default_to_world_of_one, enable_rank0_logging
 from .run_dir import RunDir, RunDirError, StopRequest, make_summary, read_json, read_state, summary_line
 from .train_config import TrainConfig, load_config, report_error
@@ -112,6 +113,15 @@ def unbuilt_deepspeed_ops(cfg: TrainConfig) -> list[str]:
     return unbuilt
 
 
+def _log_precision(cfg: TrainConfig) -> None:
+    """Logs the precision the run trains in and why; warns when it is bf16 on a CPU that emulates bf16."""
+    precision, why = resolve_precision(cfg.precision)
+    _log.info("gradpower_ds.train: precision %s (%s)", precision, why)
+    slow = slow_bf16_warning(precision)
+    if slow:
+        _log.warning("gradpower_ds.train: %s", slow)
+
+
 def _warn_about_op_builds(cfg: TrainConfig) -> None:
     try:
         unbuilt = unbuilt_deepspeed_ops(cfg)
@@ -172,6 +182,7 @@ def train(cfg: TrainConfig) -> dict:
     register()
     default_to_world_of_one()
     if os.environ.get("RANK", "0") == "0":
+        _log_precision(cfg)
         _warn_about_op_builds(cfg)
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -195,7 +206,8 @@ def train(cfg: TrainConfig) -> dict:
     run.start(start, config=cfg.to_dict(), tensorboard=cfg.tensorboard)
     if rank == 0:
         _log.info("gradpower_ds.train: %s | %d ranks, ZeRO-%d, %s, %s | %s | %.2fM parameters%s",
-                  corpus.description, world, cfg.effective_zero_stage, cfg.precision, cfg.optimizer_label(),
+                  corpus.description, world, cfg.effective_zero_stage, cfg.effective_precision,
+                  cfg.optimizer_label(),
                   type(engine.basic_optimizer).__name__,
                   sum(p.numel() for p in model.parameters()) / 1e6,
                   f" | resumed at step {start}" if start else "")

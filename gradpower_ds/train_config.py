@@ -35,10 +35,10 @@ from pathlib import Path
 from .gpas import ACTIVATIONS, VARIANTS
 from .hyperparams import ADAM_POWER_DEFAULTS, check_group, check_power
 from .model import ModelConfig
+from .precision import PRECISIONS, resolve_precision
 
 OPTIMIZERS = {"adampower": "AdamPower", "adamw": "AdamW"}  # our name -> DeepSpeed "type"
 SCHEDULES = ("wsd", "cosine", "constant")
-PRECISIONS = ("bf16", "fp32", "fp16")
 POWER_SETTINGS = ("power", "expert_power")
 ERROR_GRACE_S = 10.0  # see report_error  # only used by optimizer adampower
 # DeepSpeed config keys that a TrainConfig field sets and the training loop relies on: deepspeed_overrides may
@@ -121,7 +121,8 @@ class TrainConfig:
     min_lr_ratio: float = _setting(0.0, "end of the decay, as a fraction of lr")
     # DeepSpeed
     zero_stage: int = _setting(2, "ZeRO stage 0-3 (1 or 2 with experts)")
-    precision: str = _setting("bf16", f"{', '.join(PRECISIONS)}")
+    precision: str = _setting("auto", f"{', '.join(PRECISIONS)} (auto: bf16 on GPUs and on CPUs with native bf16, "
+                                      "else fp32)")
     offload_optimizer: bool = _setting(False, "ZeRO optimizer states on the CPU")
     # evaluation, logging, checkpoints
     eval_every: int = _setting(50, "validation every N steps (and at the end)")
@@ -219,6 +220,11 @@ class TrainConfig:
                infer_key=not changed)
 
     @property
+    def effective_precision(self) -> str:
+        """The precision this machine trains in: precision, with "auto" resolved (gradpower_ds.precision)."""
+        return resolve_precision(self.precision)[0]
+
+    @property
     def effective_zero_stage(self) -> int:
         """The ZeRO stage of the final DeepSpeed config (zero_stage, unless deepspeed_overrides sets another)."""
         return self.deepspeed_config()["zero_optimization"].get("stage", 0)
@@ -274,8 +280,8 @@ class TrainConfig:
             "gradient_clipping": self.grad_clip,
             "optimizer": {"type": OPTIMIZERS[self.optimizer], "params": params},
             "zero_optimization": zero,
-            "bf16": {"enabled": self.precision == "bf16"},
-            "fp16": {"enabled": self.precision == "fp16", "initial_scale_power": 16},
+            "bf16": {"enabled": self.effective_precision == "bf16"},
+            "fp16": {"enabled": self.effective_precision == "fp16", "initial_scale_power": 16},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }

@@ -70,8 +70,16 @@ def update_rel_error(got: dict, want: dict) -> float:
     return (diff / update).item()
 
 
-def check_case(results: dict, case: tuple, world: int, ours_class: str, adamw_class: str) -> None:
-    """One matrix case of a ds_matrix.py job on `world` ranks against the reference and DeepSpeed's AdamW."""
+def check_case(results: dict, case: tuple, world: int, ours_class: str, adamw_class: str,
+               gradients_elsewhere: bool = False) -> None:
+    """One matrix case of a ds_matrix.py job on `world` ranks against the reference and DeepSpeed's AdamW.
+
+    gradients_elsewhere: the job computed its gradients on another device than the CPU reference (a GPU's
+    GEMMs round differently, and Adam's normalisation turns that rounding into update differences wherever a
+    gradient is near zero; 2.0e-5 was seen for ZeRO-3 fp32 on an H200). The fp32 tolerance is then twice the
+    distance DeepSpeed's own AdamW, through the same pipeline, keeps from the reference at p = 1 (at least
+    FP32_TOL): ours may be no further from the float64 maths than DeepSpeed's Adam is on that device.
+    """
     stage, dtype, offload, _ = case
     ds_toy.skip_zero3_where_deepspeed_races(stage)
     name = ds_toy.case_name(*case)
@@ -81,11 +89,13 @@ def check_case(results: dict, case: tuple, world: int, ours_class: str, adamw_cl
 
     want = reference(dtype, 1.2, stage == 0, world, ours["wrapper"])
     if dtype == "fp32":
-        assert tensor_rel_error(ours["params"], want) <= FP32_TOL
-        assert tensor_rel_error(ours_p1["params"], reference(dtype, 1.0, stage == 0, world)) <= FP32_TOL
-        assert tensor_rel_error(ours_p1["params"], adamw["params"]) <= FP32_TOL
+        want_p1 = reference(dtype, 1.0, stage == 0, world)
+        tol = max(FP32_TOL, 2 * tensor_rel_error(adamw["params"], want_p1)) if gradients_elsewhere else FP32_TOL
+        assert tensor_rel_error(ours["params"], want) <= tol
+        assert tensor_rel_error(ours_p1["params"], want_p1) <= tol
+        assert tensor_rel_error(ours_p1["params"], adamw["params"]) <= tol
         # the check can tell the powers apart: p = 1.2 and p = 1 land far outside the tolerance
-        assert tensor_rel_error(ours["params"], ours_p1["params"]) > 100 * FP32_TOL
+        assert tensor_rel_error(ours["params"], ours_p1["params"]) > max(100 * FP32_TOL, 10 * tol)
     else:
         assert update_rel_error(ours["params"], want) <= LOW_PRECISION_TOL
         assert update_rel_error(ours_p1["params"], adamw["params"]) <= LOW_PRECISION_VS_ADAMW

@@ -158,9 +158,9 @@ def test_bad_input():
         CPUAdamPower([torch.nn.Parameter(torch.zeros(2))], isa="neon")
     with pytest.raises(ValueError, match="num_threads"):
         CPUAdamPower([torch.nn.Parameter(torch.zeros(2))], num_threads=0)
-    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
-    p.grad = torch.zeros(4, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="fp32"):
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))  # bf16/fp16/fp32 params step; fp64 ones do not
+    p.grad = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="params must be contiguous fp32, bf16 or fp16 CPU tensors.*float64 param"):
         CPUAdamPower([p]).step()
     q = torch.nn.Parameter(torch.zeros(4))
     q.grad = torch.zeros(4)

@@ -16,6 +16,7 @@ import pytest
 from conftest import free_port, launch_env, run_launched
 from gradpower_ds import compare
 from gradpower_ds.metrics import MetricsLog, plot_curves, read_metrics
+from gradpower_ds.precision import resolve_precision
 from gradpower_ds.run_dir import SUMMARY_KEYS
 from gradpower_ds.schedules import lr_multiplier
 from gradpower_ds.train_config import TrainConfig, load_config
@@ -47,7 +48,10 @@ def test_config_file_and_flags(tmp_path):
     ds = cfg.deepspeed_config()
     assert ds["optimizer"] == {"type": "AdamPower", "params": {"lr": 0.003, "betas": [0.8, 0.9], "eps": 1e-8,
                                                                "weight_decay": 0.1, "power": 1.2, "expert_power": 1.1}}
-    assert ds["zero_optimization"] == {"stage": 2} and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert cfg.precision == "auto"  # quickstart.json: bf16 where this machine computes it natively, else fp32
+    assert ds["zero_optimization"] == {"stage": 2} and not ds["fp16"]["enabled"]
+    assert ds["bf16"]["enabled"] is (cfg.effective_precision == "bf16")
+    assert load_config(["--config", str(QUICKSTART), "--precision", "bf16"]).deepspeed_config()["bf16"]["enabled"]
     adamw = TrainConfig(optimizer="adamw", offload_optimizer=True, deepspeed_overrides={"zero_optimization":
                                                                                          {"stage": 1}})
     ds = adamw.deepspeed_config()
@@ -154,7 +158,9 @@ def test_train_resume_continues_the_curve_exactly(tmp_path):
     whole = tmp_path / "whole"
     proc = deepspeed_train(whole)
     assert "gradpower_ds.train: done | validation loss" in proc.stdout + proc.stderr
-    assert "2 ranks, ZeRO-2, bf16, adampower p=1.2 | CPUAdamPower" in proc.stdout + proc.stderr
+    precision, why = resolve_precision("auto")  # quickstart.json's: what this machine computes fast
+    assert f"gradpower_ds.train: precision {precision} ({why})" in proc.stdout + proc.stderr
+    assert f"2 ranks, ZeRO-2, {precision}, adampower p=1.2 | CPUAdamPower" in proc.stdout + proc.stderr
     assert re.search(r"gradpower_ds\.train: done \| validation loss \d+\.\d{4} \| [\d,]+ tokens in [\d.]+ s = [\d,]+ "
                      rf"tokens/s on 2 ranks \| {re.escape(str(whole))}/ \(metrics\.csv, loss\.png, tensorboard/\)",
                      proc.stdout)

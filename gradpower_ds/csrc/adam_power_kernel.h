@@ -86,7 +86,7 @@ GP_INLINE void adam_power_lanes(const Broadcast<V>& c, float* __restrict w, cons
   V::store(v, v1);
   V::store(w, w1);
   if constexpr (kCopy == CopyOut::kBF16) V::store_u16(static_cast<uint16_t*>(out), to_bf16_bits<V>(w1));
-  if constexpr (kCopy == CopyOut::kFP16) V::store_fp16(static_cast<_Float16*>(out), w1);
+  if constexpr (kCopy == CopyOut::kFP16) V::store_fp16(static_cast<Half*>(out), w1);
 }
 
 // Elements [begin, end): full vectors with V, the remainder with Scalar.

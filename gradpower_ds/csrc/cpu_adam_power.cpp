@@ -4,7 +4,8 @@
 // instantiated three times below, inside wrappers compiled for AVX-512,
 // AVX2+FMA+F16C and baseline x86-64. The library itself is built for baseline
 // x86-64, so one build runs on any x86-64 CPU; `Isa::kAuto` picks the widest
-// set the CPU (and OS) supports, and tests can force a narrower one.
+// set the CPU (and OS) supports, and tests can force a narrower one. On other
+// targets (aarch64) only the scalar instantiation exists (simd.h's GP_X86).
 //
 // Buffers arrive as raw addresses, by keyword only. Python's one caller,
 // gradpower_ds/ops/native.py, checks each tensor behind an address (CPU,
@@ -30,6 +31,7 @@ enum class Isa : int { kAuto = -1, kScalar = 0, kAVX2 = 1, kAVX512 = 2 };
 constexpr int64_t kTile = 1 << 16;  // elements per OpenMP work item (~1.8 MB of traffic)
 
 bool cpu_has(Isa isa) {
+#if GP_X86
   __builtin_cpu_init();
   switch (isa) {
     case Isa::kAVX512:
@@ -42,6 +44,9 @@ bool cpu_has(Isa isa) {
     default:
       return true;
   }
+#else
+  return isa == Isa::kScalar;  // not x86: the scalar path only
+#endif
 }
 
 Isa best_isa() {
@@ -77,8 +82,10 @@ Isa resolve(int requested) {
     stream_probe_chunk<V>(a, b, e);                                                           \
   }
 
+#if GP_X86
 GP_DEFINE_ISA_WRAPPERS(avx512, Avx512, GP_TARGET_AVX512)
 GP_DEFINE_ISA_WRAPPERS(avx2, Avx2, GP_TARGET_AVX2)
+#endif
 GP_DEFINE_ISA_WRAPPERS(scalar, Scalar, )
 
 using AdamChunkFn = void (*)(const AdamPowerArgs&, int64_t, int64_t);
@@ -104,8 +111,10 @@ AdamChunkFn adam_for(Isa isa, bool pow, bool eps, CopyOut copy) {
     return with_bool(eps, [&](auto kEps) {
       return with_copy(copy, [&](auto kCopy) -> AdamChunkFn {
         switch (isa) {
+#if GP_X86
           case Isa::kAVX512: return &adam_avx512<kPow(), kEps(), kCopy()>;
           case Isa::kAVX2: return &adam_avx2<kPow(), kEps(), kCopy()>;
+#endif
           default: return &adam_scalar<kPow(), kEps(), kCopy()>;
         }
       });
@@ -117,8 +126,10 @@ PowerChunkFn power_for(Isa isa, bool pow, bool eps) {
   return with_bool(pow, [&](auto kPow) {
     return with_bool(eps, [&](auto kEps) -> PowerChunkFn {
       switch (isa) {
+#if GP_X86
         case Isa::kAVX512: return &power_avx512<kPow(), kEps()>;
         case Isa::kAVX2: return &power_avx2<kPow(), kEps()>;
+#endif
         default: return &power_scalar<kPow(), kEps()>;
       }
     });
@@ -127,8 +138,10 @@ PowerChunkFn power_for(Isa isa, bool pow, bool eps) {
 
 AdamChunkFn probe_for(Isa isa) {
   switch (isa) {
+#if GP_X86
     case Isa::kAVX512: return &probe_avx512;
     case Isa::kAVX2: return &probe_avx2;
+#endif
     default: return &probe_scalar;
   }
 }

@@ -5,12 +5,19 @@
 // Each struct's functions carry the matching `target` attribute; kernels are
 // instantiated inside functions with the same attribute (cpu_adam_power.cpp),
 // so the library as a whole is compiled for baseline x86-64 and the wide code
-// only runs after a run-time CPU check.
+// only runs after a run-time CPU check. The x86 structs exist only where the
+// target is x86 (GP_X86); elsewhere (aarch64: GH200/GB200 hosts) the scalar
+// one alone is built.
 //
 // Vocabulary: F = W fp32 lanes, I = W int32 lanes, M = W-lane mask.
 #pragma once
 
+#if defined(__x86_64__) || defined(__i386__)
+#define GP_X86 1
 #include <immintrin.h>
+#else
+#define GP_X86 0
+#endif
 
 #include <cstdint>
 
@@ -19,11 +26,20 @@
 // that ISA (always_inline would fail: a template has no target of its own).
 #define GP_INLINE inline
 #define GP_FLATTEN __attribute__((flatten))
+#if GP_X86
 #define GP_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #define GP_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
 
 namespace gradpower {
 namespace {
+
+// IEEE binary16 storage: _Float16 on x86 (GCC >= 12), __fp16 on aarch64 (GCC's C++ has no _Float16 there yet).
+#if GP_X86
+using Half = _Float16;
+#else
+using Half = __fp16;
+#endif
 
 // frexp from the bit pattern, for instruction sets without getexp/getmant:
 // x = 2^e * m with m in [3/4, 3/2); subnormal x are scaled by 2^24 first.
@@ -39,6 +55,7 @@ GP_INLINE void frexp_bits(typename V::F x, typename V::F& e, typename V::F& m) {
   e = V::select(big, V::add(e, V::set1(1.0f)), e);
 }
 
+#if GP_X86
 struct Avx512 {
   static constexpr int W = 16;
   using F = __m512; using I = __m512i; using M = __mmask16;
@@ -89,7 +106,7 @@ struct Avx512 {
   }
   // Low-precision stores of W lanes.
   GP_FN void store_u16(uint16_t* p, I x) { _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(x)); }
-  GP_FN void store_fp16(_Float16* p, F x) {
+  GP_FN void store_fp16(Half* p, F x) {
     _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
   }
 #undef GP_FN
@@ -150,11 +167,12 @@ struct Avx2 {
     const __m128i lo = _mm256_castsi256_si128(x), hi = _mm256_extracti128_si256(x, 1);
     _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(lo, hi));  // lanes hold values < 2^16
   }
-  GP_FN void store_fp16(_Float16* p, F x) {
+  GP_FN void store_fp16(Half* p, F x) {
     _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
   }
 #undef GP_FN
 };
+#endif  // GP_X86
 
 struct Scalar {
   static constexpr int W = 1;
@@ -204,7 +222,7 @@ struct Scalar {
     lo = float(prod - double(hi));
   }
   GP_FN void store_u16(uint16_t* p, I x) { *p = uint16_t(x); }
-  GP_FN void store_fp16(_Float16* p, F x) { *p = static_cast<_Float16>(x); }
+  GP_FN void store_fp16(Half* p, F x) { *p = static_cast<Half>(x); }
 #undef GP_FN
 };
 

@@ -139,47 +139,66 @@ def native_adam_power_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: tor
                            bias_correction: bool, isa: str, num_threads: int) -> None:
     """One fused phi_p + Adam(W) step of one tensor (step = its count after this step).
 
-    param, exp_avg, exp_avg_sq: contiguous fp32 CPU tensors of one size; grad: a CPU
-    tensor of any float dtype and that size (a bf16/fp16/fp64 one is widened through a
-    bounded fp32 scratch chunk); copy: None or a contiguous bf16/fp16 CPU tensor of that
-    size. Every buffer is checked before the kernel sees it (``kernel_ptr``);
+    exp_avg, exp_avg_sq: contiguous fp32 CPU tensors of one size; param: a contiguous
+    fp32, bf16 or fp16 CPU tensor of that size (a bf16/fp16 one, as DeepSpeedCPUAdam takes
+    them, is widened chunk by chunk into fp32 scratch, updated in fp32 and rounded back by
+    the kernel's copy-out); grad: a CPU tensor of any float dtype and that size (a
+    bf16/fp16/fp64 one is widened through a bounded fp32 scratch chunk); copy: None or a
+    contiguous bf16/fp16 CPU tensor of that size (None for a bf16/fp16 param, its own
+    copy). Every buffer is checked before the kernel sees it (``kernel_ptr``);
     hyperparameters are the caller's to validate.
     """
     owner = "native_adam_power_step"
     n = param.numel()
+    low_param = param.dtype in COPY_CODES
+    if low_param and copy is not None:
+        raise TypeError(f"{owner}: a {param.dtype} param receives its new weights itself; pass copy=None")
+    # a bf16/fp16 param is the kernel's copy-out; the kernel's fp32 "param" is then a scratch chunk of its weights
+    out = param if low_param else copy
     bc1, bc2_sqrt = bias_corrections(beta1, beta2, step, bias_correction)
     kernel = builder.load().adam_power_step
     scalars = dict(one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2, eps=eps,
                    l2=0.0 if adam_w_mode else weight_decay, decay=1 - lr * weight_decay if adam_w_mode else 1.0,
                    step_size=lr / bc1, inv_bias_corr2_sqrt=1 / bc2_sqrt, power=power, power_eps=power_eps,
-                   copy_dtype=0 if copy is None else COPY_CODES.get(copy.dtype, 0),  # a bad copy: refused below
+                   copy_dtype=0 if out is None else COPY_CODES.get(out.dtype, 0),  # a bad copy: refused below
                    isa=ISA_CODES[isa], threads=num_threads)
-    buffers = {"param": (param, FP32), "exp_avg": (exp_avg, FP32), "exp_avg_sq": (exp_avg_sq, FP32)}
-    if copy is not None:
-        buffers["copy_out"] = (copy, tuple(COPY_CODES))
+    buffers = {} if low_param else {"param": (param, FP32)}
+    buffers.update(exp_avg=(exp_avg, FP32), exp_avg_sq=(exp_avg_sq, FP32))
+    if out is not None:
+        buffers["copy_out"] = (out, tuple(COPY_CODES))
 
-    def run(begin: int, end: int, grad_fp32: torch.Tensor) -> None:  # elements [begin, end) of every buffer
+    def run(begin: int, end: int, grad_fp32: torch.Tensor, weights_fp32: torch.Tensor | None) -> None:
+        """The kernel on elements [begin, end) of every buffer (weights_fp32: the widened bf16/fp16 param)."""
         size = end - begin
         ptrs = {name: kernel_ptr(t if size == n else t.view(-1)[begin:end], size, dtypes, name=name, owner=owner)
                 for name, (t, dtypes) in buffers.items()}
         ptrs.setdefault("copy_out", 0)
+        if weights_fp32 is not None:
+            ptrs["param"] = kernel_ptr(weights_fp32, size, name="param", owner=owner)
         kernel(**ptrs, grad=kernel_ptr(grad_fp32, size, name="grad", owner=owner), n=size, **scalars)
 
     if grad.numel() != n:
         raise ValueError(f"{owner}: grad must have {n} elements (as the param), got {grad.numel()}")
     if not grad.is_contiguous():  # rare (torch makes grads contiguous): one copy in grad's own dtype
         grad = grad.contiguous()
-    if grad.dtype == torch.float32:
-        run(0, n, grad)
+    if grad.dtype == torch.float32 and not low_param:
+        run(0, n, grad, None)
         return
     for name, (t, dtypes) in buffers.items():  # whole first, so that a bad one is named before it is sliced
         kernel_ptr(t, n, dtypes, name=name, owner=owner)
-    grad_flat = grad.view(-1)
-    scratch = torch.empty(min(CHUNK, n), dtype=torch.float32)
+    grad_flat, param_flat = grad.view(-1), param.view(-1)
+    grad_scratch = torch.empty(min(CHUNK, n), dtype=torch.float32) if grad.dtype != torch.float32 else None
+    weight_scratch = torch.empty(min(CHUNK, n), dtype=torch.float32) if low_param else None
     for begin, end in _chunks(n):
-        work = scratch[: end - begin]
-        work.copy_(grad_flat[begin:end])
-        run(begin, end, work)
+        work = grad_flat[begin:end]
+        if grad_scratch is not None:
+            work = grad_scratch[: end - begin]
+            work.copy_(grad_flat[begin:end])
+        weights = None
+        if low_param:
+            weights = weight_scratch[: end - begin]
+            weights.copy_(param_flat[begin:end])
+        run(begin, end, work, weights)
 
 
 def native_stream_probe(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
