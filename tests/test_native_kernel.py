@@ -61,6 +61,29 @@ def test_phi_over_whole_fp32_range(isa, p):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("p", [1.2, 0.5])
+def test_phi_under_flush_denormal(isa, p):
+    """torch.set_flush_denormal(True) (DAZ + FTZ): a subnormal gradient gives 0, as torch's own arithmetic does
+    there, or its true phi (it once came back unchanged, un-powered); never NaN; normal ones keep the usual
+    accuracy."""
+    x = all_fp32_sample()
+    torch.set_flush_denormal(True)
+    try:
+        got = native_grad_power(x, p, isa=isa)
+    finally:
+        torch.set_flush_denormal(False)
+    subnormal_in = (x != 0) & (x.abs() < 2.0**-126)
+    powered = subnormal_in & (got != 0)
+    assert subnormal_in.sum() > 1000 and (p > 1 or powered.any())  # p < 1 lifts some out of the subnormal range
+    assert_phi_accurate(got[powered], x[powered], p)
+    assert torch.equal(torch.isnan(got), torch.isnan(x))
+    exact = torch.sign(x.double()) * x.double().abs().pow(p)
+    normal_out = ~subnormal_in & ~(exact.abs() < 2.0**-126) & torch.isfinite(exact.float())
+    assert_phi_accurate(got[normal_out], x[normal_out], p)
+    assert (got[~subnormal_in & (exact.abs() < 2.0**-126)].abs() < 2.0**-126).all()  # flushed or subnormal
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_phi_with_power_eps_and_odd_lengths(isa):
     for n in (0, 1, 15, 16, 17, 31, 33, 1000):
         x = torch.randn(n) * 1e-3

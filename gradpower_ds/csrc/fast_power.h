@@ -67,10 +67,11 @@ GP_INLINE typename V::F grad_power(typename V::F g, Exponent p, typename V::F ep
   if constexpr (!kPow && !kEps) return g;
   const typename V::F a = kEps ? V::add(V::abs(g), eps) : V::abs(g);
   const typename V::F mag = kPow ? pow_positive<V>(a, p) : a;
-  // Lanes with g = +-0, +-Inf or NaN keep g itself (phi(0) = 0 even with eps).
+  // Lanes with g = +-0, +-Inf or NaN keep g (phi(0) = 0 even with eps), as g + 0: under DAZ (flush-denormal
+  // mode) a subnormal g compares equal to 0 and must give 0, as torch's own arithmetic does there, not g.
   const typename V::M special = kEps ? V::mask_or(V::eq(g, V::set1(0.0f)), V::zero_or_not_finite(a))
                                      : V::zero_or_not_finite(a);
-  return V::select(special, g, V::copysign(mag, g));
+  return V::select(special, V::add(g, V::set1(0.0f)), V::copysign(mag, g));
 }
 
 }  // namespace
