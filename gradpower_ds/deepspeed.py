@@ -50,7 +50,8 @@ _log = logging.getLogger(__name__)
 
 
 UNREGISTERED_ERROR = re.compile(r"\b(adamw?power) is not a supported DeepSpeed Optimizer", re.IGNORECASE)
-"""DeepSpeed's AssertionError (0.16.0 through 0.19.8) for a config naming our optimizer in a process where register() did not run."""
+"""DeepSpeed's AssertionError (0.16.0 through 0.19.8) for a config naming our optimizer in a process where
+register() did not run."""
 UNREGISTERED_HINT = (
     "gradpower_ds: DeepSpeed knows \"type\": \"AdamPower\" / \"AdamWPower\" only in a process that called "
     "gradpower_ds.deepspeed.register() before deepspeed.initialize. Add `import gradpower_ds.deepspeed; "

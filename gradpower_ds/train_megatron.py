@@ -259,10 +259,11 @@ def unwrap(model):
 def sharded_state(model, optimizer, scheduler, step: int, loading: bool, train_seconds: float = 0.0) -> dict:
     """The state dict dist_checkpointing saves and loads: model and optimizer shards plus plain run state (the
     iteration, and the training seconds so far for the run's tokens/s)."""
-    from megatron_patches import MEGATRON_CORE
+    from megatron_patches.patches import DP_RESHARDABLE_FROM, MEGATRON_CORE
 
-    # "dp_reshardable" (megatron-core 0.15.0 on) reshards by data-parallel size; before it, the model-space format
-    sharding = "dp_reshardable" if MEGATRON_CORE.installed_at_least("0.15.0") else "fully_sharded_model_space"
+    # "dp_reshardable" reshards by data-parallel size; before it, the model-space format
+    sharding = "dp_reshardable" if MEGATRON_CORE.installed_at_least(DP_RESHARDABLE_FROM) else \
+        "fully_sharded_model_space"
     model_state = unwrap(model).sharded_state_dict()
     return {"model": model_state,
             "optimizer": optimizer.sharded_state_dict(model_state, is_loading=loading,

@@ -3,10 +3,11 @@
 ``PATCHES`` is a ``gradpower_ds.patching.PatchSet``: a megatron-core outside
 ``SUPPORTED_MEGATRON_CORE`` (the tested range) is refused with ``UnsupportedMegatronError``
 naming it. Where an internal differs between supported versions, the list holds one adapter
-for it with the version named beside it. Every patch is undone by ``remove()``. What each patch does is documented where its wrapper
-lives: ``megatron_patches.optimizer`` (AdamPower), ``megatron_patches.checkpoint`` (the
-DistributedOptimizer's checkpoints with torch's Adam), ``megatron_patches.arguments``
-(Megatron-LM's ``--optimizer`` and optimizer config, only where Megatron-LM is importable).
+for it with the version named beside it. Every patch is undone by ``remove()``. What each
+patch does is documented where its wrapper lives: ``megatron_patches.optimizer``
+(AdamPower), ``megatron_patches.checkpoint`` (the DistributedOptimizer's checkpoints with
+torch's Adam), ``megatron_patches.arguments`` (Megatron-LM's ``--optimizer`` and optimizer
+config, only where Megatron-LM is importable).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from gradpower_ds.versions import TESTED
 
 MEGATRON_CORE = Package("megatron-core", "megatron.core", "megatron-core", *TESTED["megatron-core"])
 SUPPORTED_MEGATRON_CORE = MEGATRON_CORE.supported
+# megatron-core 0.15.0 brought the "dp_reshardable" optimizer format, whose parameter-state load copies the step
+# from the loaded state; before it train_megatron saves "fully_sharded_model_space" and checkpoint fix 3 applies
+DP_RESHARDABLE_FROM = "0.15.0"
 
 
 class UnsupportedMegatronError(UnsupportedVersionError):
@@ -50,7 +54,7 @@ def _patches() -> list:
         # the DistributedOptimizer's checkpoints with torch's Adam (no TE/apex)
         Wrap(DistributedOptimizer, "state_dict", checkpoint.state_dict_with_initial_state),
         Wrap(DistributedOptimizer, "load_state_dict", checkpoint.load_state_dict_with_own_steps),
-        *([] if MEGATRON_CORE.installed_at_least("0.15.0") else
+        *([] if MEGATRON_CORE.installed_at_least(DP_RESHARDABLE_FROM) else
           [Wrap(DistributedOptimizer, "_set_main_param_and_optimizer_states", checkpoint.set_param_state_keeping_step)]),
         # Megatron-LM, where importable: --optimizer adampower and its optimizer config
         *megatron_lm,

@@ -108,6 +108,20 @@ def _chunks(n: int):
         yield begin, min(n, begin + CHUNK)
 
 
+def _scratch(t: torch.Tensor) -> torch.Tensor | None:
+    """The fp32 scratch chunk that widens a non-fp32 tensor t (None for an fp32 one, which needs none)."""
+    return None if t.dtype == torch.float32 else torch.empty(min(CHUNK, t.numel()), dtype=torch.float32)
+
+
+def _fp32_chunk(flat: torch.Tensor, scratch: torch.Tensor | None, begin: int, end: int) -> torch.Tensor:
+    """flat[begin:end] in fp32: the slice itself without scratch, else widened into the scratch chunk."""
+    if scratch is None:
+        return flat[begin:end]
+    work = scratch[: end - begin]
+    work.copy_(flat[begin:end])
+    return work
+
+
 def _power_fp32_(t: torch.Tensor, p: float, eps: float, isa_code: int, threads: int) -> None:
     n = t.numel()
     ptr = kernel_ptr(t, n, name="t", owner="native_power_")
@@ -123,11 +137,9 @@ def native_power_(t: torch.Tensor, p: float, eps: float = 0.0, isa: str | None =
     if t.dtype == torch.float32:
         _power_fp32_(t, p, eps, code, threads)
         return t
-    flat = t.view(-1)
-    scratch = torch.empty(min(CHUNK, flat.numel()), dtype=torch.float32)
+    flat, scratch = t.view(-1), _scratch(t)
     for begin, end in _chunks(flat.numel()):
-        work = scratch[: end - begin]
-        work.copy_(flat[begin:end])
+        work = _fp32_chunk(flat, scratch, begin, end)
         _power_fp32_(work, p, eps, code, threads)
         flat[begin:end].copy_(work)
     return t
@@ -186,19 +198,11 @@ def native_adam_power_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: tor
         return
     for name, (t, dtypes) in buffers.items():  # whole first, so that a bad one is named before it is sliced
         kernel_ptr(t, n, dtypes, name=name, owner=owner)
-    grad_flat, param_flat = grad.view(-1), param.view(-1)
-    grad_scratch = torch.empty(min(CHUNK, n), dtype=torch.float32) if grad.dtype != torch.float32 else None
-    weight_scratch = torch.empty(min(CHUNK, n), dtype=torch.float32) if low_param else None
+    grad_flat, grad_scratch = grad.view(-1), _scratch(grad)
+    param_flat, weight_scratch = param.view(-1), _scratch(param)
     for begin, end in _chunks(n):
-        work = grad_flat[begin:end]
-        if grad_scratch is not None:
-            work = grad_scratch[: end - begin]
-            work.copy_(grad_flat[begin:end])
-        weights = None
-        if low_param:
-            weights = weight_scratch[: end - begin]
-            weights.copy_(param_flat[begin:end])
-        run(begin, end, work, weights)
+        weights = _fp32_chunk(param_flat, weight_scratch, begin, end) if low_param else None
+        run(begin, end, _fp32_chunk(grad_flat, grad_scratch, begin, end), weights)
 
 
 def native_stream_probe(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
