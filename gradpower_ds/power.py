@@ -6,8 +6,8 @@ Two functions, one definition:
   compare every implementation against it; no training step runs it.
 - ``grad_power_`` is the hot path: in place, one pass, computed in fp32 (fp64 for
   fp64 tensors) for fp32/bf16/fp16 tensors alike, with no temporary larger than a
-  bounded chunk. On the CPU it runs the native kernel (2e-7 relative to the
-  reference over the whole fp32 range; 3e-7 with eps, added in fp32), on CUDA the Triton kernel once it is
+  bounded chunk. On the CPU it runs the native kernel (2.5e-7 relative to the
+  reference over the whole fp32 range for p <= 2, 1e-6 for p <= 8; see csrc/fast_power.h), on CUDA the Triton kernel once it is
   verified on a GPU (see ``ops.triton_adam_power.VERIFIED_ON_GPU``), elsewhere
   chunked torch ops, whose fp32 pow rounds p to fp32: up to 5e-6 relative for
   extreme |g| (~1e-30 or ~1e30), 4e-7 for |g| in [1e-8, 1e2].

@@ -30,6 +30,11 @@ def all_fp32_sample(n=1 << 21, seed=0) -> torch.Tensor:
     return torch.cat([x, edge_tensor()])
 
 
+def phi_rtol(p: float) -> float:
+    """The documented bound of native phi (csrc/fast_power.h): 2.5e-7 relative for p <= 2, 1e-6 for p <= 8."""
+    return 2.5e-7 if p <= 2 else 1e-6
+
+
 def assert_phi_accurate(got: torch.Tensor, x: torch.Tensor, p: float, eps: float = 0.0):
     ref = torch.sign(x.double()) * (x.double().abs() + eps).pow(p)
     assert torch.equal(torch.isnan(got), torch.isnan(ref)), "NaN must propagate, and only NaN"
@@ -38,10 +43,10 @@ def assert_phi_accurate(got: torch.Tensor, x: torch.Tensor, p: float, eps: float
     assert torch.equal(got[inf], ref32[inf]), "overflow/Inf must give the correctly signed Inf"
     finite = torch.isfinite(ref32)
     err = (got[finite].double() - ref[finite]).abs()
-    # 2e-7 relative; where the exact result is below fp32's normal range, plus the
+    # phi_rtol(p) relative; where the exact result is below fp32's normal range, plus the
     # half subnormal ulp that rounding onto the subnormal grid costs.
     subnormal = ref[finite].abs() < 2.0**-126
-    bound = 2e-7 * ref[finite].abs() + subnormal.double() * (SUBNORMAL_ULP / 2)
+    bound = phi_rtol(p) * ref[finite].abs() + subnormal.double() * (SUBNORMAL_ULP / 2)
     ratio = torch.where(bound > 0, err / bound.clamp_min(1e-300), torch.where(err > 0, float("inf"), 0.0))
     worst = ratio.max().item() if err.numel() else 0.0
     assert worst <= 1.0, f"phi error {worst:.3f}x the bound"
@@ -54,10 +59,35 @@ def native_grad_power(t: torch.Tensor, p: float, eps: float = 0.0, isa: str | No
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("p", [1.2, 0.5, 0.8, 1.5, 2.0, 1.0])
+@pytest.mark.parametrize("p", [1.2, 0.5, 0.8, 1.5, 2.0, 1.0, 4.0, 8.0])
 def test_phi_over_whole_fp32_range(isa, p):
+    """Random bit patterns (vectors mixing every range: AVX2's full path) and the same sorted by magnitude
+    (vectors of neighbours: mostly its normal-range fast path)."""
     x = all_fp32_sample()
     assert_phi_accurate(native_grad_power(x, p, isa=isa), x, p)
+    x = x[x.abs().argsort()]
+    assert_phi_accurate(native_grad_power(x, p, isa=isa), x, p)
+
+
+def fast_path_edges(p: float) -> torch.Tensor:
+    """Both signs of the values around the bounds of AVX2's normal-range fast path for p (x normal, p * log2 x in
+    [-124, 126]) and of fp32's normal range, a few ulps either side, in vectors of their own and mixed with zeros."""
+    centres = [2.0**-126, 2.0 ** (-124 / p), 2.0 ** (126 / p), 2.0 ** (-125 / p), 2.0 ** (127 / p)]
+    bits = torch.tensor([c for c in centres if c < 3e38], dtype=torch.float32).view(torch.int32)
+    around = (bits[:, None] + torch.arange(-8, 8, dtype=torch.int32)).flatten().view(torch.float32)
+    around = torch.cat([around, -around])
+    with_zeros = torch.stack([around, torch.zeros_like(around)], 1).flatten()  # every other lane +0
+    return torch.cat([around, with_zeros, -with_zeros])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("p", [0.5, 1.2, 2.0, 8.0])
+def test_phi_at_the_fast_path_bounds(isa, p):
+    x = fast_path_edges(p)
+    got = native_grad_power(x, p, isa=isa)
+    assert_phi_accurate(got, x, p)
+    assert torch.equal(got[x == 0].view(torch.int32), torch.zeros_like(got[x == 0]).view(torch.int32)), \
+        "phi(+-0) must be +0"
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -51,6 +51,7 @@ GP_INLINE typename V::I to_bf16_bits(typename V::F x) {
 // adds compute to the loop; with this the fused step runs at memory speed.
 // (Prefetches never fault, so running past the end of a buffer is harmless.)
 constexpr int64_t kPrefetchAhead = 512;
+constexpr int64_t kLine = 16;  // fp32 elements per 64-byte cache line
 
 GP_INLINE void prefetch_streams(const AdamPowerArgs& a, int64_t i) {
   __builtin_prefetch(a.param + i + kPrefetchAhead, 1, 3);
@@ -71,13 +72,13 @@ struct Broadcast {
         inv_bias_corr2_sqrt(V::set1(a.inv_bias_corr2_sqrt)), power_eps(V::set1(a.power_eps)), power(a.power) {}
 };
 
-// Updates W lanes at w, g, m, v (and the copy-out lanes at out).
-template <class V, bool kPow, bool kEps, CopyOut kCopy>
-GP_INLINE void adam_power_lanes(const Broadcast<V>& c, float* __restrict w, const float* __restrict gr,
-                                float* __restrict m, float* __restrict v, void* __restrict out) {
+// Updates W lanes at w, m, v (and the copy-out lanes at out) with the powered gradient pg.
+template <class V, CopyOut kCopy>
+GP_INLINE void adam_lanes(const Broadcast<V>& c, float* __restrict w, typename V::F pg, float* __restrict m,
+                          float* __restrict v, void* __restrict out) {
   using F = typename V::F;
   const F w0 = V::load(w), m0 = V::load(m), v0 = V::load(v);
-  const F g = V::fma(c.l2, w0, grad_power<V, kPow, kEps>(V::load(gr), c.power, c.power_eps));
+  const F g = V::fma(c.l2, w0, pg);
   const F m1 = V::fma(c.one_minus_beta1, V::sub(g, m0), m0);
   const F v1 = V::add(V::mul(c.beta2, v0), V::mul(V::mul(c.one_minus_beta2, g), g));
   const F denom = V::add(V::mul(V::sqrt(v1), c.inv_bias_corr2_sqrt), c.eps);
@@ -89,7 +90,13 @@ GP_INLINE void adam_power_lanes(const Broadcast<V>& c, float* __restrict w, cons
   if constexpr (kCopy == CopyOut::kFP16) V::store_fp16(static_cast<Half*>(out), w1);
 }
 
-// Elements [begin, end): full vectors with V, the remainder with Scalar.
+// Elements [begin, end) in blocks of kBlock: phi over the block's gradient into
+// an L1-resident buffer, then Adam over the block reading it. Two short
+// dependency chains per vector instead of one long one keep the out-of-order
+// core fed (the fused chain, phi then sqrt and div, is ~150 cycles deep).
+// The tail: full vectors with V, the remainder with Scalar.
+constexpr int64_t kBlock = 256;
+
 template <class V, bool kPow, bool kEps, CopyOut kCopy>
 GP_INLINE void adam_power_chunk(const AdamPowerArgs& a, int64_t begin, int64_t end) {
   float* __restrict w = a.param;
@@ -100,13 +107,29 @@ GP_INLINE void adam_power_chunk(const AdamPowerArgs& a, int64_t begin, int64_t e
   char* __restrict out = static_cast<char*>(a.copy_out);
   const Broadcast<V> vec(a);
   const Broadcast<Scalar> one(a);
+  // Without power or power_eps phi is the identity: Adam reads the gradient itself.
+  constexpr bool kIdentity = !kPow && !kEps;
+  alignas(64) float powered[kIdentity ? 1 : kBlock];
   int64_t i = begin;
-  for (; i + V::W <= end; i += V::W) {
-    prefetch_streams(a, i);
-    adam_power_lanes<V, kPow, kEps, kCopy>(vec, w + i, g + i, m + i, v + i, out + i * out_size);
+  for (; i + kBlock <= end; i += kBlock) {
+    const float* pg = g + i;
+    if constexpr (!kIdentity) {
+      for (int64_t j = 0; j < kBlock; j += V::W)
+        V::store(powered + j, grad_power<V, kPow, kEps>(V::load(g + i + j), vec.power, vec.power_eps));
+      pg = powered;
+    }
+    for (int64_t j = 0; j < kBlock; j += kLine) {  // one prefetch per cache line of each stream
+      prefetch_streams(a, i + j);
+      for (int64_t k = j; k < j + kLine; k += V::W)
+        adam_lanes<V, kCopy>(vec, w + i + k, V::load(pg + k), m + i + k, v + i + k, out + (i + k) * out_size);
+    }
   }
+  for (; i + V::W <= end; i += V::W)
+    adam_lanes<V, kCopy>(vec, w + i, grad_power<V, kPow, kEps>(V::load(g + i), vec.power, vec.power_eps), m + i,
+                         v + i, out + i * out_size);
   for (; i < end; ++i)
-    adam_power_lanes<Scalar, kPow, kEps, kCopy>(one, w + i, g + i, m + i, v + i, out + i * out_size);
+    adam_lanes<Scalar, kCopy>(one, w + i, grad_power<Scalar, kPow, kEps>(g[i], one.power, one.power_eps), m + i,
+                              v + i, out + i * out_size);
 }
 
 // The optimizer's memory traffic with no arithmetic to speak of (read w, g, m,
@@ -125,10 +148,11 @@ GP_INLINE void stream_probe_lanes(const AdamPowerArgs& a, int64_t i) {
 template <class V>
 GP_INLINE void stream_probe_chunk(const AdamPowerArgs& a, int64_t begin, int64_t end) {
   int64_t i = begin;
-  for (; i + V::W <= end; i += V::W) {
+  for (; i + kLine <= end; i += kLine) {
     prefetch_streams(a, i);
-    stream_probe_lanes<V>(a, i);
+    for (int64_t j = i; j < i + kLine; j += V::W) stream_probe_lanes<V>(a, j);
   }
+  for (; i + V::W <= end; i += V::W) stream_probe_lanes<V>(a, i);
   for (; i < end; ++i) stream_probe_lanes<Scalar>(a, i);
 }
 

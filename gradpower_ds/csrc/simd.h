@@ -42,22 +42,29 @@ using Half = __fp16;
 #endif
 
 // frexp from the bit pattern, for instruction sets without getexp/getmant:
-// x = 2^e * m with m in [3/4, 3/2); subnormal x are scaled by 2^24 first.
+// x = 2^e * m with m in [1, 2); subnormal x are scaled by 2^24 first.
 template <class V>
 GP_INLINE void frexp_bits(typename V::F x, typename V::F& e, typename V::F& m) {
   const typename V::M tiny = V::lt(x, V::set1(0x1p-126f));
   const typename V::I bits = V::as_int(V::select(tiny, V::mul(x, V::set1(0x1p24f)), x));
   e = V::sub(V::to_float(V::template srl_i<23>(bits)),
              V::select(tiny, V::set1(127.0f + 24.0f), V::set1(127.0f)));
-  m = V::as_float(V::or_i(V::and_i(bits, V::set1_i(0x007fffff)), V::set1_i(0x3f800000)));  // [1, 2)
-  const typename V::M big = V::not_lt(m, V::set1(1.5f));
-  m = V::select(big, V::mul(m, V::set1(0.5f)), m);
-  e = V::select(big, V::add(e, V::set1(1.0f)), e);
+  m = V::as_float(V::or_i(V::and_i(bits, V::set1_i(0x007fffff)), V::set1_i(0x3f800000)));
+}
+
+// frexp for normal x (or x = +0, which gives junk): no subnormal scaling.
+template <class V>
+GP_INLINE void frexp_normal_bits(typename V::F x, typename V::F& e, typename V::F& m) {
+  const typename V::I bits = V::as_int(x);
+  e = V::sub(V::to_float(V::template srl_i<23>(bits)), V::set1(127.0f));
+  m = V::as_float(V::or_i(V::and_i(bits, V::set1_i(0x007fffff)), V::set1_i(0x3f800000)));
 }
 
 #if GP_X86
 struct Avx512 {
   static constexpr int W = 16;
+  // frexp and ldexp_eighths cover the whole range in one instruction each: no normal-range fast path.
+  static constexpr bool kNormalFastPath = false;
   using F = __m512; using I = __m512i; using M = __mmask16;
 #define GP_FN GP_TARGET_AVX512 GP_INLINE static
   GP_FN F load(const float* p) { return _mm512_loadu_ps(p); }
@@ -92,18 +99,18 @@ struct Avx512 {
   template <int N> GP_FN I srl_i(I a) { return _mm512_srli_epi32(a, N); }
   GP_FN F to_float(I a) { return _mm512_cvtepi32_ps(a); }
   GP_FN F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  // x = 2^e * m with m in [3/4, 3/2), e integer valued (subnormal x handled); 0/Inf/NaN give junk.
+  GP_FN I to_int(F a) { return _mm512_cvtps_epi32(a); }  // out of int32 range: INT32_MIN
+  // x = 2^e * m with m in [1, 2), e integer valued (subnormal x handled); 0/Inf/NaN give junk.
   GP_FN void frexp(F x, F& e, F& m) {
-    m = _mm512_getmant_ps(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_zero);
-    e = _mm512_mask_add_ps(_mm512_getexp_ps(x), lt(m, set1(1.0f)), _mm512_getexp_ps(x), set1(1.0f));
+    m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
+    e = _mm512_getexp_ps(x);
   }
-  // r * 2^k for integer-valued k, one rounding (overflow -> Inf, gradual underflow).
-  GP_FN F ldexp(F r, F k) { return _mm512_scalef_ps(r, k); }
-  // hi + lo == a * b exactly.
-  GP_FN void two_prod(F a, F b, F& hi, F& lo) {
-    hi = _mm512_mul_ps(a, b);
-    lo = _mm512_fmsub_ps(a, b, hi);
+  // table[i & 7] per lane: the 8 entries in both halves of one register, one permute.
+  GP_FN F lookup8(const float (&table)[8], I i) {
+    return _mm512_permutexvar_ps(i, _mm512_broadcast_f32x8(_mm256_loadu_ps(table)));
   }
+  // r * 2^floor(n8 / 8) for integer-valued n8, one rounding (overflow -> Inf, gradual underflow).
+  GP_FN F ldexp_eighths(F r, F n8) { return _mm512_scalef_ps(r, mul(n8, set1(0.125f))); }
   // Low-precision stores of W lanes.
   GP_FN void store_u16(uint16_t* p, I x) { _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(x)); }
   GP_FN void store_fp16(Half* p, F x) {
@@ -114,6 +121,9 @@ struct Avx512 {
 
 struct Avx2 {
   static constexpr int W = 8;
+  // Subnormal inputs and results cost AVX2 a dozen extra instructions per vector: vectors whose
+  // lanes are all zero or normal with a normal result take the *_normal variants below.
+  static constexpr bool kNormalFastPath = true;
   using F = __m256; using I = __m256i; using M = __m256;
 #define GP_FN GP_TARGET_AVX2 GP_INLINE static
   GP_FN F load(const float* p) { return _mm256_loadu_ps(p); }
@@ -134,6 +144,7 @@ struct Avx2 {
     return mask_or(eq(a, _mm256_setzero_ps()), not_lt(a, set1(__builtin_inff())));
   }
   GP_FN F select(M m, F yes, F no) { return _mm256_blendv_ps(no, yes, m); }
+  GP_FN F and_not(M m, F x) { return _mm256_andnot_ps(m, x); }  // x, with the lanes in m zeroed
   GP_FN I as_int(F x) { return _mm256_castps_si256(x); }
   GP_FN F as_float(I x) { return _mm256_castsi256_ps(x); }
   GP_FN I set1_i(int32_t x) { return _mm256_set1_epi32(x); }
@@ -147,21 +158,35 @@ struct Avx2 {
   template <int N> GP_FN I srl_i(I a) { return _mm256_srli_epi32(a, N); }
   GP_FN F to_float(I a) { return _mm256_cvtepi32_ps(a); }
   GP_FN F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  GP_FN I to_int(F a) { return _mm256_cvtps_epi32(a); }  // out of int32 range: INT32_MIN
   GP_FN void frexp(F x, F& e, F& m) { frexp_bits<Avx2>(x, e, m); }
-  // r * 2^k1 * 2^k2 with k1 = floor(k / 2), k2 = k - k1 (k clamped to +-252, where the
-  // result is 0 or Inf anyway): whenever the result is representable, r * 2^k1 is a
-  // normal float (exact), so only the second product rounds.
-  GP_FN F ldexp(F r, F k) {
-    const I ki = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(k, set1(-252.0f)), set1(252.0f)));
-    const I k1 = _mm256_srai_epi32(ki, 1);
-    return mul(mul(r, pow2(k1)), pow2(_mm256_sub_epi32(ki, k1)));
+  GP_FN F lookup8(const float (&table)[8], I i) { return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), i); }
+  // r * 2^k1 * 2^k2 with k = floor(n8 / 8) (n8 clamped to +-2016, where the result is 0 or
+  // Inf anyway), k1 = floor(k / 2), k2 = k - k1: whenever the result is representable,
+  // r * 2^k1 is a normal float (exact), so only the second product rounds.
+  GP_FN F ldexp_eighths(F r, F n8) {
+    const I k = _mm256_srai_epi32(to_int(_mm256_min_ps(_mm256_max_ps(n8, set1(-2016.0f)), set1(2016.0f))), 3);
+    const I k1 = _mm256_srai_epi32(k, 1);
+    return mul(mul(r, pow2(k1)), pow2(_mm256_sub_epi32(k, k1)));
+  }
+  // The normal-range fast path: x normal (or +0: junk); r * 2^floor(n8 / 8) normal, so the
+  // scaling is an add to r's exponent field (k << 23, with k's low bits from n8 << 20).
+  GP_FN void frexp_normal(F x, F& e, F& m) { frexp_normal_bits<Avx2>(x, e, m); }
+  GP_FN F ldexp_eighths_normal(F r, F n8) {
+    const I k = _mm256_and_si256(_mm256_slli_epi32(to_int(n8), 20), set1_i(int32_t(0xff800000u)));
+    return as_float(_mm256_add_epi32(as_int(r), k));
+  }
+  // Whether every lane is +0 or has lo <= bits(a) <= hi (a >= 0, lo >= 1): bits(a) - 1 >= lo - 1
+  // as unsigned (so +0, which wraps to the top, passes), compared signed after flipping the sign bit.
+  GP_FN bool zero_or_within(F a, int32_t lo, int32_t hi) {
+    const I u = as_int(a);
+    const I below = _mm256_cmpgt_epi32(set1_i(int32_t(uint32_t(lo - 1) ^ 0x80000000u)),
+                                       _mm256_add_epi32(u, set1_i(0x7fffffff)));
+    const I outside = _mm256_or_si256(below, _mm256_cmpgt_epi32(u, set1_i(hi)));
+    return _mm256_testz_si256(outside, outside);
   }
   GP_FN F pow2(I k) {  // 2^k for integer k in [-126, 127]
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
-  }
-  GP_FN void two_prod(F a, F b, F& hi, F& lo) {
-    hi = _mm256_mul_ps(a, b);
-    lo = _mm256_fmsub_ps(a, b, hi);
   }
   GP_FN void store_u16(uint16_t* p, I x) {
     const __m128i lo = _mm256_castsi256_si128(x), hi = _mm256_extracti128_si256(x, 1);
@@ -176,6 +201,7 @@ struct Avx2 {
 
 struct Scalar {
   static constexpr int W = 1;
+  static constexpr bool kNormalFastPath = false;
   using F = float; using I = uint32_t; using M = bool;
 #define GP_FN GP_INLINE static
   GP_FN F load(const float* p) { return *p; }
@@ -210,16 +236,16 @@ struct Scalar {
     const float shift = 0x1.8p23f;
     return __builtin_fabsf(a) < 0x1p22f ? (a + shift) - shift : a;
   }
-  GP_FN void frexp(F x, F& e, F& m) { frexp_bits<Scalar>(x, e, m); }
-  GP_FN F ldexp(F r, F k) {  // through double; k clamped so 2^k stays a normal double
-    k = k < -300.0f ? -300.0f : (k > 300.0f ? 300.0f : k);
-    const int64_t bits = int64_t(int32_t(k) + 1023) << 52;
-    return float(double(r) * __builtin_bit_cast(double, bits));
+  GP_FN I to_int(F a) {  // as the x86 conversion: out of int32 range (or NaN) gives INT32_MIN
+    return (a > -0x1p31f && a < 0x1p31f) ? I(int32_t(a)) : I(0x80000000u);
   }
-  GP_FN void two_prod(F a, F b, F& hi, F& lo) {  // a * b is exact in double
-    const double prod = double(a) * double(b);
-    hi = float(prod);
-    lo = float(prod - double(hi));
+  GP_FN void frexp(F x, F& e, F& m) { frexp_bits<Scalar>(x, e, m); }
+  GP_FN F lookup8(const float (&table)[8], I i) { return table[i & 7]; }
+  GP_FN F ldexp_eighths(F r, F n8) {  // through double; k = floor(n8 / 8) clamped so 2^k stays a normal double
+    n8 = n8 < -2400.0f ? -2400.0f : (n8 > 2400.0f ? 2400.0f : n8);
+    const int32_t k = int32_t(n8) >> 3;
+    const int64_t bits = int64_t(k + 1023) << 52;
+    return float(double(r) * __builtin_bit_cast(double, bits));
   }
   GP_FN void store_u16(uint16_t* p, I x) { *p = uint16_t(x); }
   GP_FN void store_fp16(Half* p, F x) { *p = static_cast<Half>(x); }
