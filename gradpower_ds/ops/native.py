@@ -90,16 +90,16 @@ def _layout_error(t, n: int, dtypes, name: str, owner: str) -> Exception | None:
 
 
 def fits(t: torch.Tensor, n: int, dtypes=FP32) -> bool:
-    """Whether the kernel can take `t` as n contiguous CPU elements of one of `dtypes` (what kernel_ptr checks)."""
-    return _layout_error(t, n, dtypes, "tensor", "") is None
+    """Whether the kernel can take `t` as n contiguous CPU elements of one of `dtypes` (what kernel_ptr checks;
+    the same conditions as _layout_error, in one expression: it runs per tensor and step)."""
+    return isinstance(t, torch.Tensor) and t.is_cpu and t.dtype in dtypes and t.is_contiguous() and t.numel() == n
 
 
 def kernel_ptr(t: torch.Tensor, n: int, dtypes=FP32, *, name: str, owner: str) -> int:
     """t's data_ptr for the kernel, after checking that t is a contiguous CPU tensor of one of `dtypes` with
     exactly n elements (the kernel reads or writes n of them); TypeError/ValueError naming `name` otherwise."""
-    error = _layout_error(t, n, dtypes, name, owner)
-    if error is not None:
-        raise error
+    if not fits(t, n, dtypes):
+        raise _layout_error(t, n, dtypes, name, owner)
     return t.data_ptr()
 
 
