@@ -3,8 +3,10 @@
 One launched job (tests/jobs/ds_matrix.py, 2 gloo ranks) trains every case; each
 test here checks one case against ds_toy.reference_run:
 
-- fp32: every parameter within 1e-5 relative (norm per tensor) of the reference
-  AdamPower run, and power=1 within 1e-5 of DeepSpeed's own "AdamW".
+- fp32: power=1 within FP32_TOL (1e-5) of DeepSpeed's own "AdamW" through the same
+  pipeline (the same gradients: measured 1.0e-6 on every ISA); both powers within
+  reference_tolerance() of the unsharded reference run (see there: the two compute
+  gradients in different orders, and Adam amplifies that at near-zero gradients).
 - bf16/fp16: forward/backward in low precision rounds gradients differently from
   the reference, and Adam's normalisation turns rounding of small gradients into
   O(lr) differences, so the update (params - init) is compared by norm:
@@ -28,6 +30,25 @@ from jobs import ds_toy
 
 JOB = Path(__file__).parent / "jobs" / "ds_matrix.py"
 FP32_TOL = 1e-5
+# Why the DeepSpeed pipeline and the unsharded reference may differ by more than FP32_TOL, whatever the optimizer
+# (tests/test_deepspeed_matrix.py, z3-fp32 at p = 1: 1.67e-5 on an AVX2-only CPU, 3.0e-6 on AVX-512; reproduced on
+# AVX-512 with ATEN_CPU_CAPABILITY=avx2 alone, while ours vs DeepSpeed's AdamW stayed 1.02e-6 in every
+# combination of ATen, oneDNN, MKL, DeepSpeed's ops and our kernel forced to AVX2):
+# - 99.5 % of the squared error sits in ONE element, layers.0.attn.qkv.weight[1962]. Its four micro-batch
+#   gradient contributions are about 2.5e-4 and cancel to 3.0e-9 (a factor 1.6e5). The reference sums them
+#   ((a + b) + c) + d; DeepSpeed sums per rank, then across ranks, scaling on the way. One ulp of a contribution
+#   is 5.8e-11, so the orders disagree by a few of those (the micro-batch values, and so where the sums round,
+#   change with ATen's vector width): about 1.6e-10 on AVX2, 3e-11 on AVX-512.
+# - Adam's first step moves the element by lr * g / (|g| + eps), whose slope lr * eps / (|g| + eps)**2 is
+#   5.9e5 here (up to lr / eps = 1e6 at g = 0): 1.6e-10 becomes 9.4e-5, i.e. 1.67e-5 of the tensor's norm (5.7).
+#   Later steps do not shrink it (their gradients are 1e-4 and larger; the first update stays).
+# - So one element whose gradient cancels costs up to lr * k * ulp(G) / eps / ||W|| = 1e-2 * 4 * 5.8e-11 / 1e-8
+#   / 5.7 = 4e-5 of a tensor (k ~ 4 roundings apart, G ~ 2.5e-4 the contribution size) on any CPU, by chance
+#   of rounding; 1e-5 passed on AVX-512 by luck. Any Adam in this pipeline shows it, DeepSpeed's own included.
+# The reference check is therefore bounded by DeepSpeed's own AdamW in the same pipeline (twice its distance,
+# at least FP32_TOL), and that distance by FP32_REFERENCE_CAP, the bound above with room for a second such
+# element; the tight check of our arithmetic is ours vs DeepSpeed's AdamW at FP32_TOL.
+FP32_REFERENCE_CAP = 1e-4
 LOW_PRECISION_TOL = 0.15
 LOW_PRECISION_VS_ADAMW = 1e-2
 CASES = ds_toy.matrix_cases()
@@ -70,15 +91,21 @@ def update_rel_error(got: dict, want: dict) -> float:
     return (diff / update).item()
 
 
-def check_case(results: dict, case: tuple, world: int, ours_class: str, adamw_class: str,
-               gradients_elsewhere: bool = False) -> None:
+def reference_tolerance(adamw_params: dict, want_p1: dict) -> float:
+    """The fp32 tolerance against the unsharded reference (see FP32_REFERENCE_CAP): twice the distance DeepSpeed's
+    own AdamW, through the same pipeline, keeps from the reference at p = 1, at least FP32_TOL; that distance must
+    itself stay within FP32_REFERENCE_CAP (else the pipeline, not the optimizer, is wrong)."""
+    adamw_distance = tensor_rel_error(adamw_params, want_p1)
+    assert adamw_distance <= FP32_REFERENCE_CAP, f"DeepSpeed's own AdamW is {adamw_distance:.3g} from the reference"
+    return max(FP32_TOL, 2 * adamw_distance)
+
+
+def check_case(results: dict, case: tuple, world: int, ours_class: str, adamw_class: str) -> None:
     """One matrix case of a ds_matrix.py job on `world` ranks against the reference and DeepSpeed's AdamW.
 
-    gradients_elsewhere: the job computed its gradients on another device than the CPU reference (a GPU's
-    GEMMs round differently, and Adam's normalisation turns that rounding into update differences wherever a
-    gradient is near zero; 2.0e-5 was seen for ZeRO-3 fp32 on an H200). The fp32 tolerance is then twice the
-    distance DeepSpeed's own AdamW, through the same pipeline, keeps from the reference at p = 1 (at least
-    FP32_TOL): ours may be no further from the float64 maths than DeepSpeed's Adam is on that device.
+    Gradients computed elsewhere (a GPU's GEMMs, another CPU's vector width) round differently from the CPU
+    reference; reference_tolerance() bounds what that may cost (2.0e-5 was seen for ZeRO-3 fp32 on an H200,
+    1.67e-5 on an AVX2-only CPU): ours may be no further from the reference than DeepSpeed's Adam is there.
     """
     stage, dtype, offload, _ = case
     ds_toy.skip_zero3_where_deepspeed_races(stage)
@@ -90,10 +117,10 @@ def check_case(results: dict, case: tuple, world: int, ours_class: str, adamw_cl
     want = reference(dtype, 1.2, stage == 0, world, ours["wrapper"])
     if dtype == "fp32":
         want_p1 = reference(dtype, 1.0, stage == 0, world)
-        tol = max(FP32_TOL, 2 * tensor_rel_error(adamw["params"], want_p1)) if gradients_elsewhere else FP32_TOL
+        tol = reference_tolerance(adamw["params"], want_p1)
         assert tensor_rel_error(ours["params"], want) <= tol
         assert tensor_rel_error(ours_p1["params"], want_p1) <= tol
-        assert tensor_rel_error(ours_p1["params"], adamw["params"]) <= tol
+        assert tensor_rel_error(ours_p1["params"], adamw["params"]) <= FP32_TOL
         # the check can tell the powers apart: p = 1.2 and p = 1 land far outside the tolerance
         assert tensor_rel_error(ours["params"], ours_p1["params"]) > max(100 * FP32_TOL, 10 * tol)
     else:

@@ -98,7 +98,7 @@ def test_deepspeed_on_one_gpu(tmp_path):
     for case in GPU_CASES:
         offload = case[2]
         check_case(results, case, world=1, ours_class="CPUAdamPower" if offload else "AdamPower",
-                   adamw_class="DeepSpeedCPUAdam" if offload else "FusedAdam", gradients_elsewhere=True)
+                   adamw_class="DeepSpeedCPUAdam" if offload else "FusedAdam")
 
 
 def test_main_job_on_gpu_resumes_exactly(tmp_path):
