@@ -14,11 +14,15 @@
 
 namespace gradpower {
 
+// How param and grad are stored: fp32, or (as DeepSpeedCPUAdam takes them) both bf16 or both fp16,
+// updated in fp32 registers with fp32 moments and rounded back in place.
+enum class Dtype : int { kFP32 = 0, kBF16 = 1, kFP16 = 2 };
+// The low-precision copy of an fp32 param's new weights, if any (codes as Dtype's).
 enum class CopyOut : int { kNone = 0, kBF16 = 1, kFP16 = 2 };
 
 struct AdamPowerArgs {
-  float* param;
-  const float* grad;
+  void* param;       // n elements of the param dtype
+  const void* grad;  // n elements of the param dtype
   float* exp_avg;
   float* exp_avg_sq;
   void* copy_out;  // bf16/fp16 destination or nullptr
@@ -53,11 +57,27 @@ GP_INLINE typename V::I to_bf16_bits(typename V::F x) {
 constexpr int64_t kPrefetchAhead = 512;
 constexpr int64_t kLine = 16;  // fp32 elements per 64-byte cache line
 
-GP_INLINE void prefetch_streams(const AdamPowerArgs& a, int64_t i) {
-  __builtin_prefetch(a.param + i + kPrefetchAhead, 1, 3);
-  __builtin_prefetch(a.grad + i + kPrefetchAhead, 0, 3);
+// Elements of `bytes` bytes each.
+GP_INLINE void prefetch_streams(const AdamPowerArgs& a, int64_t i, int bytes) {
+  __builtin_prefetch(static_cast<const char*>(a.param) + (i + kPrefetchAhead) * bytes, 1, 3);
+  __builtin_prefetch(static_cast<const char*>(a.grad) + (i + kPrefetchAhead) * bytes, 0, 3);
   __builtin_prefetch(a.exp_avg + i + kPrefetchAhead, 1, 3);
   __builtin_prefetch(a.exp_avg_sq + i + kPrefetchAhead, 1, 3);
+}
+
+// W lanes of element i of a buffer stored as kD, widened to fp32 (exactly), and back (rounded to nearest even).
+template <class V, Dtype kD>
+GP_INLINE typename V::F load_fp32(const void* base, int64_t i) {
+  if constexpr (kD == Dtype::kFP32) return V::load(static_cast<const float*>(base) + i);
+  else if constexpr (kD == Dtype::kBF16) return V::load_bf16(static_cast<const uint16_t*>(base) + i);
+  else return V::load_fp16(static_cast<const Half*>(base) + i);
+}
+
+template <class V, Dtype kD>
+GP_INLINE void store_fp32(void* base, int64_t i, typename V::F x) {
+  if constexpr (kD == Dtype::kFP32) V::store(static_cast<float*>(base) + i, x);
+  else if constexpr (kD == Dtype::kBF16) V::store_u16(static_cast<uint16_t*>(base) + i, to_bf16_bits<V>(x));
+  else V::store_fp16(static_cast<Half*>(base) + i, x);
 }
 
 // The step's scalars broadcast once per chunk (so the hot loop reloads nothing).
@@ -72,22 +92,21 @@ struct Broadcast {
         inv_bias_corr2_sqrt(V::set1(a.inv_bias_corr2_sqrt)), power_eps(V::set1(a.power_eps)), power(a.power) {}
 };
 
-// Updates W lanes at w, m, v (and the copy-out lanes at out) with the powered gradient pg.
-template <class V, CopyOut kCopy>
-GP_INLINE void adam_lanes(const Broadcast<V>& c, float* __restrict w, typename V::F pg, float* __restrict m,
-                          float* __restrict v, void* __restrict out) {
+// Updates W lanes of element i (param stored as kParam, the copy-out as kCopy) with the powered gradient pg.
+template <class V, Dtype kParam, CopyOut kCopy>
+GP_INLINE void adam_lanes(const Broadcast<V>& c, void* __restrict w, typename V::F pg, float* __restrict m,
+                          float* __restrict v, void* __restrict out, int64_t i) {
   using F = typename V::F;
-  const F w0 = V::load(w), m0 = V::load(m), v0 = V::load(v);
+  const F w0 = load_fp32<V, kParam>(w, i), m0 = V::load(m + i), v0 = V::load(v + i);
   const F g = V::fma(c.l2, w0, pg);
   const F m1 = V::fma(c.one_minus_beta1, V::sub(g, m0), m0);
   const F v1 = V::add(V::mul(c.beta2, v0), V::mul(V::mul(c.one_minus_beta2, g), g));
   const F denom = V::add(V::mul(V::sqrt(v1), c.inv_bias_corr2_sqrt), c.eps);
   const F w1 = V::add(V::mul(w0, c.decay), V::div(V::mul(c.neg_step_size, m1), denom));
-  V::store(m, m1);
-  V::store(v, v1);
-  V::store(w, w1);
-  if constexpr (kCopy == CopyOut::kBF16) V::store_u16(static_cast<uint16_t*>(out), to_bf16_bits<V>(w1));
-  if constexpr (kCopy == CopyOut::kFP16) V::store_fp16(static_cast<Half*>(out), w1);
+  V::store(m + i, m1);
+  V::store(v + i, v1);
+  store_fp32<V, kParam>(w, i, w1);
+  if constexpr (kCopy != CopyOut::kNone) store_fp32<V, static_cast<Dtype>(kCopy)>(out, i, w1);
 }
 
 // Elements [begin, end) in blocks of kBlock: phi over the block's gradient into
@@ -97,39 +116,38 @@ GP_INLINE void adam_lanes(const Broadcast<V>& c, float* __restrict w, typename V
 // The tail: full vectors with V, the remainder with Scalar.
 constexpr int64_t kBlock = 256;
 
-template <class V, bool kPow, bool kEps, CopyOut kCopy>
+template <class V, bool kPow, bool kEps, Dtype kParam, CopyOut kCopy>
 GP_INLINE void adam_power_chunk(const AdamPowerArgs& a, int64_t begin, int64_t end) {
-  float* __restrict w = a.param;
-  const float* __restrict g = a.grad;
+  static_assert(kParam == Dtype::kFP32 || kCopy == CopyOut::kNone, "a 16-bit param is its own copy");
+  void* __restrict w = a.param;
+  const void* __restrict g = a.grad;
   float* __restrict m = a.exp_avg;
   float* __restrict v = a.exp_avg_sq;
-  const int out_size = kCopy == CopyOut::kNone ? 0 : 2;  // bytes per copied element
-  char* __restrict out = static_cast<char*>(a.copy_out);
+  void* __restrict out = a.copy_out;
+  constexpr int kBytes = kParam == Dtype::kFP32 ? 4 : 2;
   const Broadcast<V> vec(a);
   const Broadcast<Scalar> one(a);
   // Without power or power_eps phi is the identity: Adam reads the gradient itself.
   constexpr bool kIdentity = !kPow && !kEps;
-  alignas(64) float powered[kIdentity ? 1 : kBlock];
+  alignas(64) float powered[kBlock];
   int64_t i = begin;
   for (; i + kBlock <= end; i += kBlock) {
-    const float* pg = g + i;
-    if constexpr (!kIdentity) {
+    if constexpr (!kIdentity)
       for (int64_t j = 0; j < kBlock; j += V::W)
-        V::store(powered + j, grad_power<V, kPow, kEps>(V::load(g + i + j), vec.power, vec.power_eps));
-      pg = powered;
-    }
-    for (int64_t j = 0; j < kBlock; j += kLine) {  // one prefetch per cache line of each stream
-      prefetch_streams(a, i + j);
+        V::store(powered + j, grad_power<V, kPow, kEps>(load_fp32<V, kParam>(g, i + j), vec.power, vec.power_eps));
+    for (int64_t j = 0; j < kBlock; j += kLine) {  // one prefetch per cache line of each fp32 stream
+      prefetch_streams(a, i + j, kBytes);
       for (int64_t k = j; k < j + kLine; k += V::W)
-        adam_lanes<V, kCopy>(vec, w + i + k, V::load(pg + k), m + i + k, v + i + k, out + (i + k) * out_size);
+        adam_lanes<V, kParam, kCopy>(vec, w, kIdentity ? load_fp32<V, kParam>(g, i + k) : V::load(powered + k), m, v,
+                                     out, i + k);
     }
   }
   for (; i + V::W <= end; i += V::W)
-    adam_lanes<V, kCopy>(vec, w + i, grad_power<V, kPow, kEps>(V::load(g + i), vec.power, vec.power_eps), m + i,
-                         v + i, out + i * out_size);
+    adam_lanes<V, kParam, kCopy>(vec, w, grad_power<V, kPow, kEps>(load_fp32<V, kParam>(g, i), vec.power, vec.power_eps),
+                                 m, v, out, i);
   for (; i < end; ++i)
-    adam_lanes<Scalar, kCopy>(one, w + i, grad_power<Scalar, kPow, kEps>(g[i], one.power, one.power_eps), m + i,
-                              v + i, out + i * out_size);
+    adam_lanes<Scalar, kParam, kCopy>(
+        one, w, grad_power<Scalar, kPow, kEps>(load_fp32<Scalar, kParam>(g, i), one.power, one.power_eps), m, v, out, i);
 }
 
 // The optimizer's memory traffic with no arithmetic to speak of (read w, g, m,
@@ -137,19 +155,21 @@ GP_INLINE void adam_power_chunk(const AdamPowerArgs& a, int64_t begin, int64_t e
 // roofline for benchmarks.
 template <class V>
 GP_INLINE void stream_probe_lanes(const AdamPowerArgs& a, int64_t i) {
-  const typename V::F g = V::load(a.grad + i);
+  const float* grad = static_cast<const float*>(a.grad);
+  float* param = static_cast<float*>(a.param);
+  const typename V::F g = V::load(grad + i);
   const typename V::F m = V::add(V::load(a.exp_avg + i), g);
   const typename V::F v = V::add(V::load(a.exp_avg_sq + i), g);
   V::store(a.exp_avg + i, m);
   V::store(a.exp_avg_sq + i, v);
-  V::store(a.param + i, V::add(V::load(a.param + i), v));
+  V::store(param + i, V::add(V::load(param + i), v));
 }
 
 template <class V>
 GP_INLINE void stream_probe_chunk(const AdamPowerArgs& a, int64_t begin, int64_t end) {
   int64_t i = begin;
   for (; i + kLine <= end; i += kLine) {
-    prefetch_streams(a, i);
+    prefetch_streams(a, i, 4);
     for (int64_t j = i; j < i + kLine; j += V::W) stream_probe_lanes<V>(a, j);
   }
   for (; i + V::W <= end; i += V::W) stream_probe_lanes<V>(a, i);

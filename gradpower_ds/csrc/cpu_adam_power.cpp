@@ -67,11 +67,11 @@ Isa resolve(int requested) {
 }
 
 // One wrapper per (ISA, kernel), each compiled for its ISA; template arguments
-// select the variant (power or not, power_eps or not, copy-out dtype).
+// select the variant (power or not, power_eps or not, param dtype, copy-out dtype).
 #define GP_DEFINE_ISA_WRAPPERS(SUFFIX, V, TARGET)                                             \
-  template <bool kPow, bool kEps, CopyOut kCopy>                                              \
+  template <bool kPow, bool kEps, Dtype kParam, CopyOut kCopy>                                \
   TARGET GP_FLATTEN void adam_##SUFFIX(const AdamPowerArgs& a, int64_t b, int64_t e) {        \
-    adam_power_chunk<V, kPow, kEps, kCopy>(a, b, e);                                          \
+    adam_power_chunk<V, kPow, kEps, kParam, kCopy>(a, b, e);                                  \
   }                                                                                           \
   template <bool kPow, bool kEps>                                                             \
   TARGET GP_FLATTEN void power_##SUFFIX(const float* in, float* out, int64_t b, int64_t e,    \
@@ -97,25 +97,31 @@ auto with_bool(bool value, Fn&& fn) {
   return value ? fn(std::true_type{}) : fn(std::false_type{});
 }
 
+// The (param dtype, copy-out) pairs the kernel has: an fp32 param with or without a bf16/fp16 copy, or a
+// bf16/fp16 param (its own copy).
 template <typename Fn>
-auto with_copy(CopyOut copy, Fn&& fn) {
+auto with_layout(Dtype param, CopyOut copy, Fn&& fn) {
+  using P = Dtype;
+  using C = CopyOut;
+  if (param == P::kBF16) return fn(std::integral_constant<P, P::kBF16>{}, std::integral_constant<C, C::kNone>{});
+  if (param == P::kFP16) return fn(std::integral_constant<P, P::kFP16>{}, std::integral_constant<C, C::kNone>{});
   switch (copy) {
-    case CopyOut::kBF16: return fn(std::integral_constant<CopyOut, CopyOut::kBF16>{});
-    case CopyOut::kFP16: return fn(std::integral_constant<CopyOut, CopyOut::kFP16>{});
-    default: return fn(std::integral_constant<CopyOut, CopyOut::kNone>{});
+    case C::kBF16: return fn(std::integral_constant<P, P::kFP32>{}, std::integral_constant<C, C::kBF16>{});
+    case C::kFP16: return fn(std::integral_constant<P, P::kFP32>{}, std::integral_constant<C, C::kFP16>{});
+    default: return fn(std::integral_constant<P, P::kFP32>{}, std::integral_constant<C, C::kNone>{});
   }
 }
 
-AdamChunkFn adam_for(Isa isa, bool pow, bool eps, CopyOut copy) {
+AdamChunkFn adam_for(Isa isa, bool pow, bool eps, Dtype param, CopyOut copy) {
   return with_bool(pow, [&](auto kPow) {
     return with_bool(eps, [&](auto kEps) {
-      return with_copy(copy, [&](auto kCopy) -> AdamChunkFn {
+      return with_layout(param, copy, [&](auto kParam, auto kCopy) -> AdamChunkFn {
         switch (isa) {
 #if GP_X86
-          case Isa::kAVX512: return &adam_avx512<kPow(), kEps(), kCopy()>;
-          case Isa::kAVX2: return &adam_avx2<kPow(), kEps(), kCopy()>;
+          case Isa::kAVX512: return &adam_avx512<kPow(), kEps(), kParam(), kCopy()>;
+          case Isa::kAVX2: return &adam_avx2<kPow(), kEps(), kParam(), kCopy()>;
 #endif
-          default: return &adam_scalar<kPow(), kEps(), kCopy()>;
+          default: return &adam_scalar<kPow(), kEps(), kParam(), kCopy()>;
         }
       });
     });
@@ -161,23 +167,27 @@ void check_size(int64_t n) {
   if (n < 0) throw std::invalid_argument("element count n must be >= 0, got " + std::to_string(n));
 }
 
-void adam_power_step(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq,
+void adam_power_step(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, int param_dtype,
                      uintptr_t copy_out, int copy_dtype, int64_t n, float one_minus_beta1,
                      float beta2, float one_minus_beta2, float eps, float l2, float decay,
                      float step_size, float inv_bias_corr2_sqrt, double power, float power_eps,
                      int isa_code, int threads) {
   check_size(n);
-  AdamPowerArgs a{static_cast<float*>(as_ptr(param)),  static_cast<const float*>(as_ptr(grad)),
-                  static_cast<float*>(as_ptr(exp_avg)), static_cast<float*>(as_ptr(exp_avg_sq)),
-                  as_ptr(copy_out), n, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay,
-                  step_size, inv_bias_corr2_sqrt, power_eps, power};
+  AdamPowerArgs a{as_ptr(param), as_ptr(grad), static_cast<float*>(as_ptr(exp_avg)),
+                  static_cast<float*>(as_ptr(exp_avg_sq)), as_ptr(copy_out), n, one_minus_beta1, beta2,
+                  one_minus_beta2, eps, l2, decay, step_size, inv_bias_corr2_sqrt, power_eps, power};
+  const Dtype dtype = static_cast<Dtype>(param_dtype);
+  if (dtype != Dtype::kFP32 && dtype != Dtype::kBF16 && dtype != Dtype::kFP16)
+    throw std::invalid_argument("unknown param dtype code " + std::to_string(param_dtype));
   const CopyOut copy = static_cast<CopyOut>(copy_dtype);
   if (copy != CopyOut::kNone && copy != CopyOut::kBF16 && copy != CopyOut::kFP16)
     throw std::invalid_argument("unknown copy-out dtype code " + std::to_string(copy_dtype));
+  if (copy != CopyOut::kNone && dtype != Dtype::kFP32)
+    throw std::invalid_argument("a bf16/fp16 param is its own copy: copy_dtype must be 0");
   if (copy != CopyOut::kNone && copy_out == 0 && n > 0)
     throw std::invalid_argument("copy-out dtype given without a copy-out buffer");
   const Isa isa = resolve(isa_code);
-  const AdamChunkFn fn = adam_for(isa, power != 1.0, power_eps != 0.0f, copy);
+  const AdamChunkFn fn = adam_for(isa, power != 1.0, power_eps != 0.0f, dtype, copy);
   py::gil_scoped_release release;
   parallel_tiles(n, threads, [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
@@ -186,8 +196,8 @@ void stream_probe(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t 
                   int isa_code, int threads) {
   check_size(n);
   AdamPowerArgs a{};
-  a.param = static_cast<float*>(as_ptr(param));
-  a.grad = static_cast<const float*>(as_ptr(grad));
+  a.param = as_ptr(param);
+  a.grad = as_ptr(grad);
   a.exp_avg = static_cast<float*>(as_ptr(exp_avg));
   a.exp_avg_sq = static_cast<float*>(as_ptr(exp_avg_sq));
   const AdamChunkFn fn = probe_for(resolve(isa_code));
@@ -217,18 +227,19 @@ void grad_power_into(uintptr_t in, uintptr_t out, int64_t n, double power, float
 
 // Every function takes keyword arguments only (py::kw_only), so a call names
 // each address and scalar it passes; buffers are addresses of contiguous
-// arrays of n elements (fp32; bf16/fp16 for copy_out), checked by the caller.
+// arrays of n elements (fp32; bf16/fp16 for copy_out and 16-bit params and grads), checked by the caller.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace gradpower;
   m.doc() =
       "Fused GradPower + Adam(W) CPU kernel. Call it through gradpower_ds.ops.native, which checks "
       "every tensor behind an address; the optimizer built on it is gradpower_ds.CPUAdamPower.";
   m.def("adam_power_step", &adam_power_step,
-        "One fused phi_p + Adam(W) step in place over n elements at param, exp_avg, exp_avg_sq (fp32), "
-        "reading grad (fp32) and, with copy_dtype 1 (bf16) or 2 (fp16), also writing the new weights "
-        "to copy_out (0: none).",
+        "One fused phi_p + Adam(W) step in place over n elements at param and exp_avg, exp_avg_sq (fp32), "
+        "reading grad; param and grad are both fp32, bf16 or fp16 (param_dtype 0, 1, 2; 16-bit ones are "
+        "updated in fp32 and rounded back) and, for fp32 params, copy_dtype 1 (bf16) or 2 (fp16) also writes "
+        "the new weights to copy_out (0: none).",
         py::kw_only(), py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
-        py::arg("copy_out"), py::arg("copy_dtype"), py::arg("n"), py::arg("one_minus_beta1"),
+        py::arg("param_dtype"), py::arg("copy_out"), py::arg("copy_dtype"), py::arg("n"), py::arg("one_minus_beta1"),
         py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"), py::arg("l2"),
         py::arg("decay"), py::arg("step_size"), py::arg("inv_bias_corr2_sqrt"), py::arg("power"),
         py::arg("power_eps"), py::arg("isa"), py::arg("threads"));

@@ -111,7 +111,11 @@ struct Avx512 {
   }
   // r * 2^floor(n8 / 8) for integer-valued n8, one rounding (overflow -> Inf, gradual underflow).
   GP_FN F ldexp_eighths(F r, F n8) { return _mm512_scalef_ps(r, mul(n8, set1(0.125f))); }
-  // Low-precision stores of W lanes.
+  // Low-precision loads (exact) and stores of W lanes.
+  GP_FN F load_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
+  GP_FN F load_fp16(const Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
   GP_FN void store_u16(uint16_t* p, I x) { _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(x)); }
   GP_FN void store_fp16(Half* p, F x) {
     _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
@@ -188,6 +192,10 @@ struct Avx2 {
   GP_FN F pow2(I k) {  // 2^k for integer k in [-126, 127]
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
   }
+  GP_FN F load_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
+  GP_FN F load_fp16(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
   GP_FN void store_u16(uint16_t* p, I x) {
     const __m128i lo = _mm256_castsi256_si128(x), hi = _mm256_extracti128_si256(x, 1);
     _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(lo, hi));  // lanes hold values < 2^16
@@ -247,6 +255,8 @@ struct Scalar {
     const int64_t bits = int64_t(k + 1023) << 52;
     return float(double(r) * __builtin_bit_cast(double, bits));
   }
+  GP_FN F load_bf16(const uint16_t* p) { return __builtin_bit_cast(float, uint32_t(*p) << 16); }
+  GP_FN F load_fp16(const Half* p) { return static_cast<float>(*p); }
   GP_FN void store_u16(uint16_t* p, I x) { *p = uint16_t(x); }
   GP_FN void store_fp16(Half* p, F x) { *p = static_cast<Half>(x); }
 #undef GP_FN

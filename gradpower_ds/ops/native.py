@@ -5,9 +5,11 @@ scalar code picked at run time:
 
 - ``native_power_``: phi_p in place on a CPU tensor (fp32 directly; bf16/fp16 and
   fp64 through a bounded fp32 scratch chunk);
-- ``native_adam_power_step``: phi_p + Adam(W) fused over one fp32 param and its
-  fp32 moments (a bf16/fp16 gradient is widened chunk by chunk), optionally
-  writing the new weights into a bf16/fp16 copy in the same pass;
+- ``native_adam_power_step``: phi_p + Adam(W) fused over one param and its fp32
+  moments: an fp32 param with an fp32 grad (optionally writing the new weights
+  into a bf16/fp16 copy in the same pass), or a bf16/fp16 param with a grad of
+  its dtype, both read and written by the kernel itself; other grad dtypes are
+  widened chunk by chunk;
 
 and ``native_stream_probe``, the optimizer's memory traffic alone (a bandwidth
 roofline for benchmarks/bench_cpu_step.py).
@@ -153,56 +155,60 @@ def native_adam_power_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: tor
 
     exp_avg, exp_avg_sq: contiguous fp32 CPU tensors of one size; param: a contiguous
     fp32, bf16 or fp16 CPU tensor of that size (a bf16/fp16 one, as DeepSpeedCPUAdam takes
-    them, is widened chunk by chunk into fp32 scratch, updated in fp32 and rounded back by
-    the kernel's copy-out); grad: a CPU tensor of any float dtype and that size (a
-    bf16/fp16/fp64 one is widened through a bounded fp32 scratch chunk); copy: None or a
-    contiguous bf16/fp16 CPU tensor of that size (None for a bf16/fp16 param, its own
-    copy). Every buffer is checked before the kernel sees it (``kernel_ptr``);
-    hyperparameters are the caller's to validate.
+    them, is updated in fp32 registers and rounded back in place: in the kernel itself when
+    its grad has its dtype, else widened chunk by chunk through fp32 scratch); grad: a CPU
+    tensor of any float dtype and that size (one the kernel cannot read directly is widened
+    through a bounded fp32 scratch chunk); copy: None or a contiguous bf16/fp16 CPU tensor of
+    that size (None for a bf16/fp16 param, its own copy). Every buffer is checked before the
+    kernel sees it (``kernel_ptr``); hyperparameters are the caller's to validate.
     """
     owner = "native_adam_power_step"
     n = param.numel()
     low_param = param.dtype in COPY_CODES
     if low_param and copy is not None:
         raise TypeError(f"{owner}: a {param.dtype} param receives its new weights itself; pass copy=None")
-    # a bf16/fp16 param is the kernel's copy-out; the kernel's fp32 "param" is then a scratch chunk of its weights
-    out = param if low_param else copy
+    if grad.numel() != n:
+        raise ValueError(f"{owner}: grad must have {n} elements (as the param), got {grad.numel()}")
+    if not grad.is_contiguous():  # rare (torch makes grads contiguous): one copy in grad's own dtype
+        grad = grad.contiguous()
     bc1, bc2_sqrt = bias_corrections(beta1, beta2, step, bias_correction)
     kernel = builder.load().adam_power_step
     scalars = dict(one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2, eps=eps,
                    l2=0.0 if adam_w_mode else weight_decay, decay=1 - lr * weight_decay if adam_w_mode else 1.0,
                    step_size=lr / bc1, inv_bias_corr2_sqrt=1 / bc2_sqrt, power=power, power_eps=power_eps,
-                   copy_dtype=0 if out is None else COPY_CODES.get(out.dtype, 0),  # a bad copy: refused below
                    isa=ISA_CODES[isa], threads=num_threads)
-    buffers = {} if low_param else {"param": (param, FP32)}
-    buffers.update(exp_avg=(exp_avg, FP32), exp_avg_sq=(exp_avg_sq, FP32))
-    if out is not None:
-        buffers["copy_out"] = (out, tuple(COPY_CODES))
-
-    def run(begin: int, end: int, grad_fp32: torch.Tensor, weights_fp32: torch.Tensor | None) -> None:
-        """The kernel on elements [begin, end) of every buffer (weights_fp32: the widened bf16/fp16 param)."""
-        size = end - begin
-        ptrs = {name: kernel_ptr(t if size == n else t.view(-1)[begin:end], size, dtypes, name=name, owner=owner)
-                for name, (t, dtypes) in buffers.items()}
-        ptrs.setdefault("copy_out", 0)
-        if weights_fp32 is not None:
-            ptrs["param"] = kernel_ptr(weights_fp32, size, name="param", owner=owner)
-        kernel(**ptrs, grad=kernel_ptr(grad_fp32, size, name="grad", owner=owner), n=size, **scalars)
-
-    if grad.numel() != n:
-        raise ValueError(f"{owner}: grad must have {n} elements (as the param), got {grad.numel()}")
-    if not grad.is_contiguous():  # rare (torch makes grads contiguous): one copy in grad's own dtype
-        grad = grad.contiguous()
-    if grad.dtype == torch.float32 and not low_param:
-        run(0, n, grad, None)
+    moments = dict(exp_avg=kernel_ptr(exp_avg, n, name="exp_avg", owner=owner),
+                   exp_avg_sq=kernel_ptr(exp_avg_sq, n, name="exp_avg_sq", owner=owner))
+    if grad.dtype == param.dtype and param.dtype in (torch.float32, *COPY_CODES):
+        # the kernel reads and writes this layout itself: fp32 (with an optional bf16/fp16 copy), or bf16/fp16
+        copy_code = 0 if copy is None else COPY_CODES.get(copy.dtype, 0)  # a bad copy: refused by kernel_ptr
+        kernel(param=kernel_ptr(param, n, (param.dtype,), name="param", owner=owner),
+               grad=kernel_ptr(grad, n, (param.dtype,), name="grad", owner=owner), **moments,
+               param_dtype=COPY_CODES.get(param.dtype, 0),
+               copy_out=0 if copy is None else kernel_ptr(copy, n, tuple(COPY_CODES), name="copy_out", owner=owner),
+               copy_dtype=copy_code, n=n, **scalars)
         return
-    for name, (t, dtypes) in buffers.items():  # whole first, so that a bad one is named before it is sliced
-        kernel_ptr(t, n, dtypes, name=name, owner=owner)
+    # Otherwise fp32 chunks: the grad widened into scratch, and a bf16/fp16 param widened into scratch and
+    # rounded back by the kernel's copy-out.
+    kernel_ptr(param, n, (torch.float32, *COPY_CODES), name="param", owner=owner)
+    out = param if low_param else copy
+    if out is not None:
+        kernel_ptr(out, n, tuple(COPY_CODES), name="copy_out", owner=owner)
     grad_flat, grad_scratch = grad.view(-1), _scratch(grad)
     param_flat, weight_scratch = param.view(-1), _scratch(param)
     for begin, end in _chunks(n):
-        weights = _fp32_chunk(param_flat, weight_scratch, begin, end) if low_param else None
-        run(begin, end, _fp32_chunk(grad_flat, grad_scratch, begin, end), weights)
+        size = end - begin
+
+        def part(t):
+            return t if size == n else t.view(-1)[begin:end]
+        weights = _fp32_chunk(param_flat, weight_scratch, begin, end)
+        kernel(param=kernel_ptr(weights, size, name="param", owner=owner),
+               grad=kernel_ptr(_fp32_chunk(grad_flat, grad_scratch, begin, end), size, name="grad", owner=owner),
+               exp_avg=kernel_ptr(part(exp_avg), size, name="exp_avg", owner=owner),
+               exp_avg_sq=kernel_ptr(part(exp_avg_sq), size, name="exp_avg_sq", owner=owner), param_dtype=0,
+               copy_out=0 if out is None else kernel_ptr(part(out), size, tuple(COPY_CODES), name="copy_out",
+                                                          owner=owner),
+               copy_dtype=0 if out is None else COPY_CODES[out.dtype], n=size, **scalars)
 
 
 def native_stream_probe(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
