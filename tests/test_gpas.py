@@ -69,7 +69,11 @@ def test_bf16_autocast_keeps_the_gate_fp32():
     torch.testing.assert_close(y.float(), (1 - F.silu(torch.tensor(0.3))) * x.float(), rtol=1e-2, atol=1e-2)
 
 
-def test_torch_compile():
+def test_torch_compile(tmp_path, monkeypatch):
+    # A private inductor cache: the shared one (/tmp/torchinductor_$USER) can hand back a kernel compiled for
+    # another vector width than this process picks (seen with ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU after
+    # a run without it: half the lanes wrong), which would test the cache, not the gate.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     gate = GPASGate()
     with torch.no_grad():
         gate.alpha.fill_(0.4)
