@@ -59,7 +59,7 @@ struct Exponent {
   float p8, p8_hi, p8_lo;
   int32_t normal_lo, normal_hi;
   explicit Exponent(double p)
-      : p8(float(8.0 * p)), p8_hi(split16(8.0 * p)), p8_lo(float(8.0 * p - double(split16(8.0 * p)))),
+      : p8(float(8.0 * p)), p8_hi(split16(8.0 * p)), p8_lo(float(8.0 * p - double(p8_hi))),
         normal_lo(bits_up(__builtin_fmax(0x1p-126, __builtin_exp2(-124.0 / p)))),
         normal_hi(bits_down(__builtin_fmin(double(__FLT_MAX__), __builtin_exp2(126.0 / p)))) {}
   static float split16(double x) {  // x rounded to 16 significant bits

@@ -41,23 +41,21 @@ using Half = _Float16;
 using Half = __fp16;
 #endif
 
-// frexp from the bit pattern, for instruction sets without getexp/getmant:
-// x = 2^e * m with m in [1, 2); subnormal x are scaled by 2^24 first.
-template <class V>
-GP_INLINE void frexp_bits(typename V::F x, typename V::F& e, typename V::F& m) {
-  const typename V::M tiny = V::lt(x, V::set1(0x1p-126f));
-  const typename V::I bits = V::as_int(V::select(tiny, V::mul(x, V::set1(0x1p24f)), x));
-  e = V::sub(V::to_float(V::template srl_i<23>(bits)),
-             V::select(tiny, V::set1(127.0f + 24.0f), V::set1(127.0f)));
-  m = V::as_float(V::or_i(V::and_i(bits, V::set1_i(0x007fffff)), V::set1_i(0x3f800000)));
-}
-
-// frexp for normal x (or x = +0, which gives junk): no subnormal scaling.
+// frexp for normal x (or x = +0, which gives junk), from the bit pattern:
+// x = 2^e * m with m in [1, 2).
 template <class V>
 GP_INLINE void frexp_normal_bits(typename V::F x, typename V::F& e, typename V::F& m) {
   const typename V::I bits = V::as_int(x);
   e = V::sub(V::to_float(V::template srl_i<23>(bits)), V::set1(127.0f));
   m = V::as_float(V::or_i(V::and_i(bits, V::set1_i(0x007fffff)), V::set1_i(0x3f800000)));
+}
+
+// frexp for instruction sets without getexp/getmant, subnormal x included (scaled by 2^24 first).
+template <class V>
+GP_INLINE void frexp_bits(typename V::F x, typename V::F& e, typename V::F& m) {
+  const typename V::M tiny = V::lt(x, V::set1(0x1p-126f));
+  frexp_normal_bits<V>(V::select(tiny, V::mul(x, V::set1(0x1p24f)), x), e, m);
+  e = V::sub(e, V::select(tiny, V::set1(24.0f), V::set1(0.0f)));
 }
 
 #if GP_X86

@@ -198,16 +198,14 @@ def native_adam_power_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: tor
     param_flat, weight_scratch = param.view(-1), _scratch(param)
     for begin, end in _chunks(n):
         size = end - begin
-
-        def part(t):
-            return t if size == n else t.view(-1)[begin:end]
-        weights = _fp32_chunk(param_flat, weight_scratch, begin, end)
-        kernel(param=kernel_ptr(weights, size, name="param", owner=owner),
+        kernel(param=kernel_ptr(_fp32_chunk(param_flat, weight_scratch, begin, end), size, name="param",
+                                owner=owner),
                grad=kernel_ptr(_fp32_chunk(grad_flat, grad_scratch, begin, end), size, name="grad", owner=owner),
-               exp_avg=kernel_ptr(part(exp_avg), size, name="exp_avg", owner=owner),
-               exp_avg_sq=kernel_ptr(part(exp_avg_sq), size, name="exp_avg_sq", owner=owner), param_dtype=0,
-               copy_out=0 if out is None else kernel_ptr(part(out), size, tuple(COPY_CODES), name="copy_out",
-                                                          owner=owner),
+               exp_avg=kernel_ptr(exp_avg.view(-1)[begin:end], size, name="exp_avg", owner=owner),
+               exp_avg_sq=kernel_ptr(exp_avg_sq.view(-1)[begin:end], size, name="exp_avg_sq", owner=owner),
+               param_dtype=0,
+               copy_out=0 if out is None else kernel_ptr(out.view(-1)[begin:end], size, tuple(COPY_CODES),
+                                                          name="copy_out", owner=owner),
                copy_dtype=0 if out is None else COPY_CODES[out.dtype], n=size, **scalars)
 
 
