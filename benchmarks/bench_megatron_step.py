@@ -311,4 +311,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from gradpower_ds.processes import exit_when_done
+    exit_when_done(main)

@@ -6,6 +6,8 @@ under a launcher, as launch/quickstart.sh does); ``compare`` launches its runs i
 
 import sys
 
+from .processes import exit_when_done
+
 USAGE = "usage: python -m gradpower_ds {train,compare} [options]   (--help after the command for its options)"
 HELP = USAGE + """
 
@@ -31,4 +33,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_when_done(main)

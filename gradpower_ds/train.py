@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .precision import resolve_precision, slow_bf16_warning
-from .processes import default_to_world_of_one, enable_rank0_logging
+from .processes import default_to_world_of_one, enable_rank0_logging, exit_when_done
 from .run_dir import RunDir, RunDirError, StopRequest, make_summary, read_json, read_state, summary_line
 from .train_config import TrainConfig, load_config, report_error
 
@@ -306,4 +306,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_when_done(main)

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from megatron_patches import arguments
 
 from .files import atomic_open
-from .processes import default_to_world_of_one, enable_rank0_logging
+from .processes import default_to_world_of_one, enable_rank0_logging, exit_when_done
 from .run_dir import RunDir, StopRequest, make_summary, summary_line
 
 JOB = "gradpower_ds.train_megatron"  # how the job names itself in its messages and its end line
@@ -459,4 +459,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_when_done(main)

@@ -25,6 +25,8 @@ from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.utils import DummyOptim  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from gradpower_ds.processes import exit_when_done  # noqa: E402
+
 VOCAB, SEQ = 64, 16
 
 
@@ -68,4 +70,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_when_done(main)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 import ds_toy
 from gradpower_ds.deepspeed import register, unregister
+from gradpower_ds.processes import exit_when_done
 
 CHECKS = {
     "lowercase": dict(opt_type="adampower"),
@@ -99,4 +100,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_when_done(main)

@@ -16,6 +16,7 @@ import torch
 
 from gradpower_ds import apply_gpas
 from gradpower_ds.model import CausalLM, DeepSpeedMoE, ModelConfig, SwiGLU
+from gradpower_ds.processes import exit_when_done
 
 MOE_EXPERTS = 4
 
@@ -50,4 +51,4 @@ def main(norms: list[str]) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1:])
+    exit_when_done(lambda: main(sys.argv[1:]))

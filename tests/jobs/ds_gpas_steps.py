@@ -14,6 +14,7 @@ import torch.distributed as dist
 from gradpower_ds import apply_gpas, param_groups_with_gpas, register_gate_grad_clip
 from gradpower_ds.gpas import gate_parameters
 from gradpower_ds.model import CausalLM, ModelConfig
+from gradpower_ds.processes import exit_when_done
 
 
 def run(stage: int, out):
@@ -57,4 +58,4 @@ def main():
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    exit_when_done(main)

@@ -20,6 +20,7 @@ from deepspeed.accelerator import get_accelerator
 
 import ds_moe_toy
 import ds_toy
+from gradpower_ds.processes import exit_when_done
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,4 +73,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_when_done(main)

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
+from gradpower_ds.processes import exit_when_done
+
 VOCAB, SEQ = 64, 16
 
 
@@ -69,4 +71,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_when_done(main)
