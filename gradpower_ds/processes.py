@@ -87,9 +87,7 @@ def exit_when_done(entry: Callable[[], object]) -> NoReturn:
         entry()
     except SystemExit as stop:
         code = stop.code
-    for thread in threading.enumerate():  # what a normal exit does first: wait for the non-daemon threads
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # what a normal exit does first: stop thread pools (their exit hooks), join the threads
     atexit._run_exitfuncs()  # logging.shutdown among them; a normal exit runs them before finalization too
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)  # what SystemExit("message") prints

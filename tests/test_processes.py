@@ -1,6 +1,7 @@
 """gradpower_ds.processes.exit_when_done: how every launched entry point ends (the main jobs, the test jobs and the
 benchmarks). It leaves without interpreter finalization, so these tests check that nothing a normal exit delivers
-is lost: the exit status, buffered output, atexit handlers, logging handlers and non-daemon threads."""
+is lost: the exit status, buffered output, atexit handlers, logging handlers and non-daemon threads, and that
+an open thread pool does not keep it from ending."""
 
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import textwrap
 import pytest
 
 ENTRY = """
-import atexit, logging, sys, threading, time
+import atexit, concurrent.futures, logging, sys, threading, time
 from pathlib import Path
 from gradpower_ds.processes import exit_when_done
 
@@ -25,6 +26,9 @@ def late_writer():
 
 def entry():
     threading.Thread(target=late_writer).start()  # not a daemon: the exit waits for it
+    global pool
+    pool = concurrent.futures.ThreadPoolExecutor(2)  # left open and alive, as torch inductor's compile pool is
+    assert pool.submit(lambda: 2).result() == 2
     log.info("logged")
     sys.stdout.write("buffered, no newline")  # a pipe: block-buffered until the exit flushes it
     {finish}
