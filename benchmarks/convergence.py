@@ -1,11 +1,13 @@
 """Small-scale check of the papers' claims on this machine, at several seeds (results: docs/RESULTS.md).
 
-Three studies on the quickstart's MoE model and corpus (configs/quickstart.json), each
+Four studies on the quickstart's MoE model and corpus (configs/quickstart.json), each
 through the compare tool (so finished runs are reused when it is rerun):
 
   moe-wsd     AdamW vs AdamPower p=1.2, warmup-stable-decay
   moe-cosine  AdamW vs AdamPower p=1.2, cosine
   gpas        Pre-LN vs Pre-LN + GPAS, both AdamPower p=1.2, WSD (the Pre-LN runs are moe-wsd's)
+  muon        DeepSpeed's Muon vs MuonPower p = 0.9, 1.0, 1.2 before Muon's momentum, WSD (MuonPower's
+              auxiliary Adam is AdamPower at the quickstart's power 1.2, so p = 1.0 isolates that)
 
 It prints one markdown table per study (final validation loss, mean ± std over seeds,
 the difference to the first row, per-seed values, tokens/s) and writes each study's
@@ -13,6 +15,7 @@ loss-curve plot to --plots.
 
     python benchmarks/convergence.py                              # 3 seeds, ~15 runs of ~100 s on 2 cores
     python benchmarks/convergence.py --seeds 0 1 2 3 4 -- --steps 600
+    python benchmarks/convergence.py --studies muon              # one study
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ STUDIES = [  # (id, title, schedule, optimizers, gpas settings)
     ("moe-wsd", "AdamPower vs AdamW — MoE, WSD schedule", "wsd", ["adamw", "adampower:1.2"], ["off"]),
     ("moe-cosine", "AdamPower vs AdamW — MoE, cosine schedule", "cosine", ["adamw", "adampower:1.2"], ["off"]),
     ("gpas", "GPAS vs Pre-LN — MoE, AdamPower p=1.2, WSD", "wsd", ["adampower:1.2"], ["off", "on"]),
+    ("muon", "MuonPower vs Muon — MoE, WSD", "wsd", ["muon", "muonpower:0.9", "muonpower:1.0", "muonpower:1.2"],
+     ["off"]),
 ]
 
 
@@ -49,11 +54,14 @@ def main() -> None:
     parser.add_argument("--out", default="runs/convergence")
     parser.add_argument("--plots", default=str(ROOT / "docs"))
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--studies", nargs="+", choices=[s[0] for s in STUDIES], default=[s[0] for s in STUDIES])
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra gradpower_ds.train flags")
     args = parser.parse_args()
     extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     report = []
     for study, title, schedule, optimizers, gpas in STUDIES:
+        if study not in args.studies:
+            continue
         out = Path(args.out) / schedule
         table = compare.main(["--optimizers", *optimizers, "--gpas", *gpas, "--seeds", *map(str, args.seeds),
                               "--out", str(out), "--nproc", str(args.nproc), "--",

@@ -24,30 +24,37 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .hyperparams import ADAM_POWER_DEFAULTS, check_power
+from .hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_RULE, POWER_RULE, check_power
 from .metrics import plot_curves, read_metrics
 from .train_config import OPTIMIZERS, ConfigError, OneLineParser, TrainConfig, load_config, report_error
 
 
+POWER_FLAGS = {"adampower": "--power", "muonpower": "--muon_power"}  # the optimizers that take :P -> their flag
+
+
 def parse_variant(text: str) -> tuple[str, float | None]:
-    """'adamw' -> ('adamw', None); 'adampower:1.2' -> ('adampower', 1.2); ValueError naming the entry for unknown
-    names and bad powers (checked as AdamPower checks them)."""
+    """'adamw' -> ('adamw', None); 'adampower:1.2' -> ('adampower', 1.2); 'muonpower:0.9' -> ('muonpower', 0.9), the
+    power before Muon's momentum (required); ValueError naming the entry for unknown names and bad powers (checked
+    as the optimizers check them)."""
     name, colon, power = text.partition(":")
     entry = f"--optimizers entry {text!r}"
     if name not in OPTIMIZERS:
         raise ValueError(f"{entry}: unknown optimizer {name!r} in {text!r}; choose one of {sorted(OPTIMIZERS)} "
-                         "(adampower:P for a power P)")
-    if colon and name != "adampower":
-        raise ValueError(f"{entry}: only adampower takes a power (adampower:1.2)")
-    if name != "adampower":
+                         "(adampower:P or muonpower:P for a power P)")
+    if colon and name not in POWER_FLAGS:
+        raise ValueError(f"{entry}: only adampower and muonpower take a power (adampower:1.2, muonpower:0.9)")
+    if name not in POWER_FLAGS:
         return name, None
     if not colon:
+        if name == "muonpower":
+            raise ValueError(f"{entry}: muonpower needs its power, e.g. muonpower:0.9 (README.md, MuonPower)")
         return name, ADAM_POWER_DEFAULTS["power"]
     try:
         value = float(power)
     except ValueError:
-        raise ValueError(f"{entry}: the power {power!r} is not a number (adampower:1.2)") from None
-    return name, check_power(value, owner=entry)[0]
+        raise ValueError(f"{entry}: the power {power!r} is not a number ({name}:P)") from None
+    rule = MUON_POWER_RULE if name == "muonpower" else POWER_RULE
+    return name, check_power(value, owner=entry, rule=rule)[0]
 
 
 def variant_label(optimizer: str, power: float | None, gpas: bool) -> str:
@@ -103,7 +110,7 @@ def plan_runs(args, variants: list[tuple[str, float | None, bool]]) -> list[tupl
             train_args = [*args.train_args, "--run_dir", str(run_dir), "--optimizer", optimizer, "--seed", str(seed),
                           "--gpas", str(gpas).lower(), "--progress", "false", "--resume", "true"]
             if power is not None:
-                train_args += ["--power", str(power)]
+                train_args += [POWER_FLAGS[optimizer], str(power)]
             try:
                 cfg = load_config(train_args, world_size=args.nproc)
             except ConfigError as error:
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = OneLineParser(prog="python -m gradpower_ds compare", description=__doc__.split("\n\n")[0],
                                      formatter_class=Formatter)
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "adampower:1.1", "adampower:1.2", "adampower:1.4"],
-                        help="adamw and/or adampower:P entries")
+                        help="adamw, adampower:P, muon and/or muonpower:P entries")
     parser.add_argument("--gpas", nargs="+", choices=["off", "on"], default=["off"], help="GPAS off and/or on")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="a run per seed and variant")
     parser.add_argument("--out", default="runs/compare", help="folder of the runs (OUT/<variant>/seed<k>) and plots")
@@ -186,10 +193,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     if args.nproc < 1:
         parser.error(f"--nproc {args.nproc} must be >= 1")
-    given = [flag for flag in ("--power", "--optimizer", "--seed", "--gpas", "--run_dir") if flag in args.train_args]
+    given = [flag for flag in (*POWER_FLAGS.values(), "--optimizer", "--seed", "--gpas", "--run_dir")
+             if flag in args.train_args]
     if given:
-        parser.error(f"{given[0]} after -- is set by compare for each run (--optimizers adamw adampower:P, --seeds, "
-                     "--gpas, --out); give it there")
+        parser.error(f"{given[0]} after -- is set by compare for each run (--optimizers adamw adampower:P muonpower:P, "
+                     "--seeds, --gpas, --out); give it there")
     try:
         optimizers = [parse_variant(v) for v in args.optimizers]
         variants = [(name, power, gpas == "on") for gpas in args.gpas for name, power in optimizers]
@@ -198,7 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
         report_error(str(error), parser.prog)
         raise SystemExit(2)
     table, curves = aggregate(run_all(args, variants))
-    baseline = next((label for label in table if label.startswith("adamw")), None)
+    # deltas against DeepSpeed's own optimizer: AdamW, or Muon in a Muon-only comparison
+    baseline = next((label for plain in ("adamw", "muon") for label in table if label.split("-")[0] == plain), None)
     print(format_table(table, baseline))
     out = Path(args.out)
     plot_curves(curves, out / "compare.png", title=f"validation loss, mean ± std over seeds {args.seeds}")

@@ -1,18 +1,21 @@
-"""DeepSpeed integration: ``"optimizer": {"type": "AdamPower", ...}`` in a DeepSpeed config.
+"""DeepSpeed integration: ``"optimizer": {"type": "AdamPower", ...}`` (and ``"MuonPower"``) in a DeepSpeed config.
 
-``register()`` applies four thin, reversible changes to DeepSpeed (``PATCHES``, a
+``register()`` applies thin, reversible changes to DeepSpeed (``PATCHES``, a
 ``gradpower_ds.patching.PatchSet``; a DeepSpeed outside ``SUPPORTED_DEEPSPEED``, the
 tested range, is refused with an error naming it), all listed in ``_patches()``:
 
-1. ``"adampower"`` and ``"adamwpower"`` join DeepSpeed's list of named optimizers,
-   so the config lower-cases them like ``"Adam"`` and the engine accepts them;
+1. ``"adampower"``, ``"adamwpower"`` and ``"muonpower"`` join DeepSpeed's list of named
+   optimizers, so the config lower-cases them like ``"Adam"`` and the engine accepts them;
 2. ``AdamPower`` and ``CPUAdamPower`` join ZeRO's supported optimizers, so no
    ``zero_allow_untested_optimizer`` or ``zero_force_ds_cpu_optimizer`` is needed;
 3. ``DeepSpeedEngine._configure_basic_optimizer`` builds our optimizer for those
    names and defers to DeepSpeed for every other one;
 4. ZeRO-3's universal-checkpoint load is followed, for our optimizers, by a repair
    of two DeepSpeed defects (0.18.0 through 0.19.8) that appear with more than one
-   sub-group (see ``_repair_zero3_universal_load``).
+   sub-group (see ``_repair_zero3_universal_load``);
+5. where DeepSpeed has Muon, ``deepspeed.set_optimizer_flags`` tags the parameters for
+   ``"MuonPower"`` as for ``"Muon"``. The MuonPower hooks into DeepSpeed's Muon are
+   applied when one is built (``gradpower_ds.muon_power``).
 
 Where DeepSpeed would build its own CPU Adam (``offload_optimizer`` to the CPU, or
 a CPU accelerator) the native ``CPUAdamPower`` kernel is built; elsewhere the
@@ -33,6 +36,7 @@ import re
 from .adam_power import AdamPower
 from .cpu_adam_power import CPUAdamPower
 from .hyperparams import ADAM_POWER_DEFAULTS, check_power
+from . import muon_power
 from .patching import Extend, Package, PatchSet, UnsupportedVersionError, Wrap
 from .versions import TESTED
 
@@ -49,11 +53,12 @@ ACCEPTED_PARAMS = tuple(ADAM_POWER_DEFAULTS) + ("expert_power", "fused")
 _log = logging.getLogger(__name__)
 
 
-UNREGISTERED_ERROR = re.compile(r"\b(adamw?power) is not a supported DeepSpeed Optimizer", re.IGNORECASE)
+UNREGISTERED_ERROR = re.compile(r"\b(adamw?power|muonpower) is not a supported DeepSpeed Optimizer",
+                                re.IGNORECASE)
 """DeepSpeed's AssertionError (0.16.0 through 0.19.8) for a config naming our optimizer in a process where
 register() did not run."""
 UNREGISTERED_HINT = (
-    "gradpower_ds: DeepSpeed knows \"type\": \"AdamPower\" / \"AdamWPower\" only in a process that called "
+    "gradpower_ds: DeepSpeed knows \"type\": \"AdamPower\" / \"AdamWPower\" / \"MuonPower\" only in a process that called "
     "gradpower_ds.deepspeed.register() before deepspeed.initialize. Add `import gradpower_ds.deepspeed; "
     "gradpower_ds.deepspeed.register()` at the top of the training script, or start every training process "
     "through the runner, after the launcher: `deepspeed --module gradpower_ds.run train.py ...`, "
@@ -138,6 +143,8 @@ def _configure_basic_optimizer(original):
     @functools.wraps(original)
     def configure(engine, model_parameters):
         name = engine.optimizer_name()
+        if name == muon_power.NAME:
+            return _build_muon_power(engine, model_parameters)
         if name not in OPTIMIZER_NAMES:
             return original(engine, model_parameters)
         return _build_for_engine(engine, name, model_parameters)
@@ -176,6 +183,19 @@ def _build_for_engine(engine, name: str, model_parameters):
         _log.info("gradpower_ds: %s built %s (power %s)", name, type(optimizer).__name__,
                   ", ".join(f"{p:g}" for p in powers))
     return optimizer
+
+
+def _build_muon_power(engine, model_parameters):
+    """MuonPower for an engine whose config names it (``muon_power.build_for_engine``); on a DeepSpeed without the
+    Muon it hooks, a ValueError naming the setting and the version to install."""
+    from deepspeed.accelerator import get_accelerator
+
+    try:
+        return muon_power.build_for_engine(engine, model_parameters, use_cpu_kernel=engine.zero_use_cpu_optimizer()
+                                           or get_accelerator().device_name() == "cpu")
+    except UnsupportedVersionError as error:
+        raise ValueError(f"DeepSpeed optimizer 'MuonPower' needs DeepSpeed's Muon as of {muon_power.MUON_POWER_FROM}: "
+                         f"{error}") from None
 
 
 def _engine_setting(engine, method: str, default=None):
@@ -277,18 +297,24 @@ def _repair_zero3_universal_load(zero_optimizer, checkpoint_dir: str) -> None:
 
 def _patches() -> list:
     """What register() changes in DeepSpeed, in order (see the module docstring)."""
+    import deepspeed
     from deepspeed.runtime import config as ds_config
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero import utils as zero_utils
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
+    # DeepSpeed before 0.17.6 has no Muon and no set_optimizer_flags: there "MuonPower" is refused when built
+    muon = [Wrap(deepspeed, "set_optimizer_flags", muon_power.tag_muon_parameters)] \
+        if hasattr(deepspeed, "set_optimizer_flags") else []
     return [
-        Extend(ds_config.DEEPSPEED_OPTIMIZERS, OPTIMIZER_NAMES, "deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS"),
+        Extend(ds_config.DEEPSPEED_OPTIMIZERS, (*OPTIMIZER_NAMES, muon_power.NAME),
+               "deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS"),
         Extend(zero_utils.ZERO_SUPPORTED_OPTIMIZERS, (AdamPower, CPUAdamPower),
                "deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS"),
         Wrap(DeepSpeedEngine, "_configure_basic_optimizer", _configure_basic_optimizer),
         Wrap(DeepSpeedZeroOptimizer_Stage3, "load_hp_checkpoint_state_from_checkpoint_dir_stage3",
              _load_universal_and_repair),
+        *muon,
     ]
 
 
@@ -302,7 +328,8 @@ def register() -> None:
 
 
 def unregister() -> None:
-    """Undoes register(); a no-op when not registered."""
+    """Undoes register() and the MuonPower hooks; a no-op when not registered."""
+    muon_power.MUON_PATCHES.remove()
     PATCHES.remove()
 
 

@@ -27,16 +27,19 @@ ADAM_POWER_DEFAULTS = dict(
 
 POWER_RULE = (f"must be a finite number > 0 (1.0 is plain Adam; the paper's default is "
               f"{ADAM_POWER_DEFAULTS['power']:g})")
+MUON_POWER_RULE = "must be a finite number > 0 (1.0 is plain Muon)"
 POWER_EPS_RULE = "must be a finite number >= 0 (0.0 is the paper's formula)"
 
 
-def check_power(power, power_eps=0.0, owner: str = "grad_power", name: str = "power") -> tuple[float, float]:
+def check_power(power, power_eps=0.0, owner: str = "grad_power", name: str = "power",
+                rule: str = POWER_RULE) -> tuple[float, float]:
     """Validates the GradPower exponent p (a finite number > 0) and its epsilon (>= 0); returns them as floats.
 
-    The message is ``"{owner}: invalid {name}={value}: must be ..."`` (no prefix when owner is empty):
-    TypeError for a value that is not a number, ValueError for one out of range.
+    The message is ``"{owner}: invalid {name}={value}: {rule}"`` (no prefix when owner is empty; MUON_POWER_RULE
+    for the power before Muon's momentum): TypeError for a value that is not a number, ValueError for one out of
+    range.
     """
-    power = _checked(power, name, owner, lambda p: p > 0.0, POWER_RULE)
+    power = _checked(power, name, owner, lambda p: p > 0.0, rule)
     power_eps = _checked(power_eps, "power_eps", owner, lambda e: e >= 0.0, POWER_EPS_RULE)
     return power, power_eps
 

@@ -33,13 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .gpas import ACTIVATIONS, VARIANTS
-from .hyperparams import ADAM_POWER_DEFAULTS, check_group, check_power
+from .hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_RULE, check_group, check_power
 from .model import ModelConfig
 from .precision import PRECISIONS, resolve_precision
 
-OPTIMIZERS = {"adampower": "AdamPower", "adamw": "AdamW"}  # our name -> DeepSpeed "type"
+# our name -> DeepSpeed "type"
+OPTIMIZERS = {"adampower": "AdamPower", "adamw": "AdamW", "muon": "Muon", "muonpower": "MuonPower"}
 SCHEDULES = ("wsd", "cosine", "constant")
-POWER_SETTINGS = ("power", "expert_power")
+# the settings that only some optimizers use -> those optimizers (any other choice refuses them when given)
+OPTIMIZER_SETTINGS = {"power": ("adampower", "muonpower"), "expert_power": ("adampower",), "muon_power": ("muonpower",),
+                      "muon_lr": ("muon", "muonpower"), "momentum": ("muon", "muonpower")}
 ERROR_GRACE_S = 10.0  # see report_error  # only used by optimizer adampower
 # DeepSpeed config keys that a TrainConfig field sets and the training loop relies on: deepspeed_overrides may
 # not change them (the loop would not follow), only the field may
@@ -105,10 +108,16 @@ class TrainConfig:
     gpas: bool = _model_setting("gpas")
     gpas_act: str = _model_setting("gpas_act")
     # optimizer
-    optimizer: str = _setting("adampower", f"{' or '.join(OPTIMIZERS)} (DeepSpeed's own AdamW)")
+    optimizer: str = _setting("adampower", f"{', '.join(OPTIMIZERS)} (adamw, muon: DeepSpeed's own AdamW, Muon)")
     power: float = _setting(ADAM_POWER_DEFAULTS["power"],
-                            "GradPower exponent p > 0 (adampower only; 1.0 is plain Adam)")
+                            "GradPower exponent p > 0 of AdamPower (adampower; muonpower's auxiliary Adam; 1.0 is "
+                            "plain Adam)")
     expert_power: float | None = _setting(None, "p for the expert parameters (adampower only; none: power)")
+    muon_power: float | None = _setting(None, "GradPower exponent p > 0 before Muon's momentum (muonpower only, "
+                                              "required there; 1.0 is plain Muon; see README.md, MuonPower)")
+    muon_lr: float = _setting(0.02, "learning rate of the matrices Muon updates (muon, muonpower; lr is the "
+                                    "auxiliary Adam's)")
+    momentum: float = _setting(0.95, "Muon's momentum, in [0, 1) (muon, muonpower)")
     lr: float = _setting(3e-3, "peak learning rate")
     betas: tuple[float, float] = _setting((0.9, 0.95), "Adam betas, each in [0, 1)")
     eps: float = _setting(1e-8, "Adam epsilon (>= 0)")
@@ -144,6 +153,16 @@ class TrainConfig:
             raise ConfigError(f"optimizer={self.optimizer!r} is unknown; choose one of {sorted(OPTIMIZERS)}",
                               "optimizer")
         _hyper(lambda: check_power(self.power, 0.0, owner="power"), "power")
+        if self.optimizer == "muonpower":
+            from .muon_power import POWER_GUIDANCE
+
+            if self.muon_power is None:
+                raise ConfigError(f"optimizer muonpower needs muon_power, the GradPower exponent before Muon's "
+                                  f"momentum: {POWER_GUIDANCE}", "muon_power", "optimizer")
+            _hyper(lambda: check_power(self.muon_power, 0.0, owner="muon_power", name="muon_power",
+                                       rule=MUON_POWER_RULE), "muon_power")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum={self.momentum!r} must be in [0, 1)", "momentum")
         if self.expert_power is not None:
             _hyper(lambda: check_power(self.expert_power, 0.0, owner="expert_power", name="expert_power"),
                    "expert_power")
@@ -152,7 +171,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is unknown; choose one of {list(allowed)}", name)
         positive = ("steps", "seq_len", "micro_batch", "grad_accum", "dim", "n_layers", "n_heads", "ffn_dim",
-                    "eval_every", "eval_batches", "log_every", "save_every", "lr")
+                    "eval_every", "eval_batches", "log_every", "save_every", "lr", "muon_lr")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0", name)
@@ -271,7 +290,13 @@ class TrainConfig:
             params["power"] = self.power
             if self.expert_power is not None:
                 params["expert_power"] = self.expert_power
+        elif self.optimizer in ("muon", "muonpower"):
+            params.update(muon_lr=self.muon_lr, momentum=self.momentum)
+            if self.optimizer == "muonpower":
+                params.update(power=self.muon_power, adam_power=self.power)
         zero = {"stage": self.zero_stage}
+        if self.optimizer in ("muon", "muonpower") and self.zero_stage == 3:
+            zero["reduce_scatter"] = False  # DeepSpeed's ZeRO-3 refuses Muon with reduce-scatter
         if self.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu"}
         config = {
@@ -288,7 +313,9 @@ class TrainConfig:
         return merge(config, self.deepspeed_overrides)
 
     def optimizer_label(self) -> str:
-        """The optimizer as logs and plots name it, e.g. 'adampower p=1.2' or 'adamw'."""
+        """The optimizer as logs and plots name it, e.g. 'adampower p=1.2', 'muonpower p=0.9 adam p=1.2' or 'adamw'."""
+        if self.optimizer == "muonpower":
+            return f"muonpower p={self.muon_power:g} adam p={self.power:g}"
         return self.optimizer + (f" p={self.power:g}" if self.optimizer == "adampower" else "")
 
     def to_dict(self) -> dict:
@@ -509,7 +536,7 @@ def load_config(argv: list[str] | None = None, world_size: int | None = None) ->
     sources.update({key: f"--{key}" for key in args})
     values.update(args)
     try:
-        _check_power_needs_adampower(values, sources)
+        _check_optimizer_settings(values, sources)
         cfg = TrainConfig(**values)
         cfg.check_paths()
         cfg.expert_parallel_size(world_size or int(os.environ.get("WORLD_SIZE", "1") or 1))
@@ -519,20 +546,20 @@ def load_config(argv: list[str] | None = None, world_size: int | None = None) ->
     return cfg
 
 
-def _check_power_needs_adampower(values: dict, sources: dict) -> None:
-    """power/expert_power given where optimizer adamw is chosen (as a flag, or both in the file) have no effect:
-    refused, as megatron_patches refuses --gradpower-p without --optimizer adampower. A power in the file with
-    --optimizer adamw as a flag is fine (the flag switches the optimizer, the file's power no longer applies)."""
+def _check_optimizer_settings(values: dict, sources: dict) -> None:
+    """A setting of OPTIMIZER_SETTINGS given where another optimizer is chosen (as a flag, or both in the file) has no
+    effect: refused, as megatron_patches refuses --gradpower-p without --optimizer adampower. One in the file with
+    another --optimizer as a flag is fine (the flag switches the optimizer; the file's setting no longer applies)."""
     optimizer = values.get("optimizer", "adampower")
-    if optimizer == "adampower" or optimizer not in OPTIMIZERS:
+    if optimizer not in OPTIMIZERS:
         return
     chosen_at = 2 if str(sources.get("optimizer", "")).startswith("--") else 1 if "optimizer" in sources else 0
-    for key in POWER_SETTINGS:
-        if key not in sources or (key == "expert_power" and values[key] is None):
+    for key, users in OPTIMIZER_SETTINGS.items():
+        if optimizer in users or key not in sources or values[key] is None:
             continue
         given_at = 2 if sources[key].startswith("--") else 1
         if given_at >= chosen_at:
             given = f"--{key} {values[key]}" if given_at == 2 else f"{sources[key]} key {key}={values[key]!r}"
             chosen = "--optimizer" if chosen_at == 2 else f"{sources['optimizer']} key optimizer"
-            raise ConfigError(f"{given} has no effect unless --optimizer adampower (optimizer is {optimizer!r}, "
-                              f"from {chosen}); drop it or choose adampower")
+            raise ConfigError(f"{given} has no effect unless --optimizer {' or '.join(users)} (optimizer is "
+                              f"{optimizer!r}, from {chosen}); drop it or choose {' or '.join(users)}")

@@ -37,7 +37,7 @@ def test_register_is_idempotent_and_reversible():
         gds.register()
         gds.register()
         assert gds.is_registered()
-        assert config.DEEPSPEED_OPTIMIZERS == names + ["adampower", "adamwpower"]
+        assert config.DEEPSPEED_OPTIMIZERS == names + ["adampower", "adamwpower", "muonpower"]
         assert len(utils.ZERO_SUPPORTED_OPTIMIZERS) == len(supported) + 2
         assert DeepSpeedEngine._configure_basic_optimizer is not original
         assert Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3 is not original_load

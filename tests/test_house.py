@@ -231,11 +231,14 @@ def test_both_integrations_are_patch_sets():
     assert isinstance(deepspeed.PATCHES, PatchSet) and isinstance(megatron_patches.PATCHES, PatchSet)
     assert issubclass(deepspeed.UnsupportedDeepSpeedError, UnsupportedVersionError)
     assert issubclass(megatron_patches.UnsupportedMegatronError, UnsupportedVersionError)
+    import deepspeed as ds
+
     deepspeed.register()
     try:
         assert [line.split(" ")[0] for line in deepspeed.PATCHES.describe()] == [
             "deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS", "deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS",
             "DeepSpeedEngine._configure_basic_optimizer",
-            "DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3"]
+            "DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3",
+            *(["deepspeed.set_optimizer_flags"] if hasattr(ds, "set_optimizer_flags") else [])]  # DeepSpeed with Muon
     finally:
         deepspeed.unregister()

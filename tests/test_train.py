@@ -60,7 +60,7 @@ def test_config_file_and_flags(tmp_path):
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"optimizer": "lion"}, r"optimizer='lion' is unknown; choose one of \['adampower', 'adamw'\]"),
+    ({"optimizer": "lion"}, r"optimizer='lion' is unknown; choose one of \['adampower', 'adamw', 'muon', 'muonpower'\]"),
     ({"power": 0}, r"invalid power=0: must be a finite number > 0"),
     ({"schedule": "linear"}, r"schedule='linear' is unknown"),
     ({"steps": 0}, r"steps=0 must be > 0"),
@@ -146,8 +146,14 @@ def test_compare_variants():
     assert compare.variant_label("adampower", 1.4, True) == "adampower-p1.4-gpas"
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
         compare.parse_variant("sgd")
-    with pytest.raises(ValueError, match="only adampower takes a power"):
+    with pytest.raises(ValueError, match="only adampower and muonpower take a power"):
         compare.parse_variant("adamw:1.2")
+    assert compare.parse_variant("muonpower:0.9") == ("muonpower", 0.9)
+    assert compare.parse_variant("muon") == ("muon", None)
+    with pytest.raises(ValueError, match=r"muonpower needs its power, e.g. muonpower:0.9"):
+        compare.parse_variant("muonpower")
+    with pytest.raises(ValueError, match=r"'muonpower:0': invalid power=0: must be .* \(1.0 is plain Muon\)"):
+        compare.parse_variant("muonpower:0")
 
 
 # ---- launched runs ------------------------------------------------------------------------------------------------

@@ -76,8 +76,8 @@ def test_optimizer_hyperparameters_checked_before_launch(flags, message):
 
 
 def test_power_with_adamw_is_refused_naming_both_flags(tmp_path):
-    with pytest.raises(ValueError, match=r"^--power 1.5 has no effect unless --optimizer adampower \(optimizer is "
-                                         r"'adamw', from --optimizer\)"):
+    with pytest.raises(ValueError, match=r"^--power 1.5 has no effect unless --optimizer adampower or muonpower "
+                                         r"\(optimizer is 'adamw', from --optimizer\)"):
         load_config(["--optimizer", "adamw", "--power", "1.5"])
     with pytest.raises(ValueError, match=r"^--expert_power 1.1 has no effect unless --optimizer adampower"):
         load_config(["--config", str(QUICKSTART), "--optimizer", "adamw", "--expert_power", "1.1"])
@@ -89,6 +89,31 @@ def test_power_with_adamw_is_refused_naming_both_flags(tmp_path):
     # the flag switches the optimizer: the file's power (the quickstart's 1.2) no longer applies, nothing refused
     cfg = load_config(["--config", str(QUICKSTART), "--optimizer", "adamw"])
     assert cfg.optimizer == "adamw" and "power" not in cfg.deepspeed_config()["optimizer"]["params"]
+
+
+def test_muon_settings(tmp_path):
+    cfg = load_config(["--config", str(QUICKSTART), "--optimizer", "muonpower", "--muon_power", "0.9"])
+    optimizer = cfg.deepspeed_config()["optimizer"]
+    assert optimizer["type"] == "MuonPower"
+    assert optimizer["params"] == dict(lr=cfg.lr, betas=list(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                       muon_lr=0.02, momentum=0.95, power=0.9, adam_power=cfg.power)
+    assert cfg.optimizer_label() == f"muonpower p=0.9 adam p={cfg.power:g}"
+    muon = load_config(["--optimizer", "muon", "--muon_lr", "0.05"]).deepspeed_config()["optimizer"]
+    assert muon == dict(type="Muon", params=dict(lr=3e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, muon_lr=0.05,
+                                                 momentum=0.95))
+    with pytest.raises(ValueError, match=r"^--optimizer: optimizer muonpower needs muon_power, .*"
+                                         r"openai/parameter-golf PR #1682"):
+        load_config(["--optimizer", "muonpower"])
+    with pytest.raises(ValueError, match=r"^--muon_power: invalid muon_power=0: must be a finite number > 0 "
+                                         r"\(1.0 is plain Muon\)$"):
+        load_config(["--optimizer", "muonpower", "--muon_power", "0"])
+    with pytest.raises(ValueError, match=r"^--muon_power 0.9 has no effect unless --optimizer muonpower \(optimizer "
+                                         r"is 'muon', from --optimizer\)"):
+        load_config(["--optimizer", "muon", "--muon_power", "0.9"])
+    with pytest.raises(ValueError, match=r"^--momentum 0.9 has no effect unless --optimizer muon or muonpower"):
+        load_config(["--optimizer", "adamw", "--momentum", "0.9"])
+    with pytest.raises(ValueError, match=r"^--momentum: momentum=1.0 must be in \[0, 1\)"):
+        load_config(["--optimizer", "muon", "--momentum", "1"])
 
 
 # ---- the final DeepSpeed config -----------------------------------------------------------------------------------------

@@ -106,41 +106,47 @@ def full_fp32_params(engine) -> dict[str, torch.Tensor]:
     return out
 
 
+def reference_gradients(master: CausalLM, step: int, dtype: str = "fp32", world: int = 2, gas: int = 2,
+                        accumulate: str = "fp32") -> list[torch.Tensor]:
+    """The gradient DeepSpeed averages for optimizer step `step`, computed in one process, one per parameter of
+    `master` (fp32): each micro-batch of each of `world` ranks runs forward/backward in `dtype` on a copy of the
+    masters (fp16 with the loss scaled by 2**INITIAL_SCALE_POWER, then unscaled); the gradients are summed in
+    `accumulate` precision ("fp32", or the model dtype as ZeRO stage 0 does) and averaged over `world` ranks and
+    `gas` micro-batches."""
+    low = copy.deepcopy(master).to(DTYPES[dtype])
+    params = list(master.parameters())
+    scale = 2.0 ** INITIAL_SCALE_POWER if dtype == "fp16" else 1.0
+    grads = [torch.zeros_like(p, dtype=DTYPES[accumulate]) for p in params]
+    for rank in range(world):
+        for micro in range(gas):
+            with torch.no_grad():
+                for lp, p in zip(low.parameters(), params):
+                    lp.copy_(p)
+            low.zero_grad(set_to_none=True)
+            tokens = micro_batch(rank, step * gas + micro)
+            (low(tokens, tokens)[1] * (scale / gas)).backward()
+            for g, lp in zip(grads, low.parameters()):
+                g += lp.grad.to(g.dtype)
+    return [g.float() / (scale * world) for g in grads]
+
+
 def reference_run(steps: int, dtype: str = "fp32", world: int = 2, gas: int = 2, clip: float = 1.0,
                   accumulate: str = "fp32", zero_grad_step: bool = False, **adam_power) -> dict[str, torch.Tensor]:
     """The same training in one process, unsharded: what every DeepSpeed configuration must reproduce.
 
-    fp32 master weights stepped by the reference AdamPower (foreach=False);
-    each micro-batch runs forward/backward in `dtype` on a copy of the masters
-    (fp16 with the loss scaled by 2**INITIAL_SCALE_POWER, then unscaled);
-    gradients are summed in `accumulate` precision ("fp32", or the model dtype
-    as ZeRO stage 0 does), averaged over `world` ranks and `gas` micro-batches and
-    clipped to global norm `clip` as DeepSpeed does (coefficient clip / (norm + 1e-6)).
-    `zero_grad_step` first steps once on all-zero gradients, as DeepSpeed's
-    stage-0 fp16/bf16 wrappers do when they initialise the optimizer state.
+    fp32 master weights stepped by the reference AdamPower (foreach=False) on reference_gradients(), clipped to
+    global norm `clip` as DeepSpeed does (coefficient clip / (norm + 1e-6)). `zero_grad_step` first steps once on
+    all-zero gradients, as DeepSpeed's stage-0 fp16/bf16 wrappers do when they initialise the optimizer state.
     """
     master = make_model()
-    low = copy.deepcopy(master).to(DTYPES[dtype])
     params = list(master.parameters())
     optimizer = AdamPower(params, foreach=False, **(adam_power or LR_WD))
-    scale = 2.0 ** INITIAL_SCALE_POWER if dtype == "fp16" else 1.0
     if zero_grad_step:
         for p in params:
             p.grad = torch.zeros_like(p)
         optimizer.step()
     for step in range(steps):
-        grads = [torch.zeros_like(p, dtype=DTYPES[accumulate]) for p in params]
-        for rank in range(world):
-            for micro in range(gas):
-                with torch.no_grad():
-                    for lp, p in zip(low.parameters(), params):
-                        lp.copy_(p)
-                low.zero_grad(set_to_none=True)
-                tokens = micro_batch(rank, step * gas + micro)
-                (low(tokens, tokens)[1] * (scale / gas)).backward()
-                for g, lp in zip(grads, low.parameters()):
-                    g += lp.grad.to(g.dtype)
-        grads = [g.float() / (scale * world) for g in grads]
+        grads = reference_gradients(master, step, dtype, world, gas, accumulate)
         for p, g in zip(params, grads):
             p.grad = g
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
@@ -152,12 +158,63 @@ def reference_run(steps: int, dtype: str = "fp32", world: int = 2, gas: int = 2,
     return {name: p.detach().clone() for name, p in master.named_parameters()}
 
 
+def muon_reference_run(steps: int, dtype: str, power: float, adam_power: float, lr: float, weight_decay: float,
+                       momentum: float, betas, eps: float, world: int = 2, gas: int = 2, accumulate: str = "fp32",
+                       zero_grad_step: bool = False) -> dict[str, torch.Tensor]:
+    """MuonPower's training in one process, unsharded, unclipped: on reference_gradients(), the matrices DeepSpeed
+    gives Muon (2 or more dimensions, no "embed" or "lm_head" in the name) take phi_power (the float64
+    reference), then DeepSpeed's Muon update (momentum, Newton-Schulz: its original_muon.muon_update) and
+    decoupled weight decay; the other parameters take the reference AdamPower with adam_power. `accumulate` and
+    `zero_grad_step` as for reference_run (on all-zero gradients Muon's update is 0: only the decay applies)."""
+    from deepspeed.runtime.zero.muon.original_muon import muon_update
+
+    from gradpower_ds.power import grad_power
+
+    master = make_model()
+    named = list(master.named_parameters())
+    is_muon = [p.dim() >= 2 and not any(key in name.lower() for key in ("embed", "lm_head")) for name, p in named]
+    adam = AdamPower([p for (_, p), muon in zip(named, is_muon) if not muon], foreach=False, lr=lr, betas=tuple(betas),
+                     eps=eps, weight_decay=weight_decay, power=adam_power)
+    momenta = {name: torch.zeros_like(p) for (name, p), muon in zip(named, is_muon) if muon}
+    if zero_grad_step:
+        with torch.no_grad():
+            for (_, p), muon in zip(named, is_muon):
+                if muon:
+                    p.mul_(1 - lr * weight_decay)
+                else:
+                    p.grad = torch.zeros_like(p)
+        adam.step()
+    for step in range(steps):
+        grads = reference_gradients(master, step, dtype, world, gas, accumulate)
+        with torch.no_grad():
+            for (name, p), g, muon in zip(named, grads, is_muon):
+                if not muon:
+                    p.grad = g
+                    continue
+                update = muon_update(grad_power(g, power), momenta[name], beta=momentum, ns_method="gram")
+                p.mul_(1 - lr * weight_decay)
+                p.add_(update.reshape(p.shape), alpha=-lr)
+        adam.step()
+    return {name: p.detach().clone() for name, p in named}
+
+
 def matrix_cases() -> list[tuple[int, str, bool, bool]]:
     """(ZeRO stage, dtype, optimizer offload, param offload) combinations the integration must support."""
     cases = [(0, dtype, False, False) for dtype in DTYPES]
     cases += [(stage, dtype, offload, False) for stage in (1, 2, 3) for dtype in DTYPES for offload in (False, True)]
     cases += [(3, dtype, True, True) for dtype in DTYPES]
     return cases
+
+
+def muon_cases() -> list[tuple[int, str, bool]]:
+    """(ZeRO stage, dtype, optimizer offload) combinations MuonPower is checked in: every stage in fp32 and bf16,
+    and ZeRO-2/3 with the optimizer offloaded to the CPU."""
+    return [(stage, dtype, False) for stage in (0, 1, 2, 3) for dtype in ("fp32", "bf16")] + \
+        [(stage, "fp32", True) for stage in (2, 3)]
+
+
+def muon_case_name(stage: int, dtype: str, offload: bool) -> str:
+    return case_name(stage, dtype, offload, False)
 
 
 def skip_zero3_where_deepspeed_races(stage: int) -> None:
