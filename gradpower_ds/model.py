@@ -218,7 +218,8 @@ class CausalLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # named as in Hugging Face's LLaMA: DeepSpeed's Muon leaves parameters named embed/lm_head to its Adam
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -227,7 +228,7 @@ class CausalLM(nn.Module):
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x, self.rope_cos, self.rope_sin)
-        logits = self.head(self.norm(x))
+        logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))

@@ -193,6 +193,27 @@ def test_train_resume_continues_the_curve_exactly(tmp_path):
 
 
 @pytest.mark.slow
+def test_train_muon_power(tmp_path):
+    """The main job with MuonPower on 2 ranks (experts sharded; the expert matrices are Muon's too), stopped at step
+    4 and resumed: the same curve as an uninterrupted run."""
+    flags = ["--optimizer", "muonpower", "--muon_power", "0.9"]
+    whole = tmp_path / "whole"
+    out = deepspeed_train(whole, *flags)
+    log = out.stdout + out.stderr
+    assert re.search(r"gradpower_ds: MuonPower built \(power 0\.9 on \d+ Muon matrices; auxiliary CPUAdamPower, "
+                     r"adam_power 1\.2\)", log)
+    assert "muonpower p=0.9 adam p=1.2 | MuonPower" in log
+    split = tmp_path / "split"
+    deepspeed_train(split, *flags, "--stop_at", "4")
+    deepspeed_train(split, *flags, "--resume", "true")
+    rows_whole, rows_split = read_metrics(whole / "metrics.csv"), read_metrics(split / "metrics.csv")
+    for key in ("step", "train_loss", "val_loss", "lr"):
+        assert [r[key] for r in rows_split] == [r[key] for r in rows_whole], key
+    assert rows_whole[0]["train_loss"] > rows_whole[-1]["train_loss"]
+    assert json.loads((whole / "summary.json").read_text())["optimizer"] == "muonpower"
+
+
+@pytest.mark.slow
 def test_train_refuses_bad_runs_without_leaving_a_run_dir(tmp_path):
     """Experts that cannot be placed, a missing data path, an existing run without --resume: clear errors."""
     run_dir = tmp_path / "r"
