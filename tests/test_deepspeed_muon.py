@@ -50,13 +50,13 @@ def results(tmp_path_factory):
 
 
 @functools.cache
-def reference(dtype: str, stage0: bool) -> dict:
+def reference(dtype: str, stage0: bool, world: int = 2) -> dict:
     # DeepSpeed's stage-0 bf16 wrapper (FP16_UnfusedOptimizer in 0.19.8) sums gradients in bf16 and steps once on
     # all-zero gradients when it initialises the optimizer; the reference does the same (as tests/test_deepspeed_matrix)
     low_stage0 = stage0 and dtype != "fp32"
     return ds_toy.muon_reference_run(ds_muon.MUON_STEPS, dtype, ds_muon.POWER, ds_muon.ADAM_POWER,
                                      accumulate=dtype if low_stage0 else "fp32", zero_grad_step=low_stage0,
-                                     **ds_muon.MUON_PARAMS)
+                                     world=world, **ds_muon.MUON_PARAMS)
 
 
 def tensor_rel_error(got: dict, want: dict) -> float:

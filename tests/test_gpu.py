@@ -101,6 +101,33 @@ def test_deepspeed_on_one_gpu(tmp_path):
                    adamw_class="DeepSpeedCPUAdam" if offload else "FusedAdam")
 
 
+MUON_GPU_CASES = ["z0-fp32", "z2-bf16", "z3-fp32"]
+
+
+def test_deepspeed_muon_power_on_one_gpu(tmp_path):
+    """MuonPower on a GPU (nccl; DeepSpeed's Newton-Schulz in fp16 there): p = 1 is DeepSpeed's Muon bit for bit, the
+    power lands within the bf16 tolerance of the CPU reference (whose Newton-Schulz is fp32), resume is exact."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    from jobs import ds_muon
+    from test_deepspeed_muon import LOW_PRECISION_TOL, reference, update_rel_error
+
+    out = tmp_path / "results.pt"
+    torchrun(JOBS / "ds_muon.py", out, *MUON_GPU_CASES, nproc=1, timeout=600)
+    results = torch.load(out)
+    for name in MUON_GPU_CASES:
+        stage, dtype = int(name[1]), name.split("-")[1]
+        ours, ours_p1, muon = (results[(name, label)] for label in ("power", "power1", "ds_muon"))
+        assert ours["optimizer"] == "MuonPower" and ours["aux"] == "AdamPower"
+        for key in muon["params"]:
+            assert torch.equal(ours_p1["params"][key], muon["params"][key]), (name, key)
+        want = reference(dtype, stage == 0, world=1)
+        error = update_rel_error(ours["params"], want)
+        assert error <= LOW_PRECISION_TOL and update_rel_error(muon["params"], want) > 2.5 * error, name
+        if name in ds_muon.RESUME_CASES:
+            resumed = results[(name, "resumed")]["params"]
+            assert all(torch.equal(resumed[k], ours["params"][k]) for k in resumed), name
+
+
 def test_main_job_on_gpu_resumes_exactly(tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
     from gradpower_ds.metrics import read_metrics

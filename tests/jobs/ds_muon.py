@@ -1,4 +1,6 @@
-"""Launched job (2 gloo ranks): MuonPower against DeepSpeed's own Muon, in every case of ds_toy.muon_cases().
+"""Launched job: MuonPower against DeepSpeed's own Muon, in every case of ds_toy.muon_cases() (or only those named
+after argv[1], e.g. z2-bf16). CPU ranks (gloo; the tests launch 2), or one rank per GPU (nccl) where CUDA is
+available (tests/test_gpu.py launches 1).
 
 For each case it trains MUON_STEPS steps (2 micro-batches each) with MuonPower (POWER, ADAM_POWER), MuonPower
 (1, 1) and DeepSpeed's "Muon", and records the full fp32 parameters and the optimizer classes. For the cases
@@ -6,6 +8,7 @@ of RESUME_CASES it also trains MuonPower for 1 step, saves a checkpoint, loads i
 the remaining steps. Rank 0 writes everything to argv[1] (torch.save).
 """
 
+import os
 import sys
 
 import deepspeed
@@ -59,11 +62,17 @@ def resumed(case, checkpoint_dir) -> dict:
 
 def main():
     register()
-    deepspeed.init_distributed(dist_backend="gloo")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank = dist.get_rank()
     results = {}
+    chosen = set(sys.argv[2:])
     for case in ds_toy.muon_cases():
         name = ds_toy.muon_case_name(*case)
+        if chosen and name not in chosen:
+            continue
         for label in OPTIMIZERS:
             engine = engine_for(case, label)
             ds_toy.train(engine, rank, MUON_STEPS)
