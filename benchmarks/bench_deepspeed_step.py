@@ -1,4 +1,5 @@
-"""A DeepSpeed training step: ``"type": "AdamPower"`` (power 1.2) against DeepSpeed's ``"type": "AdamW"``.
+"""A DeepSpeed training step: ``"type": "AdamPower"`` (power 1.2) against DeepSpeed's ``"type": "AdamW"`` (and, on
+request, ``"MuonPower"`` against DeepSpeed's ``"Muon"``).
 
 In ONE run, on the same model (gradpower_ds.model.CausalLM, dense, ~34M
 parameters by default), the same data and the same DeepSpeed config except the optimizer
@@ -11,6 +12,9 @@ type, it times these settings (on the CPU, or on CUDA GPUs when there are any):
   zero2-fused    GPU only: ours with "fused": true (the Triton kernel)
   zero2-offload  ZeRO-2 + "offload_optimizer": {"device": "cpu"}: ours builds
                  CPUAdamPower, DeepSpeed's AdamW builds DeepSpeedCPUAdam
+  zero2-muon     only when named: MuonPower (power 0.9, adam_power 1.2) against DeepSpeed's
+                 Muon, ZeRO-2 (Muon's update runs at the gradient-accumulation boundary of
+                 the backward there, so the train step is the figure, not optimizer.step)
 Both engines of a setting live side by side and take turns, one training step
 each, in ABBA order (ours, theirs, theirs, ours, ...), so machine noise hits
 both alike. After --warmup steps each (optimizer state creation included),
@@ -20,7 +24,8 @@ every step is timed on every rank, after a barrier:
   engine.step      the boundary engine.step() alone: grad norm, clipping, the
                    optimizer, the fp32 -> bf16 copy, the all-gather
   optimizer.step   the basic optimizer's step() alone (our kernel vs theirs),
-                   timed by wrapping it on the engine
+                   timed by wrapping it on the engine (summed when ZeRO steps each
+                   param group by itself)
 A step's time is its slowest rank's; reported are medians over --steps steps and
 ours/theirs per setting: ``RATIO <setting> <value>`` for the training step (the
 figure the issue's target, ratio <= 1.02, refers to) and
@@ -53,11 +58,15 @@ import sys
 import time
 from importlib.metadata import version
 
-SETTINGS = {"zero2": {}, "zero2-fused": {"fused": True}, "zero2-offload": {"offload": True}}  # name -> options
+ADAM, MUON = ("AdamPower", "AdamW"), ("MuonPower", "Muon")  # (ours, theirs): DeepSpeed "type"s
+SETTINGS = {"zero2": ({}, ADAM), "zero2-fused": ({"fused": True}, ADAM), "zero2-offload": ({"offload": True}, ADAM),
+            "zero2-muon": ({}, MUON)}  # name -> (options, optimizer pair)
 GPU_ONLY = ("zero2-fused",)
-OURS, THEIRS = "AdamPower", "AdamW"
+ON_REQUEST = ("zero2-muon",)  # not in the default run
 OPTIMIZER_PARAMS = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 POWER = 1.2
+MUON_PARAMS = {"muon_lr": 0.02, "momentum": 0.95}
+MUON_POWER = 0.9
 METRICS = ("train", "engine_step", "optimizer_step")
 METRIC_NAMES = {"train": "train step", "engine_step": "engine.step", "optimizer_step": "optimizer.step"}
 
@@ -68,7 +77,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--world-size", type=int, default=2, help="ranks (processes), default 2")
     parser.add_argument("--threads", type=int, default=1, help="OpenMP/torch threads per rank, default 1")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS),
-                        help="default: zero2 and zero2-offload on the CPU, all three on GPUs")
+                        help="default: zero2 and zero2-offload on the CPU, and zero2-fused on GPUs; zero2-muon when named")
     parser.add_argument("--dim", type=int, default=512, help="model width (FFN 11/4 x, 64-dim heads)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8192)
@@ -138,8 +147,12 @@ def ds_config(args: argparse.Namespace, opt_type: str, offload: bool = False, fu
     zero = {"stage": 2}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
-    if opt_type == OURS:
+    if opt_type == "AdamPower":
         params = dict(OPTIMIZER_PARAMS, power=POWER, **({"fused": True} if fused else {}))
+    elif opt_type == "MuonPower":
+        params = dict(OPTIMIZER_PARAMS, **MUON_PARAMS, power=MUON_POWER, adam_power=POWER)
+    elif opt_type == "Muon":
+        params = dict(OPTIMIZER_PARAMS, **MUON_PARAMS)
     else:
         params = dict(OPTIMIZER_PARAMS, **({"torch_adam": True} if torch_adam else {}))
     return {
@@ -175,7 +188,7 @@ def build_engine(args: argparse.Namespace, opt_type: str, options: dict):
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                           config=ds_config(args, opt_type, **options))
     except Exception as exc:
-        if opt_type == OURS or not torch.cuda.is_available():
+        if opt_type != "AdamW" or not torch.cuda.is_available():
             raise
         print(f"DeepSpeed's FusedAdam is not available here ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
               "theirs is torch's AdamW (\"torch_adam\": true)", flush=True)
@@ -216,19 +229,23 @@ def training_step(engine, batches) -> dict[str, float]:
     engine.step()
     _sync()
     t2 = time.perf_counter()
-    if len(times) != n_before + 1:
-        raise RuntimeError(f"expected one optimizer step per training step, saw {len(times) - n_before}")
-    return {"train": t2 - t0, "engine_step": t2 - t1, "optimizer_step": times[-1]}
+    if len(times) == n_before:
+        raise RuntimeError("expected the optimizer to step in every training step; it did not")
+    # ZeRO-1/2 call step() once per param group (Muon's two halves: twice)
+    return {"train": t2 - t0, "engine_step": t2 - t1, "optimizer_step": sum(times[n_before:])}
 
 
-def measure_setting(args: argparse.Namespace, options: dict, data) -> dict[str, dict[str, list[float]]]:
-    """Times both optimizers' training steps in ABBA turns; returns {optimizer type: {metric: [s per step]}}."""
-    engines = {name: build_engine(args, name, options if name == OURS else
-                                  {k: v for k, v in options.items() if k != "fused"}) for name in (OURS, THEIRS)}
+def measure_setting(args: argparse.Namespace, options: dict, pair: tuple[str, str],
+                    data) -> dict[str, dict[str, list[float]]]:
+    """Times both optimizers' (ours, theirs = `pair`) training steps in ABBA turns; returns {optimizer type (class):
+    {metric: [s per step]}}."""
+    ours, theirs = pair
+    engines = {name: build_engine(args, name, options if name == ours else
+                                  {k: v for k, v in options.items() if k != "fused"}) for name in pair}
     kinds = {name: type(engine.basic_optimizer).__name__ for name, engine in engines.items()}
     times = {name: {metric: [] for metric in METRICS} for name in engines}
     for step in range(args.warmup + args.steps):
-        order = (OURS, THEIRS) if step % 2 == 0 else (THEIRS, OURS)
+        order = (ours, theirs) if step % 2 == 0 else (theirs, ours)
         for name in order:
             sample = training_step(engines[name], data[step])
             if step >= args.warmup:
@@ -253,8 +270,9 @@ def report(setting: str, times: dict[str, dict[str, list[float]]]) -> None:
     """Prints a setting's median times (ms) and its RATIO / RATIO_OPTIMIZER_STEP lines (ours / theirs)."""
     medians = {name: {metric: statistics.median(values) for metric, values in per_metric.items()}
                for name, per_metric in times.items()}
-    ours = next(name for name in medians if name.startswith(OURS))
-    theirs = next(name for name in medians if name.startswith(THEIRS))
+    ours_type, theirs_type = SETTINGS[setting][1]
+    ours = next(name for name in medians if name.split(" ")[0] == ours_type)
+    theirs = next(name for name in medians if name.split(" ")[0] == theirs_type)
     print(f"\n{setting}: median ms over {len(times[ours]['train'])} steps (min in brackets)")
     print(f"  {'optimizer':<28}" + "".join(f"{METRIC_NAMES[m]:>22}" for m in METRICS))
     for name in (theirs, ours):
@@ -294,7 +312,7 @@ def worker(args: argparse.Namespace) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     data = [[torch.randint(0, args.vocab, (args.micro_batch, args.seq), generator=gen).to(device)
              for _ in range(args.gas)] for _ in range(args.warmup + args.steps)]
-    settings = args.settings or [s for s in SETTINGS if on_gpu or s not in GPU_ONLY]
+    settings = args.settings or [s for s in SETTINGS if (on_gpu or s not in GPU_ONLY) and s not in ON_REQUEST]
     refused = [s for s in settings if s in GPU_ONLY and not on_gpu]
     if refused:
         raise SystemExit(f"settings {refused} need a GPU")
@@ -304,7 +322,7 @@ def worker(args: argparse.Namespace) -> None:
               f"parameters ({n_params / args.world_size / 1e6:.1f}M fp32 master elements per rank)", flush=True)
     for setting in settings:
         t0 = time.perf_counter()
-        times = slowest_rank(measure_setting(args, SETTINGS[setting], data))
+        times = slowest_rank(measure_setting(args, *SETTINGS[setting], data))
         if rank == 0:
             report(setting, times)
             print(f"  ({time.perf_counter() - t0:.0f} s for this setting)", flush=True)
