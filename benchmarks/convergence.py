@@ -6,8 +6,9 @@ through the compare tool (so finished runs are reused when it is rerun):
   moe-wsd     AdamW vs AdamPower p=1.2, warmup-stable-decay
   moe-cosine  AdamW vs AdamPower p=1.2, cosine
   gpas        Pre-LN vs Pre-LN + GPAS, both AdamPower p=1.2, WSD (the Pre-LN runs are moe-wsd's)
-  muon        DeepSpeed's Muon vs MuonPower p = 0.9, 1.0, 1.2 before Muon's momentum, WSD (MuonPower's
-              auxiliary Adam is AdamPower at the quickstart's power 1.2, so p = 1.0 isolates that)
+  muon        DeepSpeed's Muon vs MuonPower p = 0.9, 1.0, 1.2 before Muon's momentum, WSD, without
+              gradient clipping (MuonPower's auxiliary Adam is AdamPower at the quickstart's power 1.2, so
+              p = 1.0 isolates that)
 
 It prints one markdown table per study (final validation loss, mean ± std over seeds,
 the difference to the first row, per-seed values, tokens/s) and writes each study's
@@ -27,12 +28,13 @@ from pathlib import Path
 from gradpower_ds import compare
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = [  # (id, title, schedule, optimizers, gpas settings)
-    ("moe-wsd", "AdamPower vs AdamW — MoE, WSD schedule", "wsd", ["adamw", "adampower:1.2"], ["off"]),
-    ("moe-cosine", "AdamPower vs AdamW — MoE, cosine schedule", "cosine", ["adamw", "adampower:1.2"], ["off"]),
-    ("gpas", "GPAS vs Pre-LN — MoE, AdamPower p=1.2, WSD", "wsd", ["adampower:1.2"], ["off", "on"]),
-    ("muon", "MuonPower vs Muon — MoE, WSD", "wsd", ["muon", "muonpower:0.9", "muonpower:1.0", "muonpower:1.2"],
-     ["off"]),
+STUDIES = [  # (id, title, schedule, optimizers, gpas settings, flags of the study's own)
+    ("moe-wsd", "AdamPower vs AdamW — MoE, WSD schedule", "wsd", ["adamw", "adampower:1.2"], ["off"], []),
+    ("moe-cosine", "AdamPower vs AdamW — MoE, cosine schedule", "cosine", ["adamw", "adampower:1.2"], ["off"], []),
+    ("gpas", "GPAS vs Pre-LN — MoE, AdamPower p=1.2, WSD", "wsd", ["adampower:1.2"], ["off", "on"], []),
+    # DeepSpeed's clipping would clip Muon's orthogonalised update (gradpower_ds.muon_power.CLIPPING_WARNING)
+    ("muon", "MuonPower vs Muon — MoE, WSD, no clipping", "wsd",
+     ["muon", "muonpower:0.9", "muonpower:1.0", "muonpower:1.2"], ["off"], ["--grad_clip", "0"]),
 ]
 
 
@@ -59,13 +61,14 @@ def main() -> None:
     args = parser.parse_args()
     extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     report = []
-    for study, title, schedule, optimizers, gpas in STUDIES:
+    for study, title, schedule, optimizers, gpas, flags in STUDIES:
         if study not in args.studies:
             continue
         out = Path(args.out) / schedule
         table = compare.main(["--optimizers", *optimizers, "--gpas", *gpas, "--seeds", *map(str, args.seeds),
                               "--out", str(out), "--nproc", str(args.nproc), "--",
-                              "--config", str(ROOT / "configs" / "quickstart.json"), "--schedule", schedule, *extra])
+                              "--config", str(ROOT / "configs" / "quickstart.json"), "--schedule", schedule, *flags,
+                              *extra])
         plot = Path(args.plots) / f"convergence-{study}.png"
         plot.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "compare.png", plot)

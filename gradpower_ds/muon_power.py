@@ -43,6 +43,11 @@ POWER_GUIDANCE = (
     "no default is set because the evidence disagrees: the GradPower paper uses p > 1 (1.2) with Adam, while a "
     "public Muon sweep (openai/parameter-golf PR #1682) found p = 0.9 best for Muon (0.85-0.925 a plateau, 1.2 "
     "worse than 1); 1.0 is plain Muon")
+CLIPPING_WARNING = (
+    "under ZeRO, DeepSpeed's gradient_clipping clips Muon's orthogonalised update, not the gradient, by the global "
+    "norm of all updates, which those updates dominate (each has a norm of about sqrt(min(rows, cols))), so Muon's "
+    "steps shrink by that global norm over the clipping value (on the quickstart model Muon's validation loss "
+    "stalled at 2.46 with clipping 1.0 and reached 1.83 without, at step 150); Muon's update is normalised already")
 MUON_CALLERS = (
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "get_flat_partition"),
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "_apply_muon_updates_cpu_offload"),
@@ -191,6 +196,9 @@ def build_for_engine(engine, model_parameters, use_cpu_kernel: bool):
     optimizer = muon_power_class()(groups, power, adam_optimizer=adam_class, adam_optimizer_kwargs=adam_kwargs,
                                    adam_w_mode=adam_w_mode,
                                    fallback_to_inline=adam_class is not None and adam_class.__name__ == "FusedAdam")
+    if engine.global_rank == 0 and engine.gradient_clipping() > 0 and engine.zero_optimization_stage() > 0:
+        _log.warning("gradpower_ds: MuonPower with \"gradient_clipping\": %g: %s; set it to 0 unless this is meant "
+                     "(DeepSpeed's own \"Muon\" does the same)", engine.gradient_clipping(), CLIPPING_WARNING)
     if engine.global_rank == 0:
         aux = type(optimizer.aux_optimizer).__name__ if optimizer.aux_optimizer is not None else "inline Adam"
         _log.info("gradpower_ds: MuonPower built (power %g on %d Muon matrices; auxiliary %s, adam_power %g)", power,

@@ -163,6 +163,11 @@ class TrainConfig:
                                        rule=MUON_POWER_RULE), "muon_power")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum={self.momentum!r} must be in [0, 1)", "momentum")
+        if self.optimizer in ("muon", "muonpower") and self.grad_clip > 0 and self.zero_stage > 0:
+            from .muon_power import CLIPPING_WARNING
+
+            raise ConfigError(f"grad_clip={self.grad_clip:g} with optimizer {self.optimizer}: {CLIPPING_WARNING}; "
+                              "set grad_clip 0", "grad_clip", "optimizer")
         if self.expert_power is not None:
             _hyper(lambda: check_power(self.expert_power, 0.0, owner="expert_power", name="expert_power"),
                    "expert_power")

@@ -92,13 +92,14 @@ def test_power_with_adamw_is_refused_naming_both_flags(tmp_path):
 
 
 def test_muon_settings(tmp_path):
-    cfg = load_config(["--config", str(QUICKSTART), "--optimizer", "muonpower", "--muon_power", "0.9"])
+    cfg = load_config(["--config", str(QUICKSTART), "--optimizer", "muonpower", "--muon_power", "0.9",
+                       "--grad_clip", "0"])
     optimizer = cfg.deepspeed_config()["optimizer"]
     assert optimizer["type"] == "MuonPower"
     assert optimizer["params"] == dict(lr=cfg.lr, betas=list(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
                                        muon_lr=0.02, momentum=0.95, power=0.9, adam_power=cfg.power)
     assert cfg.optimizer_label() == f"muonpower p=0.9 adam p={cfg.power:g}"
-    muon = load_config(["--optimizer", "muon", "--muon_lr", "0.05"]).deepspeed_config()["optimizer"]
+    muon = load_config(["--optimizer", "muon", "--muon_lr", "0.05", "--grad_clip", "0"]).deepspeed_config()["optimizer"]
     assert muon == dict(type="Muon", params=dict(lr=3e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, muon_lr=0.05,
                                                  momentum=0.95))
     with pytest.raises(ValueError, match=r"^--optimizer: optimizer muonpower needs muon_power, .*"
@@ -114,6 +115,12 @@ def test_muon_settings(tmp_path):
         load_config(["--optimizer", "adamw", "--momentum", "0.9"])
     with pytest.raises(ValueError, match=r"^--momentum: momentum=1.0 must be in \[0, 1\)"):
         load_config(["--optimizer", "muon", "--momentum", "1"])
+    # DeepSpeed's ZeRO would clip Muon's orthogonalised update: refused, saying what to set
+    with pytest.raises(ValueError, match=rf"^{QUICKSTART}, --optimizer: grad_clip=1 with optimizer muonpower: under "
+                                         r"ZeRO, DeepSpeed's gradient_clipping clips Muon's orthogonalised update, .*"
+                                         r"set grad_clip 0$"):
+        load_config(["--config", str(QUICKSTART), "--optimizer", "muonpower", "--muon_power", "0.9"])
+    assert load_config(["--optimizer", "muon", "--zero_stage", "0"]).grad_clip == 1.0  # stage 0 clips gradients
 
 
 # ---- the final DeepSpeed config -----------------------------------------------------------------------------------------
