@@ -33,10 +33,10 @@ import logging
 import os
 import re
 
+from . import muon_power
 from .adam_power import AdamPower
 from .cpu_adam_power import CPUAdamPower
 from .hyperparams import ADAM_POWER_DEFAULTS, check_power
-from . import muon_power
 from .patching import Extend, Package, PatchSet, UnsupportedVersionError, Wrap
 from .versions import TESTED
 
@@ -58,8 +58,8 @@ UNREGISTERED_ERROR = re.compile(r"\b(adamw?power|muonpower) is not a supported D
 """DeepSpeed's AssertionError (0.16.0 through 0.19.8) for a config naming our optimizer in a process where
 register() did not run."""
 UNREGISTERED_HINT = (
-    "gradpower_ds: DeepSpeed knows \"type\": \"AdamPower\" / \"AdamWPower\" / \"MuonPower\" only in a process that called "
-    "gradpower_ds.deepspeed.register() before deepspeed.initialize. Add `import gradpower_ds.deepspeed; "
+    "gradpower_ds: DeepSpeed knows \"type\": \"AdamPower\" / \"AdamWPower\" / \"MuonPower\" only in a process that "
+    "called gradpower_ds.deepspeed.register() before deepspeed.initialize. Add `import gradpower_ds.deepspeed; "
     "gradpower_ds.deepspeed.register()` at the top of the training script, or start every training process "
     "through the runner, after the launcher: `deepspeed --module gradpower_ds.run train.py ...`, "
     "`torchrun ... -m gradpower_ds.run train.py ...`, `accelerate launch ... -m gradpower_ds.run train.py ...`, "
@@ -166,9 +166,7 @@ def _build_for_engine(engine, name: str, model_parameters):
     if problems:
         raise ValueError(f"DeepSpeed optimizer {name!r} cannot run with {len(problems)} settings of this config:\n"
                          + "\n".join(f"- {problem}" for problem in problems))
-    from deepspeed.accelerator import get_accelerator
-
-    on_cpu = get_accelerator().device_name() == "cpu"
+    on_cpu = _on_cpu_accelerator()
     if on_cpu and engine.zero_optimization_stage() == 3 and engine.global_rank == 0 and \
             not DEEPSPEED.installed_at_least(ZERO3_ON_CPU_FIXED_IN):
         _log.warning("gradpower_ds: ZeRO-3 on DeepSpeed's CPU accelerator with DeepSpeed %s: before %s its parameter "
@@ -185,14 +183,19 @@ def _build_for_engine(engine, name: str, model_parameters):
     return optimizer
 
 
-def _build_muon_power(engine, model_parameters):
-    """MuonPower for an engine whose config names it (``muon_power.build_for_engine``); on a DeepSpeed without the
-    Muon it hooks, a ValueError naming the setting and the version to install."""
+def _on_cpu_accelerator() -> bool:
     from deepspeed.accelerator import get_accelerator
 
+    return get_accelerator().device_name() == "cpu"
+
+
+def _build_muon_power(engine, model_parameters):
+    """MuonPower for an engine whose config names it (``muon_power.build_for_engine``; the native CPU kernel for the
+    auxiliary Adam where AdamPower would use it); on a DeepSpeed without the Muon it hooks, a ValueError naming the
+    setting and the version to install."""
     try:
-        return muon_power.build_for_engine(engine, model_parameters, use_cpu_kernel=engine.zero_use_cpu_optimizer()
-                                           or get_accelerator().device_name() == "cpu")
+        return muon_power.build_for_engine(engine, model_parameters,
+                                           use_cpu_kernel=engine.zero_use_cpu_optimizer() or _on_cpu_accelerator())
     except UnsupportedVersionError as error:
         raise ValueError(f"DeepSpeed optimizer 'MuonPower' needs DeepSpeed's Muon as of {muon_power.MUON_POWER_FROM}: "
                          f"{error}") from None
