@@ -28,6 +28,10 @@ ADAM_POWER_DEFAULTS = dict(
 POWER_RULE = (f"must be a finite number > 0 (1.0 is plain Adam; the paper's default is "
               f"{ADAM_POWER_DEFAULTS['power']:g})")
 MUON_POWER_RULE = "must be a finite number > 0 (1.0 is plain Muon)"
+MUON_POWER_GUIDANCE = (  # why MuonPower's power has no default (DeepSpeed, the main job, megatron_patches)
+    "no default is set because the evidence disagrees: the GradPower paper uses p > 1 (1.2) with Adam, while a "
+    "public Muon sweep (openai/parameter-golf PR #1682) found p = 0.9 best for Muon (0.85-0.925 a plateau, 1.2 "
+    "worse than 1); 1.0 is plain Muon")
 POWER_EPS_RULE = "must be a finite number >= 0 (0.0 is the paper's formula)"
 
 

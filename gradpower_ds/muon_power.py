@@ -27,7 +27,7 @@ import logging
 
 from .adam_power import AdamPower
 from .cpu_adam_power import CPUAdamPower
-from .hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_RULE, check_power
+from .hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_GUIDANCE, MUON_POWER_RULE, check_power
 from .patching import Extend, Package, PatchSet, Wrap
 from .power import grad_power_
 from .versions import TESTED
@@ -39,10 +39,6 @@ MUON_KEYS = ("lr", "muon_lr", "adam_lr", "momentum", "weight_decay", "ns_method"
              "per_head_muon")
 """The params DeepSpeed's Muon reads (0.19.8); DeepSpeed drops any other key without a word, MuonPower refuses it."""
 ACCEPTED_PARAMS = MUON_KEYS + ("power", "adam_power")
-POWER_GUIDANCE = (
-    "no default is set because the evidence disagrees: the GradPower paper uses p > 1 (1.2) with Adam, while a "
-    "public Muon sweep (openai/parameter-golf PR #1682) found p = 0.9 best for Muon (0.85-0.925 a plateau, 1.2 "
-    "worse than 1); 1.0 is plain Muon")
 CLIPPING_WARNING = (
     "under ZeRO, DeepSpeed's gradient_clipping clips Muon's orthogonalised update, not the gradient, by the global "
     "norm of all updates, which those updates dominate (each has a norm of about sqrt(min(rows, cols))), so Muon's "
@@ -149,8 +145,8 @@ def muon_power_class() -> type:
 def muon_power_settings(params: dict | None) -> tuple[dict, float, float]:
     """Splits a ``"type": "MuonPower"`` config's ``params`` into (DeepSpeed Muon's params, power, adam_power).
 
-    ``power`` is required (``POWER_GUIDANCE``); ``adam_power`` defaults to AdamPower's default. ValueError for a
-    missing power, a power <= 0 or an unknown key, naming it.
+    ``power`` is required (``hyperparams.MUON_POWER_GUIDANCE``); ``adam_power`` defaults to AdamPower's default.
+    ValueError for a missing power, a power <= 0 or an unknown key, naming it.
     """
     owner = "DeepSpeed optimizer 'MuonPower' params"
     muon = dict(params or {})
@@ -159,7 +155,7 @@ def muon_power_settings(params: dict | None) -> tuple[dict, float, float]:
         raise ValueError(f"{owner}: unknown key(s) {unknown}; accepted keys are {list(ACCEPTED_PARAMS)}")
     if "power" not in muon:
         raise ValueError(f"{owner}: set \"power\", the GradPower exponent applied before Muon's momentum: "
-                         f"{POWER_GUIDANCE}")
+                         f"{MUON_POWER_GUIDANCE}")
     power = check_power(muon.pop("power"), owner=owner, name="power", rule=MUON_POWER_RULE)[0]
     adam_power = check_power(muon.pop("adam_power", ADAM_POWER_DEFAULTS["power"]), owner=owner, name="adam_power")[0]
     return muon, power, adam_power

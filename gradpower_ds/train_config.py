@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .gpas import ACTIVATIONS, VARIANTS
-from .hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_RULE, check_group, check_power
+from .hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_GUIDANCE, MUON_POWER_RULE, check_group, check_power
 from .model import ModelConfig
 from .precision import PRECISIONS, resolve_precision
 
@@ -154,11 +154,9 @@ class TrainConfig:
                               "optimizer")
         _hyper(lambda: check_power(self.power, 0.0, owner="power"), "power")
         if self.optimizer == "muonpower":
-            from .muon_power import POWER_GUIDANCE
-
             if self.muon_power is None:
                 raise ConfigError(f"optimizer muonpower needs muon_power, the GradPower exponent before Muon's "
-                                  f"momentum: {POWER_GUIDANCE}", "muon_power", "optimizer")
+                                  f"momentum: {MUON_POWER_GUIDANCE}", "muon_power", "optimizer")
             _hyper(lambda: check_power(self.muon_power, 0.0, owner="muon_power", name="muon_power",
                                        rule=MUON_POWER_RULE), "muon_power")
         if not 0.0 <= self.momentum < 1.0:

@@ -1,18 +1,20 @@
-"""A small megatron-core MoE GPT pretraining job with AdamPower and GPAS, for users without Megatron-LM.
+"""A small megatron-core MoE GPT pretraining job with AdamPower / MuonPower and GPAS, for users without Megatron-LM.
 
     torchrun --nproc_per_node 2 -m gradpower_ds.train_megatron \\
         --gradpower-config configs/megatron/adampower_gpas.json --train-iters 300 --save runs/megatron
 
 or ``bash launch/megatron_moe.sh`` (torchrun, one or many nodes). Flags carry Megatron-LM's names for
 the same settings (a subset: DP x EP, no TP/PP), plus the GradPower/GPAS flags of
-``megatron_patches.arguments`` (``--optimizer adampower``, ``--gradpower-p``, ``--gradpower-p-expert``,
-``--gpas``, ``--gpas-act``, ``--gradpower-config``). The data is the project's embedded corpus
+``megatron_patches.arguments`` (``--optimizer adampower|muon|muonpower``, ``--gradpower-p``,
+``--gradpower-p-expert``, ``--gradpower-p-adam``, ``--gpas``, ``--gpas-act``, ``--gradpower-config``).
+The data is the project's embedded corpus
 (``gradpower_ds.data``: the Python standard library's sources, or ``--data-path`` text / JSONL /
 Megatron indexed data) with the byte tokenizer, sampled as in the DeepSpeed main job.
 
 Megatron's own machinery does the training: ``parallel_state`` (data x expert parallel), ``GPTModel``
 with the local MoE layer spec, ``Float16Module`` for bf16, megatron DDP and ``get_megatron_optimizer``
-(the distributed optimizer with ``--use-distributed-optimizer``),
+(the distributed optimizer with ``--use-distributed-optimizer``) or, for muon/muonpower,
+``get_megatron_muon_optimizer`` (Muon for the hidden matrices, Adam chained for the rest),
 ``forward_backward_no_pipelining`` for the micro-batches of a step (gradient accumulation, MoE aux-loss
 scaling, ``finalize_model_grads``), ``OptimizerParamScheduler`` for the lr, and ``dist_checkpointing``
 for ``--save``/``--load``. Every step reseeds the RNGs from (``--seed``, step), so a run resumed from a
@@ -127,6 +129,10 @@ def check_args(args, parser) -> None:
                      f"{args.expert_model_parallel_size} and >= --moe-router-topk {args.moe_router_topk}")
     if args.lr_warmup_iters > args.train_iters:
         parser.error(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --train-iters {args.train_iters}")
+    if "muon" in args.optimizer and args.use_distributed_optimizer:
+        parser.error(f"--optimizer {args.optimizer} cannot run with --use-distributed-optimizer: megatron-core's "
+                     "Muon does not support the distributed optimizer ('muon with dist optimizer is not "
+                     "supported'); drop --use-distributed-optimizer")
     if args.ckpt_step is not None and args.load is None:
         parser.error("--ckpt-step needs --load")
     if args.load is not None and not Path(args.load).is_dir():
@@ -190,8 +196,19 @@ def build_model(args, vocab_size: int):
     return model
 
 
+def optimizer_powers(args) -> str:
+    """The GradPower settings in the job's first log line: 'p=1.2' (adampower; ', expert p=...' where it differs),
+    'p=0.9, Adam p=1.2' (muonpower)."""
+    from megatron_patches.optimizer import MUON_NAME, muon_powers, powers
+
+    dense, expert, *adam = muon_powers(args) if args.optimizer == MUON_NAME else powers(args)
+    return f"p={dense:g}" + (f", expert p={expert:g}" if expert != dense else "") + \
+        "".join(f", Adam p={p:g}" for p in adam)
+
+
 def build_optimizer(args, model):
-    """get_megatron_optimizer with AdamPower (or Adam) per the flags, and Megatron's lr scheduler."""
+    """get_megatron_optimizer with AdamPower (or Adam), or get_megatron_muon_optimizer with MuonPower (or Muon), per
+    the flags, and Megatron's lr scheduler."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -200,7 +217,12 @@ def build_optimizer(args, model):
         clip_grad=args.clip_grad, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer)
-    optimizer = get_megatron_optimizer(config, [model])
+    if "muon" in args.optimizer:
+        from megatron.core.optimizer.muon import get_megatron_muon_optimizer
+
+        optimizer = get_megatron_muon_optimizer(config, [model])
+    else:
+        optimizer = get_megatron_optimizer(config, [model])
     wsd = args.lr_wsd_decay_iters if args.lr_wsd_decay_iters is not None else round(0.2 * args.train_iters)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
@@ -349,9 +371,7 @@ def train(args) -> dict:
         else (0, 0.0)
     rank0 = dist.get_rank() == 0
     save = Path(args.save) if args.save else None
-    powers = f"p={args.gradpower_p}" + (f", expert p={args.gradpower_p_expert}"
-                                        if args.gradpower_p_expert is not None else "")
-    label = args.optimizer + (f" ({powers})" if args.optimizer == arguments.OPTIMIZER_NAME else "")
+    label = args.optimizer + (f" ({optimizer_powers(args)})" if args.optimizer in arguments.OPTIMIZER_NAMES else "")
     stop = StopRequest()
     stop.install()
     run = RunDir(save, writer=rank0)

@@ -15,7 +15,8 @@ REQUIREMENTS=${REQUIREMENTS:-requirements-test.txt}
 # and ninja versions do not keep rebuilding each other's (see launch/README.md).
 export TORCH_EXTENSIONS_DIR=$PWD/$VENV/torch_extensions
 
-stamp=$(cat "$REQUIREMENTS" setup.py gradpower_ds/ops/builder.py gradpower_ds/csrc/* | sha256sum | cut -d' ' -f1)
+stamp=$(cat "$REQUIREMENTS" launch/setup_env.sh setup.py gradpower_ds/ops/builder.py gradpower_ds/csrc/* | sha256sum \
+        | cut -d' ' -f1)
 if [ "$(cat "$VENV/.gradpower-setup" 2>/dev/null)" != "$stamp" ]; then
     export PIP_DISABLE_PIP_VERSION_CHECK=1
     python -m pip install -q --upgrade pip setuptools wheel
@@ -23,6 +24,12 @@ if [ "$(cat "$VENV/.gradpower-setup" 2>/dev/null)" != "$stamp" ]; then
     # deepspeed builds against it, hence --no-build-isolation.
     python -m pip install -q "torch==2.13.0"
     python -m pip install -q --no-build-isolation -r "$REQUIREMENTS"
+    # megatron-core's Muon (0.16 on) needs NVIDIA's emerging-optimizers, whose one release (0.3.0) declares
+    # Python >= 3.12 but runs on 3.11 given typing.override, which the tests' shim backfills: installed without
+    # that check, and without its dependencies (torch and absl-py, pinned above), where the pins hold that megatron-core
+    if grep -qx "megatron-core==0.16.1" "$REQUIREMENTS"; then
+        python -m pip install -q --no-deps --ignore-requires-python "emerging-optimizers==0.3.0"
+    fi
     python -m pip install -q -e .
     echo "$stamp" > "$VENV/.gradpower-setup"
 fi

@@ -1,14 +1,16 @@
-"""Command-line flags and a JSON file for AdamPower / GPAS in Megatron-LM.
+"""Command-line flags and a JSON file for AdamPower / MuonPower / GPAS in Megatron-LM.
 
 ``add_arguments(parser)`` is a Megatron-LM ``extra_args_provider``; it adds
 
-    --gradpower-p P            p for dense parameters (> 0; default 1.2; needs --optimizer adampower)
+    --gradpower-p P            adampower: p for dense parameters (> 0; default 1.2);
+                               muonpower: p before Muon's momentum (> 0; required)
     --gradpower-p-expert P     p for MoE expert parameters (> 0; default: --gradpower-p)
+    --gradpower-p-adam P       muonpower: p of the Adam for what Muon leaves to Adam (> 0; default 1.2)
     --gpas                     GPAS gates in the decoder layers (Megatron's layers are Pre-LN)
     --gpas-act ACT             gate activation (gradpower_ds.gpas.ACTIVATIONS)
     --gradpower-config FILE    JSON object with any of CONFIG_KEYS
 
-and ``adampower`` to the choices of Megatron's ``--optimizer`` (or, on a parser
+and ``adampower``/``muonpower`` to the choices of Megatron's ``--optimizer`` (or, on a parser
 without one, an ``--optimizer`` of its own). Precedence, per setting: a flag
 given on the command line wins over the JSON file, which wins over the
 default. "Given" is detected, not guessed from the value: while the parser
@@ -22,11 +24,13 @@ a message naming the flag or the file's key.
 Megatron-LM defines ``--optimizer`` in ``megatron.training.arguments._add_training_args``
 with fixed choices, and some code paths (e.g. fault-tolerance setup) parse again
 without the extra provider; ``megatron_patches.apply()`` therefore also wraps
-``_add_training_args`` to add ``adampower`` to that option's choices, and wraps
-``megatron.training.training.get_megatron_optimizer_config`` (which knows only
-'adam'/'sgd' and copies dataclass fields only) to build the config as for 'adam'
-and then set ``optimizer``/``gradpower_p``/``gradpower_p_expert`` from the args
-(``optimizer_config_kwargs``). Both patches apply only where Megatron-LM is
+``_add_training_args`` to add our names to that option's choices, wraps
+``megatron.training.training.get_megatron_optimizer_config`` (which copies dataclass
+fields only) to build the config as for 'adam' / 'muon' and then set ``optimizer`` and
+the ``gradpower_p*`` fields from the args (``optimizer_config_kwargs``), and wraps the
+name ``get_megatron_muon_optimizer`` that module imported (Megatron-LM routes every
+optimizer name holding "muon" there, and checks Muon's restrictions for it, so
+``muonpower`` gets them). These patches apply only where Megatron-LM is
 importable (``megatron_lm_patches``, listed in ``megatron_patches.patches``); they are
 written against Megatron-LM core_v0.16.1 (whose megatron-core is the version ``apply()``
 checks). Values are validated by ``gradpower_ds.hyperparams.check_power``, as everywhere.
@@ -42,14 +46,16 @@ import json
 import logging
 
 from gradpower_ds.gpas import ACTIVATIONS
-from gradpower_ds.hyperparams import check_power
+from gradpower_ds.hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_GUIDANCE, check_power
 from gradpower_ds.patching import Wrap
 
-from .optimizer import FIELDS, OPTIMIZER_NAME, as_adam, powers
+from .optimizer import (FIELDS, MUON_NAME, OPTIMIZER_NAME, OPTIMIZER_NAMES, build_muon_with_power,
+                        check_muon_available, muon_powers, named, powers)
 
 DEFAULTS = {"optimizer": "adam", **FIELDS, "gpas": False, "gpas_act": "silu"}
 CONFIG_KEYS = tuple(DEFAULTS)  # the keys a --gradpower-config file may hold
 FLAGS = {key: "--" + key.replace("_", "-") for key in CONFIG_KEYS}
+POWER_KEYS = tuple(FIELDS)  # the settings that need --optimizer adampower or muonpower
 
 _log = logging.getLogger(__name__)
 _UNSET = object()  # an option's default while parsing: "not given on the command line"
@@ -71,12 +77,13 @@ def _optimizer_action(parser: argparse.ArgumentParser):
 
 
 def add_optimizer_choice(parser: argparse.ArgumentParser) -> bool:
-    """Adds 'adampower' to the choices of the parser's ``--optimizer``; False when it has no such option."""
+    """Adds 'adampower' and 'muonpower' to the choices of the parser's ``--optimizer``; False when it has no such
+    option."""
     action = _optimizer_action(parser)
     if action is None:
         return False
-    if action.choices is not None and OPTIMIZER_NAME not in action.choices:
-        action.choices = [*action.choices, OPTIMIZER_NAME]
+    if action.choices is not None:
+        action.choices = [*action.choices, *(name for name in OPTIMIZER_NAMES if name not in action.choices)]
     return True
 
 
@@ -89,14 +96,18 @@ def add_arguments(parser: argparse.ArgumentParser, after_parse=None) -> argparse
     if getattr(parser, "_gradpower_arguments", False):
         return parser
     if not add_optimizer_choice(parser):
-        parser.add_argument("--optimizer", default=DEFAULTS["optimizer"], choices=["adam", "sgd", OPTIMIZER_NAME],
-                            help="optimizer (adampower: Adam fed with sign(g)|g|^p)")
+        parser.add_argument("--optimizer", default=DEFAULTS["optimizer"],
+                            choices=["adam", "sgd", "muon", *OPTIMIZER_NAMES],
+                            help="optimizer (adampower: Adam fed with sign(g)|g|^p; muonpower: Muon fed with it)")
     group = parser.add_argument_group("GradPower / GPAS (megatron_patches)")
-    group.add_argument(FLAGS["gradpower_p"], type=_power, default=DEFAULTS["gradpower_p"], metavar="P",
+    group.add_argument(FLAGS["gradpower_p"], type=_power, default=None, metavar="P",
                        help=f"--optimizer adampower: p for dense parameters, > 0 (1.0 = Adam; default "
-                            f"{DEFAULTS['gradpower_p']:g})")
+                            f"{ADAM_POWER_DEFAULTS['power']:g}); muonpower: p before Muon's momentum, required")
     group.add_argument(FLAGS["gradpower_p_expert"], type=_power, default=None, metavar="P",
-                       help="--optimizer adampower: p for MoE expert parameters (default: --gradpower-p)")
+                       help="p for MoE expert parameters (default: --gradpower-p)")
+    group.add_argument(FLAGS["gradpower_p_adam"], type=_power, default=None, metavar="P",
+                       help=f"--optimizer muonpower: p of the Adam for the parameters Muon leaves to Adam "
+                            f"(embeddings, output layer, norms, biases; default {ADAM_POWER_DEFAULTS['power']:g})")
     group.add_argument(FLAGS["gpas"], action="store_true", help="GPAS gates in the decoder layers")
     group.add_argument(FLAGS["gpas_act"], choices=sorted(ACTIVATIONS), default=DEFAULTS["gpas_act"],
                        help="GPAS gate activation (default silu)")
@@ -140,8 +151,8 @@ def read_config(path: str, optimizers=None) -> dict:
     if unknown:
         raise ValueError(f"--gradpower-config {path}: unknown key(s) {unknown}; accepted keys are {list(CONFIG_KEYS)}")
     where = f"--gradpower-config {path}: key"
-    for key in ("gradpower_p", "gradpower_p_expert"):
-        if key not in values or (key == "gradpower_p_expert" and values[key] is None):  # null: the dense p
+    for key in POWER_KEYS:
+        if key not in values or values[key] is None:  # null: the default
             continue
         try:
             values[key] = check_power(values[key], owner=f"--gradpower-config {path}", name=key)[0]
@@ -177,51 +188,61 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, defaults:
             source[key] = f"--gradpower-config key {key}"
         else:
             setattr(args, key, defaults[key])
-    if args.optimizer != OPTIMIZER_NAME:
-        for key in ("gradpower_p", "gradpower_p_expert"):
-            if key in source:
-                parser.error(f"{source[key]} has no effect unless --optimizer {OPTIMIZER_NAME} (optimizer is "
-                             f"{args.optimizer!r})")
+    for key in POWER_KEYS:
+        needs = (MUON_NAME,) if key == "gradpower_p_adam" else OPTIMIZER_NAMES
+        if key in source and args.optimizer not in needs:
+            parser.error(f"{source[key]} has no effect unless --optimizer {' or '.join(needs)} (optimizer is "
+                         f"{args.optimizer!r})")
+    if args.optimizer == MUON_NAME and args.gradpower_p is None:
+        parser.error(f"--optimizer {MUON_NAME} needs {FLAGS['gradpower_p']} (or the --gradpower-config key "
+                     f"gradpower_p), the GradPower exponent before Muon's momentum: {MUON_POWER_GUIDANCE}")
+    if args.optimizer == OPTIMIZER_NAME and args.gradpower_p is None:
+        args.gradpower_p = ADAM_POWER_DEFAULTS["power"]
     if not args.gpas:
         if "gpas_act" in source:
             parser.error(f"{source['gpas_act']} has no effect without --gpas (or \"gpas\": true in the file)")
 
 
 def optimizer_config_kwargs(args) -> dict:
-    """The OptimizerConfig fields for the parsed args: optimizer, and for adampower gradpower_p(_expert)."""
-    if args.optimizer != OPTIMIZER_NAME:
+    """The OptimizerConfig fields for the parsed args: optimizer, and for adampower/muonpower the gradpower_p*."""
+    if args.optimizer not in OPTIMIZER_NAMES:
         return {"optimizer": args.optimizer}
-    return {"optimizer": OPTIMIZER_NAME, "gradpower_p": args.gradpower_p, "gradpower_p_expert": args.gradpower_p_expert}
+    return {"optimizer": args.optimizer, **{key: getattr(args, key) for key in POWER_KEYS}}
 
 
 def add_training_args_with_adampower(original):
-    """Megatron-LM's _add_training_args with 'adampower' among its --optimizer choices."""
+    """Megatron-LM's _add_training_args with 'adampower' and 'muonpower' among its --optimizer choices."""
 
     @functools.wraps(original)
     def wrapper(parser, *args, **kwargs):
         result = original(parser, *args, **kwargs)
         if not add_optimizer_choice(result if result is not None else parser):
             _log.warning("megatron_patches: Megatron-LM's _add_training_args defined no --optimizer; "
-                         "'adampower' was not added")
+                         "'adampower' and 'muonpower' were not added")
         return result
 
     return wrapper
 
 
 def optimizer_config_with_adampower(original):
-    """Megatron-LM's get_megatron_optimizer_config building, for --optimizer adampower, the Adam config plus the
-    AdamPower fields from the args."""
+    """Megatron-LM's get_megatron_optimizer_config building, for --optimizer adampower (muonpower), the config for
+    'adam' ('muon') plus the GradPower fields from the args."""
 
     @functools.wraps(original)
     def wrapper(args, *rest, **kwargs):
-        if getattr(args, "optimizer", None) != OPTIMIZER_NAME:
+        name = getattr(args, "optimizer", None)
+        if name not in OPTIMIZER_NAMES:
             return original(args, *rest, **kwargs)
-        with as_adam(args):
+        with named(args, "muon" if name == MUON_NAME else "adam"):
             result = original(args, *rest, **kwargs)
         config = result[0] if isinstance(result, tuple) else result
-        for name, value in optimizer_config_kwargs(args).items():
-            setattr(config, name, value)
-        powers(config)
+        for field, value in optimizer_config_kwargs(args).items():
+            setattr(config, field, value)
+        if name == MUON_NAME:
+            muon_powers(config)
+            check_muon_available()
+        else:
+            powers(config)
         return result
 
     return wrapper
@@ -233,11 +254,14 @@ def megatron_lm_patches() -> list:
     patches = []
     for module_name, name, factory in (
             ("megatron.training.arguments", "_add_training_args", add_training_args_with_adampower),
-            ("megatron.training.training", "get_megatron_optimizer_config", optimizer_config_with_adampower)):
+            ("megatron.training.training", "get_megatron_optimizer_config", optimizer_config_with_adampower),
+            ("megatron.training.training", "get_megatron_muon_optimizer", build_muon_with_power)):
         try:
             module = importlib.import_module(module_name)
         except ImportError:
             continue
+        if name == "get_megatron_muon_optimizer" and not hasattr(module, name):
+            continue  # a Megatron-LM without Muon: muonpower is refused when its config is built
         if not hasattr(module, name):  # get_megatron_optimizer_config: Megatron-LM core_v0.16.0 on
             raise LookupError(
                 f"megatron_patches: this Megatron-LM's {module_name} has no {name} (Megatron-LM core_v0.16.0 on), "
@@ -282,6 +306,6 @@ def with_extra_args(function, after_parse=None):
     return replace_argument(function, "extra_args_provider", lambda provider: chain_providers(provider, after_parse))
 
 
-__all__ = ["CONFIG_KEYS", "DEFAULTS", "OPTIMIZER_NAME", "add_arguments", "add_optimizer_choice",
+__all__ = ["CONFIG_KEYS", "DEFAULTS", "OPTIMIZER_NAME", "OPTIMIZER_NAMES", "add_arguments", "add_optimizer_choice",
            "chain_providers", "optimizer_config_kwargs", "read_config", "replace_argument", "resolve",
            "with_extra_args"]

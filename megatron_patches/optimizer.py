@@ -1,15 +1,24 @@
-"""AdamPower in megatron-core: ``OptimizerConfig(optimizer="adampower", gradpower_p=1.2, gradpower_p_expert=None)``.
+"""AdamPower and MuonPower in megatron-core: ``OptimizerConfig(optimizer="adampower" | "muonpower", gradpower_p=...)``.
 
 megatron-core (the version in ``megatron_patches.SUPPORTED_MEGATRON_CORE``) knows
-only ``'adam'`` and ``'sgd'``. ``megatron_patches.apply()`` makes three thin,
-reversible changes with the wrappers here (listed in ``megatron_patches.patches``):
+``'adam'``, ``'sgd'`` and (0.16 on, through ``get_megatron_muon_optimizer``) Muon.
+``megatron_patches.apply()`` makes thin, reversible changes with the wrappers here
+(listed in ``megatron_patches.patches``):
 
-1. ``OptimizerConfig.__init__`` (and its subclass ``AdamOptimizerConfig``'s)
-   accept ``gradpower_p`` (default ``ADAM_POWER_DEFAULTS["power"]``, 1.2) and ``gradpower_p_expert`` (default None:
-   the same as ``gradpower_p``); every config has them as attributes;
+1. ``OptimizerConfig.__init__`` (and its subclass ``AdamOptimizerConfig``'s) accept
+   the ``FIELDS``; every config has them as attributes:
+
+   - ``gradpower_p``: adampower: p for dense parameters (None: AdamPower's default, 1.2);
+     muonpower: p before Muon's momentum on the matrices Muon updates (required: no
+     default, ``hyperparams.MUON_POWER_GUIDANCE`` says why);
+   - ``gradpower_p_expert``: the same for MoE expert parameters (None: ``gradpower_p``);
+   - ``gradpower_p_adam``: muonpower only: p of the AdamPower that Megatron's Muon chains
+     for what it leaves to Adam (embeddings, output layer, norms, biases; None: 1.2);
 2. ``OptimizerConfig.__post_init__`` validates them (p > 0, ValueError naming the
-   field) when ``optimizer == "adampower"`` and runs Megatron's own checks as for
-   ``'adam'`` (e.g. the precision-aware optimizer is allowed);
+   field) for ``"adampower"`` / ``"muonpower"`` and runs Megatron's own checks as for
+   ``'adam'`` / Muon (e.g. the precision-aware optimizer is allowed with AdamPower);
+   ``"muonpower"`` on a megatron-core whose Muon does not import is refused there,
+   saying what to install;
 3. ``megatron.core.optimizer._get_megatron_optimizer_based_on_param_groups``, called
    once per chained optimizer (dense, then expert), builds the optimizer exactly
    as for ``'adam'`` and gives each inner torch optimizer AdamPower's step by
@@ -28,15 +37,22 @@ reversible changes with the wrappers here (listed in ``megatron_patches.patches`
 
    With ``optimizer_cpu_offload`` Megatron's HybridDeviceOptimizer is built with
    these classes as its CPU and GPU optimizer classes, so it keeps them when it
-   rebuilds its sub-optimizers (e.g. on a checkpoint load).
+   rebuilds its sub-optimizers (e.g. on a checkpoint load);
+4. ``megatron.core.optimizer.muon.get_megatron_muon_optimizer`` (and Megatron-LM's
+   imported name for it) builds Megatron's Muon for ``"muonpower"`` and moves its
+   inner optimizers the same way: each ``TensorParallelMuon`` to a subclass that
+   applies phi in place to the grads before Muon's own step (so phi comes before
+   the momentum buffer and Newton-Schulz), each chained Adam to AdamPower with
+   ``gradpower_p_adam``. Megatron's own Muon checks (no distributed optimizer, no
+   fp16) and its errors stay.
 
 Megatron's step is prepare_grads (copy to fp32 main grads, unscale, inf check)
 -> grad norm -> clip -> inner ``optimizer.step()``, so phi sees the clipped fp32
 main grads, on this rank's shards under the distributed optimizer; a step skipped
 for an inf/NaN gradient never reaches it. Param groups that Megatron marks
-``is_expert_parallel`` use ``gradpower_p_expert``. An optimizer whose groups all
-have p = 1 runs its class's own step unchanged (Megatron's Adam, bit for bit), and
-``optimizer.config.optimizer`` stays ``"adampower"``.
+``is_expert_parallel`` use the expert p. An optimizer whose groups all
+have p = 1 runs its class's own step unchanged (Megatron's Adam or Muon, bit for bit), and
+``optimizer.config.optimizer`` stays ``"adampower"`` / ``"muonpower"``.
 
 Optimizers built while applied keep their class after ``remove()``.
 """
@@ -45,39 +61,81 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 
 import torch
 
 from gradpower_ds.functional import adam_power
-from gradpower_ds.hyperparams import ADAM_POWER_DEFAULTS, check_power
+from gradpower_ds.hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_GUIDANCE, MUON_POWER_RULE, check_power
 from gradpower_ds.power import grad_power_
 
-OPTIMIZER_NAME = "adampower"  # the name Megatron's OptimizerConfig.optimizer and --optimizer take
-FIELDS = {"gradpower_p": ADAM_POWER_DEFAULTS["power"], "gradpower_p_expert": None}  # OptimizerConfig's new fields
+OPTIMIZER_NAME = "adampower"  # the names Megatron's OptimizerConfig.optimizer and --optimizer take
+MUON_NAME = "muonpower"  # Megatron-LM routes any name holding "muon" to get_megatron_muon_optimizer, as wanted
+OPTIMIZER_NAMES = (OPTIMIZER_NAME, MUON_NAME)
+FIELDS = {"gradpower_p": None, "gradpower_p_expert": None, "gradpower_p_adam": None}  # OptimizerConfig's new fields
+MUON_MODULE = "megatron.core.optimizer.muon"  # megatron-core's Muon (0.16 on; needs NVIDIA's emerging-optimizers)
 _UNSUPPORTED_TORCH_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable")
 
 _log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def as_adam(holder):
+def named(holder, known: str):
     """While Megatron checks or builds what it knows: ``holder.optimizer`` (a config or Megatron-LM's args) is
-    ``'adam'`` (AdamPower is Adam plus phi_p), and ``OPTIMIZER_NAME`` again afterwards, also on an error."""
-    holder.optimizer = "adam"
+    `known` (``'adam'``: AdamPower is Adam plus phi_p, and Megatron builds its Muon from an Adam config), and its
+    own name again afterwards, also on an error."""
+    name, holder.optimizer = holder.optimizer, known
     try:
         yield holder
     finally:
-        holder.optimizer = OPTIMIZER_NAME
+        holder.optimizer = name
+
+
+def as_adam(holder):
+    """``named(holder, 'adam')``."""
+    return named(holder, "adam")
+
+
+def _field(config, name: str, default: float, rule: str | None = None) -> float:
+    value = getattr(config, name, None)
+    if value is None:
+        return default
+    return check_power(value, owner=f"OptimizerConfig.{name}", **({"rule": rule} if rule else {}))[0]
 
 
 def powers(config) -> tuple[float, float]:
-    """(dense p, expert p) of an ``optimizer="adampower"`` config, validated (ValueError/TypeError naming the field)."""
-    dense = check_power(getattr(config, "gradpower_p", FIELDS["gradpower_p"]), owner="OptimizerConfig.gradpower_p")[0]
-    expert = getattr(config, "gradpower_p_expert", None)
-    if expert is None:
-        return dense, dense
-    return dense, check_power(expert, owner="OptimizerConfig.gradpower_p_expert")[0]
+    """(dense p, expert p) of an ``optimizer="adampower"`` config, validated (ValueError/TypeError naming the field);
+    ``gradpower_p_adam``, muonpower's, is refused."""
+    if getattr(config, "gradpower_p_adam", None) is not None:
+        raise ValueError(f"OptimizerConfig.gradpower_p_adam={config.gradpower_p_adam!r} is for optimizer="
+                         f"'{MUON_NAME}' (the p of its auxiliary Adam); with '{OPTIMIZER_NAME}' set gradpower_p")
+    dense = _field(config, "gradpower_p", ADAM_POWER_DEFAULTS["power"])
+    return dense, _field(config, "gradpower_p_expert", dense)
+
+
+def muon_powers(config) -> tuple[float, float, float]:
+    """(Muon's dense p, Muon's expert p, the auxiliary Adam's p) of an ``optimizer="muonpower"`` config, validated:
+    ``gradpower_p`` is required (ValueError with ``MUON_POWER_GUIDANCE``)."""
+    if getattr(config, "gradpower_p", None) is None:
+        raise ValueError(f"OptimizerConfig(optimizer='{MUON_NAME}') needs gradpower_p, the GradPower exponent "
+                         f"applied before Muon's momentum: {MUON_POWER_GUIDANCE}")
+    dense = _field(config, "gradpower_p", 1.0, MUON_POWER_RULE)
+    return (dense, _field(config, "gradpower_p_expert", dense, MUON_POWER_RULE),
+            _field(config, "gradpower_p_adam", ADAM_POWER_DEFAULTS["power"]))
+
+
+def check_muon_available() -> None:
+    """RuntimeError, saying what to install, unless megatron-core's Muon is importable and usable here."""
+    try:
+        muon = importlib.import_module(MUON_MODULE)
+    except ImportError:
+        raise RuntimeError(f"OptimizerConfig(optimizer='{MUON_NAME}') needs megatron-core's Muon ({MUON_MODULE}, "
+                           f"megatron-core 0.16 on), which this megatron-core lacks: pip install "
+                           f"'megatron-core>=0.16'") from None
+    if not getattr(muon, "HAVE_EMERGING_OPTIMIZERS", False):
+        raise RuntimeError(f"OptimizerConfig(optimizer='{MUON_NAME}') needs megatron-core's Muon, which needs NVIDIA's "
+                           "emerging-optimizers package (Python >= 3.12): pip install emerging-optimizers")
 
 
 class _PowerStep:
@@ -96,7 +154,7 @@ class _PowerStep:
     def _log_first_step(self, powered: int) -> None:
         if not getattr(self, "_gradpower_logged", False):  # shows in a job's log that the optimizer that steps is ours
             self._gradpower_logged = True
-            _log.info("megatron_patches: AdamPower step on %s: phi_p (p=%g, expert p=%g) on %d gradient(s)",
+            _log.info("megatron_patches: GradPower step on %s: phi_p (p=%g, expert p=%g) on %d gradient(s)",
                       type(self).__name__, *self.gradpower, powered)
 
 
@@ -142,7 +200,8 @@ class _FusedPowerStep(_PowerStep):
 
 
 class _PrePowerStep(_PowerStep):
-    """For Adams we do not fuse into (TE/apex FusedAdam): phi_p in place on the grads, then the class's own step."""
+    """For optimizers we do not fuse into (TE/apex FusedAdam, Megatron's Muon): phi_p in place on the grads, then
+    the class's own step."""
 
     def step(self, *args, **kwargs):
         """Powers every grad in place (one pass, bounded scratch), then steps."""
@@ -159,7 +218,8 @@ class _PrePowerStep(_PowerStep):
 
 @functools.cache
 def power_optimizer_class(base: type, dense_p: float, expert_p: float) -> type:
-    """The subclass of optimizer class `base` that steps AdamPower with (dense p, expert p); one class per triple."""
+    """The subclass of optimizer class `base` that applies phi with (dense p, expert p) before its step (AdamPower for
+    an Adam); one class per triple."""
     mixin = _FusedPowerStep if issubclass(base, torch.optim.Adam) else _PrePowerStep  # torch's AdamW is an Adam
     cls = type(f"{base.__name__}Power", (mixin, base), {"gradpower": (dense_p, expert_p), "__module__": __name__})
     # torch wraps a class's step (step pre/post hooks, profiling) when it builds the first instance; an
@@ -194,27 +254,33 @@ def _offload_classes(dense_p: float, expert_p: float):
 
 
 def config_init(original):
-    """OptimizerConfig.__init__ (and AdamOptimizerConfig's) taking gradpower_p and gradpower_p_expert."""
+    """OptimizerConfig.__init__ (and AdamOptimizerConfig's) taking the FIELDS (gradpower_p, ...) as keywords."""
 
     @functools.wraps(original)
-    def __init__(self, *args, gradpower_p=FIELDS["gradpower_p"], gradpower_p_expert=FIELDS["gradpower_p_expert"],
-                 **kwargs):
-        # set before the dataclass __init__, whose __post_init__ validates them
-        self.gradpower_p, self.gradpower_p_expert = gradpower_p, gradpower_p_expert
+    def __init__(self, *args, **kwargs):
+        for name, default in FIELDS.items():  # set before the dataclass __init__, whose __post_init__ validates them
+            setattr(self, name, kwargs.pop(name, default))
         original(self, *args, **kwargs)
 
     return __init__
 
 
 def config_post_init(original):
-    """OptimizerConfig.__post_init__ validating the powers and running Megatron's checks as for 'adam'."""
+    """OptimizerConfig.__post_init__ validating the powers and running Megatron's checks as for 'adam' (adampower)
+    or Muon (muonpower, whose Muon must be importable)."""
 
     @functools.wraps(original)
     def __post_init__(self):
-        if self.optimizer != OPTIMIZER_NAME:
+        if self.optimizer == MUON_NAME:
+            muon_powers(self)
+            check_muon_available()
+            known = "muon"
+        elif self.optimizer == OPTIMIZER_NAME:
+            powers(self)
+            known = "adam"
+        else:
             return original(self)
-        powers(self)
-        with as_adam(self):
+        with named(self, known):
             original(self)
 
     return __post_init__
@@ -239,4 +305,32 @@ def build_with_power(original):
                   ", ".join(type(inner).__name__ for inner in inner_optimizers(megatron_optimizer)))
         return megatron_optimizer
 
+    return build
+
+
+def build_muon_with_power(original):
+    """get_megatron_muon_optimizer building Megatron's Muon for 'muonpower', then phi before each TensorParallelMuon's
+    step (gradpower_p, expert gradpower_p_expert) and AdamPower (gradpower_p_adam) for its chained Adams."""
+    if getattr(original, "_gradpower_muon", False):  # Megatron-LM imported the wrapped one: wrap once
+        return original
+
+    @functools.wraps(original)
+    def build(config, *args, **kwargs):
+        if config.optimizer != MUON_NAME:
+            return original(config, *args, **kwargs)
+        muon_p, muon_expert_p, adam_p = muon_powers(config)
+        with as_adam(config):  # it sets config.optimizer = 'adam' itself; the name is ours again afterwards
+            megatron_optimizer = original(config, *args, **kwargs)
+        muon_class = importlib.import_module(MUON_MODULE).TensorParallelMuon
+        for inner in inner_optimizers(megatron_optimizer):
+            if isinstance(inner, _PowerStep):
+                continue
+            inner.__class__ = power_optimizer_class(type(inner), muon_p, muon_expert_p) \
+                if isinstance(inner, muon_class) else power_optimizer_class(type(inner), adam_p, adam_p)
+        _log.info("megatron_patches: MuonPower (gradpower_p=%g, gradpower_p_expert=%g, gradpower_p_adam=%g) on %s (%s)",
+                  muon_p, muon_expert_p, adam_p, type(megatron_optimizer).__name__,
+                  ", ".join(type(inner).__name__ for inner in inner_optimizers(megatron_optimizer)))
+        return megatron_optimizer
+
+    build._gradpower_muon = True
     return build

@@ -5,12 +5,14 @@
 naming it. Where an internal differs between supported versions, the list holds one adapter
 for it with the version named beside it. Every patch is undone by ``remove()``. What each
 patch does is documented where its wrapper lives: ``megatron_patches.optimizer``
-(AdamPower), ``megatron_patches.checkpoint`` (the DistributedOptimizer's checkpoints with
+(AdamPower, MuonPower), ``megatron_patches.checkpoint`` (the DistributedOptimizer's checkpoints with
 torch's Adam), ``megatron_patches.arguments`` (Megatron-LM's ``--optimizer`` and optimizer
 config, only where Megatron-LM is importable).
 """
 
 from __future__ import annotations
+
+import importlib
 
 from gradpower_ds.patching import Add, Package, PatchSet, UnsupportedVersionError, Wrap
 from gradpower_ds.versions import TESTED
@@ -37,6 +39,11 @@ def _patches() -> list:
     from . import arguments, checkpoint, optimizer
 
     try:
+        mcore_muon = importlib.import_module(optimizer.MUON_MODULE)  # megatron-core 0.16 on
+    except ImportError:
+        mcore_muon = None
+
+    try:
         megatron_lm = arguments.megatron_lm_patches()
     except LookupError as exc:
         raise UnsupportedMegatronError(str(exc)) from exc
@@ -44,19 +51,22 @@ def _patches() -> list:
     # AdamOptimizerConfig, the subclass Megatron-LM builds for "adam": megatron-core 0.16.0 on
     adam_config = getattr(optimizer_config, "AdamOptimizerConfig", OptimizerConfig)
     return [
-        # OptimizerConfig(optimizer="adampower", gradpower_p=..., gradpower_p_expert=...)
+        # OptimizerConfig(optimizer="adampower" | "muonpower", gradpower_p=..., gradpower_p_expert=..., ...)
         *(Add(OptimizerConfig, name, default) for name, default in optimizer.FIELDS.items()),
         Wrap(OptimizerConfig, "__init__", optimizer.config_init),
         *([] if adam_config is OptimizerConfig else [Wrap(adam_config, "__init__", optimizer.config_init)]),
         Wrap(OptimizerConfig, "__post_init__", optimizer.config_post_init),
         # get_megatron_optimizer builds AdamPower for it, per chained optimizer (dense, expert)
         Wrap(mcore_optimizer, "_get_megatron_optimizer_based_on_param_groups", optimizer.build_with_power),
+        # get_megatron_muon_optimizer builds MuonPower for "muonpower", where megatron-core has Muon
+        *([] if mcore_muon is None else
+          [Wrap(mcore_muon, "get_megatron_muon_optimizer", optimizer.build_muon_with_power)]),
         # the DistributedOptimizer's checkpoints with torch's Adam (no TE/apex)
         Wrap(DistributedOptimizer, "state_dict", checkpoint.state_dict_with_initial_state),
         Wrap(DistributedOptimizer, "load_state_dict", checkpoint.load_state_dict_with_own_steps),
         *([] if MEGATRON_CORE.installed_at_least(DP_RESHARDABLE_FROM) else
           [Wrap(DistributedOptimizer, "_set_main_param_and_optimizer_states", checkpoint.set_param_state_keeping_step)]),
-        # Megatron-LM, where importable: --optimizer adampower and its optimizer config
+        # Megatron-LM, where importable: --optimizer adampower/muonpower and their optimizer config
         *megatron_lm,
         # megatron-core's MoE router (0.13.0 through 0.16.1) names te_general_gemm, defined only when TE imports:
         # without TE every MoE forward fails with NameError. None is the no-TE path its code checks for.

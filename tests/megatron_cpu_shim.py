@@ -15,7 +15,14 @@ token dispatcher), the CUDA RNG behind its RNG tracker, and
 - ``torch.cuda`` streams and events become do-nothing stand-ins, ``synchronize`` a no-op;
 - the RNG tracker's CUDA state get/set/seed use the CPU generator;
 - ``all_to_all_single`` gets its split sizes as Python lists (gloo wants lists);
-- ``moe_utils.te_general_gemm = None`` (the path Megatron takes without TE).
+- ``moe_utils.te_general_gemm = None`` (the path Megatron takes without TE);
+- megatron-core's Muon needs NVIDIA's emerging-optimizers. megatron-core 0.16.1 was written for its
+  v0.1.0 (Megatron-LM pins that git tag); the package index has only 0.3.0, which declares Python
+  >= 3.12 (launch/setup_env.sh installs it with ``--ignore-requires-python``) and renamed two
+  keywords Megatron passes. So: on Python 3.11 ``typing.override`` (from typing_extensions), and,
+  where the installed release has the new names, ``OrthogonalizedOptimizer(use_nesterov=)`` and
+  ``newton_schulz_tp(mode=)`` are passed on as ``nesterov=`` and ``tp_mode=`` (the same maths:
+  v0.1.0 and 0.3.0 share the update and the quintic Newton-Schulz coefficients).
 
 For Megatron-LM's ``pretrain()`` (core_v0.16.1, e.g. ``python -m megatron_patches.pretrain_gpt``
 with ``--distributed-backend gloo``; run it with ``TORCHDYNAMO_DISABLE=1``, as torch.compile'd
@@ -43,10 +50,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.abc
+import inspect
 import sys
+import typing
 
 import torch
 import torch.distributed as dist
+import typing_extensions
 from torch.overrides import TorchFunctionMode
 
 _state: dict = {}  # "mode" -> the active mode; (owner, name) -> original attribute
@@ -199,6 +209,27 @@ def _install_megatron_lm() -> None:
     _state["finder"] = finder
 
 
+def _adapt_emerging_optimizers() -> None:
+    """megatron-core's Muon on emerging-optimizers 0.3.0 (see the module docstring); a no-op without them."""
+    try:
+        from megatron.core.optimizer import muon
+    except ImportError:  # megatron-core before 0.16: no Muon
+        return
+    if not muon.HAVE_EMERGING_OPTIMIZERS:
+        return
+    base = muon.OrthogonalizedOptimizer
+    if "use_nesterov" in inspect.signature(base.__init__).parameters:
+        return  # the release megatron-core was written for
+    init, newton_schulz_tp = base.__init__, muon.newton_schulz_tp
+
+    def __init__(self, *args, use_nesterov: bool, **kwargs):
+        init(self, *args, nesterov=use_nesterov, **kwargs)
+
+    _set(base, "__init__", __init__)
+    _set(muon, "newton_schulz_tp", lambda *args, mode="duplicated", **kwargs:
+         newton_schulz_tp(*args, tp_mode=mode, **kwargs))
+
+
 def install() -> None:
     """Lets megatron-core run on the CPU (idempotent); raises RuntimeError outside the tested range."""
     if _state:
@@ -213,6 +244,8 @@ def install() -> None:
         raise RuntimeError(f"tests/megatron_cpu_shim.py was written for megatron-core {MEGATRON_CORE.supported}, "
                            f"but {megatron.core.__version__} is installed; re-check which CUDA assumptions it "
                            "must paper over before using it with this version")
+    if not hasattr(typing, "override"):  # Python 3.11: see the module docstring (emerging-optimizers)
+        _set(typing, "override", typing_extensions.override)
     stream = _FakeStream()
     for name, value in [("Stream", _FakeStream), ("Event", _FakeEvent), ("current_stream", lambda *a, **k: stream),
                         ("stream", lambda *a, **k: contextlib.nullcontext()), ("synchronize", lambda *a, **k: None),
@@ -225,6 +258,7 @@ def install() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):  # as megatron_patches.apply() does, for jobs that only use GPAS
         _set(moe_utils, "te_general_gemm", None)
     _set(dist, "all_to_all_single", _all_to_all_single)
+    _adapt_emerging_optimizers()
     _install_megatron_lm()
     _state["mode"] = _CudaToCpu()
     _state["mode"].__enter__()

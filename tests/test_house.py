@@ -95,13 +95,14 @@ def test_one_default_power_everywhere():
     from gradpower_ds.hyperparams import ADAM_POWER_DEFAULTS
     from gradpower_ds.optimizer_base import AdamPowerBase
     from gradpower_ds.train_config import TrainConfig
-    from megatron_patches.arguments import DEFAULTS
-    from megatron_patches.optimizer import FIELDS
+    from megatron_patches.optimizer import muon_powers, powers
 
     p = ADAM_POWER_DEFAULTS["power"]
     assert p == 1.2
     assert TrainConfig().power == p and parse_variant("adampower") == ("adampower", p)
-    assert DEFAULTS["gradpower_p"] == p and FIELDS["gradpower_p"] == p
+    # megatron_patches: gradpower_p is None until resolved (muonpower has no default), then AdamPower's p
+    unset = types.SimpleNamespace(gradpower_p=None, gradpower_p_expert=None, gradpower_p_adam=None)
+    assert powers(unset) == (p, p) and muon_powers(types.SimpleNamespace(**{**vars(unset), "gradpower_p": 0.9}))[2] == p
     for fn, arg in ((grad_power, "p"), (grad_power_, "p"), (AdamPowerBase.__init__, "power")):
         assert inspect.signature(fn).parameters[arg].default == p, fn
 

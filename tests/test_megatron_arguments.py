@@ -5,9 +5,11 @@ by small stand-ins (in sys.modules, or as files in a fake checkout run in a
 subprocess) that do what Megatron-LM core_v0.16.1 does at the points patched:
 ``_add_training_args`` defines ``--optimizer`` with fixed choices,
 ``parse_args(extra_args_provider, ignore_unknown_args)`` builds a fresh parser,
-``get_megatron_optimizer_config(args)`` copies dataclass fields and knows only
-'adam'/'sgd', and ``pretrain(..., extra_args_provider=...)`` parses twice (the
-second time without the provider, as fault-tolerance setup does).
+``get_megatron_optimizer_config(args)`` copies dataclass fields and knows
+'adam', 'sgd' and any name holding 'muon', ``training`` holds the name
+``get_megatron_muon_optimizer`` imported from megatron-core (where it has Muon), and
+``pretrain(..., extra_args_provider=...)`` parses twice (the second time without the provider,
+as fault-tolerance setup does).
 """
 
 import argparse
@@ -50,14 +52,17 @@ def parse_error(parser, argv, capsys) -> str:
 
 def test_defaults_and_flags():
     args = megatron_like_parser().parse_args([])
-    assert (args.optimizer, args.gradpower_p, args.gradpower_p_expert) == ("adam", 1.2, None)
+    assert (args.optimizer, args.gradpower_p, args.gradpower_p_expert, args.gradpower_p_adam) == \
+        ("adam", None, None, None)
+    assert megatron_like_parser().parse_args(["--optimizer", "adampower"]).gradpower_p == 1.2  # AdamPower's default
     assert (args.gpas, args.gpas_act, args.gradpower_config) == (False, "silu", None)
     args = megatron_like_parser().parse_args(["--optimizer", "adampower", "--gradpower-p", "1.3",
                                               "--gradpower-p-expert", "0.9", "--gpas",
                                               "--gpas-act", "tanh", "--lr", "1e-3"])
     assert (args.optimizer, args.gradpower_p, args.gradpower_p_expert) == ("adampower", 1.3, 0.9)
     assert (args.gpas, args.gpas_act, args.lr) == (True, "tanh", 1e-3)
-    assert optimizer_config_kwargs(args) == {"optimizer": "adampower", "gradpower_p": 1.3, "gradpower_p_expert": 0.9}
+    assert optimizer_config_kwargs(args) == {"optimizer": "adampower", "gradpower_p": 1.3, "gradpower_p_expert": 0.9,
+                                             "gradpower_p_adam": None}
     assert optimizer_config_kwargs(megatron_like_parser().parse_args([])) == {"optimizer": "adam"}
 
 
@@ -88,7 +93,7 @@ def test_command_line_flags_win_over_the_file_in_either_order(tmp_path, flags_fi
     # the parser's defaults are restored after the parse (a second parse sees them)
     again = megatron_like_parser()
     again.parse_args(argv)
-    assert again.parse_args([]).gradpower_p == 1.2
+    assert again.parse_args(["--optimizer", "adampower"]).gradpower_p == 1.2
 
 
 def test_explicit_optimizer_adam_beats_the_file(tmp_path, capsys):
@@ -102,7 +107,7 @@ def test_unknown_json_key_is_named_with_the_accepted_ones(tmp_path, capsys):
     path = write_config(tmp_path, {"gradpower_p": 1.2, "gradpwer_p_expert": 1.0, "lr": 1.0})
     err = parse_error(megatron_like_parser(), ["--gradpower-config", path], capsys)
     assert "unknown key(s) ['gradpwer_p_expert', 'lr']" in err and path in err
-    assert "accepted keys are ['optimizer', 'gradpower_p', 'gradpower_p_expert', 'gpas', 'gpas_act']" in err
+    assert "accepted keys are ['optimizer', 'gradpower_p', 'gradpower_p_expert', 'gradpower_p_adam', 'gpas', 'gpas_act']" in err
 
 
 @pytest.mark.parametrize("argv, named", [
@@ -128,7 +133,7 @@ def test_bad_flags_are_named(argv, named, capsys):
     ({"gpas": "yes"}, "key gpas='yes': must be true or false"),
     ({"gpas": True, "gpas_act": "gelu"}, "key gpas_act='gelu' is unknown; choose one of"),
     ({"gpas": True, "gpas_variant": "pre_ln"}, "unknown key(s) ['gpas_variant']"),
-    ({"optimizer": "adamw"}, "key optimizer='adamw' is unknown; choose one of ['adam', 'sgd', 'adampower']"),
+    ({"optimizer": "adamw"}, "key optimizer='adamw' is unknown; choose one of ['adam', 'sgd', 'adampower', 'muonpower']"),
 ])
 def test_bad_file_values_are_named(tmp_path, values, named, capsys):
     path = write_config(tmp_path, {"optimizer": "adampower", **values})
@@ -147,7 +152,7 @@ def test_unreadable_config_file(tmp_path, capsys):
 
 def test_settings_without_effect_are_refused(tmp_path, capsys):
     err = parse_error(megatron_like_parser(), ["--gradpower-p", "1.3"], capsys)
-    assert "--gradpower-p has no effect unless --optimizer adampower (optimizer is 'adam')" in err
+    assert "--gradpower-p has no effect unless --optimizer adampower or muonpower (optimizer is 'adam')" in err
     path = write_config(tmp_path, {"gradpower_p_expert": 1.3})
     err = parse_error(megatron_like_parser(), ["--gradpower-config", path], capsys)
     assert "--gradpower-config key gradpower_p_expert has no effect unless --optimizer adampower" in err
@@ -156,6 +161,27 @@ def test_settings_without_effect_are_refused(tmp_path, capsys):
     # a file's gpas: true is enough for a command-line --gpas-act
     path = write_config(tmp_path, {"gpas": True}, "gpas.json")
     assert megatron_like_parser().parse_args(["--gradpower-config", path, "--gpas-act", "tanh"]).gpas_act == "tanh"
+
+
+def test_muonpower_flags_and_file(tmp_path, capsys):
+    """--optimizer muonpower: --gradpower-p is required (with the reason there is no default), the Adam p defaults
+    to AdamPower's; --gradpower-p-adam is muonpower's alone; the JSON file can carry all of it."""
+    parser = megatron_like_parser(("adam", "sgd", "muon"))
+    args = parser.parse_args(["--optimizer", "muonpower", "--gradpower-p", "0.9"])
+    assert optimizer_config_kwargs(args) == {"optimizer": "muonpower", "gradpower_p": 0.9, "gradpower_p_expert": None,
+                                             "gradpower_p_adam": None}
+    err = parse_error(parser, ["--optimizer", "muonpower"], capsys)
+    assert "--optimizer muonpower needs --gradpower-p" in err and "parameter-golf" in err
+    err = parse_error(parser, ["--optimizer", "adampower", "--gradpower-p-adam", "1.1"], capsys)
+    assert "--gradpower-p-adam has no effect unless --optimizer muonpower (optimizer is 'adampower')" in err
+    assert "must be a finite number > 0" in parse_error(parser, ["--optimizer", "muonpower", "--gradpower-p", "0"],
+                                                        capsys)
+    path = write_config(tmp_path, {"optimizer": "muonpower", "gradpower_p": 0.85, "gradpower_p_adam": 1.3})
+    args = parser.parse_args(["--gradpower-config", path, "--gradpower-p-expert", "0.95"])
+    assert (args.optimizer, args.gradpower_p, args.gradpower_p_expert, args.gradpower_p_adam) == \
+        ("muonpower", 0.85, 0.95, 1.3)
+    path = write_config(tmp_path, {"optimizer": "muonpower", "gradpower_p_adam": -1}, "bad.json")
+    assert "gradpower_p_adam" in parse_error(parser, ["--gradpower-config", path], capsys)
 
 
 def test_parse_known_args_resolves_too(tmp_path):
@@ -180,7 +206,7 @@ def _fake_megatron_training(monkeypatch):
 
     def _add_training_args(parser):
         group = parser.add_argument_group(title="training")
-        group.add_argument("--optimizer", type=str, default="adam", choices=["adam", "sgd"])
+        group.add_argument("--optimizer", type=str, default="adam", choices=["adam", "sgd", "muon", "dist_muon"])
         group.add_argument("--lr", type=float, default=None)
         return parser
 
@@ -199,7 +225,7 @@ def _fake_megatron_training(monkeypatch):
     fake_training = types.ModuleType("megatron.training.training")
 
     def get_megatron_optimizer_config(args):
-        if args.optimizer == "adam":
+        if args.optimizer == "adam" or "muon" in args.optimizer:
             fields = dataclasses.fields(AdamOptimizerConfig)
             return AdamOptimizerConfig(**{f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}), None
         if args.optimizer == "sgd":
@@ -207,6 +233,12 @@ def _fake_megatron_training(monkeypatch):
         raise ValueError("Invalid optimizer type!")
 
     fake_training.get_megatron_optimizer_config = get_megatron_optimizer_config
+    try:
+        from megatron.core.optimizer.muon import get_megatron_muon_optimizer
+
+        fake_training.get_megatron_muon_optimizer = get_megatron_muon_optimizer
+    except ImportError:  # megatron-core before 0.16: no Muon
+        pass
     package = types.ModuleType("megatron.training")
     package.__path__ = []
     package.arguments, package.training = fake_arguments, fake_training
@@ -252,6 +284,31 @@ def test_apply_patches_megatron_lm_optimizer_choices_and_remove_restores(fake_me
     assert fake_training.get_megatron_optimizer_config is original_config
     with pytest.raises(SystemExit):
         fake_arguments._add_training_args(argparse.ArgumentParser()).parse_args(["--optimizer", "adampower"])
+
+
+def test_megatron_lm_muonpower_config_and_builder(fake_megatron_lm, monkeypatch):
+    """--optimizer muonpower in Megatron-LM: its Muon config plus our fields, and its own imported name of
+    get_megatron_muon_optimizer wrapped (once), restored by remove()."""
+    import megatron_patches
+
+    fake_arguments, fake_training = fake_megatron_lm
+    if not hasattr(fake_training, "get_megatron_muon_optimizer"):
+        pytest.skip("this megatron-core has no Muon (0.16 on)")
+    from megatron.core.optimizer import muon
+
+    monkeypatch.setattr(muon, "HAVE_EMERGING_OPTIMIZERS", True)  # importable or not here: only the config is built
+    original = fake_training.get_megatron_muon_optimizer
+    megatron_patches.apply()
+    assert getattr(fake_training.get_megatron_muon_optimizer, "_gradpower_muon", False)
+    assert getattr(muon.get_megatron_muon_optimizer, "_gradpower_muon", False)
+    args = fake_arguments.parse_args(add_arguments, argv=["--optimizer", "muonpower", "--gradpower-p", "0.9",
+                                                          "--gradpower-p-adam", "1.1", "--lr", "1e-3"])
+    config, _ = fake_training.get_megatron_optimizer_config(args)
+    assert (config.optimizer, config.gradpower_p, config.gradpower_p_expert, config.gradpower_p_adam, config.lr) == \
+        ("muonpower", 0.9, None, 1.1, 1e-3)
+    assert args.optimizer == "muonpower"
+    megatron_patches.remove()
+    assert fake_training.get_megatron_muon_optimizer is original and muon.get_megatron_muon_optimizer is original
 
 
 def test_megatron_lm_before_core_v0_16_is_refused_not_ignored(fake_megatron_lm, monkeypatch):

@@ -93,7 +93,7 @@ def check_adampower_and_gpas(log: str) -> None:
     built = re.findall(r"megatron_patches: AdamPower \(gradpower_p=([0-9.]+), gradpower_p_expert=([0-9.]+)\) on "
                        r"(\w+)", log)
     assert built == [(str(DENSE_P), str(EXPERT_P), "DistributedOptimizer")] * 4, built  # 2 ranks x (dense, expert)
-    ran = re.findall(r"megatron_patches: AdamPower step on (\w+): phi_p \(p=([0-9.]+), expert p=([0-9.]+)\) "
+    ran = re.findall(r"megatron_patches: GradPower step on (\w+): phi_p \(p=([0-9.]+), expert p=([0-9.]+)\) "
                      r"on (\d+) gradient", log)
     assert len(ran) == 4, log[-4000:]  # AdamPower's step runs on the torch optimizers that step, dense and expert
     assert all((dense, expert) == (str(DENSE_P), str(EXPERT_P)) and int(n) > 0 for _, dense, expert, n in ran), ran
@@ -125,6 +125,24 @@ def test_pretrain_gpt_adampower_gpas_save_and_resume(tmp_path):
     # the weights after the resumed step, bit for bit: needs megatron_patches.checkpoint's restored Adam step
     # (the distributed optimizer's buffers are not compared: their padding is uninitialised memory)
     assert [k for k in weights if not torch.equal(after[k], uninterrupted[k])] == []
+
+
+def test_pretrain_gpt_muonpower(tmp_path):
+    """--optimizer muonpower: Megatron-LM routes it to its Muon (no distributed optimizer, as for 'muon'), whose
+    TensorParallelMuons step with phi and whose chained Adam is AdamPower with --gradpower-p-adam."""
+    path = megatron_lm_path()
+    model = [a for a in MODEL if a != "--use-distributed-optimizer"]
+    proc = torchrun("-m", "megatron_patches.pretrain_gpt", *model, *CPU, "--optimizer", "muonpower", "--gradpower-p",
+                    "0.9", "--gradpower-p-expert", "0.8", "--gradpower-p-adam", "1.1", "--train-iters", "2",
+                    timeout=600, env=env(path))
+    log = proc.stdout + proc.stderr
+    built = ("megatron_patches: MuonPower (gradpower_p=0.9, gradpower_p_expert=0.8, gradpower_p_adam=1.1) on "
+             "ChainedOptimizer (TensorParallelMuonPower, TensorParallelMuonPower, ")
+    assert log.count(built) == 2, log[-4000:]  # each rank
+    assert "GradPower step on TensorParallelMuonPower: phi_p (p=0.9, expert p=0.8)" in log, log[-4000:]
+    assert sorted(losses(log)) == [1, 2], log[-4000:]
+    err = parse_error(path, "--train-iters", "1", "--optimizer", "muonpower")
+    assert "--optimizer muonpower needs --gradpower-p" in err, err[-4000:]
 
 
 def parse_error(path, *args) -> str:

@@ -46,9 +46,14 @@ def applied():
 
 
 def _patched_attributes():
-    return {"build": mcore_optimizer._get_megatron_optimizer_based_on_param_groups,
-            "init": OptimizerConfig.__dict__["__init__"], "adam_init": AdamOptimizerConfig.__dict__["__init__"],
-            "post_init": OptimizerConfig.__dict__["__post_init__"]}
+    attributes = {"build": mcore_optimizer._get_megatron_optimizer_based_on_param_groups,
+                  "init": OptimizerConfig.__dict__["__init__"], "adam_init": AdamOptimizerConfig.__dict__["__init__"],
+                  "post_init": OptimizerConfig.__dict__["__post_init__"]}
+    try:  # megatron-core 0.16 on: its Muon
+        from megatron.core.optimizer import muon
+    except ImportError:
+        return attributes
+    return {**attributes, "muon_build": muon.get_megatron_muon_optimizer}
 
 
 def test_apply_remove_idempotent_and_reversible():
@@ -94,11 +99,13 @@ def test_apply_defines_te_general_gemm_without_transformer_engine():
 
 def test_config_fields(applied):
     config = OptimizerConfig(optimizer="adampower", lr=1e-3)
-    assert (config.gradpower_p, config.gradpower_p_expert) == (1.2, None)
-    assert powers(config) == (1.2, 1.2)
+    assert (config.gradpower_p, config.gradpower_p_expert, config.gradpower_p_adam) == (None, None, None)
+    assert powers(config) == (1.2, 1.2)  # AdamPower's default p
     config = AdamOptimizerConfig(optimizer="adampower", gradpower_p=1.3, gradpower_p_expert=1.5)
     assert config.optimizer == "adampower" and powers(config) == (1.3, 1.5)
     assert OptimizerConfig().optimizer == "adam"  # other optimizers are untouched
+    with pytest.raises(ValueError, match="gradpower_p_adam=1.1 is for optimizer='muonpower'"):
+        OptimizerConfig(optimizer="adampower", gradpower_p_adam=1.1)
 
 
 @pytest.mark.parametrize("field, value, error", [("gradpower_p", 0.0, ValueError), ("gradpower_p", -1.2, ValueError),

@@ -7,6 +7,7 @@ the gates' gradients as megatron DDP accumulated them.
 """
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -63,6 +64,9 @@ def test_flags_and_config_file_defaults():
     (["--lr", "-1"], "--lr must be >= 0"),
     (["--train-iters", "0"], "--train-iters must be > 0"),
     (["--ckpt-step", "3"], "--ckpt-step needs --load"),
+    (["--optimizer", "muonpower"], "--optimizer muonpower needs --gradpower-p"),
+    (["--optimizer", "muon", "--use-distributed-optimizer"], "megatron-core's Muon does not support the "
+                                                              "distributed optimizer"),
     (["--load", "/nonexistent/run"], "--load /nonexistent/run: no such folder"),
 ])
 def test_bad_flags_are_refused_naming_the_flag(argv, named, capsys):
@@ -161,6 +165,31 @@ def test_save_load_continue_is_identical(tmp_path):
         assert torch.equal(value, weights["resumed"][key]), key
     assert not torch.equal(weights["full"]["output_layer.weight"],
                            checkpoint_tensors(full / "iter_0000003")["output_layer.weight"])  # steps 4-6 changed it
+
+
+@pytest.mark.skipif(importlib.util.find_spec("emerging_optimizers") is None,
+                    reason="megatron-core's Muon needs emerging-optimizers (tests/run.sh installs it)")
+def test_muonpower_trains_and_resumes_exactly(tmp_path):
+    """--optimizer muonpower (EP=2, fp32): Megatron's Muon with phi steps (the log says so), saves its momentum
+    and resumes from the step-2 checkpoint to the same losses and lr."""
+    if importlib.util.find_spec("megatron.core.optimizer.muon") is None:
+        pytest.skip("this megatron-core has no Muon (0.16 on)")
+    common = ["-m", "gradpower_ds.train_megatron", *TINY, "--gradpower-config", str(CONFIGS / "muonpower.json"),
+              "--gradpower-p-adam", "1.1", "--expert-model-parallel-size", "2", "--train-iters", "4", "--lr", "0.01"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    first = torchrun(*common, "--save", full, "--save-interval", "2", env=MEGATRON_CPU_ENV, timeout=600)
+    log = first.stdout + first.stderr
+    assert "| muonpower (p=0.9, Adam p=1.1) |" in log
+    assert ("MuonPower (gradpower_p=0.9, gradpower_p_expert=0.9, gradpower_p_adam=1.1) on ChainedOptimizer "
+            "(TensorParallelMuonPower, TensorParallelMuonPower, AdamWPower)") in log
+    assert "GradPower step on TensorParallelMuonPower: phi_p (p=0.9, expert p=0.9)" in log
+    torchrun(*common, "--save", resumed, "--load", full, "--ckpt-step", "2", env=MEGATRON_CPU_ENV, timeout=600)
+    before, after = metrics(full), metrics(resumed)
+    assert sorted(after) == [3, 4]
+    for step in (3, 4):
+        for key in ("train_loss", "val_loss", "lr"):
+            assert after[step][key] == before[step][key], (step, key, after[step], before[step])
+    assert float(before[4]["train_loss"]) < float(before[1]["train_loss"])  # it trains
 
 
 def run_launch_script(env: dict, args: list, timeout: int = 600):

@@ -48,7 +48,7 @@ VOCAB, SEQ, BATCH, EXPERTS, EP = 64, 8, 2, 4, 2
 STEPS, LR, WD, CLIP, BETAS, EPS = 3, 1e-2, 0.1, 0.05, (0.9, 0.95), 1e-8
 
 
-def build(dtype: torch.dtype, seed: int = 1234):
+def build(dtype: torch.dtype, seed: int = 1234, distributed_optimizer: bool = True):
     """The megatron DDP-wrapped tiny MoE GPT (identical on every run with the same seed)."""
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
@@ -62,8 +62,8 @@ def build(dtype: torch.dtype, seed: int = 1234):
                      vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope")
     if bf16:
         model = model.bfloat16()
-    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
-                                               overlap_grad_reduce=False)
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer,
+                                               grad_reduce_in_fp32=True, overlap_grad_reduce=False)
     model = DistributedDataParallel(config, ddp_config, model)
     model.broadcast_params()
     return model
