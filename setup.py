@@ -34,7 +34,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["gradpower_ds", "gradpower_ds.*", "megatron_patches", "megatron_patches.*"]),
-    package_data={"gradpower_ds": ["csrc/*.h", "csrc/*.cpp"]},
+    package_data={"gradpower_ds": ["csrc/*.h", "csrc/*.cpp", "p_vs_batch.json"]},
     ext_modules=[builder.extension()],
     cmdclass={"build_ext": build_ext},
     # Ranges, never pins: installing gradpower-ds keeps the torch, DeepSpeed and megatron-core a

@@ -148,10 +148,12 @@ def aggregate(runs: dict[str, list[Path]]) -> tuple[dict, dict]:
     for label, dirs in runs.items():
         summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
         losses = [s["val_loss"] for s in summaries]
+        noise = [s["noise_scale"] for s in summaries if s.get("noise_scale") is not None]
         table[label] = {"val_loss_mean": statistics.fmean(losses),
                         "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
                         "val_losses": losses, "tokens_per_s": statistics.fmean(s["tokens_per_s"] for s in summaries),
-                        "tokens": summaries[0]["tokens"], "seeds": len(dirs)}
+                        "tokens": summaries[0]["tokens"], "seeds": len(dirs),
+                        "noise_scale": statistics.fmean(noise) if noise else None}
         per_step = {}
         for d in dirs:
             for row in read_metrics(d / "metrics.csv"):

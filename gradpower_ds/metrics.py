@@ -1,7 +1,8 @@
 """Where a run's numbers go: a CSV (the record), TensorBoard (to watch), and PNG loss curves.
 
 One CSV row per logged step: ``step, tokens, train_loss, val_loss, lr, tokens_per_s,
-elapsed_s`` (val_loss empty between evaluations). On resume the rows after the
+elapsed_s`` (val_loss empty between evaluations) and, on the steps where the gradient noise was
+measured, ``gradpower_ds.noise.NOISE_FIELDS`` (empty on the others). On resume the rows after the
 checkpoint's step are dropped, so the resumed run's curve continues the
 checkpointed one instead of repeating steps; so are the TensorBoard events after
 it (the event files are rewritten without them, so every viewer shows each step
@@ -16,8 +17,9 @@ import os
 from pathlib import Path
 
 from .files import atomic_open
+from .noise import NOISE_FIELDS
 
-FIELDS = ("step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
+FIELDS = ("step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s", *NOISE_FIELDS)
 
 
 class MetricsLog:
@@ -45,7 +47,7 @@ class MetricsLog:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, FIELDS).writerow({k: _cell(row.get(k)) for k in FIELDS})
         if self.writer is not None:
-            for key in ("train_loss", "val_loss", "lr", "tokens_per_s"):
+            for key in ("train_loss", "val_loss", "lr", "tokens_per_s", *NOISE_FIELDS):
                 if row.get(key) is not None:
                     self.writer.add_scalar(key, row[key], row["step"])
             self.writer.flush()
@@ -84,7 +86,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        return [{k: int(float(v)) if k in ("step", "tokens") else float(v) if v != "" else None for k, v in row.items()}
+        return [{k: int(float(v)) if k in ("step", "tokens") else float(v) if v else None for k, v in row.items()}
                 for row in csv.DictReader(f)]
 
 

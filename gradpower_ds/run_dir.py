@@ -33,7 +33,7 @@ from .metrics import MetricsLog, plot_curves, read_metrics
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SUMMARY_KEYS = ("val_loss", "steps", "resumed_at", "tokens", "train_seconds", "tokens_per_s", "world_size", "run_dir",
-                "optimizer", "gpas")
+                "optimizer", "gpas", "noise_scale")
 
 
 class RunDirError(ValueError):
@@ -101,14 +101,16 @@ def tokens_per_s(tokens: int, seconds: float) -> float | None:
 
 
 def make_summary(*, val_loss: float | None, steps: int, resumed_at: int, tokens: int, train_seconds: float,
-                 world_size: int, run_dir: str | Path | None, optimizer: str, gpas: bool) -> dict:
+                 world_size: int, run_dir: str | Path | None, optimizer: str, gpas: bool,
+                 noise_scale: float | None = None) -> dict:
     """summary.json of a completed run (SUMMARY_KEYS, in both jobs): the last validation loss, the run's steps,
     the step this part of it resumed at (0: not resumed), tokens and training seconds over the whole run (all
-    parts), tokens/s, ranks, the run folder (None: none) and the optimizer and GPAS settings."""
+    parts), tokens/s, ranks, the run folder (None: none), the optimizer and GPAS settings, and the mean gradient
+    noise scale in tokens (``gradpower_ds.noise.NoiseMonitor``; None: not measured)."""
     return {"val_loss": val_loss, "steps": steps, "resumed_at": resumed_at, "tokens": tokens,
             "train_seconds": train_seconds, "tokens_per_s": tokens_per_s(tokens, train_seconds),
             "world_size": world_size, "run_dir": None if run_dir is None else str(run_dir), "optimizer": optimizer,
-            "gpas": gpas}
+            "gpas": gpas, "noise_scale": noise_scale}
 
 
 def summary_line(job: str, summary: dict) -> str:
@@ -117,8 +119,10 @@ def summary_line(job: str, summary: dict) -> str:
     rate = "-" if summary["tokens_per_s"] is None else f"{summary['tokens_per_s']:,.0f}"
     where = f"{summary['run_dir']}/ (metrics.csv, loss.png, tensorboard/)" if summary["run_dir"] is not None \
         else "no run folder"
+    noise = "" if summary.get("noise_scale") is None else \
+        f" | mean gradient noise scale {summary['noise_scale']:,.0f} tokens"
     return (f"{job}: done | validation loss {val_loss} | {summary['tokens']:,} tokens in "
-            f"{summary['train_seconds']:.1f} s = {rate} tokens/s on {summary['world_size']} ranks | {where}")
+            f"{summary['train_seconds']:.1f} s = {rate} tokens/s on {summary['world_size']} ranks | {where}{noise}")
 
 
 class RunDir:
@@ -143,11 +147,12 @@ class RunDir:
         self.metrics = MetricsLog(self.path, resume_step=step, tensorboard=tensorboard)
 
     def log(self, *, step: int, tokens: int, train_loss: float, val_loss: float | None, lr: float,
-            elapsed: float) -> None:
-        """One metrics row (and TensorBoard scalars) with tokens/s over the `elapsed` training seconds."""
+            elapsed: float, **noise) -> None:
+        """One metrics row (and TensorBoard scalars) with tokens/s over the `elapsed` training seconds and the
+        noise fields of a measured step (``NoiseMonitor.end_step``)."""
         if self.metrics is not None:
             self.metrics.log(step=step, tokens=tokens, train_loss=train_loss, val_loss=val_loss, lr=lr,
-                             tokens_per_s=tokens_per_s(tokens, elapsed), elapsed_s=elapsed)
+                             tokens_per_s=tokens_per_s(tokens, elapsed), elapsed_s=elapsed, **noise)
 
     def running(self, step: int) -> None:
         """status.json: running, `step` steps done."""

@@ -45,7 +45,7 @@ _log = logging.getLogger(JOB)
 # The only settings a resumed run may change: none of them changes the model, the data, the optimizer or the
 # schedule (evaluation runs without gradients or randomness, so eval_every only changes when it is measured).
 RESUME_MAY_CHANGE = ("resume", "stop_at", "run_dir", "progress", "tensorboard", "log_every", "save_every",
-                     "eval_every")
+                     "eval_every", "noise_every")
 
 
 def changed_settings(saved: dict, cfg: TrainConfig) -> list[tuple[str, object, object]]:
@@ -177,6 +177,7 @@ def train(cfg: TrainConfig) -> dict:
 
     from .data import load_corpus_distributed
     from .deepspeed import register
+    from .noise import NoiseMonitor
 
     run_dir = prepare_run_dir(cfg)
     register()
@@ -192,12 +193,15 @@ def train(cfg: TrainConfig) -> dict:
     val_batches = corpus.val_batches(cfg.micro_batch, cfg.seq_len, cfg.eval_batches - cfg.eval_batches % world or world)
     engine = build_engine(cfg, corpus.vocab_size)
     model = engine.module
+    noise = NoiseMonitor(model.named_parameters(), cfg.micro_batch * cfg.seq_len, cfg.noise_every, cfg.seed)
 
     start, tokens, elapsed = 0, 0, 0.0
     checkpoints = run_dir / "checkpoints"
     if cfg.resume and (checkpoints / "latest").exists():
         _, client = engine.load_checkpoint(str(checkpoints))
         start, tokens, elapsed = client["step"], client["tokens"], client["elapsed"]
+        if "noise" in client:  # checkpoints before the noise measurement lack it: its averages start afresh
+            noise.load_state_dict(client["noise"])
     elif cfg.resume and rank == 0:
         _log.warning("gradpower_ds.train: no checkpoint in %s: starting from step 0", checkpoints)
     stop = StopRequest()
@@ -222,9 +226,11 @@ def train(cfg: TrainConfig) -> dict:
             began = time.perf_counter()
             lr = engine.get_lr()[0]
             lm_loss = torch.zeros((), device=engine.device)
+            noise.begin_step(step)
             for micro in range(cfg.grad_accum):
                 inputs, targets = corpus.train_batch(step, micro, rank, world, cfg.micro_batch, cfg.seq_len, cfg.seed)
                 _, loss = engine(inputs.to(engine.device), targets.to(engine.device), aux_loss_coef=cfg.aux_loss_coef)
+                noise.next_micro_batch(engine.device)
                 engine.backward(loss)
                 engine.step()
                 lm_loss += loss.detach().float() - cfg.aux_loss_coef * model.aux_loss().detach().float()
@@ -232,6 +238,7 @@ def train(cfg: TrainConfig) -> dict:
             reduced = torch.cat([lm_loss.view(1), stop.flags(engine.device)])
             torch.distributed.all_reduce(reduced)
             train_loss = reduced[0].item() / (cfg.grad_accum * world)
+            measured = noise.end_step()
             elapsed += time.perf_counter() - began
             tokens += step_tokens
             done = step + 1
@@ -245,14 +252,15 @@ def train(cfg: TrainConfig) -> dict:
                 bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}")
                 if val_loss is not None:
                     bar.write(f"step {done}: validation loss {val_loss:.4f}")
-                logged = done % cfg.log_every == 0 or val_loss is not None
+                logged = done % cfg.log_every == 0 or val_loss is not None or bool(measured)
                 if logged:
                     run.log(step=done, tokens=tokens, train_loss=train_loss, val_loss=val_loss, lr=lr,
-                            elapsed=elapsed)
+                            elapsed=elapsed, **measured)
             saving = done % cfg.save_every == 0 or done == last or stopped_by
             if saving:
                 engine.save_checkpoint(str(checkpoints), tag=f"step{done}",
-                                       client_state={"step": done, "tokens": tokens, "elapsed": elapsed})
+                                       client_state={"step": done, "tokens": tokens, "elapsed": elapsed,
+                                                     "noise": noise.state_dict()})
             if (logged or saving) and not stopped_by and done < last:
                 run.running(done)
             if stopped_by:
@@ -283,7 +291,8 @@ def train(cfg: TrainConfig) -> dict:
         engine.destroy()
         return {}
     summary = make_summary(val_loss=val_loss, steps=cfg.steps, resumed_at=start, tokens=tokens, train_seconds=elapsed,
-                           world_size=world, run_dir=run_dir, optimizer=cfg.optimizer, gpas=cfg.gpas)
+                           world_size=world, run_dir=run_dir, optimizer=cfg.optimizer, gpas=cfg.gpas,
+                           noise_scale=noise.mean)
     run.complete(summary, cfg.optimizer_label())
     engine.destroy()
     return summary

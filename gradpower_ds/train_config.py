@@ -137,6 +137,8 @@ class TrainConfig:
     eval_every: int = _setting(50, "validation every N steps (and at the end)")
     eval_batches: int = _setting(16, "validation batches per evaluation")
     log_every: int = _setting(5, "metrics.csv row every N steps")
+    noise_every: int = _setting(10, "measure the gradient noise every N steps (0: off); those steps' rows carry "
+                                    "it (README.md, Gradient noise)")
     save_every: int = _setting(100, "checkpoint every N steps (and at the end)")
     tensorboard: bool = _setting(True, "write tensorboard/ event files")
     progress: bool = _setting(True, "progress bar on rank 0")
@@ -178,6 +180,8 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0", name)
+        if self.noise_every < 0:
+            raise ConfigError(f"noise_every={self.noise_every!r} must be >= 0 (0: off)", "noise_every")
         if self.dim % self.n_heads:
             raise ConfigError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}", "dim", "n_heads")
         if self.zero_stage not in (0, 1, 2, 3):

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      f"{LATEST}, or --ckpt-step)")
     add("--ckpt-step", type=int, default=None, help="with --load: resume from this iteration's checkpoint")
     add("--log-interval", type=int, default=10)
+    add("--noise-interval", type=int, default=10, help="measure the gradient noise every N iterations (0: off; "
+                                                        "README.md, Gradient noise)")
     arguments.add_arguments(parser, after_parse=check_args)
     return parser
 
@@ -114,7 +116,8 @@ def check_args(args, parser) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "eval_iters", "num_experts"):
+    for name in ("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "eval_iters", "num_experts",
+                 "noise_interval"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.hidden_size % args.num_attention_heads:
@@ -233,8 +236,9 @@ def build_optimizer(args, model):
     return optimizer, scheduler
 
 
-def run_micro_batches(model, batches: list, args, forward_only: bool = False) -> torch.Tensor:
-    """Forward (and backward) over `batches` with Megatron's no-pipelining schedule; the mean LM loss."""
+def run_micro_batches(model, batches: list, args, forward_only: bool = False, before_each=None) -> torch.Tensor:
+    """Forward (and backward) over `batches` with Megatron's no-pipelining schedule; the mean LM loss.
+    ``before_each()``, if given, runs before each micro-batch's forward (and so before its backward)."""
     from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
 
     def loss_func(per_token: torch.Tensor):
@@ -242,6 +246,8 @@ def run_micro_batches(model, batches: list, args, forward_only: bool = False) ->
         return loss, {"lm loss": loss.detach().clone()}  # a copy: the schedule divides `loss` in place
 
     def forward_step(data_iterator, module):
+        if before_each is not None:
+            before_each()
         inputs, targets = next(data_iterator)
         positions = torch.arange(inputs.shape[1]).expand_as(inputs)
         return module(inputs, positions, None, labels=targets), loss_func
@@ -278,9 +284,10 @@ def unwrap(model):
     return model
 
 
-def sharded_state(model, optimizer, scheduler, step: int, loading: bool, train_seconds: float = 0.0) -> dict:
+def sharded_state(model, optimizer, scheduler, step: int, loading: bool, train_seconds: float = 0.0,
+                  noise: dict | None = None) -> dict:
     """The state dict dist_checkpointing saves and loads: model and optimizer shards plus plain run state (the
-    iteration, and the training seconds so far for the run's tokens/s)."""
+    iteration, the training seconds so far for the run's tokens/s, the gradient noise averages)."""
     from megatron_patches.patches import DP_RESHARDABLE_FROM, MEGATRON_CORE
 
     # "dp_reshardable" reshards by data-parallel size; before it, the model-space format
@@ -290,7 +297,8 @@ def sharded_state(model, optimizer, scheduler, step: int, loading: bool, train_s
     return {"model": model_state,
             "optimizer": optimizer.sharded_state_dict(model_state, is_loading=loading,
                                                       metadata={"distrib_optim_sharding_type": sharding}),
-            "scheduler": scheduler.state_dict(), "iteration": step, "train_seconds": train_seconds}
+            "scheduler": scheduler.state_dict(), "iteration": step, "train_seconds": train_seconds,
+            "noise": noise or {}}
 
 
 def checkpoint_dir(root: str | Path, step: int) -> Path:
@@ -298,7 +306,8 @@ def checkpoint_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"iter_{step:07d}"
 
 
-def save_checkpoint(root: str, model, optimizer, scheduler, step: int, train_seconds: float = 0.0) -> None:
+def save_checkpoint(root: str, model, optimizer, scheduler, step: int, train_seconds: float = 0.0,
+                    noise: dict | None = None) -> None:
     """Writes ROOT/iter_NNNNNNN with dist_checkpointing, then (rank 0) points ROOT/latest... at it. The
     training seconds saved are rank 0's (the plain run state must be the same on every rank)."""
     from megatron.core import dist_checkpointing
@@ -311,7 +320,7 @@ def save_checkpoint(root: str, model, optimizer, scheduler, step: int, train_sec
     dist.broadcast(seconds, src=0)
     dist.barrier()
     dist_checkpointing.save(sharded_state(model, optimizer, scheduler, step, loading=False,
-                                          train_seconds=seconds.item()), str(path))
+                                          train_seconds=seconds.item(), noise=noise), str(path))
     dist.barrier()
     if dist.get_rank() == 0:
         with atomic_open(Path(root) / LATEST) as f:
@@ -319,9 +328,9 @@ def save_checkpoint(root: str, model, optimizer, scheduler, step: int, train_sec
     _log.info("saved checkpoint %s", path)
 
 
-def load_checkpoint(root: str, step: int | None, model, optimizer, scheduler) -> tuple[int, float]:
-    """Loads ROOT's checkpoint of `step` (default: the one LATEST names); returns its iteration and training
-    seconds (0 for a checkpoint that does not record them)."""
+def load_checkpoint(root: str, step: int | None, model, optimizer, scheduler) -> tuple[int, float, dict]:
+    """Loads ROOT's checkpoint of `step` (default: the one LATEST names); returns its iteration, training
+    seconds and gradient noise state (0 and {} for a checkpoint that does not record them)."""
     from megatron.core import dist_checkpointing
 
     if step is None:
@@ -339,7 +348,7 @@ def load_checkpoint(root: str, step: int | None, model, optimizer, scheduler) ->
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _log.info("resumed from %s", path)
-    return int(state["iteration"]), float(state.get("train_seconds", 0.0))
+    return int(state["iteration"]), float(state.get("train_seconds", 0.0)), state.get("noise") or {}
 
 
 def train(args) -> dict:
@@ -352,6 +361,7 @@ def train(args) -> dict:
     import megatron_patches
 
     from .data import load_corpus_distributed
+    from .noise import NoiseMonitor
 
     megatron_patches.apply()
     parallel_state.initialize_model_parallel(expert_model_parallel_size=args.expert_model_parallel_size)
@@ -367,8 +377,12 @@ def train(args) -> dict:
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = model.no_sync
 
-    start, elapsed = load_checkpoint(args.load, args.ckpt_step, model, optimizer, scheduler) if args.load \
-        else (0, 0.0)
+    noise = NoiseMonitor(unwrap(model).named_parameters(), args.micro_batch_size * args.seq_length,
+                         args.noise_interval, args.seed)
+    start, elapsed, noise_state = load_checkpoint(args.load, args.ckpt_step, model, optimizer, scheduler) \
+        if args.load else (0, 0.0, {})
+    if noise_state:
+        noise.load_state_dict(noise_state)
     rank0 = dist.get_rank() == 0
     save = Path(args.save) if args.save else None
     label = args.optimizer + (f" ({optimizer_powers(args)})" if args.optimizer in arguments.OPTIMIZER_NAMES else "")
@@ -398,12 +412,14 @@ def train(args) -> dict:
             optimizer.zero_grad()
             batches = [corpus.train_batch(step, micro, dp_rank, dp_size, args.micro_batch_size, args.seq_length,
                                           args.seed) for micro in range(micro_batches)]
-            loss = run_micro_batches(model, batches, args)
+            noise.begin_step(step)
+            loss = run_micro_batches(model, batches, args, before_each=lambda: noise.next_micro_batch(device))
             lr = optimizer.param_groups[0]["lr"]  # the lr of this step (Megatron's warmup starts at 0)
             ok, grad_norm, _ = optimizer.step()
             if ok:
                 scheduler.step(increment=1)
             train_loss = data_parallel_mean(loss)
+            measured = noise.end_step()
             stop_flags = stop.flags(device)  # how many ranks were asked to stop, by SIGTERM or by SIGINT
             dist.all_reduce(stop_flags)
             elapsed += time.perf_counter() - began
@@ -418,16 +434,18 @@ def train(args) -> dict:
                 val_loss = None
             if done < last:
                 stopped_by = stop.agreed(stop_flags)
-            logged = rank0 and (done % args.log_interval == 0 or val_loss is not None)
+            logged = rank0 and (done % args.log_interval == 0 or val_loss is not None or bool(measured))
             if logged:
                 _log.info("iteration %d/%d | lm loss %.6f | lr %.3e | grad norm %.4f | %s%.0f tokens/s", done,
                           last, train_loss, lr, grad_norm if grad_norm is not None else float("nan"),
                           f"validation loss {val_loss:.6f} | " if val_loss is not None else "", tokens / elapsed)
-                run.log(step=done, tokens=tokens, train_loss=train_loss, val_loss=val_loss, lr=lr, elapsed=elapsed)
+                run.log(step=done, tokens=tokens, train_loss=train_loss, val_loss=val_loss, lr=lr, elapsed=elapsed,
+                        **measured)
             saving = save is not None and (done == last or bool(stopped_by)
                                            or bool(args.save_interval and done % args.save_interval == 0))
             if saving:
-                save_checkpoint(str(save), model, optimizer, scheduler, done, train_seconds=elapsed)
+                save_checkpoint(str(save), model, optimizer, scheduler, done, train_seconds=elapsed,
+                                noise=noise.state_dict())
             if (logged or saving) and not stopped_by and done < last:
                 run.running(done)
             if stopped_by:
@@ -447,7 +465,8 @@ def train(args) -> dict:
         dist.barrier()  # no rank exits (and so makes its launcher stop the others) before the run is marked
         raise SystemExit(128 + stopped_by)
     summary = make_summary(val_loss=val_loss, steps=last, resumed_at=start, tokens=tokens, train_seconds=elapsed,
-                           world_size=dist.get_world_size(), run_dir=save, optimizer=args.optimizer, gpas=args.gpas)
+                           world_size=dist.get_world_size(), run_dir=save, optimizer=args.optimizer, gpas=args.gpas,
+                           noise_scale=noise.mean)
     run.complete(summary, label + (" + GPAS" if args.gpas else ""))
     return summary
 

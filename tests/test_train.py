@@ -160,25 +160,28 @@ def test_compare_variants():
 
 @pytest.mark.slow
 def test_train_resume_continues_the_curve_exactly(tmp_path):
-    """2 ranks, experts sharded: an uninterrupted run and one stopped at step 4 and resumed log the same curve."""
+    """2 ranks, experts sharded: an uninterrupted run and one stopped at step 4 and resumed log the same curve, the
+    gradient noise included (measured at steps 3 and 6: its averages come back from the checkpoint)."""
     whole = tmp_path / "whole"
-    proc = deepspeed_train(whole)
+    proc = deepspeed_train(whole, "--noise_every", "3")
     assert "gradpower_ds.train: done | validation loss" in proc.stdout + proc.stderr
     precision, why = resolve_precision("auto")  # quickstart.json's: what this machine computes fast
     assert f"gradpower_ds.train: precision {precision} ({why})" in proc.stdout + proc.stderr
     assert f"2 ranks, ZeRO-2, {precision}, adampower p=1.2 | CPUAdamPower" in proc.stdout + proc.stderr
     assert re.search(r"gradpower_ds\.train: done \| validation loss \d+\.\d{4} \| [\d,]+ tokens in [\d.]+ s = [\d,]+ "
-                     rf"tokens/s on 2 ranks \| {re.escape(str(whole))}/ \(metrics\.csv, loss\.png, tensorboard/\)",
-                     proc.stdout)
+                     rf"tokens/s on 2 ranks \| {re.escape(str(whole))}/ \(metrics\.csv, loss\.png, tensorboard/\) \| "
+                     r"mean gradient noise scale [\d,]+ tokens", proc.stdout)
     split = tmp_path / "split"
-    deepspeed_train(split, "--stop_at", "4")
+    deepspeed_train(split, "--stop_at", "4", "--noise_every", "3")
     assert json.loads((split / "status.json").read_text()) == {"state": "stopped", "step": 4}
     assert not (split / "summary.json").exists()
-    deepspeed_train(split, "--resume", "true")
+    deepspeed_train(split, "--resume", "true", "--noise_every", "3")
     rows_whole, rows_split = read_metrics(whole / "metrics.csv"), read_metrics(split / "metrics.csv")
     assert [r["step"] for r in rows_whole] == list(range(1, 9))
-    for key in ("step", "tokens", "train_loss", "val_loss", "lr"):
+    for key in ("step", "tokens", "train_loss", "val_loss", "lr", "noise_scale", "snr_attention", "snr_embedding"):
         assert [r[key] for r in rows_split] == [r[key] for r in rows_whole], key
+    measured = [r for r in rows_whole if r["snr_attention"] is not None]
+    assert [r["step"] for r in measured] == [3, 6] and all(r["snr_output"] > 0 for r in measured)
     assert rows_whole[0]["train_loss"] > rows_whole[-1]["train_loss"]
     assert [r["step"] for r in rows_whole if r["val_loss"] is not None] == [4, 8]
     for run in (whole, split):
@@ -186,6 +189,7 @@ def test_train_resume_continues_the_curve_exactly(tmp_path):
         assert summary["val_loss"] == rows_whole[-1]["val_loss"] and summary["world_size"] == 2
         assert tuple(summary) == SUMMARY_KEYS and summary["steps"] == 8  # the same keys as the Megatron job's
         assert summary["resumed_at"] == (4 if run == split else 0)
+        assert summary["noise_scale"] == json.loads((whole / "summary.json").read_text())["noise_scale"] > 0
         assert json.loads((run / "status.json").read_text())["state"] == "complete"
         assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
         assert list((run / "tensorboard").glob("events.out.tfevents.*"))

@@ -74,11 +74,11 @@ def test_resume_refuses_changed_settings(tmp_path):
         prepare_run_dir(cfg)
     with pytest.raises(RunDirError, match=r"steps 10 -> 20 \(a run cannot be extended: .*--stop_at"):
         prepare_run_dir(TrainConfig(run_dir=str(run_dir), steps=20, warmup_steps=2, resume=True))
-    # the allow-list: where to stop, how often to log/save/evaluate, progress, TensorBoard
+    # the allow-list: where to stop, how often to log/save/evaluate/measure the noise, progress, TensorBoard
     assert set(RESUME_MAY_CHANGE) == {"resume", "stop_at", "run_dir", "progress", "tensorboard", "log_every",
-                                      "save_every", "eval_every"}
+                                      "save_every", "eval_every", "noise_every"}
     same = TrainConfig(run_dir=str(run_dir), steps=10, warmup_steps=2, resume=True, stop_at=8, log_every=1, save_every=3,
-                       eval_every=7, progress=False, tensorboard=False)
+                       eval_every=7, noise_every=2, progress=False, tensorboard=False)
     assert prepare_run_dir(same) == run_dir
     # a key the saved config lacks counts as its default
     saved = json.loads((run_dir / "config.json").read_text())
@@ -149,8 +149,12 @@ def test_run_dir_files_and_end_line(tmp_path):
     assert status() == {"state": "stopped", "step": 1, "signal": "SIGTERM"}
     run.stopped(1)
     assert status() == {"state": "stopped", "step": 1}
-    run.log(step=2, tokens=200, train_loss=2.5, val_loss=2.25, lr=1e-3, elapsed=4.0)
+    run.log(step=2, tokens=200, train_loss=2.5, val_loss=2.25, lr=1e-3, elapsed=4.0, noise_scale=1234.5,
+            snr_attention=0.25)
     run.close()
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")  # a measured step's noise; none on the others
+    assert (rows[0]["noise_scale"], rows[1]["noise_scale"], rows[1]["snr_attention"], rows[1]["snr_ffn"]) == \
+        (None, 1234.5, 0.25, None)
     summary = make_summary(val_loss=2.25, steps=2, resumed_at=1, tokens=200, train_seconds=4.0, world_size=2,
                            run_dir=tmp_path / "run", optimizer="adampower", gpas=True)
     assert tuple(summary) == SUMMARY_KEYS and summary["tokens_per_s"] == 50.0
@@ -161,6 +165,9 @@ def test_run_dir_files_and_end_line(tmp_path):
     assert summary_line("job", summary) == (
         f"job: done | validation loss 2.2500 | 200 tokens in 4.0 s = 50 tokens/s on 2 ranks | {tmp_path / 'run'}/ "
         "(metrics.csv, loss.png, tensorboard/)")
+    noisy = make_summary(val_loss=2.25, steps=2, resumed_at=0, tokens=200, train_seconds=4.0, world_size=2,
+                         run_dir=None, optimizer="adampower", gpas=False, noise_scale=20480.4)
+    assert summary_line("job", noisy).endswith(" | no run folder | mean gradient noise scale 20,480 tokens")
     empty = make_summary(val_loss=None, steps=2, resumed_at=2, tokens=200, train_seconds=0.0, world_size=1,
                          run_dir=None, optimizer="adam", gpas=False)
     assert summary_line("job", empty) == ("job: done | validation loss - | 200 tokens in 0.0 s = - tokens/s on 1 ranks"
