@@ -1,4 +1,6 @@
-"""megatron-core ``optimizer.step()``: ``OptimizerConfig(optimizer="adampower")`` (p=1.2) against ``"adam"``.
+"""megatron-core ``optimizer.step()``: ``OptimizerConfig(optimizer="adampower")`` (p=1.2) against ``"adam"``
+(``--pair muon``: ``"muonpower"`` (p=0.9, Adam p=1.2) against ``"muon"``, megatron-core's Muon, which runs
+without the distributed optimizer).
 
 In ONE process (world size 1; torch.distributed is initialised here), per case (default:
 the distributed optimizer with a bf16 model and with an fp32 model), it builds the same
@@ -23,13 +25,14 @@ Both phases also report the inner torch optimizer's step() alone (the instance's
 wrapped; AdamPower's gradient power runs in or before it), which separates the optimizer
 from Megatron's work around it: on the CPU the distributed optimizer's gloo param
 all-gather briefly copies the whole param buffer, the largest extra of the step.
-Lines ``RATIO adampower/adam step time: X (target ...)`` (medians) and ``PEAK_EXTRA
-adampower=... adam=... largest_grad=...`` per case: compare the extra with the largest
+Lines ``RATIO adampower/adam step time: X (target ...)`` (medians; muonpower/muon with --pair muon) and
+``PEAK_EXTRA adampower=... adam=... largest_grad=...`` per case: compare the extra with the largest
 fp32 main-grad shard and the whole fp32 grad (bounded chunk or a copy of a gradient?).
 
     python benchmarks/bench_megatron_step.py                      # ~23M params on CPU, bf16 + fp32
     python benchmarks/bench_megatron_step.py --dtype bf16 --repeats 20 --json /tmp/megatron_step.json
     python benchmarks/bench_megatron_step.py --no-distributed-optimizer --hidden 256 --layers 4
+    python benchmarks/bench_megatron_step.py --pair muon --dtype bf16    # needs emerging-optimizers
 
 Without CUDA it runs megatron-core through tests/megatron_cpu_shim.py (gloo); with CUDA
 the shim is never imported (NCCL). The default CPU run takes 15-40 s on 2 cores.
@@ -54,7 +57,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # gradpower_ds, megatron_patches
-OPTIMIZERS = ("adampower", "adam")
+PAIRS = {"adam": ("adampower", "adam"), "muon": ("muonpower", "muon")}  # --pair: (ours, theirs)
+POWERS = {"adampower": dict(gradpower_p=1.2), "muonpower": dict(gradpower_p=0.9, gradpower_p_adam=1.2)}
 SEQ, BATCH, CLIP = 128, 2, 1.0
 MEMORY_ROUNDS = 2  # untimed rounds (after --warmup) that measure the peak memory
 
@@ -67,6 +71,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds (steps per optimizer) per case")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per case")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), nargs="+", default=["bf16", "fp32"])
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="adam",
+                        help="adam: adampower vs adam; muon: muonpower vs muon (no distributed optimizer)")
     parser.add_argument("--no-distributed-optimizer", action="store_true",
                         help="megatron's plain (mixed-precision / fp32) optimizer instead of the distributed one")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
@@ -136,10 +142,13 @@ def build(args, dtype, optimizer: str, torch):
     ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed, grad_reduce_in_fp32=True,
                                                overlap_grad_reduce=False)
     model = DistributedDataParallel(config, ddp_config, model)
-    extra = dict(gradpower_p=1.2) if optimizer == "adampower" else {}
     opt_config = OptimizerConfig(optimizer=optimizer, lr=1e-4, weight_decay=0.1, clip_grad=CLIP, adam_beta1=0.9,
                                  adam_beta2=0.95, adam_eps=1e-8, bf16=bf16, params_dtype=dtype,
-                                 use_distributed_optimizer=distributed, **extra)
+                                 use_distributed_optimizer=distributed, **POWERS.get(optimizer, {}))
+    if "muon" in optimizer:
+        from megatron.core.optimizer import muon  # megatron-core 0.16 on
+
+        return model, muon.get_megatron_muon_optimizer(opt_config, [model])
     return model, get_megatron_optimizer(opt_config, [model])
 
 
@@ -151,9 +160,9 @@ def run_case(args, dtype_name: str, torch, peak: Peak | None = None) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
     models, opts = {}, {}
-    for name in OPTIMIZERS:
+    for name in args.optimizers:
         models[name], opts[name] = build(args, dtype, name, torch)
-    model = models[OPTIMIZERS[0]]
+    model = models[args.optimizers[0]]
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (BATCH, SEQ + 1), generator=gen).to(args.device)
     model.zero_grad_buffer()
@@ -162,7 +171,7 @@ def run_case(args, dtype_name: str, torch, peak: Peak | None = None) -> dict:
     model.finish_grad_sync()
     grads = [b.grad_data.clone() for b in model.buffers + model.expert_parallel_buffers]  # the real gradients
     assert all(g.abs().sum() > 0 for g in grads), "all-zero gradient buffer"
-    main = [p.numel() * 4 / 2**20 for group in opts[OPTIMIZERS[0]].param_groups for p in group["params"]]
+    main = [p.numel() * 4 / 2**20 for group in opts[args.optimizers[0]].param_groups for p in group["params"]]
     out = dict(n_params=sum(p.numel() for p in model.module.parameters()), largest_grad_mib=max(main),
                fp32_grad_mib=sum(main))
 
@@ -184,9 +193,9 @@ def run_case(args, dtype_name: str, torch, peak: Peak | None = None) -> dict:
     for opt in opts.values():
         for torch_opt in inner_optimizers(opt):
             torch_opt.step = timed_inner(torch_opt.step)
-    figures = {name: {"step": [], "inner": []} for name in OPTIMIZERS}
+    figures = {name: {"step": [], "inner": []} for name in args.optimizers}
     for i in range(args.warmup + (MEMORY_ROUNDS if peak else args.repeats)):
-        for name in OPTIMIZERS:
+        for name in args.optimizers:
             buffers = models[name].buffers + models[name].expert_parallel_buffers
             for buffer, grad in zip(buffers, grads, strict=True):  # identical layouts: same model, same seed
                 assert buffer.grad_data.shape == grad.shape
@@ -203,8 +212,8 @@ def run_case(args, dtype_name: str, torch, peak: Peak | None = None) -> dict:
             if i >= args.warmup:
                 figures[name]["step"].append(value)
                 figures[name]["inner"].append(inner.get("value", math.nan))  # nan: no inner step seen
-    pairs = zip(*(models[name].module.parameters() for name in OPTIMIZERS))  # same start, same gradients:
-    assert not all(torch.equal(a, b) for a, b in pairs), "adampower and adam took identical steps"  # p=1.2 applied?
+    pairs = zip(*(models[name].module.parameters() for name in args.optimizers))  # same start, same gradients:
+    assert not all(torch.equal(a, b) for a, b in pairs), f"{args.optimizers} took identical steps"  # p applied?
     del models, opts, model, grads
     gc.collect()
     out["grad_norm"] = float(grad_norm)
@@ -242,6 +251,9 @@ def main() -> None:
     from gradpower_ds.processes import free_port
 
     args.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    args.optimizers = PAIRS[args.pair]
+    if args.pair == "muon":
+        args.no_distributed_optimizer = True  # megatron-core's Muon refuses the distributed optimizer
     defaults = dict(hidden=2048, layers=8, vocab=32768) if cuda else dict(hidden=512, layers=6, vocab=8192)
     for key, value in defaults.items():
         setattr(args, key, getattr(args, key) or value)
@@ -278,9 +290,9 @@ def main() -> None:
         libc.mallopt(-3, 64 * 1024), libc.mallopt(-1, 128 * 1024)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     for dtype_name, case in timed.items():
         memory = run_case(args, dtype_name, torch, peak)
-        for name in OPTIMIZERS:
+        for name in args.optimizers:
             case[name].update(memory[name])
-        ours, theirs = case["adampower"], case["adam"]
+        ours, theirs = (case[name] for name in args.optimizers)
         case.update(dtype=dtype_name, ratio=ours["median_ms"] / theirs["median_ms"],
                     ratio_best=ours["best_ms"] / theirs["best_ms"],
                     ratio_inner=ours["inner_median_ms"] / theirs["inner_median_ms"]
@@ -294,17 +306,18 @@ def main() -> None:
               f"main-grad shard {case['largest_grad_mib']:.1f} MiB")
         print(f"  {'':<10} {'optimizer.step(): best':>22} {'median':>9} {'peak extra':>14} "
               f"{'inner torch step: median':>26} {'peak extra':>14}")
-        for name in OPTIMIZERS:
+        for name in args.optimizers:
             c = case[name]
             print(f"  {name:<10} {c['best_ms']:22.2f} {c['median_ms']:9.2f} {c['peak_extra_mib']:10.1f} MiB "
                   f"{fmt(c['inner_median_ms'], 26)} {fmt(c['inner_peak_extra_mib'], 10, 1)} MiB")
-        print(f"  adampower/adam: optimizer.step() median {case['ratio']:.3f}, best-of {case['ratio_best']:.3f}; "
+        pair = "/".join(args.optimizers)
+        print(f"  {pair}: optimizer.step() median {case['ratio']:.3f}, best-of {case['ratio_best']:.3f}; "
               f"inner torch step median {fmt(case['ratio_inner'], 0, 3)}")
         tag = f"case={dtype_name}-{kind.split()[0]}"
-        print(f"RATIO adampower/adam step time: {case['ratio']:.3f} (target <= 1.05 on CPU, <= 1.02 on GPU) {tag}")
-        print(f"PEAK_EXTRA adampower={case['adampower']['peak_extra_mib']:.1f} MiB "
-              f"adam={case['adam']['peak_extra_mib']:.1f} MiB largest_grad={case['largest_grad_mib']:.1f} MiB {tag}",
-              flush=True)
+        print(f"RATIO {pair} step time: {case['ratio']:.3f} (target <= 1.05 on CPU, <= 1.02 on GPU) {tag}")
+        print(f"PEAK_EXTRA {args.optimizers[0]}={ours['peak_extra_mib']:.1f} MiB "
+              f"{args.optimizers[1]}={theirs['peak_extra_mib']:.1f} MiB largest_grad={case['largest_grad_mib']:.1f} "
+              f"MiB {tag}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()

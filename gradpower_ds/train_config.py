@@ -163,11 +163,6 @@ class TrainConfig:
                                        rule=MUON_POWER_RULE), "muon_power")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum={self.momentum!r} must be in [0, 1)", "momentum")
-        if self.optimizer in ("muon", "muonpower") and self.grad_clip > 0 and self.zero_stage > 0:
-            from .muon_power import CLIPPING_WARNING
-
-            raise ConfigError(f"grad_clip={self.grad_clip:g} with optimizer {self.optimizer}: {CLIPPING_WARNING}; "
-                              "set grad_clip 0", "grad_clip", "optimizer")
         if self.expert_power is not None:
             _hyper(lambda: check_power(self.expert_power, 0.0, owner="expert_power", name="expert_power"),
                    "expert_power")
@@ -222,6 +217,11 @@ class TrainConfig:
             where = " (set by deepspeed_overrides)" if stage_key == "deepspeed_overrides" else ""
             raise ConfigError(f"num_experts={self.num_experts} > 0 needs zero_stage 1 or 2 (DeepSpeed's MoE layers "
                               f"refuse ZeRO-3); the DeepSpeed config has stage 3{where}", "num_experts", stage_key)
+        if self.optimizer in ("muon", "muonpower") and self.grad_clip > 0 and stage > 0:
+            from .muon_power import CLIPPING_WARNING
+
+            raise ConfigError(f"grad_clip={self.grad_clip:g} with optimizer {self.optimizer} under ZeRO-{stage}: "
+                              f"{CLIPPING_WARNING}; set grad_clip 0", "grad_clip", "optimizer", stage_key)
         for key, name in _FIELD_OF_DS_KEY.items():
             if key in over and over[key] != getattr(self, name):
                 raise ConfigError(f"deepspeed_overrides sets {key}={over[key]!r}, which the training loop does not "

@@ -36,3 +36,19 @@ def test_bench_megatron_step_smoke():
     assert float(ratio.group(1)) > 0 and float(peak.group(3)) > 0, out.stdout
     # a tiny model's step may well allocate nothing measurable (0.0 MiB): the extras are only checked for sign
     assert float(peak.group(1)) >= 0 and float(peak.group(2)) >= 0, out.stdout
+
+
+def test_bench_megatron_step_muon_pair_smoke():
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install megatron-core==0.16.1)")
+    import importlib.util
+
+    if importlib.util.find_spec("emerging_optimizers") is None:
+        pytest.skip("megatron-core's Muon needs emerging-optimizers (tests/run.sh installs it)")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_megatron_step.py"), "--pair", "muon", "--hidden", "64",
+         "--layers", "2", "--vocab", "256", "--repeats", "2", "--warmup", "1", "--dtype", "fp32", "--threads", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    ratio = re.search(r"^RATIO muonpower/muon step time: (\d+\.\d+) .*case=fp32-plain", out.stdout, re.M)
+    assert ratio and float(ratio.group(1)) > 0, out.stdout

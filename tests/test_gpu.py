@@ -5,7 +5,8 @@ Test names start with the check.sh step that runs them:
 - kernel_: AdamPower through the functional core on CUDA tensors on every path (single-tensor,
   multi-tensor, the automatic choice, the Triton kernel) with fp32 and bf16 grads, against the CPU
   reference path; grad_power_ on CUDA (torch route and Triton) against the float64 reference on edge
-  and wide-range values; Megatron's AdamPower class (megatron_patches.optimizer) on CUDA params.
+  and wide-range values; Megatron's AdamPower class (megatron_patches.optimizer) on CUDA params; the
+  gradient-noise probe (gradpower_ds.noise) on CUDA params against the CPU.
 - deepspeed_: tests/jobs/ds_matrix.py on one GPU (nccl): ZeRO-2 bf16, ZeRO-2 fp16 with dynamic loss
   scaling, ZeRO-3 fp32 and ZeRO-2 bf16 with CPU offload (CPUAdamPower), each against the unsharded
   reference and, at power 1, DeepSpeed's own AdamW (FusedAdam / DeepSpeedCPUAdam), as on the CPU.
@@ -47,6 +48,30 @@ def test_kernel_adam_power_on_cuda_matches_cpu_reference(path, grad_dtype):
     reference = _steps("cpu", grad_dtype, PATHS["single_tensor"])
     for got, want in zip(_steps("cuda", grad_dtype, PATHS[path]), reference):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_noise_probe_on_cuda_matches_cpu(dtype):
+    """gradpower_ds.noise.NoiseProbe on CUDA parameters (its rows on the GPU) measures what it measures on the CPU."""
+    from gradpower_ds.noise import NoiseProbe
+
+    def measure(device):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+        model = model.to(device, dtype)
+        probe = NoiseProbe(model.named_parameters(), examples=8, samples=4096, seed=3)
+        probe.active = True
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x, y = torch.randn(8, 64, generator=gen), torch.randn(8, 64, generator=gen)
+            probe.next_micro_batch(device)
+            ((model(x.to(device, dtype)).float() - y.to(device)) ** 2).mean().backward()
+        return probe.finish()
+
+    cpu, gpu = measure("cpu"), measure("cuda")
+    tol = 1e-4 if dtype == torch.float32 else 5e-2  # bf16: the two devices' matmuls round differently
+    assert gpu["grad_sq"] == pytest.approx(cpu["grad_sq"], rel=tol) and gpu["trace"] == pytest.approx(cpu["trace"],
+                                                                                                      rel=tol)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])

@@ -112,7 +112,8 @@ def test_save_load_continue_is_identical(tmp_path):
 
     common = ["-m", "gradpower_ds.train_megatron", *TINY, "--gradpower-config",
               str(CONFIGS / "adampower_moe_expert_p.json"), "--bf16", "--use-distributed-optimizer",
-              "--expert-model-parallel-size", "2", "--hidden-dropout", "0.1", "--train-iters", "6"]
+              "--expert-model-parallel-size", "2", "--hidden-dropout", "0.1", "--train-iters", "6",
+              "--noise-interval", "2"]
     full, resumed, gate_grads = tmp_path / "full", tmp_path / "resumed", tmp_path / "gate_grads"
     gate_grads.mkdir()
     first = torchrun(*common, "--save", full, "--save-interval", "3", env=dict(MEGATRON_CPU_ENV,
@@ -147,9 +148,12 @@ def test_save_load_continue_is_identical(tmp_path):
     before, after = metrics(full), metrics(resumed)
     assert sorted(after) == [4, 5, 6]
     for step in (4, 5, 6):
-        for key in ("train_loss", "val_loss", "lr"):
+        for key in ("train_loss", "val_loss", "lr", "noise_scale", "snr_attention", "snr_embedding"):
             assert after[step][key] == before[step][key], (step, key, after[step], before[step])
     assert float(before[6]["train_loss"]) < float(before[1]["train_loss"])  # it trains
+    # the gradient noise, measured at iterations 2, 4, 6 (the averages came back from the step-3 checkpoint)
+    assert [step for step, row in before.items() if row["snr_attention"]] == [2, 4, 6]
+    assert summary["noise_scale"] == json.loads((full / "summary.json").read_text())["noise_scale"]
     assert float(before[6]["lr"]) > 0 and math.isfinite(float(before[6]["val_loss"]))
 
     weights = {}

@@ -116,11 +116,15 @@ def test_muon_settings(tmp_path):
     with pytest.raises(ValueError, match=r"^--momentum: momentum=1.0 must be in \[0, 1\)"):
         load_config(["--optimizer", "muon", "--momentum", "1"])
     # DeepSpeed's ZeRO would clip Muon's orthogonalised update: refused, saying what to set
-    with pytest.raises(ValueError, match=rf"^{QUICKSTART}, --optimizer: grad_clip=1 with optimizer muonpower: under "
-                                         r"ZeRO, DeepSpeed's gradient_clipping clips Muon's orthogonalised update, .*"
-                                         r"set grad_clip 0$"):
+    with pytest.raises(ValueError, match=rf"^{QUICKSTART}, --optimizer: grad_clip=1 with optimizer muonpower under "
+                                         r"ZeRO-2: under ZeRO, DeepSpeed's gradient_clipping clips Muon's "
+                                         r"orthogonalised update, .*set grad_clip 0$"):
         load_config(["--config", str(QUICKSTART), "--optimizer", "muonpower", "--muon_power", "0.9"])
     assert load_config(["--optimizer", "muon", "--zero_stage", "0"]).grad_clip == 1.0  # stage 0 clips gradients
+    # the stage of the final DeepSpeed config counts, also when only deepspeed_overrides sets it
+    with pytest.raises(ValueError, match=r"grad_clip=1 with optimizer muon under ZeRO-1: .*set grad_clip 0$"):
+        load_config(["--optimizer", "muon", "--zero_stage", "0", "--deepspeed_overrides",
+                     '{"zero_optimization": {"stage": 1}}'])
 
 
 # ---- the final DeepSpeed config -----------------------------------------------------------------------------------------

@@ -72,10 +72,7 @@ def main():
             engine.destroy()
             if rank == 0:
                 print("done", key, results[key]["optimizer"], flush=True)
-    if rank == 0:
-        torch.save(results, sys.argv[1])
-    dist.barrier()
-    dist.destroy_process_group()
+    ds_toy.save_and_finish(results, sys.argv[1])
 
 
 if __name__ == "__main__":

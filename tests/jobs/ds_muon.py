@@ -85,10 +85,7 @@ def main():
             results[(name, "resumed")] = dict(params=resumed(case, f"{sys.argv[1]}.{name}.ckpt"))
         if rank == 0:
             print("done", name, flush=True)
-    if rank == 0:
-        torch.save(results, sys.argv[1])
-    dist.barrier()
-    dist.destroy_process_group()
+    ds_toy.save_and_finish(results, sys.argv[1])
 
 
 if __name__ == "__main__":

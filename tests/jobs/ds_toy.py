@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 
 from gradpower_ds import AdamPower
 from gradpower_ds.model import CausalLM, ModelConfig
@@ -233,3 +234,11 @@ def skip_zero3_where_deepspeed_races(stage: int) -> None:
 def case_name(stage: int, dtype: str, offload: bool, param_offload: bool) -> str:
     """A readable id such as 'z3-bf16-offload-params'."""
     return f"z{stage}-{dtype}" + ("-offload" if offload else "") + ("-params" if param_offload else "")
+
+
+def save_and_finish(results: dict, path: str) -> None:
+    """A job's end: rank 0 saves `results` to `path`, then every rank waits for it and leaves the process group."""
+    if dist.get_rank() == 0:
+        torch.save(results, path)
+    dist.barrier()
+    dist.destroy_process_group()

@@ -19,17 +19,11 @@ Results go to argv[1] (JSON, written by rank 0).
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
 
-from megatron_optimizer import BATCH, BETAS, CLIP, EP, EPS, LR, SEQ, STEPS, WD, batches, build, gather, global_name, \
-    is_expert, max_diff  # noqa: I001 (installs the CPU shim first)
+from megatron_optimizer import BETAS, CLIP, EPS, LR, WD, build, gather, global_name, is_expert, max_errors, \
+    run_all, train_with_references  # noqa: I001 (installs the CPU shim first)
 
-from megatron.core import parallel_state  # noqa: E402
 from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 from megatron.core.optimizer import muon as megatron_muon  # noqa: E402
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import newton_schulz  # noqa: E402
@@ -116,32 +110,9 @@ def run_case(optimizer: str, dtype: torch.dtype, **fields) -> tuple[dict, dict]:
     refs = {"right": Reference(named, muon_p, expert_p, adam_p, qkv_shapes),
             "p1": Reference(named, 1.0, 1.0, 1.0, qkv_shapes),
             "swapped": Reference(named, expert_p, muon_p, adam_p, qkv_shapes)}
-    for step in range(STEPS):
-        model.zero_grad_buffer()
-        opt.zero_grad()
-        tokens, labels = batches(step)
-        loss = model(tokens, torch.arange(SEQ).expand(BATCH, SEQ), None, labels=labels).float().mean()
-        loss.backward()
-        local = gather({n: p.main_grad.detach().float().clone() for n, p in named.items()})
-        model.finish_grad_sync()
-        ok, grad_norm, _ = opt.step()
-        assert ok
-        grads = {n: torch.stack(g).mean(0) if n not in expert_names else g[0] / dist.get_world_size()
-                 for n, g in local.items()}
-        for ref in refs.values():
-            ref_norm = ref.step(grads)
-            assert abs(ref_norm - grad_norm) <= 1e-5 * ref_norm, (step, ref_norm, grad_norm)
-            assert ref_norm > CLIP  # clipping is active
-    errors = {}
-    for variant, ref in refs.items():
-        err = {"muon": 0.0, "adam": 0.0}
-        for n, p in named.items():
-            kind = "muon" if n in ref.muon else "adam"
-            expected = ref.value(n).to(dtype).float()
-            err[kind] = max(err[kind], (p.detach().float() - expected).abs().max().item())
-        errs = [None] * dist.get_world_size()
-        dist.all_gather_object(errs, err)
-        errors[variant] = {k: max(e[k] for e in errs) for k in err}
+    train_with_references(model, opt, named, expert_names, [ref.step for ref in refs.values()])
+    errors = {variant: max_errors(named, ref.value, lambda n, ref=ref: "muon" if n in ref.muon else "adam", dtype)
+              for variant, ref in refs.items()}
     counts = {"muon": len(refs["right"].muon), "adam": len(refs["right"].adam_params)}
     return dict(inners=inners, errors=errors, counts=counts, config_optimizer=config.optimizer), \
         {n: p.detach().clone() for n, p in named.items()}
@@ -154,23 +125,5 @@ CASES = {f"{name}_{variant}": (optimizer, dtype, fields)
                                             ("muonpower_p1", "muonpower", dict(gradpower_p=1.0, gradpower_p_adam=1.0)))}
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=EP)
-    megatron_patches.apply()
-    results, params = {}, {}
-    for name, (optimizer, dtype, fields) in CASES.items():
-        results[name], params[name] = run_case(optimizer, dtype, **fields)
-        if dist.get_rank() == 0:
-            print(name, results[name], flush=True)
-    for dtype in ("fp32", "bf16"):  # power 1 is Megatron's own Muon, bit for bit
-        results[f"{dtype}_p1_vs_muon"] = max_diff(params[f"{dtype}_muonpower_p1"], params[f"{dtype}_muon"])
-    if dist.get_rank() == 0:
-        print({k: v for k, v in results.items() if k.endswith("_vs_muon")}, flush=True)
-    if dist.get_rank() == 0 and len(sys.argv) > 1:
-        Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    exit_when_done(main)
+    exit_when_done(lambda: run_all(CASES, run_case, "muon"))

@@ -143,6 +143,18 @@ def run_case(optimizer: str, dtype: torch.dtype, **fields) -> tuple[dict, dict]:
     refs = {"right": reference(named, expert_names, p_dense, p_expert),
             "p1": reference(named, expert_names, 1.0, 1.0),
             "swapped": reference(named, expert_names, p_expert, p_dense)}
+    train_with_references(model, opt, named, expert_names,
+                          [lambda grads, ref=ref: reference_step(ref, grads, expert_names) for ref in refs.values()])
+    errors = {variant: max_errors(named, lambda n, ref=ref: ref["params"][n].detach(),
+                                  lambda n: "expert" if n in expert_names else "dense", dtype)
+              for variant, ref in refs.items()}
+    return dict(inners=inners, errors=errors), {n: p.detach().clone() for n, p in named.items()}
+
+
+def train_with_references(model, opt, named: dict, expert_names: set, reference_steps: list) -> None:
+    """STEPS clipped steps of Megatron's optimizer; after each, every ``reference_step(grads)`` steps its reference
+    on the gradient of the global loss, from all ranks' local gradients, and returns its pre-clip norm, which must
+    be Megatron's (and above CLIP, so clipping is active)."""
     for step in range(STEPS):
         model.zero_grad_buffer()
         opt.zero_grad()
@@ -156,21 +168,21 @@ def run_case(optimizer: str, dtype: torch.dtype, **fields) -> tuple[dict, dict]:
         # the gradient of the mean of the ranks' losses: dense = mean over ranks, expert = owner's / ranks
         grads = {n: torch.stack(g).mean(0) if n not in expert_names else g[0] / dist.get_world_size()
                  for n, g in local.items()}
-        for ref in refs.values():
-            ref_norm = reference_step(ref, grads, expert_names)
+        for reference_step_ in reference_steps:
+            ref_norm = reference_step_(grads)
             assert abs(ref_norm - grad_norm) <= 1e-5 * ref_norm, (step, ref_norm, grad_norm)
-            assert ref_norm > CLIP  # clipping is active
-    errors = {}
-    for variant, ref in refs.items():
-        err = {"dense": 0.0, "expert": 0.0}
-        for n, p in named.items():
-            kind = "expert" if n in expert_names else "dense"
-            expected = ref["params"][n].detach().to(dtype).float()
-            err[kind] = max(err[kind], (p.detach().float() - expected).abs().max().item())
-        errs = [None] * dist.get_world_size()
-        dist.all_gather_object(errs, err)
-        errors[variant] = {k: max(e[k] for e in errs) for k in err}
-    return dict(inners=inners, errors=errors), {n: p.detach().clone() for n, p in named.items()}
+            assert ref_norm > CLIP
+
+
+def max_errors(named: dict, expected, kind, dtype: torch.dtype) -> dict:
+    """Per kind of parameter (``kind(name)``), the largest |param - expected(name)| (rounded to `dtype`), all ranks."""
+    err: dict = {}
+    for n, p in named.items():
+        diff = (p.detach().float() - expected(n).to(dtype).float()).abs().max().item()
+        err[kind(n)] = max(err.get(kind(n), 0.0), diff)
+    errs = [None] * dist.get_world_size()
+    dist.all_gather_object(errs, err)
+    return {k: max(e.get(k, 0.0) for e in errs) for k in set().union(*errs)}
 
 
 CASES = {
@@ -191,23 +203,27 @@ def max_diff(a: dict, b: dict) -> float:
     return max(out)
 
 
-def main() -> None:
+def run_all(cases: dict, run_case, baseline: str) -> None:
+    """A job's main: every case of `cases` through `run_case`, then p = 1 against Megatron's own `baseline`
+    optimizer (the ``<dtype>_<baseline>power_p1`` case against ``<dtype>_<baseline>``, bit for bit); rank 0 writes
+    the results to argv[1] (JSON)."""
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(expert_model_parallel_size=EP)
     megatron_patches.apply()
     results, params = {}, {}
-    for name, (optimizer, dtype, fields) in CASES.items():
+    for name, (optimizer, dtype, fields) in cases.items():
         results[name], params[name] = run_case(optimizer, dtype, **fields)
         if dist.get_rank() == 0:
             print(name, results[name], flush=True)
-    for dtype in ("fp32", "bf16"):  # power 1 is Megatron's own Adam, bit for bit
-        results[f"{dtype}_p1_vs_adam"] = max_diff(params[f"{dtype}_adampower_p1"], params[f"{dtype}_adam"])
+    for dtype in ("fp32", "bf16"):
+        results[f"{dtype}_p1_vs_{baseline}"] = max_diff(params[f"{dtype}_{baseline}power_p1"],
+                                                       params[f"{dtype}_{baseline}"])
     if dist.get_rank() == 0:
-        print({k: v for k, v in results.items() if k.endswith("_vs_adam")}, flush=True)
+        print({k: v for k, v in results.items() if "_p1_vs_" in k}, flush=True)
     if dist.get_rank() == 0 and len(sys.argv) > 1:
         Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    exit_when_done(main)
+    exit_when_done(lambda: run_all(CASES, run_case, "adam"))
