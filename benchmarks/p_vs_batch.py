@@ -4,16 +4,17 @@ The GradPower paper (Section 3.5) finds the best p falling as the batch grows an
 This reproduces the sweep at small scale: AdamPower p in --powers x global batches (--batches, in
 sequences of the quickstart's 128 tokens, on 2 ranks) x --seeds, all on the quickstart model and corpus
 (configs/quickstart.json) in fp32, at equal tokens per run (--tokens), with the warmup (5 %), the
-evaluations (4 per run, on the same 128 validation sequences) and the noise measurements (20 per run) at
-the same fractions of the run; lr and everything else as the quickstart's. Each batch is one ``python -m gradpower_ds compare``
-(finished runs are reused when it is rerun), whose runs log the gradient noise scale B_simple
-(``gradpower_ds.noise``). It prints one markdown table (final validation loss per p and batch, mean ± std
+evaluations (4 per run, on the same 128 validation sequences) at the same fractions of the run; lr and
+everything else as the quickstart's. Each batch is one ``python -m gradpower_ds compare`` (finished runs are
+reused when it is rerun), and one more at p = 1 (plain Adam) over the same seeds that measures the gradient
+noise scale B_simple at every step (``gradpower_ds.noise``; each run's B_simple is its summed tr Sigma over
+its summed |G|^2), so the noise is measured the same way at every batch. It prints one markdown table (final validation loss per p and batch, mean ± std
 over seeds; the best p per batch, overall and per seed; the measured noise scale) and writes
 
     --plot      the validation loss against p, one line per batch (mean ± std)
     --relation  the measured relation as JSON, what ``python -m gradpower_ds advise-p`` reads
 
-    python benchmarks/p_vs_batch.py                        # 4 p x 3 batches x 3 seeds = 36 runs, ~1 hour
+    python benchmarks/p_vs_batch.py                        # (4 p + 1) x 3 batches x 3 seeds = 45 runs, ~75 min
     python benchmarks/p_vs_batch.py --seeds 0 --powers 1.0 1.2   # a quick look
 """
 
@@ -46,7 +47,7 @@ def layout(batch: int, tokens: int) -> dict:
     return {"micro_batch": micro, "grad_accum": per_rank // micro, "steps": steps,
             "eval_batches": max(RANKS, 128 // micro),  # the same 128 validation sequences at every batch
             "warmup_steps": max(1, steps // 20), "eval_every": max(1, steps // 4), "save_every": steps,
-            "log_every": max(1, steps // 40), "noise_every": max(1, steps // 20)}
+            "log_every": max(1, steps // 40)}
 
 
 def best_p(losses: dict[float, list[float]]) -> tuple[float, list[float]]:
@@ -57,18 +58,24 @@ def best_p(losses: dict[float, list[float]]) -> tuple[float, list[float]]:
 
 
 def run_batch(args, batch: int) -> dict:
-    """One compare over the powers at `batch`; the losses per p and the noise scale its runs measured."""
+    """The compare over the powers at `batch` and the noise-measuring one; the losses per p and the noise scale."""
     flags = layout(batch, args.tokens)
-    table = compare.main(["--optimizers", *(f"adampower:{p:g}" for p in args.powers),
-                          "--seeds", *map(str, args.seeds), "--out", str(Path(args.out) / f"batch{batch}"),
-                          "--nproc", str(RANKS), "--", "--config", str(ROOT / "configs" / "quickstart.json"),
-                          "--precision", "fp32", *(f"--{k}={v}" for k, v in flags.items())])
+
+    def run(optimizers: list[str], out: str, *extra: str) -> dict:
+        return compare.main(["--optimizers", *optimizers, "--seeds", *map(str, args.seeds), "--out",
+                             str(Path(args.out) / out), "--nproc", str(RANKS), "--", "--config",
+                             str(ROOT / "configs" / "quickstart.json"), "--precision", "fp32",
+                             *(f"--{k}={v}" for k, v in flags.items()), *extra])
+
+    table = run([f"adampower:{p:g}" for p in args.powers], f"batch{batch}")
     losses = {p: table[compare.variant_label("adampower", p, False)]["val_losses"] for p in args.powers}
-    noise = [row["noise_scale"] for row in table.values() if row["noise_scale"] is not None]
+    measured = run(["adampower:1"], f"batch{batch}-noise", "--noise_every=1")
+    runs = Path(args.out) / f"batch{batch}-noise" / compare.variant_label("adampower", 1.0, False)
+    noise = [json.loads((runs / f"seed{seed}" / "summary.json").read_text())["noise_scale"] for seed in args.seeds]
     best, per_seed = best_p(losses)
     return {"batch_sequences": batch, "batch_tokens": batch * SEQ_LEN, **flags, "losses": {f"{p:g}": v for p, v in
-            losses.items()}, "noise_scale": statistics.fmean(noise) if noise else None, "best_p": best,
-            "best_p_per_seed": per_seed}
+            losses.items()}, "noise_scale": measured[compare.variant_label("adampower", 1.0, False)]["noise_scale"],
+            "noise_scale_per_seed": noise, "best_p": best, "best_p_per_seed": per_seed}
 
 
 def markdown(rows: list[dict], powers: list[float]) -> str:
@@ -78,10 +85,10 @@ def markdown(rows: list[dict], powers: list[float]) -> str:
     for row in rows:
         cells = [f"{statistics.fmean(v):.4f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.4f}"
                  for v in row["losses"].values()]
-        noise = row["noise_scale"]
+        noise, seeds = row["noise_scale"], ", ".join(f"{n:,.0f}" for n in row["noise_scale_per_seed"] if n)
         lines.append(f"| {row['batch_sequences']} / {row['batch_tokens']:,} | {row['steps']} | " + " | ".join(cells)
                      + f" | {row['best_p']:g} ({', '.join(f'{p:g}' for p in row['best_p_per_seed'])}) | "
-                     + (f"{noise:,.0f} | {row['batch_tokens'] / noise:.3g} |" if noise else "- | - |"))
+                     + (f"{noise:,.0f} ({seeds}) | {row['batch_tokens'] / noise:.3g} |" if noise else "- | - |"))
     return "\n".join(lines)
 
 

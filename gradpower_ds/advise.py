@@ -3,8 +3,8 @@
 The GradPower paper's theory says the best p depends on the gradient noise: p > 1 when the batch B is
 small against the noise scale B_simple, falling below 1 when B is far above it. ``benchmarks/p_vs_batch.py``
 measured the best p and B_simple at several batches on this project's machine and ships the result as
-``RELATION`` (``gradpower_ds/p_vs_batch.json``). This command reads a run's logged noise (the
-``noise_scale`` column of its metrics.csv, ``gradpower_ds.noise``) and its global batch (its config.json and
+``RELATION`` (``gradpower_ds/p_vs_batch.json``). This command reads a run's measured noise (a completed
+run's B_simple in summary.json, else the last value its metrics.csv logged; ``gradpower_ds.noise``) and its global batch (its config.json and
 summary.json, or ``--batch-tokens``), places B / B_simple on the study's points and:
 
 - where the study shows a relation (at least two batches whose best p every seed agrees on, falling as
@@ -26,17 +26,26 @@ from .metrics import read_metrics
 RELATION = Path(__file__).with_name("p_vs_batch.json")
 
 
-def run_noise(run_dir: Path) -> tuple[float, int]:
-    """(the mean of a run's logged noise scale, how many steps logged it); ValueError saying what is missing."""
+def run_noise(run_dir: Path) -> tuple[float, str]:
+    """A run's gradient noise scale and where it came from: a completed run's B_simple (summary.json: its summed
+    tr Sigma over its summed |G|^2), else the last smoothed value its metrics.csv logged; ValueError saying what
+    is missing."""
+    try:
+        value = json.loads((run_dir / "summary.json").read_text()).get("noise_scale")
+    except (OSError, ValueError):
+        value = None
+    if value is not None:
+        return value, f"{run_dir}/summary.json (the run's summed tr Sigma / summed |G|^2)"
     rows = read_metrics(run_dir / "metrics.csv")
     if not rows:
         raise ValueError(f"{run_dir}: no metrics.csv (not a run folder of gradpower_ds.train or train_megatron)")
-    values = [r["noise_scale"] for r in rows if r.get("noise_scale") is not None]
-    if not values:
+    logged = [r for r in rows if r.get("noise_scale") is not None]
+    if not logged:
         raise ValueError(f"{run_dir}: metrics.csv logs no noise_scale: the run measured no gradient noise "
                          "(noise_every 0, a run before the measurement existed, or one micro-batch gradient per step "
                          "in all: grad_accum x ranks must be >= 2)")
-    return statistics.fmean(values), len(values)
+    return logged[-1]["noise_scale"], f"{run_dir}/metrics.csv, step {logged[-1]['step']} (the smoothed value; the " \
+                                      "run has not completed)"
 
 
 def run_batch_tokens(run_dir: Path) -> int:
@@ -123,10 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_tokens is not None and args.batch_tokens <= 0:
         parser.error(f"--batch-tokens {args.batch_tokens} must be > 0")
     try:
-        noise, measured = run_noise(args.run_dir)
+        noise, source = run_noise(args.run_dir)
         batch = args.batch_tokens if args.batch_tokens is not None else run_batch_tokens(args.run_dir)
         study = json.loads(args.relation.read_text())
     except (ValueError, OSError) as error:
         parser.error(str(error))
-    print(f"{measured} measured steps in {args.run_dir}/metrics.csv")
+    print(f"the run's noise: {source}")
     print(advise(noise, batch, study))

@@ -100,7 +100,9 @@ class NoiseProbe:
     end of the step ``finish()`` all-gathers those rows from every rank: K = micro-batches x ranks gradients, each
     over `examples` examples, whose mean is the step's gradient. From them ``noise_terms`` gives |G|^2 and
     tr Sigma (small batch: one micro-batch; big batch: all K), and ``coordinate_snr`` the per-coordinate
-    |mean| / std per layer group. Expert parameters are left out: under expert parallelism a rank's expert
+    |mean| / std, whose median per layer group is reported over the coordinates that got a gradient (an
+    embedding row of a token absent from the step gets none). Each step's estimate is noisy, the more so for
+    a small K: average over many steps (``NoiseMonitor``). Expert parameters are left out: under expert parallelism a rank's expert
     gradient comes from other ranks' tokens too, so it is not one micro-batch's gradient. A factor on all the
     gradients (loss scale, 1 / gradient accumulation) cancels in B_simple and in the SNR.
     """
@@ -154,9 +156,10 @@ class NoiseProbe:
         small = (samples.square() @ self.weights).mean().item()
         big = (samples.mean(0).square() @ self.weights).item()
         grad_sq, trace = noise_terms(small, self.examples, big, self.examples * samples.shape[0])
-        snr = coordinate_snr(samples)
+        snr, reached = coordinate_snr(samples), (samples != 0).any(0)
+        medians = {g: snr[cols[reached[cols]]] for g, cols in self.groups.items()}
         return {"grad_sq": grad_sq, "trace": trace,
-                "snr": {g: snr[cols].median().item() for g, cols in self.groups.items()}}
+                "snr": {g: values.median().item() for g, values in medians.items() if values.numel()}}
 
     def remove(self) -> None:
         """Removes the hooks."""
@@ -171,14 +174,15 @@ NOISE_FIELDS = ("noise_scale", *(f"snr_{group}" for group, _ in LAYER_GROUPS))
 
 class NoiseMonitor:
     """What a training job does with the noise: a NoiseProbe measuring every `every` steps (0: never), B_simple
-    smoothed over the measured steps (``NoiseScale``), the run's mean of it for the end line, and checkpoint state
-    so a resumed run continues the same averages. `examples` is one rank's micro-batch in tokens, so B_simple is
-    in tokens."""
+    smoothed over the measured steps (``NoiseScale``, logged per measured step), the run's B_simple for the end
+    line (``run_value``: the run's summed tr Sigma over its summed |G|^2, the aggregate McCandlish et al. use, so
+    a step whose |G|^2 estimate is near zero cannot dominate it), and checkpoint state so a resumed run continues
+    the same averages. `examples` is one rank's micro-batch in tokens, so B_simple is in tokens."""
 
     def __init__(self, named_parameters, examples: int, every: int, seed: int = 0):
         self.every = every
         self.probe = NoiseProbe(named_parameters, examples, seed=seed) if every else None
-        self.scale, self.total, self.count = NoiseScale(), 0.0, 0
+        self.scale, self.grad_sq, self.trace, self.count = NoiseScale(), 0.0, 0.0, 0
 
     def begin_step(self, step: int) -> None:
         """Before step `step` (0-based) of the run: the probe samples it when step + 1 is a multiple of `every`."""
@@ -199,20 +203,21 @@ class NoiseMonitor:
         if measured is None:
             return {}
         value = self.scale.update(measured["grad_sq"], measured["trace"])
-        if value is not None:
-            self.total, self.count = self.total + value, self.count + 1
+        self.grad_sq, self.trace = self.grad_sq + measured["grad_sq"], self.trace + measured["trace"]
+        self.count += 1
         return {"noise_scale": value, **{f"snr_{g}": v for g, v in measured["snr"].items() if g != "other"}}
 
     @property
-    def mean(self) -> float | None:
-        """The mean of the smoothed B_simple over the run's measured steps (None: none measured)."""
-        return self.total / self.count if self.count else None
+    def run_value(self) -> float | None:
+        """The run's B_simple: summed tr Sigma / summed |G|^2 over its measured steps (None: none measured, or the
+        summed |G|^2 is not positive)."""
+        return self.trace / self.grad_sq if self.count and self.grad_sq > 0 else None
 
     def state_dict(self) -> dict:
         """The averages a checkpoint keeps (the client state of the main job's, the plain state of Megatron's)."""
-        return {"scale": self.scale.state_dict(), "total": self.total, "count": self.count}
+        return {"scale": self.scale.state_dict(), "grad_sq": self.grad_sq, "trace": self.trace, "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
         """Continues the averages of `state` (``state_dict``)."""
         self.scale.load_state_dict(state["scale"])
-        self.total, self.count = state["total"], state["count"]
+        self.grad_sq, self.trace, self.count = state["grad_sq"], state["trace"], state["count"]

@@ -105,8 +105,8 @@ def make_summary(*, val_loss: float | None, steps: int, resumed_at: int, tokens:
                  noise_scale: float | None = None) -> dict:
     """summary.json of a completed run (SUMMARY_KEYS, in both jobs): the last validation loss, the run's steps,
     the step this part of it resumed at (0: not resumed), tokens and training seconds over the whole run (all
-    parts), tokens/s, ranks, the run folder (None: none), the optimizer and GPAS settings, and the mean gradient
-    noise scale in tokens (``gradpower_ds.noise.NoiseMonitor``; None: not measured)."""
+    parts), tokens/s, ranks, the run folder (None: none), the optimizer and GPAS settings, and the run's gradient
+    noise scale in tokens (``gradpower_ds.noise.NoiseMonitor.run_value``; None: not measured)."""
     return {"val_loss": val_loss, "steps": steps, "resumed_at": resumed_at, "tokens": tokens,
             "train_seconds": train_seconds, "tokens_per_s": tokens_per_s(tokens, train_seconds),
             "world_size": world_size, "run_dir": None if run_dir is None else str(run_dir), "optimizer": optimizer,
@@ -120,7 +120,7 @@ def summary_line(job: str, summary: dict) -> str:
     where = f"{summary['run_dir']}/ (metrics.csv, loss.png, tensorboard/)" if summary["run_dir"] is not None \
         else "no run folder"
     noise = "" if summary.get("noise_scale") is None else \
-        f" | mean gradient noise scale {summary['noise_scale']:,.0f} tokens"
+        f" | gradient noise scale B_simple {summary['noise_scale']:,.0f} tokens"
     return (f"{job}: done | validation loss {val_loss} | {summary['tokens']:,} tokens in "
             f"{summary['train_seconds']:.1f} s = {rate} tokens/s on {summary['world_size']} ranks | {where}{noise}")
 

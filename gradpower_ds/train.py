@@ -292,7 +292,7 @@ def train(cfg: TrainConfig) -> dict:
         return {}
     summary = make_summary(val_loss=val_loss, steps=cfg.steps, resumed_at=start, tokens=tokens, train_seconds=elapsed,
                            world_size=world, run_dir=run_dir, optimizer=cfg.optimizer, gpas=cfg.gpas,
-                           noise_scale=noise.mean)
+                           noise_scale=noise.run_value)
     run.complete(summary, cfg.optimizer_label())
     engine.destroy()
     return summary

@@ -466,7 +466,7 @@ def train(args) -> dict:
         raise SystemExit(128 + stopped_by)
     summary = make_summary(val_loss=val_loss, steps=last, resumed_at=start, tokens=tokens, train_seconds=elapsed,
                            world_size=dist.get_world_size(), run_dir=save, optimizer=args.optimizer, gpas=args.gpas,
-                           noise_scale=noise.mean)
+                           noise_scale=noise.run_value)
     run.complete(summary, label + (" + GPAS" if args.gpas else ""))
     return summary
 

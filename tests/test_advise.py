@@ -40,22 +40,28 @@ def test_no_relation_gives_no_number(rows):
     assert "the study (benchmarks/p_vs_batch.py" in text  # the evidence is still printed
 
 
-def write_run(path, noise_values, world=2, config=None):
+def write_run(path, noise_values, world=2, config=None, run_noise=None):
     path.mkdir()
     lines = ["step,tokens,train_loss,val_loss,lr,tokens_per_s,elapsed_s,noise_scale"]
     lines += [f"{i},{i * 10},2.0,,0.001,5.0,1.0,{'' if v is None else v}" for i, v in enumerate(noise_values, 1)]
     (path / "metrics.csv").write_text("\n".join(lines) + "\n")
     (path / "config.json").write_text(json.dumps(config or {"micro_batch": 4, "seq_len": 128, "grad_accum": 2}))
-    (path / "summary.json").write_text(json.dumps({"world_size": world}))
+    (path / "summary.json").write_text(json.dumps({"world_size": world, "noise_scale": run_noise}))
 
 
 def test_main_reads_the_run(tmp_path, capsys):
     write_run(tmp_path / "run", [None, 3000.0, None, 5000.0])
     relation_file = tmp_path / "relation.json"
     relation_file.write_text(json.dumps(FALLING))
-    main([str(tmp_path / "run"), "--relation", str(relation_file)])
+    main([str(tmp_path / "run"), "--relation", str(relation_file)])  # not completed: the last logged value
     out = capsys.readouterr().out
-    assert "2 measured steps" in out and "batch 2,048 tokens, gradient noise scale B_simple 4,000 tokens" in out
+    assert "metrics.csv, step 4 (the smoothed value" in out
+    assert "batch 2,048 tokens, gradient noise scale B_simple 5,000 tokens" in out
+    write_run(tmp_path / "done", [3000.0, 5000.0], run_noise=4096.0)  # completed: the run's own B_simple
+    main([str(tmp_path / "done"), "--relation", str(relation_file)])
+    out = capsys.readouterr().out
+    assert "summary.json (the run's summed" in out and "B_simple 4,096 tokens, B / B_simple = 0.5" in out
+    assert "suggested p = 1.20" in out
     main([str(tmp_path / "run"), "--relation", str(relation_file), "--batch-tokens", "16384"])
     assert "batch 16,384 tokens" in capsys.readouterr().out
 

@@ -197,8 +197,18 @@ def test_monitor_measures_every_n_steps_and_resumes():
     run(first, range(4))
     resumed = NoiseMonitor(model.named_parameters(), b, every=2)
     resumed.load_state_dict(first.state_dict())
-    assert run(resumed, range(4, 6)) == rows[4:] and resumed.mean == whole.mean
-    assert whole.mean == pytest.approx(sum(r["noise_scale"] for r in rows if r) / 3)
+    assert run(resumed, range(4, 6)) == rows[4:] and resumed.run_value == whole.run_value
+    # the run's B_simple: the summed tr Sigma over the summed |G|^2 of its measured steps (1, 3, 5)
+    terms = []
+    for step in (1, 3, 5):
+        probe = NoiseProbe(model.named_parameters(), b)
+        probe.active = True
+        for x, y in _micro_batches(5, 3, b, seed=step):
+            probe.next_micro_batch("cpu")
+            model(x, y).backward()
+        terms.append(probe.finish())
+        probe.remove()
+    assert whole.run_value == pytest.approx(sum(t["trace"] for t in terms) / sum(t["grad_sq"] for t in terms))
     assert NoiseMonitor(model.named_parameters(), b, every=0).end_step() == {}
 
 
@@ -212,3 +222,16 @@ def test_layer_groups_of_the_three_stacks_names():
     assert [layer_group(n) for n in ("embedding.word_embeddings.weight", "decoder.layers.0.self_attention.linear_qkv"
                                      ".weight", "decoder.layers.0.pre_mlp_layernorm.weight", "output_layer.weight")] \
         == ["embedding", "attention", "norm", "output"]
+
+
+def test_snr_is_taken_over_the_coordinates_that_got_a_gradient():
+    """An embedding row of a token absent from the step gets no gradient: the group's median leaves it out."""
+    torch.manual_seed(3)
+    embed = torch.nn.Embedding(100, 4)
+    probe = NoiseProbe([("embed.weight", embed.weight)], examples=2)
+    probe.active = True
+    for k in range(3):  # only tokens 0-4 occur
+        probe.next_micro_batch("cpu")
+        (embed(torch.tensor([k, k + 1, 4])) ** 2).sum().backward()
+    snr = probe.finish()["snr"]["embedding"]
+    assert snr > 0  # over all 400 coordinates the median would be 0

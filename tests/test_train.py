@@ -170,7 +170,7 @@ def test_train_resume_continues_the_curve_exactly(tmp_path):
     assert f"2 ranks, ZeRO-2, {precision}, adampower p=1.2 | CPUAdamPower" in proc.stdout + proc.stderr
     assert re.search(r"gradpower_ds\.train: done \| validation loss \d+\.\d{4} \| [\d,]+ tokens in [\d.]+ s = [\d,]+ "
                      rf"tokens/s on 2 ranks \| {re.escape(str(whole))}/ \(metrics\.csv, loss\.png, tensorboard/\) \| "
-                     r"mean gradient noise scale [\d,]+ tokens", proc.stdout)
+                     r"gradient noise scale B_simple [\d,]+ tokens", proc.stdout)
     split = tmp_path / "split"
     deepspeed_train(split, "--stop_at", "4", "--noise_every", "3")
     assert json.loads((split / "status.json").read_text()) == {"state": "stopped", "step": 4}

@@ -167,7 +167,7 @@ def test_run_dir_files_and_end_line(tmp_path):
         "(metrics.csv, loss.png, tensorboard/)")
     noisy = make_summary(val_loss=2.25, steps=2, resumed_at=0, tokens=200, train_seconds=4.0, world_size=2,
                          run_dir=None, optimizer="adampower", gpas=False, noise_scale=20480.4)
-    assert summary_line("job", noisy).endswith(" | no run folder | mean gradient noise scale 20,480 tokens")
+    assert summary_line("job", noisy).endswith(" | no run folder | gradient noise scale B_simple 20,480 tokens")
     empty = make_summary(val_loss=None, steps=2, resumed_at=2, tokens=200, train_seconds=0.0, world_size=1,
                          run_dir=None, optimizer="adam", gpas=False)
     assert summary_line("job", empty) == ("job: done | validation loss - | 200 tokens in 0.0 s = - tokens/s on 1 ranks"
@@ -212,7 +212,7 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_main_help_exits_0(flag):
     proc = subprocess.run([sys.executable, "-m", "gradpower_ds", flag], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m gradpower_ds {train,compare}")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m gradpower_ds {train,compare,advise-p}")
     assert "compare" in proc.stdout.split("commands:")[1]
     proc = subprocess.run([sys.executable, "-m", "gradpower_ds"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("usage:")
