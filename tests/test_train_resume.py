@@ -262,10 +262,16 @@ def _rank_processes(launcher_pid: int, timeout: float = 120) -> list:
     """The training processes (not the launchers) under the deepspeed launcher, once both exist."""
     import psutil
 
+    def command(process) -> str:
+        try:
+            return " ".join(process.cmdline())
+        except psutil.Error:  # a short-lived child (e.g. a compiler) that exited, or is exiting, meanwhile
+            return ""
+
     deadline = time.time() + timeout
     while time.time() < deadline:
         ranks = [p for p in psutil.Process(launcher_pid).children(recursive=True)
-                 if "gradpower_ds.train" in " ".join(p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())]
+                 if "gradpower_ds.train" in command(p) and "deepspeed.launcher" not in command(p)]
         if len(ranks) == 2:
             return sorted(ranks, key=lambda p: "--local_rank=1" in p.cmdline())
         time.sleep(0.1)
