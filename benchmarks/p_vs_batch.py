@@ -8,7 +8,8 @@ evaluations (4 per run, on the same 128 validation sequences) at the same fracti
 everything else as the quickstart's. Each batch is one ``python -m gradpower_ds compare`` (finished runs are
 reused when it is rerun), and one more at p = 1 (plain Adam) over the same seeds that measures the gradient
 noise scale B_simple at every step (``gradpower_ds.noise``; each run's B_simple is its summed tr Sigma over
-its summed |G|^2), so the noise is measured the same way at every batch. It prints one markdown table (final validation loss per p and batch, mean ± std
+its summed |G|^2), so the noise is measured the same way at every batch. It prints one markdown table
+(final validation loss per p and batch, mean ± std
 over seeds; the best p per batch, overall and per seed; the measured noise scale) and writes
 
     --plot      the validation loss against p, one line per batch (mean ± std)

@@ -4,7 +4,8 @@ The GradPower paper's theory says the best p depends on the gradient noise: p > 
 small against the noise scale B_simple, falling below 1 when B is far above it. ``benchmarks/p_vs_batch.py``
 measured the best p and B_simple at several batches on this project's machine and ships the result as
 ``RELATION`` (``gradpower_ds/p_vs_batch.json``). This command reads a run's measured noise (a completed
-run's B_simple in summary.json, else the last value its metrics.csv logged; ``gradpower_ds.noise``) and its global batch (its config.json and
+run's B_simple in summary.json, else the last value its metrics.csv logged; ``gradpower_ds.noise``) and its
+global batch (its config.json and
 summary.json, or ``--batch-tokens``), places B / B_simple on the study's points and:
 
 - where the study shows a relation (at least two batches whose best p every seed agrees on, falling as

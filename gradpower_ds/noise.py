@@ -102,9 +102,10 @@ class NoiseProbe:
     tr Sigma (small batch: one micro-batch; big batch: all K), and ``coordinate_snr`` the per-coordinate
     |mean| / std, whose median per layer group is reported over the coordinates that got a gradient (an
     embedding row of a token absent from the step gets none). Each step's estimate is noisy, the more so for
-    a small K: average over many steps (``NoiseMonitor``). Expert parameters are left out: under expert parallelism a rank's expert
-    gradient comes from other ranks' tokens too, so it is not one micro-batch's gradient. A factor on all the
-    gradients (loss scale, 1 / gradient accumulation) cancels in B_simple and in the SNR.
+    a small K: average over many steps (``NoiseMonitor``). Expert parameters are left out: under expert
+    parallelism a rank's expert gradient comes from other ranks' tokens too, so it is not one micro-batch's
+    gradient. A factor on all the gradients (loss scale, 1 / gradient accumulation) cancels in B_simple and in
+    the SNR.
     """
 
     def __init__(self, named_parameters, examples: int, samples: int = NOISE_SAMPLES, seed: int = 0):
