@@ -1,6 +1,6 @@
 """Small-scale check of the papers' claims on this machine, at several seeds (results: docs/RESULTS.md).
 
-Four studies on the quickstart's MoE model and corpus (configs/quickstart.json), each
+Five studies on the quickstart's MoE model and corpus (configs/quickstart.json), each
 through the compare tool (so finished runs are reused when it is rerun):
 
   moe-wsd     AdamW vs AdamPower p=1.2, warmup-stable-decay
@@ -9,6 +9,8 @@ through the compare tool (so finished runs are reused when it is rerun):
   muon        DeepSpeed's Muon vs MuonPower p = 0.9, 1.0, 1.2 before Muon's momentum, WSD, without
               gradient clipping (MuonPower's auxiliary Adam is AdamPower at the quickstart's power 1.2, so
               p = 1.0 isolates that)
+  blockwise   AdamW and AdamPower p=1.2, each without and with blockwise learning rates, WSD (the
+              runs without are moe-wsd's)
 
 It prints one markdown table per study (final validation loss, mean ± std over seeds,
 the difference to the first row, per-seed values, tokens/s) and writes each study's
@@ -28,13 +30,15 @@ from pathlib import Path
 from gradpower_ds import compare
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = [  # (id, title, schedule, optimizers, gpas settings, flags of the study's own)
-    ("moe-wsd", "AdamPower vs AdamW — MoE, WSD schedule", "wsd", ["adamw", "adampower:1.2"], ["off"], []),
-    ("moe-cosine", "AdamPower vs AdamW — MoE, cosine schedule", "cosine", ["adamw", "adampower:1.2"], ["off"], []),
-    ("gpas", "GPAS vs Pre-LN — MoE, AdamPower p=1.2, WSD", "wsd", ["adampower:1.2"], ["off", "on"], []),
+STUDIES = [  # (id, title, schedule, optimizers, compare's variant options, training flags of the study's own)
+    ("moe-wsd", "AdamPower vs AdamW — MoE, WSD schedule", "wsd", ["adamw", "adampower:1.2"], [], []),
+    ("moe-cosine", "AdamPower vs AdamW — MoE, cosine schedule", "cosine", ["adamw", "adampower:1.2"], [], []),
+    ("gpas", "GPAS vs Pre-LN — MoE, AdamPower p=1.2, WSD", "wsd", ["adampower:1.2"], ["--gpas", "off", "on"], []),
     # DeepSpeed's clipping would clip Muon's orthogonalised update (gradpower_ds.muon_power.CLIPPING_WARNING)
     ("muon", "MuonPower vs Muon — MoE, WSD, no clipping", "wsd",
-     ["muon", "muonpower:0.9", "muonpower:1.0", "muonpower:1.2"], ["off"], ["--grad_clip", "0"]),
+     ["muon", "muonpower:0.9", "muonpower:1.0", "muonpower:1.2"], [], ["--grad_clip", "0"]),
+    ("blockwise", "Blockwise learning rates with AdamW and AdamPower — MoE, WSD", "wsd", ["adamw", "adampower:1.2"],
+     ["--blockwise_lr", "off", "on"], []),
 ]
 
 
@@ -61,11 +65,11 @@ def main() -> None:
     args = parser.parse_args()
     extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     report = []
-    for study, title, schedule, optimizers, gpas, flags in STUDIES:
+    for study, title, schedule, optimizers, options, flags in STUDIES:
         if study not in args.studies:
             continue
         out = Path(args.out) / schedule
-        table = compare.main(["--optimizers", *optimizers, "--gpas", *gpas, "--seeds", *map(str, args.seeds),
+        table = compare.main(["--optimizers", *optimizers, *options, "--seeds", *map(str, args.seeds),
                               "--out", str(out), "--nproc", str(args.nproc), "--",
                               "--config", str(ROOT / "configs" / "quickstart.json"), "--schedule", schedule, *flags,
                               *extra])

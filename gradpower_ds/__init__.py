@@ -5,6 +5,7 @@ Importing this package patches nothing; integrations are opt-in
 """
 
 from .adam_power import AdamPower
+from .blockwise import blockwise_param_groups
 from .cpu_adam_power import CPUAdamPower
 from .gpas import GPASGate, clip_gate_grad_norm_, gpas_scale, param_groups_with_gpas, register_gate_grad_clip
 from .gpas_models import apply_gpas, remove_gpas
@@ -14,7 +15,8 @@ from .power import grad_power, grad_power_
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamPower", "CPUAdamPower", "GPASGate", "adam_power", "apply_gpas", "clip_gate_grad_norm_", "gpas_scale",
+    "AdamPower", "CPUAdamPower", "GPASGate", "adam_power", "apply_gpas", "blockwise_param_groups",
+    "clip_gate_grad_norm_", "gpas_scale",
     "grad_power",
     "grad_power_", "param_groups_with_gpas", "register_gate_grad_clip", "remove_gpas", "__version__",
 ]

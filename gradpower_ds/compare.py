@@ -12,6 +12,8 @@ Then it prints a table
 
     python -m gradpower_ds compare --optimizers adamw adampower:1.1 adampower:1.2 adampower:1.4 \\
         --gpas off on --seeds 0 1 2 --out runs/compare -- --config configs/quickstart.json --steps 200
+
+``--blockwise_lr off on`` adds each variant with blockwise learning rates (label suffix ``-bw``).
 """
 
 from __future__ import annotations
@@ -57,9 +59,10 @@ def parse_variant(text: str) -> tuple[str, float | None]:
     return name, check_power(value, owner=entry, rule=rule)[0]
 
 
-def variant_label(optimizer: str, power: float | None, gpas: bool) -> str:
-    """A folder-safe label, e.g. 'adampower-p1.2-gpas'."""
-    return optimizer + (f"-p{power:g}" if power is not None else "") + ("-gpas" if gpas else "")
+def variant_label(optimizer: str, power: float | None, gpas: bool, blockwise: bool = False) -> str:
+    """A folder-safe label, e.g. 'adampower-p1.2-gpas', 'adamw-bw' (blockwise lr)."""
+    return (optimizer + (f"-p{power:g}" if power is not None else "") + ("-gpas" if gpas else "")
+            + ("-bw" if blockwise else ""))
 
 
 def launch_command(nproc: int, port: int, train_args: list[str]) -> list[str]:
@@ -98,17 +101,18 @@ def setting_differences(run_dir: Path, cfg: TrainConfig, nproc: int) -> list[str
 _MISSING = object()
 
 
-def plan_runs(args, variants: list[tuple[str, float | None, bool]]) -> list[tuple[str, Path, list[str], bool]]:
+def plan_runs(args, variants: list[tuple[str, float | None, bool, bool]]) -> list[tuple[str, Path, list[str], bool]]:
     """(label, run folder, train flags, complete) for every variant x seed, each run's settings checked as
     gradpower_ds.train will check them and each existing run folder checked to hold the same settings; ValueError
     (one line) before anything is launched otherwise."""
     plan = []
-    for optimizer, power, gpas in variants:
-        label = variant_label(optimizer, power, gpas)
+    for optimizer, power, gpas, blockwise in variants:
+        label = variant_label(optimizer, power, gpas, blockwise)
         for seed in args.seeds:
             run_dir = Path(args.out) / label / f"seed{seed}"
             train_args = [*args.train_args, "--run_dir", str(run_dir), "--optimizer", optimizer, "--seed", str(seed),
-                          "--gpas", str(gpas).lower(), "--progress", "false", "--resume", "true"]
+                          "--gpas", str(gpas).lower(), "--blockwise_lr", str(blockwise).lower(), "--progress",
+                          "false", "--resume", "true"]
             if power is not None:
                 train_args += [POWER_FLAGS[optimizer], str(power)]
             try:
@@ -124,7 +128,7 @@ def plan_runs(args, variants: list[tuple[str, float | None, bool]]) -> list[tupl
     return plan
 
 
-def run_all(args, variants: list[tuple[str, float | None, bool]]) -> dict[str, list[Path]]:
+def run_all(args, variants: list[tuple[str, float | None, bool, bool]]) -> dict[str, list[Path]]:
     """Runs every variant x seed that has not completed yet (after checking them all); returns label -> run
     folders."""
     plan = plan_runs(args, variants)
@@ -186,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "adampower:1.1", "adampower:1.2", "adampower:1.4"],
                         help="adamw, adampower:P, muon and/or muonpower:P entries")
     parser.add_argument("--gpas", nargs="+", choices=["off", "on"], default=["off"], help="GPAS off and/or on")
+    parser.add_argument("--blockwise_lr", nargs="+", choices=["off", "on"], default=["off"],
+                        help="blockwise learning rates (README.md, Blockwise learning rates) off and/or on")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="a run per seed and variant")
     parser.add_argument("--out", default="runs/compare", help="folder of the runs (OUT/<variant>/seed<k>) and plots")
     parser.add_argument("--nproc", type=int, default=int(os.environ.get("NUM_GPUS", 2)), help="ranks per run")
@@ -195,14 +201,15 @@ def main(argv: list[str] | None = None) -> dict:
     args.train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     if args.nproc < 1:
         parser.error(f"--nproc {args.nproc} must be >= 1")
-    given = [flag for flag in (*POWER_FLAGS.values(), "--optimizer", "--seed", "--gpas", "--run_dir")
+    given = [flag for flag in (*POWER_FLAGS.values(), "--optimizer", "--seed", "--gpas", "--blockwise_lr", "--run_dir")
              if flag in args.train_args]
     if given:
         parser.error(f"{given[0]} after -- is set by compare for each run (--optimizers adamw adampower:P muonpower:P, "
-                     "--seeds, --gpas, --out); give it there")
+                     "--seeds, --gpas, --blockwise_lr, --out); give it there")
     try:
         optimizers = [parse_variant(v) for v in args.optimizers]
-        variants = [(name, power, gpas == "on") for gpas in args.gpas for name, power in optimizers]
+        variants = [(name, power, gpas == "on", blockwise == "on") for gpas in args.gpas
+                    for blockwise in args.blockwise_lr for name, power in optimizers]
         plan_runs(args, variants)  # every run's settings and folder checked before the first launch
     except ValueError as error:
         report_error(str(error), parser.prog)

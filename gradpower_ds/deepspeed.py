@@ -13,7 +13,12 @@ tested range, is refused with an error naming it), all listed in ``_patches()``:
 4. ZeRO-3's universal-checkpoint load is followed, for our optimizers, by a repair
    of two DeepSpeed defects (0.18.0 through 0.19.8) that appear with more than one
    sub-group (see ``_repair_zero3_universal_load``);
-5. where DeepSpeed has Muon, ``deepspeed.set_optimizer_flags`` tags the parameters for
+5. DeepSpeed's lr schedulers (``"scheduler"`` in the config) set each param group's lr
+   through ``lr_schedules.update_lr``; after it, param groups built by
+   ``gradpower_ds.blockwise_param_groups`` are checked to keep their multipliers' ratios
+   (WarmupLR/WarmupDecayLR with a ``warmup_max_lr`` give all groups one lr), a ValueError
+   saying which schedulers keep them otherwise;
+6. where DeepSpeed has Muon, ``deepspeed.set_optimizer_flags`` tags the parameters for
    ``"MuonPower"`` as for ``"Muon"``. The MuonPower hooks into DeepSpeed's Muon are
    applied when one is built (``gradpower_ds.muon_power``).
 
@@ -24,7 +29,7 @@ torch ``AdamPower``. DeepSpeed features that step only with DeepSpeed's own Adam
 states), and universal checkpoints on DeepSpeed before 0.18.0, are refused inside
 ``deepspeed.initialize`` with an error naming the setting and what to use instead
 (``_unsupported_features``). Importing ``gradpower_ds`` patches nothing;
-``unregister()`` undoes all four changes.
+``unregister()`` undoes them all.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import re
 
 from . import muon_power
 from .adam_power import AdamPower
+from .blockwise import check_scheduled_lrs
 from .cpu_adam_power import CPUAdamPower
 from .hyperparams import ADAM_POWER_DEFAULTS, check_power
 from .patching import Extend, Package, PatchSet, UnsupportedVersionError, Wrap
@@ -298,10 +304,21 @@ def _repair_zero3_universal_load(zero_optimizer, checkpoint_dir: str) -> None:
         group.update({k: v for k, v in saved_group.items() if k != "params"})
 
 
+def _checking_blockwise_lrs(update_lr):
+    """DeepSpeed's ``lr_schedules.update_lr``, then ``check_scheduled_lrs`` on the groups it set."""
+    @functools.wraps(update_lr)
+    def update_and_check(param_groups, lrs):
+        result = update_lr(param_groups, lrs)
+        check_scheduled_lrs(param_groups)
+        return result
+    return update_and_check
+
+
 def _patches() -> list:
     """What register() changes in DeepSpeed, in order (see the module docstring)."""
     import deepspeed
     from deepspeed.runtime import config as ds_config
+    from deepspeed.runtime import lr_schedules
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero import utils as zero_utils
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
@@ -317,6 +334,7 @@ def _patches() -> list:
         Wrap(DeepSpeedEngine, "_configure_basic_optimizer", _configure_basic_optimizer),
         Wrap(DeepSpeedZeroOptimizer_Stage3, "load_hp_checkpoint_state_from_checkpoint_dir_stage3",
              _load_universal_and_repair),
+        Wrap(lr_schedules, "update_lr", _checking_blockwise_lrs),
         *muon,
     ]
 

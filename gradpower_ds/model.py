@@ -102,19 +102,25 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with RoPE."""
+    """Causal multi-head self-attention with RoPE.
+
+    Q, K, V and the output projection are separate weights, named as in Hugging Face's LLaMA, so that each is
+    a parameter of its own: blockwise learning rates (gradpower_ds.blockwise) give Q/K and V/O different lrs,
+    and Muon orthogonalises each.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(cfg.dim, cfg.dim, bias=False)
+                                                              for _ in range(4))
 
     def forward(self, x, cos, sin):
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (proj(x).view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True)
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
 class SwiGLU(nn.Module):

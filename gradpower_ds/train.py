@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .blockwise import base_lr, blockwise_param_groups
 from .precision import resolve_precision, slow_bf16_warning
 from .processes import default_to_world_of_one, enable_rank0_logging, exit_when_done
 from .run_dir import RunDir, RunDirError, StopRequest, make_summary, read_json, read_state, summary_line
@@ -133,7 +134,8 @@ def _warn_about_op_builds(cfg: TrainConfig) -> None:
 
 
 def build_engine(cfg: TrainConfig, vocab_size: int):
-    """Model, param groups (GPAS gates without weight decay) and the DeepSpeed engine with its lr schedule."""
+    """Model, param groups (GPAS gates without weight decay; blockwise lrs if asked) and the DeepSpeed engine with
+    its lr schedule (a LambdaLR: it scales each group's lr, so blockwise ratios hold)."""
     import deepspeed
 
     from .gpas import GATE_GRAD_CLIP, param_groups_with_gpas, register_gate_grad_clip
@@ -146,8 +148,10 @@ def build_engine(cfg: TrainConfig, vocab_size: int):
         register_gate_grad_clip(model, GATE_GRAD_CLIP)
     schedule = partial(lr_multiplier, schedule=cfg.schedule, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                        decay_fraction=cfg.decay_fraction, min_ratio=cfg.min_lr_ratio)
+    groups = (blockwise_param_groups(model, cfg.lr, cfg.blockwise_multipliers, cfg.weight_decay) if cfg.blockwise_lr
+              else param_groups_with_gpas(model, cfg.weight_decay))
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=param_groups_with_gpas(model, cfg.weight_decay),
+        model=model, model_parameters=groups,
         config=cfg.deepspeed_config(), lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     return engine
 
@@ -224,7 +228,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         for step in range(start, last):
             began = time.perf_counter()
-            lr = engine.get_lr()[0]
+            lr = base_lr(engine.optimizer.param_groups)
             lm_loss = torch.zeros((), device=engine.device)
             noise.begin_step(step)
             for micro in range(cfg.grad_accum):

@@ -32,6 +32,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .blockwise import resolve_multipliers
 from .gpas import ACTIVATIONS, VARIANTS
 from .hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_GUIDANCE, MUON_POWER_RULE, check_group, check_power
 from .model import ModelConfig
@@ -40,6 +41,7 @@ from .precision import PRECISIONS, resolve_precision
 # our name -> DeepSpeed "type"
 OPTIMIZERS = {"adampower": "AdamPower", "adamw": "AdamW", "muon": "Muon", "muonpower": "MuonPower"}
 SCHEDULES = ("wsd", "cosine", "constant")
+BLOCKWISE_OPTIMIZERS = ("adamw", "adampower")  # the optimizers that keep the param groups they are given
 # the settings that only some optimizers use -> those optimizers (any other choice refuses them when given)
 OPTIMIZER_SETTINGS = {"power": ("adampower", "muonpower"), "expert_power": ("adampower",), "muon_power": ("muonpower",),
                       "muon_lr": ("muon", "muonpower"), "momentum": ("muon", "muonpower")}
@@ -123,6 +125,10 @@ class TrainConfig:
     eps: float = _setting(1e-8, "Adam epsilon (>= 0)")
     weight_decay: float = _setting(0.1, "decoupled weight decay (>= 0)")
     grad_clip: float = _setting(1.0, "gradient-norm clipping (0: off)")
+    blockwise_lr: bool = _setting(False, "blockwise learning rates: each block (embedding, Q/K, V/O, FFN, ...) at its "
+                                         "multiple of lr (adamw, adampower; README.md, Blockwise learning rates)")
+    blockwise_multipliers: dict = _setting({}, "with blockwise_lr: multipliers replacing the paper's for the blocks "
+                                               "named, e.g. {\"embedding\": 5}")
     # learning-rate schedule
     schedule: str = _setting("wsd", f"lr schedule: {', '.join(SCHEDULES)}")
     warmup_steps: int = _setting(30, "linear warmup steps, in [0, steps)")
@@ -161,6 +167,17 @@ class TrainConfig:
                                   f"momentum: {MUON_POWER_GUIDANCE}", "muon_power", "optimizer")
             _hyper(lambda: check_power(self.muon_power, 0.0, owner="muon_power", name="muon_power",
                                        rule=MUON_POWER_RULE), "muon_power")
+        if self.blockwise_lr and self.optimizer not in BLOCKWISE_OPTIMIZERS:
+            raise ConfigError(f"blockwise_lr with optimizer {self.optimizer}: DeepSpeed's Muon builds its own param "
+                              f"groups, which drop the blockwise lrs; use optimizer {' or '.join(BLOCKWISE_OPTIMIZERS)}",
+                              "blockwise_lr", "optimizer")
+        if self.blockwise_multipliers and not self.blockwise_lr:
+            raise ConfigError("blockwise_multipliers is set but blockwise_lr is false; set blockwise_lr true or drop "
+                              "blockwise_multipliers", "blockwise_multipliers", "blockwise_lr")
+        try:
+            resolve_multipliers(self.blockwise_multipliers)
+        except ValueError as error:
+            raise ConfigError(str(error), "blockwise_multipliers") from None
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum={self.momentum!r} must be in [0, 1)", "momentum")
         if self.expert_power is not None:
@@ -320,10 +337,12 @@ class TrainConfig:
         return merge(config, self.deepspeed_overrides)
 
     def optimizer_label(self) -> str:
-        """The optimizer as logs and plots name it, e.g. 'adampower p=1.2', 'muonpower p=0.9 adam p=1.2' or 'adamw'."""
+        """The optimizer as logs and plots name it, e.g. 'adampower p=1.2', 'muonpower p=0.9 adam p=1.2', 'adamw' or
+        'adamw + blockwise lr'."""
         if self.optimizer == "muonpower":
             return f"muonpower p={self.muon_power:g} adam p={self.power:g}"
-        return self.optimizer + (f" p={self.power:g}" if self.optimizer == "adampower" else "")
+        return (self.optimizer + (f" p={self.power:g}" if self.optimizer == "adampower" else "")
+                + (" + blockwise lr" if self.blockwise_lr else ""))
 
     def to_dict(self) -> dict:
         """The settings as JSON-ready values."""

@@ -213,7 +213,7 @@ def test_monitor_measures_every_n_steps_and_resumes():
 
 
 def test_layer_groups_of_the_three_stacks_names():
-    assert [layer_group(n) for n in ("embed.weight", "layers.0.attn.qkv.weight", "layers.1.mlp.moe.gate.wg.weight",
+    assert [layer_group(n) for n in ("embed.weight", "layers.0.attn.q_proj.weight", "layers.1.mlp.moe.gate.wg.weight",
                                      "layers.0.norm1.weight", "lm_head.weight", "layers.0.gpas_gate.alpha")] == \
         ["embedding", "attention", "ffn", "norm", "output", "other"]
     assert [layer_group(n) for n in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
