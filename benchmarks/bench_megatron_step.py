@@ -1,6 +1,7 @@
 """megatron-core ``optimizer.step()``: ``OptimizerConfig(optimizer="adampower")`` (p=1.2) against ``"adam"``
 (``--pair muon``: ``"muonpower"`` (p=0.9, Adam p=1.2) against ``"muon"``, megatron-core's Muon, which runs
-without the distributed optimizer).
+without the distributed optimizer; ``--pair blockwise``: adampower with ``gradpower_blockwise_lr`` against
+adampower, the cost of the per-row lrs of the fused linear_qkv).
 
 In ONE process (world size 1; torch.distributed is initialised here), per case (default:
 the distributed optimizer with a bf16 model and with an fp32 model), it builds the same
@@ -33,6 +34,7 @@ fp32 main-grad shard and the whole fp32 grad (bounded chunk or a copy of a gradi
     python benchmarks/bench_megatron_step.py --dtype bf16 --repeats 20 --json /tmp/megatron_step.json
     python benchmarks/bench_megatron_step.py --no-distributed-optimizer --hidden 256 --layers 4
     python benchmarks/bench_megatron_step.py --pair muon --dtype bf16    # needs emerging-optimizers
+    python benchmarks/bench_megatron_step.py --pair blockwise
 
 Without CUDA it runs megatron-core through tests/megatron_cpu_shim.py (gloo); with CUDA
 the shim is never imported (NCCL). The default CPU run takes 15-40 s on 2 cores.
@@ -57,8 +59,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # gradpower_ds, megatron_patches
-PAIRS = {"adam": ("adampower", "adam"), "muon": ("muonpower", "muon")}  # --pair: (ours, theirs)
-POWERS = {"adampower": dict(gradpower_p=1.2), "muonpower": dict(gradpower_p=0.9, gradpower_p_adam=1.2)}
+PAIRS = {"adam": ("adampower", "adam"), "muon": ("muonpower", "muon"),  # --pair: (ours, theirs)
+         "blockwise": ("adampower+blockwise", "adampower")}
+# each variant: (OptimizerConfig.optimizer, the other OptimizerConfig fields it sets)
+VARIANTS = {"adam": ("adam", {}), "muon": ("muon", {}), "adampower": ("adampower", dict(gradpower_p=1.2)),
+            "muonpower": ("muonpower", dict(gradpower_p=0.9, gradpower_p_adam=1.2)),
+            "adampower+blockwise": ("adampower", dict(gradpower_p=1.2, gradpower_blockwise_lr=True))}
 SEQ, BATCH, CLIP = 128, 2, 1.0
 MEMORY_ROUNDS = 2  # untimed rounds (after --warmup) that measure the peak memory
 
@@ -72,7 +78,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per case")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), nargs="+", default=["bf16", "fp32"])
     parser.add_argument("--pair", choices=sorted(PAIRS), default="adam",
-                        help="adam: adampower vs adam; muon: muonpower vs muon (no distributed optimizer)")
+                        help="adam: adampower vs adam; muon: muonpower vs muon (no distributed optimizer); "
+                             "blockwise: adampower with blockwise lrs vs without")
     parser.add_argument("--no-distributed-optimizer", action="store_true",
                         help="megatron's plain (mixed-precision / fp32) optimizer instead of the distributed one")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
@@ -121,8 +128,8 @@ class Peak:
         return (self._peak() - self.sub_base) / 2**20
 
 
-def build(args, dtype, optimizer: str, torch):
-    """A seeded GPTModel under megatron DDP and its megatron optimizer."""
+def build(args, dtype, variant: str, torch):
+    """A seeded GPTModel under megatron DDP and its megatron optimizer (a VARIANTS entry)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -142,9 +149,10 @@ def build(args, dtype, optimizer: str, torch):
     ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed, grad_reduce_in_fp32=True,
                                                overlap_grad_reduce=False)
     model = DistributedDataParallel(config, ddp_config, model)
+    optimizer, fields = VARIANTS[variant]
     opt_config = OptimizerConfig(optimizer=optimizer, lr=1e-4, weight_decay=0.1, clip_grad=CLIP, adam_beta1=0.9,
                                  adam_beta2=0.95, adam_eps=1e-8, bf16=bf16, params_dtype=dtype,
-                                 use_distributed_optimizer=distributed, **POWERS.get(optimizer, {}))
+                                 use_distributed_optimizer=distributed, **fields)
     if "muon" in optimizer:
         from megatron.core.optimizer import muon  # megatron-core 0.16 on
 

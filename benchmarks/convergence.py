@@ -1,6 +1,6 @@
 """Small-scale check of the papers' claims on this machine, at several seeds (results: docs/RESULTS.md).
 
-Five studies on the quickstart's MoE model and corpus (configs/quickstart.json), each
+Seven studies on the quickstart's MoE model and corpus (configs/quickstart.json), each
 through the compare tool (so finished runs are reused when it is rerun):
 
   moe-wsd     AdamW vs AdamPower p=1.2, warmup-stable-decay
@@ -11,6 +11,8 @@ through the compare tool (so finished runs are reused when it is rerun):
               p = 1.0 isolates that)
   blockwise   AdamW and AdamPower p=1.2, each without and with blockwise learning rates, WSD (the
               runs without are moe-wsd's)
+  blockwise-lr1e-3, blockwise-lr3e-4  the same at lr 1e-3 and 3e-4 (the quickstart's is 3e-3; the
+              multipliers take the embedding to 10x the lr)
 
 It prints one markdown table per study (final validation loss, mean ± std over seeds,
 the difference to the first row, per-seed values, tokens/s) and writes each study's
@@ -30,7 +32,8 @@ from pathlib import Path
 from gradpower_ds import compare
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = [  # (id, title, schedule, optimizers, compare's variant options, training flags of the study's own)
+STUDIES = [  # (id, title, schedule, optimizers, compare's variant options, training flags of the study's own);
+    # runs go to OUT/<schedule>, or OUT/<id> for a study whose flags change what its runs share with others
     ("moe-wsd", "AdamPower vs AdamW — MoE, WSD schedule", "wsd", ["adamw", "adampower:1.2"], [], []),
     ("moe-cosine", "AdamPower vs AdamW — MoE, cosine schedule", "cosine", ["adamw", "adampower:1.2"], [], []),
     ("gpas", "GPAS vs Pre-LN — MoE, AdamPower p=1.2, WSD", "wsd", ["adampower:1.2"], ["--gpas", "off", "on"], []),
@@ -39,7 +42,10 @@ STUDIES = [  # (id, title, schedule, optimizers, compare's variant options, trai
      ["muon", "muonpower:0.9", "muonpower:1.0", "muonpower:1.2"], [], ["--grad_clip", "0"]),
     ("blockwise", "Blockwise learning rates with AdamW and AdamPower — MoE, WSD", "wsd", ["adamw", "adampower:1.2"],
      ["--blockwise_lr", "off", "on"], []),
+    *((f"blockwise-lr{lr}", f"Blockwise learning rates at lr {lr} — MoE, WSD", "wsd", ["adamw", "adampower:1.2"],
+       ["--blockwise_lr", "off", "on"], ["--lr", lr]) for lr in ("1e-3", "3e-4")),
 ]
+OWN_FOLDER = {"blockwise-lr1e-3", "blockwise-lr3e-4"}  # their flags change what runs of the same labels share
 
 
 def markdown_table(table: dict) -> str:
@@ -68,7 +74,7 @@ def main() -> None:
     for study, title, schedule, optimizers, options, flags in STUDIES:
         if study not in args.studies:
             continue
-        out = Path(args.out) / schedule
+        out = Path(args.out) / (study if study in OWN_FOLDER else schedule)
         table = compare.main(["--optimizers", *optimizers, *options, "--seeds", *map(str, args.seeds),
                               "--out", str(out), "--nproc", str(args.nproc), "--",
                               "--config", str(ROOT / "configs" / "quickstart.json"), "--schedule", schedule, *flags,

@@ -236,6 +236,13 @@ def build_optimizer(args, model):
     return optimizer, scheduler
 
 
+def scheduled_lr(optimizer, max_lr: float) -> float:
+    """The lr of this step for a parameter at the base lr (Megatron's warmup starts at 0): group 0's lr, scaled by
+    `max_lr` over the group's own max_lr (a blockwise group has its multiple of it)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] * max_lr / group["max_lr"] if group.get("max_lr") else group["lr"]
+
+
 def run_micro_batches(model, batches: list, args, forward_only: bool = False, before_each=None) -> torch.Tensor:
     """Forward (and backward) over `batches` with Megatron's no-pipelining schedule; the mean LM loss.
     ``before_each()``, if given, runs before each micro-batch's forward (and so before its backward)."""
@@ -385,7 +392,8 @@ def train(args) -> dict:
         noise.load_state_dict(noise_state)
     rank0 = dist.get_rank() == 0
     save = Path(args.save) if args.save else None
-    label = args.optimizer + (f" ({optimizer_powers(args)})" if args.optimizer in arguments.OPTIMIZER_NAMES else "")
+    label = args.optimizer + (f" ({optimizer_powers(args)})" if args.optimizer in arguments.OPTIMIZER_NAMES else "") \
+        + (" + blockwise lr" if args.blockwise_lr else "")
     stop = StopRequest()
     stop.install()
     run = RunDir(save, writer=rank0)
@@ -414,7 +422,7 @@ def train(args) -> dict:
                                           args.seed) for micro in range(micro_batches)]
             noise.begin_step(step)
             loss = run_micro_batches(model, batches, args, before_each=lambda: noise.next_micro_batch(device))
-            lr = optimizer.param_groups[0]["lr"]  # the lr of this step (Megatron's warmup starts at 0)
+            lr = scheduled_lr(optimizer, args.lr)
             ok, grad_norm, _ = optimizer.step()
             if ok:
                 scheduler.step(increment=1)

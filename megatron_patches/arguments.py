@@ -6,6 +6,8 @@
                                muonpower: p before Muon's momentum (> 0; required)
     --gradpower-p-expert P     p for MoE expert parameters (> 0; default: --gradpower-p)
     --gradpower-p-adam P       muonpower: p of the Adam for what Muon leaves to Adam (> 0; default 1.2)
+    --blockwise-lr             blockwise learning rates (megatron_patches.blockwise; the file's key
+                               blockwise_lr may also be an object of multipliers per block)
     --gpas                     GPAS gates in the decoder layers (Megatron's layers are Pre-LN)
     --gpas-act ACT             gate activation (gradpower_ds.gpas.ACTIVATIONS)
     --gradpower-config FILE    JSON object with any of CONFIG_KEYS
@@ -45,14 +47,18 @@ import inspect
 import json
 import logging
 
+from gradpower_ds.blockwise import resolve_multipliers
 from gradpower_ds.gpas import ACTIVATIONS
 from gradpower_ds.hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_GUIDANCE, check_power
 from gradpower_ds.patching import Wrap
 
+from .blockwise import BLOCKWISE_OPTIMIZERS
+from .blockwise import FIELD as BLOCKWISE_FIELD
+from .blockwise import multipliers as blockwise_multipliers
 from .optimizer import (FIELDS, MUON_NAME, OPTIMIZER_NAME, OPTIMIZER_NAMES, build_muon_with_power,
                         check_muon_available, muon_powers, named, powers)
 
-DEFAULTS = {"optimizer": "adam", **FIELDS, "gpas": False, "gpas_act": "silu"}
+DEFAULTS = {"optimizer": "adam", **FIELDS, "blockwise_lr": False, "gpas": False, "gpas_act": "silu"}
 CONFIG_KEYS = tuple(DEFAULTS)  # the keys a --gradpower-config file may hold
 FLAGS = {key: "--" + key.replace("_", "-") for key in CONFIG_KEYS}
 POWER_KEYS = tuple(FIELDS)  # the settings that need --optimizer adampower or muonpower
@@ -108,6 +114,10 @@ def add_arguments(parser: argparse.ArgumentParser, after_parse=None) -> argparse
     group.add_argument(FLAGS["gradpower_p_adam"], type=_power, default=None, metavar="P",
                        help=f"--optimizer muonpower: p of the Adam for the parameters Muon leaves to Adam "
                             f"(embeddings, output layer, norms, biases; default {ADAM_POWER_DEFAULTS['power']:g})")
+    group.add_argument(FLAGS["blockwise_lr"], action="store_true",
+                       help="blockwise learning rates: each block (embedding, Q/K, V/O, FFN, ...) at the paper's "
+                            "multiple of --lr (--optimizer adam or adampower; other multipliers: the "
+                            "--gradpower-config key blockwise_lr as an object)")
     group.add_argument(FLAGS["gpas"], action="store_true", help="GPAS gates in the decoder layers")
     group.add_argument(FLAGS["gpas_act"], choices=sorted(ACTIVATIONS), default=DEFAULTS["gpas_act"],
                        help="GPAS gate activation (default silu)")
@@ -160,6 +170,15 @@ def read_config(path: str, optimizers=None) -> dict:
             raise ValueError(str(error)) from None
     if "gpas" in values and not isinstance(values["gpas"], bool):
         raise ValueError(f"{where} gpas={values['gpas']!r}: must be true or false")
+    blockwise = values.get("blockwise_lr", False)
+    if not isinstance(blockwise, (bool, dict)):
+        raise ValueError(f"{where} blockwise_lr={blockwise!r}: must be true, false or an object of multipliers per "
+                         "block")
+    if isinstance(blockwise, dict):
+        try:
+            resolve_multipliers(blockwise)
+        except ValueError as error:
+            raise ValueError(f"{where} blockwise_lr: {error}") from None
     choices = {"gpas_act": sorted(ACTIVATIONS), "optimizer": optimizers}
     for key, allowed in choices.items():
         if key in values and allowed is not None and values[key] not in allowed:
@@ -198,16 +217,23 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, defaults:
                      f"gradpower_p), the GradPower exponent before Muon's momentum: {MUON_POWER_GUIDANCE}")
     if args.optimizer == OPTIMIZER_NAME and args.gradpower_p is None:
         args.gradpower_p = ADAM_POWER_DEFAULTS["power"]
+    if args.blockwise_lr not in (False, None) and args.optimizer not in BLOCKWISE_OPTIMIZERS:
+        parser.error(f"{source.get('blockwise_lr', FLAGS['blockwise_lr'])} works with --optimizer "
+                     f"{' or '.join(BLOCKWISE_OPTIMIZERS)}, not {args.optimizer!r} (Muon builds its own param groups)")
     if not args.gpas:
         if "gpas_act" in source:
             parser.error(f"{source['gpas_act']} has no effect without --gpas (or \"gpas\": true in the file)")
 
 
 def optimizer_config_kwargs(args) -> dict:
-    """The OptimizerConfig fields for the parsed args: optimizer, and for adampower/muonpower the gradpower_p*."""
-    if args.optimizer not in OPTIMIZER_NAMES:
-        return {"optimizer": args.optimizer}
-    return {"optimizer": args.optimizer, **{key: getattr(args, key) for key in POWER_KEYS}}
+    """The OptimizerConfig fields for the parsed args: optimizer, for adampower/muonpower the gradpower_p*, and
+    the blockwise lr setting if on."""
+    fields = {"optimizer": args.optimizer}
+    if args.optimizer in OPTIMIZER_NAMES:
+        fields.update({key: getattr(args, key) for key in POWER_KEYS})
+    if getattr(args, "blockwise_lr", False):
+        fields[BLOCKWISE_FIELD] = args.blockwise_lr
+    return fields
 
 
 def add_training_args_with_adampower(original):
@@ -226,14 +252,14 @@ def add_training_args_with_adampower(original):
 
 def optimizer_config_with_adampower(original):
     """Megatron-LM's get_megatron_optimizer_config building, for --optimizer adampower (muonpower), the config for
-    'adam' ('muon') plus the GradPower fields from the args."""
+    'adam' ('muon') plus the GradPower fields from the args, and for any optimizer the blockwise lr setting."""
 
     @functools.wraps(original)
     def wrapper(args, *rest, **kwargs):
         name = getattr(args, "optimizer", None)
-        if name not in OPTIMIZER_NAMES:
+        if name not in OPTIMIZER_NAMES and not getattr(args, "blockwise_lr", False):
             return original(args, *rest, **kwargs)
-        with named(args, "muon" if name == MUON_NAME else "adam"):
+        with named(args, "muon" if name == MUON_NAME else "adam" if name in OPTIMIZER_NAMES else name):
             result = original(args, *rest, **kwargs)
         config = result[0] if isinstance(result, tuple) else result
         for field, value in optimizer_config_kwargs(args).items():
@@ -241,8 +267,9 @@ def optimizer_config_with_adampower(original):
         if name == MUON_NAME:
             muon_powers(config)
             check_muon_available()
-        else:
+        elif name == OPTIMIZER_NAME:
             powers(config)
+        blockwise_multipliers(config)
         return result
 
     return wrapper

@@ -70,10 +70,13 @@ from gradpower_ds.functional import adam_power
 from gradpower_ds.hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_GUIDANCE, MUON_POWER_RULE, check_power
 from gradpower_ds.power import grad_power_
 
+from . import blockwise
+
 OPTIMIZER_NAME = "adampower"  # the names Megatron's OptimizerConfig.optimizer and --optimizer take
 MUON_NAME = "muonpower"  # Megatron-LM routes any name holding "muon" to get_megatron_muon_optimizer, as wanted
 OPTIMIZER_NAMES = (OPTIMIZER_NAME, MUON_NAME)
-FIELDS = {"gradpower_p": None, "gradpower_p_expert": None, "gradpower_p_adam": None}  # OptimizerConfig's new fields
+FIELDS = {"gradpower_p": None, "gradpower_p_expert": None, "gradpower_p_adam": None}  # the powers (new fields)
+CONFIG_FIELDS = {**FIELDS, blockwise.FIELD: None}  # every field OptimizerConfig gets (megatron_patches.blockwise)
 MUON_MODULE = "megatron.core.optimizer.muon"  # megatron-core's Muon (0.16 on; needs NVIDIA's emerging-optimizers)
 _UNSUPPORTED_TORCH_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable")
 
@@ -254,11 +257,12 @@ def _offload_classes(dense_p: float, expert_p: float):
 
 
 def config_init(original):
-    """OptimizerConfig.__init__ (and AdamOptimizerConfig's) taking the FIELDS (gradpower_p, ...) as keywords."""
+    """OptimizerConfig.__init__ (and AdamOptimizerConfig's) taking the CONFIG_FIELDS (gradpower_p, ...) as
+    keywords."""
 
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
-        for name, default in FIELDS.items():  # set before the dataclass __init__, whose __post_init__ validates them
+        for name, default in CONFIG_FIELDS.items():  # set before the dataclass __init__, whose __post_init__ validates them
             setattr(self, name, kwargs.pop(name, default))
         original(self, *args, **kwargs)
 
@@ -266,11 +270,12 @@ def config_init(original):
 
 
 def config_post_init(original):
-    """OptimizerConfig.__post_init__ validating the powers and running Megatron's checks as for 'adam' (adampower)
-    or Muon (muonpower, whose Muon must be importable)."""
+    """OptimizerConfig.__post_init__ validating the powers and the blockwise lr setting, and running Megatron's
+    checks as for 'adam' (adampower) or Muon (muonpower, whose Muon must be importable)."""
 
     @functools.wraps(original)
     def __post_init__(self):
+        blockwise.multipliers(self)
         if self.optimizer == MUON_NAME:
             muon_powers(self)
             check_muon_available()

@@ -5,7 +5,7 @@
 naming it. Where an internal differs between supported versions, the list holds one adapter
 for it with the version named beside it. Every patch is undone by ``remove()``. What each
 patch does is documented where its wrapper lives: ``megatron_patches.optimizer``
-(AdamPower, MuonPower), ``megatron_patches.checkpoint`` (the DistributedOptimizer's checkpoints with
+(AdamPower, MuonPower), ``megatron_patches.blockwise`` (blockwise lrs), ``megatron_patches.checkpoint`` (the DistributedOptimizer's checkpoints with
 torch's Adam), ``megatron_patches.arguments`` (Megatron-LM's ``--optimizer`` and optimizer
 config, only where Megatron-LM is importable).
 """
@@ -36,7 +36,7 @@ def _patches() -> list:
     from megatron.core.optimizer import optimizer_config
     from megatron.core.optimizer.optimizer_config import OptimizerConfig
 
-    from . import arguments, checkpoint, optimizer
+    from . import arguments, blockwise, checkpoint, optimizer
 
     try:
         mcore_muon = importlib.import_module(optimizer.MUON_MODULE)  # megatron-core 0.16 on
@@ -51,13 +51,16 @@ def _patches() -> list:
     # AdamOptimizerConfig, the subclass Megatron-LM builds for "adam": megatron-core 0.16.0 on
     adam_config = getattr(optimizer_config, "AdamOptimizerConfig", OptimizerConfig)
     return [
-        # OptimizerConfig(optimizer="adampower" | "muonpower", gradpower_p=..., gradpower_p_expert=..., ...)
-        *(Add(OptimizerConfig, name, default) for name, default in optimizer.FIELDS.items()),
+        # OptimizerConfig(optimizer="adampower" | "muonpower", gradpower_p=..., gradpower_blockwise_lr=..., ...)
+        *(Add(OptimizerConfig, name, default) for name, default in optimizer.CONFIG_FIELDS.items()),
         Wrap(OptimizerConfig, "__init__", optimizer.config_init),
         *([] if adam_config is OptimizerConfig else [Wrap(adam_config, "__init__", optimizer.config_init)]),
         Wrap(OptimizerConfig, "__post_init__", optimizer.config_post_init),
         # get_megatron_optimizer builds AdamPower for it, per chained optimizer (dense, expert)
         Wrap(mcore_optimizer, "_get_megatron_optimizer_based_on_param_groups", optimizer.build_with_power),
+        # blockwise lrs: each block's max_lr/min_lr as config overrides, per-row lrs for linear_qkv
+        Wrap(mcore_optimizer, "_get_param_groups", blockwise.param_groups_with_blockwise),
+        Wrap(mcore_optimizer, "_get_megatron_optimizer_based_on_param_groups", blockwise.build_with_row_lrs),
         # get_megatron_muon_optimizer builds MuonPower for "muonpower", where megatron-core has Muon
         *([] if mcore_muon is None else
           [Wrap(mcore_muon, "get_megatron_muon_optimizer", optimizer.build_muon_with_power)]),

@@ -145,3 +145,17 @@ def test_muon_variants_pass_their_power_and_compare_against_muon(tmp_path, launc
     assert "Δ vs muon" in capsys.readouterr().out
     err = one_line_exit_2(compare_args(tmp_path, "--muon_power", "0.8", "--grad_clip", "0"), capsys)
     assert "--muon_power after -- is set by compare for each run" in err
+
+
+def test_blockwise_variants_are_labelled_and_passed(tmp_path, launches, capsys):
+    table = compare.main(["--blockwise_lr", "off", "on", *compare_args(tmp_path / "cmp")])
+    assert set(table) == {"adamw", "adampower-p1.2", "adamw-bw", "adampower-p1.2-bw"}
+    flags = [args[args.index("--blockwise_lr") + 1] for args in launches]
+    assert flags == ["false", "false", "true", "true"]
+    assert load_config(launches[3]).optimizer_label() == "adampower p=1.2 + blockwise lr"
+    assert "Δ vs adamw" in capsys.readouterr().out
+    err = one_line_exit_2(compare_args(tmp_path, "--blockwise_lr", "true"), capsys)
+    assert "--blockwise_lr after -- is set by compare for each run" in err
+    err = one_line_exit_2(["--blockwise_lr", "on", *compare_args(tmp_path / "m", "--grad_clip", "0",
+                                                                  optimizers=("muon",))], capsys)
+    assert "blockwise_lr with optimizer muon" in err

@@ -240,6 +240,7 @@ def test_both_integrations_are_patch_sets():
             "deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS", "deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS",
             "DeepSpeedEngine._configure_basic_optimizer",
             "DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3",
+            "deepspeed.runtime.lr_schedules.update_lr",
             *(["deepspeed.set_optimizer_flags"] if hasattr(ds, "set_optimizer_flags") else [])]  # DeepSpeed with Muon
     finally:
         deepspeed.unregister()

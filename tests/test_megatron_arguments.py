@@ -107,7 +107,8 @@ def test_unknown_json_key_is_named_with_the_accepted_ones(tmp_path, capsys):
     path = write_config(tmp_path, {"gradpower_p": 1.2, "gradpwer_p_expert": 1.0, "lr": 1.0})
     err = parse_error(megatron_like_parser(), ["--gradpower-config", path], capsys)
     assert "unknown key(s) ['gradpwer_p_expert', 'lr']" in err and path in err
-    assert "accepted keys are ['optimizer', 'gradpower_p', 'gradpower_p_expert', 'gradpower_p_adam', 'gpas', 'gpas_act']" in err
+    assert ("accepted keys are ['optimizer', 'gradpower_p', 'gradpower_p_expert', 'gradpower_p_adam', 'blockwise_lr', "
+            "'gpas', 'gpas_act']") in err
 
 
 @pytest.mark.parametrize("argv, named", [
@@ -324,6 +325,24 @@ def test_megatron_lm_before_core_v0_16_is_refused_not_ignored(fake_megatron_lm, 
                              r"core_v0\.16\.0 on\).*would be ignored\. Use Megatron-LM core_v0\.16\.0 or newer"):
         megatron_patches.apply()
     assert not megatron_patches.is_applied() and fake_arguments._add_training_args is original_add
+
+
+def test_megatron_lm_blockwise_lr_config(fake_megatron_lm):
+    """Megatron-LM's get_megatron_optimizer_config (played by a stand-in) gets gradpower_blockwise_lr from
+    --blockwise-lr for plain 'adam' too, and refuses an unknown block when it builds the config."""
+    import megatron_patches
+    from megatron.core.optimizer import optimizer_config
+
+    if not hasattr(optimizer_config, "ParamKey"):
+        pytest.skip("blockwise lr needs megatron-core 0.16 or newer")
+    fake_arguments, fake_training = fake_megatron_lm
+    megatron_patches.apply()
+    args = fake_arguments.parse_args(add_arguments, argv=["--blockwise-lr", "--lr", "1e-3"])
+    config, _ = fake_training.get_megatron_optimizer_config(args)
+    assert (config.optimizer, config.gradpower_blockwise_lr, config.lr) == ("adam", True, 1e-3)
+    args.blockwise_lr = {"attn": 2.0}
+    with pytest.raises(ValueError, match="unknown block 'attn'"):
+        fake_training.get_megatron_optimizer_config(args)
 
 
 def test_with_extra_args_chains_the_scripts_provider():

@@ -145,6 +145,18 @@ def test_pretrain_gpt_muonpower(tmp_path):
     assert "--optimizer muonpower needs --gradpower-p" in err, err[-4000:]
 
 
+def test_pretrain_gpt_blockwise_lr():
+    """--blockwise-lr with AdamPower and GPAS (distributed optimizer, bf16, EP = 2): the blocks' lr overrides and the
+    fused linear_qkv's per-row lrs are built on each rank, and it trains."""
+    path = megatron_lm_path()
+    log = pretrain_gpt(path, "--blockwise-lr", "--train-iters", "2")
+    # megatron-core groups the dense and the expert parameters apart: 2 ranks x 2
+    assert log.count("megatron_patches: blockwise lr, multipliers {'embedding': 10.0") == 4, log[-4000:]
+    assert ("megatron_patches: blockwise lr: per-row lrs for 2 linear_qkv parameters on DistributedOptimizer "
+            "(RowLR") in log, log[-4000:]
+    assert sorted(losses(log)) == [1, 2], log[-4000:]
+
+
 def parse_error(path, *args) -> str:
     """stderr of a single rank whose command line must not parse (exit status 2)."""
     single = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}

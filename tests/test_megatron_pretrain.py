@@ -196,6 +196,25 @@ def test_muonpower_trains_and_resumes_exactly(tmp_path):
     assert float(before[4]["train_loss"]) < float(before[1]["train_loss"])  # it trains
 
 
+def test_blockwise_lr_trains_and_resumes_exactly(tmp_path):
+    """--blockwise-lr (fp32, EP=2, distributed optimizer, Adam): the log says so, the lr column is the base lr
+    (Megatron's warmup from 0), and a run resumed from its step-2 checkpoint logs the same losses and lr."""
+    config = pytest.importorskip("megatron.core.optimizer.optimizer_config")
+    if not hasattr(config, "ParamKey"):
+        pytest.skip("blockwise lr needs megatron-core 0.16 or newer")
+    common = ["-m", "gradpower_ds.train_megatron", *TINY, "--blockwise-lr", "--use-distributed-optimizer",
+              "--expert-model-parallel-size", "2", "--train-iters", "4", "--lr", "0.002", "--lr-warmup-iters", "2"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    first = torchrun(*common, "--save", full, "--save-interval", "2", env=MEGATRON_CPU_ENV, timeout=600)
+    assert "| adam + blockwise lr |" in first.stdout + first.stderr
+    torchrun(*common, "--save", resumed, "--load", full, "--ckpt-step", "2", env=MEGATRON_CPU_ENV, timeout=600)
+    before, after = metrics(full), metrics(resumed)
+    assert [float(before[step]["lr"]) for step in (1, 2)] == [0.0, 0.001]  # the base lr, not a block's multiple
+    for step in (3, 4):
+        for key in ("train_loss", "val_loss", "lr"):
+            assert after[step][key] == before[step][key], (step, key, after[step], before[step])
+
+
 def run_launch_script(env: dict, args: list, timeout: int = 600):
     return subprocess.Popen(["bash", str(ROOT / "launch" / "megatron_moe.sh"), *map(str, args)],
                             env=launch_env(**MEGATRON_CPU_ENV, **env), cwd=env.get("CWD", str(ROOT)),

@@ -144,6 +144,7 @@ def test_compare_variants():
     assert compare.parse_variant("adampower") == ("adampower", 1.2)
     assert compare.parse_variant("adamw") == ("adamw", None)
     assert compare.variant_label("adampower", 1.4, True) == "adampower-p1.4-gpas"
+    assert compare.variant_label("adamw", None, False, True) == "adamw-bw"
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
         compare.parse_variant("sgd")
     with pytest.raises(ValueError, match="only adampower and muonpower take a power"):
@@ -160,24 +161,30 @@ def test_compare_variants():
 
 @pytest.mark.slow
 def test_train_resume_continues_the_curve_exactly(tmp_path):
-    """2 ranks, experts sharded: an uninterrupted run and one stopped at step 4 and resumed log the same curve, the
-    gradient noise included (measured at steps 3 and 6: its averages come back from the checkpoint)."""
+    """2 ranks, experts sharded, blockwise lrs: an uninterrupted run and one stopped at step 4 and resumed log the
+    same curve, the gradient noise included (measured at steps 3 and 6: its averages come back from the
+    checkpoint); the lr column is the schedule's base lr. (The SIGTERM test in test_train_resume.py resumes a run
+    without blockwise lrs.)"""
     whole = tmp_path / "whole"
-    proc = deepspeed_train(whole, "--noise_every", "3")
+    proc = deepspeed_train(whole, "--noise_every", "3", "--blockwise_lr", "true")
     assert "gradpower_ds.train: done | validation loss" in proc.stdout + proc.stderr
     precision, why = resolve_precision("auto")  # quickstart.json's: what this machine computes fast
     assert f"gradpower_ds.train: precision {precision} ({why})" in proc.stdout + proc.stderr
-    assert f"2 ranks, ZeRO-2, {precision}, adampower p=1.2 | CPUAdamPower" in proc.stdout + proc.stderr
+    assert f"2 ranks, ZeRO-2, {precision}, adampower p=1.2 + blockwise lr | CPUAdamPower" in proc.stdout + proc.stderr
     assert re.search(r"gradpower_ds\.train: done \| validation loss \d+\.\d{4} \| [\d,]+ tokens in [\d.]+ s = [\d,]+ "
                      rf"tokens/s on 2 ranks \| {re.escape(str(whole))}/ \(metrics\.csv, loss\.png, tensorboard/\) \| "
                      r"gradient noise scale B_simple [\d,]+ tokens", proc.stdout)
     split = tmp_path / "split"
-    deepspeed_train(split, "--stop_at", "4", "--noise_every", "3")
+    deepspeed_train(split, "--stop_at", "4", "--noise_every", "3", "--blockwise_lr", "true")
     assert json.loads((split / "status.json").read_text()) == {"state": "stopped", "step": 4}
     assert not (split / "summary.json").exists()
-    deepspeed_train(split, "--resume", "true", "--noise_every", "3")
+    deepspeed_train(split, "--resume", "true", "--noise_every", "3", "--blockwise_lr", "true")
     rows_whole, rows_split = read_metrics(whole / "metrics.csv"), read_metrics(split / "metrics.csv")
     assert [r["step"] for r in rows_whole] == list(range(1, 9))
+    cfg = load_config(["--config", str(QUICKSTART), *TINY])
+    schedule = [lr_multiplier(step, cfg.schedule, cfg.steps, cfg.warmup_steps, cfg.decay_fraction, cfg.min_lr_ratio)
+                for step in range(cfg.steps)]
+    assert [r["lr"] for r in rows_whole] == pytest.approx([cfg.lr * m for m in schedule])  # not a block's multiple
     for key in ("step", "tokens", "train_loss", "val_loss", "lr", "noise_scale", "snr_attention", "snr_embedding"):
         assert [r[key] for r in rows_split] == [r[key] for r in rows_whole], key
     measured = [r for r in rows_whole if r["snr_attention"] is not None]

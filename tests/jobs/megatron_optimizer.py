@@ -48,16 +48,19 @@ VOCAB, SEQ, BATCH, EXPERTS, EP = 64, 8, 2, 4, 2
 STEPS, LR, WD, CLIP, BETAS, EPS = 3, 1e-2, 0.1, 0.05, (0.9, 0.95), 1e-8
 
 
-def build(dtype: torch.dtype, seed: int = 1234, distributed_optimizer: bool = True):
-    """The megatron DDP-wrapped tiny MoE GPT (identical on every run with the same seed)."""
+def build(dtype: torch.dtype, seed: int = 1234, distributed_optimizer: bool = True, **transformer):
+    """The megatron DDP-wrapped tiny MoE GPT (identical on every run with the same seed); `transformer` overrides
+    TransformerConfig fields (e.g. num_query_groups)."""
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     bf16 = dtype == torch.bfloat16
-    config = TransformerConfig(
-        num_layers=2, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2, num_moe_experts=EXPERTS,
-        moe_router_topk=1, moe_router_pre_softmax=True, moe_token_dispatcher_type="alltoall", moe_ffn_hidden_size=32,
-        expert_model_parallel_size=EP, moe_aux_loss_coeff=0.01, add_bias_linear=False, use_cpu_initialization=True,
-        params_dtype=dtype, bf16=bf16, pipeline_dtype=dtype, hidden_dropout=0.0, attention_dropout=0.0)
+    config = TransformerConfig(**{
+        **dict(num_layers=2, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2, num_moe_experts=EXPERTS,
+               moe_router_topk=1, moe_router_pre_softmax=True, moe_token_dispatcher_type="alltoall",
+               moe_ffn_hidden_size=32, expert_model_parallel_size=EP, moe_aux_loss_coeff=0.01, add_bias_linear=False,
+               use_cpu_initialization=True, params_dtype=dtype, bf16=bf16, pipeline_dtype=dtype, hidden_dropout=0.0,
+               attention_dropout=0.0),
+        **transformer})
     model = GPTModel(config, get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False),
                      vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope")
     if bf16:
@@ -151,11 +154,11 @@ def run_case(optimizer: str, dtype: torch.dtype, **fields) -> tuple[dict, dict]:
     return dict(inners=inners, errors=errors), {n: p.detach().clone() for n, p in named.items()}
 
 
-def train_with_references(model, opt, named: dict, expert_names: set, reference_steps: list) -> None:
-    """STEPS clipped steps of Megatron's optimizer; after each, every ``reference_step(grads)`` steps its reference
+def train_with_references(model, opt, named: dict, expert_names: set, reference_steps: list, steps: int = STEPS) -> None:
+    """`steps` clipped steps of Megatron's optimizer; after each, every ``reference_step(grads)`` steps its reference
     on the gradient of the global loss, from all ranks' local gradients, and returns its pre-clip norm, which must
     be Megatron's (and above CLIP, so clipping is active)."""
-    for step in range(STEPS):
+    for step in range(steps):
         model.zero_grad_buffer()
         opt.zero_grad()
         tokens, labels = batches(step)
