@@ -129,9 +129,10 @@ def check_scheduled_lrs(param_groups, tolerance: float = 1e-6) -> None:
                           for i, g in enumerate(tagged))
         raise ValueError(f"blockwise lr: the lr scheduler set lrs that lose the blockwise multipliers ({shown}). "
                          "DeepSpeed's WarmupLR/WarmupDecayLR with a warmup_max_lr (or a warmup_min_lr > 0) and "
-                         "OneCycle/LRRangeTest give every group the same lr; use WarmupCosineLR, WarmupLR without "
-                         "warmup_max_lr and with warmup_min_lr 0, or pass lr_scheduler to deepspeed.initialize "
-                         "(e.g. a torch LambdaLR, which scales each group's lr)")
+                         "OneCycle/LRRangeTest give every group the same lr (and DeepSpeed 0.16's WarmupCosineLR "
+                         "sets only the first group's lr before its first step; fixed by 0.19.8); use "
+                         "WarmupCosineLR, WarmupLR without warmup_max_lr and with warmup_min_lr 0, or pass "
+                         "lr_scheduler to deepspeed.initialize (e.g. a torch LambdaLR, which scales each group's lr)")
 
 
 def base_lr(param_groups) -> float:

@@ -9,14 +9,17 @@ before each step. The checks:
   at lr = the step's base lr x its block's multiplier (written out in tests/test_blockwise.py, not taken from the
   rules): within FP32_TOL of every tensor;
 - WarmupDecayLR with a warmup_max_lr, which gives every group one lr, is refused with an error naming the
-  schedulers that keep the ratios;
+  schedulers that keep the ratios (so is WarmupCosineLR on DeepSpeed 0.16, the oldest-versions run: before its
+  first step it sets only the first group's lr);
 - DeepSpeed's MoE split keeps the multiplier: the expert group has the FFN lr.
 """
 
 from pathlib import Path
 
+import deepspeed
 import pytest
 import torch
+from packaging.version import Version
 
 from conftest import torchrun
 from gradpower_ds import AdamPower
@@ -65,6 +68,10 @@ def reference(bases: list[float]) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("case", TRAINED)
 def test_lrs_keep_their_ratios_and_train_as_the_reference(results, case):
     result = results[case]
+    if "error" in result and case.endswith("cosine") and Version(deepspeed.__version__) < Version("0.19.8"):
+        # DeepSpeed 0.16's WarmupCosineLR sets only group 0's lr before the first step: refused, not run wrong
+        assert "blockwise_embedding: 0 (x10), blockwise_qk: 0.008 (x8)" in result["error"], result["error"]
+        return
     bases = base_lrs(result["lrs"])
     assert len(bases) == ds_blockwise.STEPS and max(bases) > 0
     assert len({round(b, 12) for b in bases}) >= 3, "warmup and decay both happened"

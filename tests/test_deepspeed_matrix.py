@@ -34,7 +34,8 @@ FP32_TOL = 1e-5
 # (tests/test_deepspeed_matrix.py, z3-fp32 at p = 1: 1.67e-5 on an AVX2-only CPU, 3.0e-6 on AVX-512; reproduced on
 # AVX-512 with ATEN_CPU_CAPABILITY=avx2 alone, while ours vs DeepSpeed's AdamW stayed 1.02e-6 in every
 # combination of ATen, oneDNN, MKL, DeepSpeed's ops and our kernel forced to AVX2):
-# - 99.5 % of the squared error sits in ONE element, layers.0.attn.qkv.weight[1962]. Its four micro-batch
+# - 99.5 % of the squared error sits in ONE element, layers.0.attn.qkv.weight[1962] (the fused Q/K/V weight the
+#   model had then; k_proj.weight[29, 10] now). Its four micro-batch
 #   gradient contributions are about 2.5e-4 and cancel to 3.0e-9 (a factor 1.6e5). The reference sums them
 #   ((a + b) + c) + d; DeepSpeed sums per rank, then across ranks, scaling on the way. One ulp of a contribution
 #   is 5.8e-11, so the orders disagree by a few of those (the micro-batch values, and so where the sums round,
