@@ -169,8 +169,8 @@ class TrainConfig:
                                        rule=MUON_POWER_RULE), "muon_power")
         if self.blockwise_lr and self.optimizer not in BLOCKWISE_OPTIMIZERS:
             raise ConfigError(f"blockwise_lr with optimizer {self.optimizer}: DeepSpeed's Muon builds its own param "
-                              f"groups, which drop the blockwise lrs; use optimizer {' or '.join(BLOCKWISE_OPTIMIZERS)}",
-                              "blockwise_lr", "optimizer")
+                              "groups, which drop the blockwise lrs; use optimizer "
+                              f"{' or '.join(BLOCKWISE_OPTIMIZERS)}", "blockwise_lr", "optimizer")
         if self.blockwise_multipliers and not self.blockwise_lr:
             raise ConfigError("blockwise_multipliers is set but blockwise_lr is false; set blockwise_lr true or drop "
                               "blockwise_multipliers", "blockwise_multipliers", "blockwise_lr")

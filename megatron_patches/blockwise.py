@@ -17,8 +17,9 @@ The blocks and multipliers are ``gradpower_ds.blockwise``'s. ``megatron_patches.
    head dim V rows, so one param group cannot give them their blocks' lrs. It stays in a base-lr group, and its
    inner torch optimizer moves to a subclass of its own class (as AdamPower's step does) whose step scales the
    change it made to those rows of the fp32 main parameters by the rows' multipliers (qk for Q and K, vo for V):
-   ``main = old + m_row x (new - old)`` (one ``torch.lerp``). For Adam(W) (and AdamPower), whose update including the decoupled
-   weight decay is proportional to the lr with the moments independent of it, that is exactly a per-row lr.
+   ``main = old + m_row x (new - old)`` (one ``torch.lerp``). For Adam(W) (and AdamPower), whose update
+   including the decoupled weight decay is proportional to the lr with the moments independent of it, that is
+   exactly a per-row lr.
    It works on the main parameters of the FP32, Float16 and distributed optimizers (there on this rank's
    shard of the rows); it costs one copy of those main parameters during the step.
 

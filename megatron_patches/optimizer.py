@@ -14,6 +14,8 @@ megatron-core (the version in ``megatron_patches.SUPPORTED_MEGATRON_CORE``) know
    - ``gradpower_p_expert``: the same for MoE expert parameters (None: ``gradpower_p``);
    - ``gradpower_p_adam``: muonpower only: p of the AdamPower that Megatron's Muon chains
      for what it leaves to Adam (embeddings, output layer, norms, biases; None: 1.2);
+   - ``gradpower_blockwise_lr``: blockwise learning rates, for 'adam' and 'adampower' too
+     (``megatron_patches.blockwise``, which validates it here);
 2. ``OptimizerConfig.__post_init__`` validates them (p > 0, ValueError naming the
    field) for ``"adampower"`` / ``"muonpower"`` and runs Megatron's own checks as for
    ``'adam'`` / Muon (e.g. the precision-aware optimizer is allowed with AdamPower);
@@ -262,7 +264,8 @@ def config_init(original):
 
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
-        for name, default in CONFIG_FIELDS.items():  # set before the dataclass __init__, whose __post_init__ validates them
+        # set before the dataclass __init__, whose __post_init__ validates them
+        for name, default in CONFIG_FIELDS.items():
             setattr(self, name, kwargs.pop(name, default))
         original(self, *args, **kwargs)
 

@@ -5,7 +5,8 @@
 naming it. Where an internal differs between supported versions, the list holds one adapter
 for it with the version named beside it. Every patch is undone by ``remove()``. What each
 patch does is documented where its wrapper lives: ``megatron_patches.optimizer``
-(AdamPower, MuonPower), ``megatron_patches.blockwise`` (blockwise lrs), ``megatron_patches.checkpoint`` (the DistributedOptimizer's checkpoints with
+(AdamPower, MuonPower), ``megatron_patches.blockwise`` (blockwise lrs),
+``megatron_patches.checkpoint`` (the DistributedOptimizer's checkpoints with
 torch's Adam), ``megatron_patches.arguments`` (Megatron-LM's ``--optimizer`` and optimizer
 config, only where Megatron-LM is importable).
 """

@@ -154,7 +154,8 @@ def run_case(optimizer: str, dtype: torch.dtype, **fields) -> tuple[dict, dict]:
     return dict(inners=inners, errors=errors), {n: p.detach().clone() for n, p in named.items()}
 
 
-def train_with_references(model, opt, named: dict, expert_names: set, reference_steps: list, steps: int = STEPS) -> None:
+def train_with_references(model, opt, named: dict, expert_names: set, reference_steps: list,
+                          steps: int = STEPS) -> None:
     """`steps` clipped steps of Megatron's optimizer; after each, every ``reference_step(grads)`` steps its reference
     on the gradient of the global loss, from all ranks' local gradients, and returns its pre-clip norm, which must
     be Megatron's (and above CLIP, so clipping is active)."""
