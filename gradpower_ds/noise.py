@@ -183,7 +183,7 @@ class NoiseMonitor:
     def __init__(self, named_parameters, examples: int, every: int, seed: int = 0):
         self.every = every
         self.probe = NoiseProbe(named_parameters, examples, seed=seed) if every else None
-        self.scale, self.grad_sq, self.trace, self.count = NoiseScale(), 0.0, 0.0, 0
+        self.scale, self.grad_sq, self.trace = NoiseScale(), 0.0, 0.0
 
     def begin_step(self, step: int) -> None:
         """Before step `step` (0-based) of the run: the probe samples it when step + 1 is a multiple of `every`."""
@@ -205,20 +205,19 @@ class NoiseMonitor:
             return {}
         value = self.scale.update(measured["grad_sq"], measured["trace"])
         self.grad_sq, self.trace = self.grad_sq + measured["grad_sq"], self.trace + measured["trace"]
-        self.count += 1
         return {"noise_scale": value, **{f"snr_{g}": v for g, v in measured["snr"].items() if g != "other"}}
 
     @property
     def run_value(self) -> float | None:
         """The run's B_simple: summed tr Sigma / summed |G|^2 over its measured steps (None: none measured, or the
         summed |G|^2 is not positive)."""
-        return self.trace / self.grad_sq if self.count and self.grad_sq > 0 else None
+        return self.trace / self.grad_sq if self.grad_sq > 0 else None
 
     def state_dict(self) -> dict:
         """The averages a checkpoint keeps (the client state of the main job's, the plain state of Megatron's)."""
-        return {"scale": self.scale.state_dict(), "grad_sq": self.grad_sq, "trace": self.trace, "count": self.count}
+        return {"scale": self.scale.state_dict(), "grad_sq": self.grad_sq, "trace": self.trace}
 
     def load_state_dict(self, state: dict) -> None:
         """Continues the averages of `state` (``state_dict``)."""
         self.scale.load_state_dict(state["scale"])
-        self.grad_sq, self.trace, self.count = state["grad_sq"], state["trace"], state["count"]
+        self.grad_sq, self.trace = state["grad_sq"], state["trace"]
