@@ -108,15 +108,14 @@ def blockwise_param_groups(model, base_lr: float, multipliers: dict | None = Non
         raise ValueError(f"blockwise lr: {fused[0]} holds Q, K and V rows, whose blocks differ (qk, vo), and a param "
                          "group has one lr; with megatron-core use its blockwise_lr setting (megatron_patches), "
                          "which scales those rows' updates, or split the weight into q/k/v parameters")
-    params = dict(model.named_parameters())
-    groups = []
-    for block, factor in factors.items():
-        members = [params[name] for name, b in blocks.items() if b == block]
-        if members:
-            groups.append(dict(name=f"blockwise_{block}", params=members, lr=base_lr * factor,
-                               weight_decay=0.0 if block == "gpas_gate" else weight_decay,
-                               **{LR_MULTIPLIER_KEY: factor}, **group_options))
-    return groups
+    members = {}
+    for name, param in model.named_parameters():
+        if name in blocks:
+            members.setdefault(blocks[name], []).append(param)
+    return [dict(name=f"blockwise_{block}", params=members[block], lr=base_lr * factor,
+                 weight_decay=0.0 if block == "gpas_gate" else weight_decay, **{LR_MULTIPLIER_KEY: factor},
+                 **group_options)
+            for block, factor in factors.items() if block in members]
 
 
 def check_scheduled_lrs(param_groups, tolerance: float = 1e-6) -> None:
