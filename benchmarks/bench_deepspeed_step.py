@@ -1,7 +1,7 @@
 """A DeepSpeed training step: ``"type": "AdamPower"`` (power 1.2) against DeepSpeed's ``"type": "AdamW"`` (and, on
 request, ``"MuonPower"`` against DeepSpeed's ``"Muon"``).
 
-In ONE run, on the same model (gradpower_ds.model.CausalLM, dense, ~34M
+In ONE run, on the same model (gradpower_ds.jobs.model.CausalLM, dense, ~34M
 parameters by default), the same data and the same DeepSpeed config except the optimizer
 type, it times these settings (on the CPU, or on CUDA GPUs when there are any):
   zero2          ZeRO-2: on the CPU ours builds gradpower_ds.CPUAdamPower and
@@ -87,7 +87,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed training steps per optimizer")
     parser.add_argument("--steps", type=int, default=40, help="timed training steps per optimizer")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                        help="auto (default): bf16 on GPUs and CPUs with native bf16, else fp32 (gradpower_ds.precision)")
+                        help="auto (default): bf16 on GPUs and CPUs with native bf16, else fp32 "
+                             "(gradpower_ds.jobs.precision)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -112,13 +113,13 @@ def launch(args: argparse.Namespace) -> int:
     """Prints the machine facts, then runs this script's worker on --world-size ranks; returns its exit code."""
     for fact in machine_facts():
         print(fact)
-    from gradpower_ds.precision import resolve_precision
+    from gradpower_ds.jobs.precision import resolve_precision
 
     precision, why = resolve_precision(args.precision)
     print(f"ranks: {args.world_size} x {args.threads} thread(s); {precision} ({why}); micro-batch {args.micro_batch} "
           f"x {args.seq} tokens, gas {args.gas}; {args.warmup} warmup + {args.steps} timed steps per optimizer",
           flush=True)
-    from gradpower_ds.processes import free_port
+    from gradpower_ds.jobs.processes import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.world_size),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), os.path.abspath(__file__), "--worker",
@@ -131,7 +132,7 @@ def make_model(args: argparse.Namespace):
     """The benchmark's CausalLM, identical on every rank and for both optimizers (seeded)."""
     import torch
 
-    from gradpower_ds.model import CausalLM, ModelConfig
+    from gradpower_ds.jobs.model import CausalLM, ModelConfig
 
     torch.manual_seed(0)
     return CausalLM(ModelConfig(n_layers=args.layers, dim=args.dim, n_heads=max(1, args.dim // 64),
@@ -142,7 +143,7 @@ def make_model(args: argparse.Namespace):
 def ds_config(args: argparse.Namespace, opt_type: str, offload: bool = False, fused: bool = False,
               torch_adam: bool = False) -> dict:
     """The DeepSpeed config of a setting; the two optimizers' configs differ only in the optimizer entry."""
-    from gradpower_ds.precision import resolve_precision
+    from gradpower_ds.jobs.precision import resolve_precision
 
     zero = {"stage": 2}
     if offload:
@@ -339,5 +340,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from gradpower_ds.processes import exit_when_done
+    from gradpower_ds.jobs.processes import exit_when_done
     exit_when_done(main)

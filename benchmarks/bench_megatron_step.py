@@ -256,7 +256,7 @@ def main() -> None:
     from megatron.core import parallel_state
 
     import megatron_patches
-    from gradpower_ds.processes import free_port
+    from gradpower_ds.jobs.processes import free_port
 
     args.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     args.optimizers = PAIRS[args.pair]
@@ -332,5 +332,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from gradpower_ds.processes import exit_when_done
+    from gradpower_ds.jobs.processes import exit_when_done
     exit_when_done(main)

@@ -1,6 +1,6 @@
 """What measuring the gradient noise costs the main job: a step with the NoiseProbe sampling against one without.
 
-In ONE run, on the main job's own engine (``gradpower_ds.train.build_engine``: the model, DeepSpeed config
+In ONE run, on the main job's own engine (``gradpower_ds.jobs.train.build_engine``: the model, DeepSpeed config
 and optimizer of ``--config``, default configs/quickstart.json, in fp32) and data, it trains --steps steps in
 ABBA order (measured, plain, plain, measured, ...), so machine noise hits both alike. A measured step is
 what the job does every ``noise_every`` steps: the tensor hooks copy each micro-batch's sampled gradient
@@ -47,7 +47,7 @@ def launch(args: argparse.Namespace) -> int:
                  platform.processor() or "unknown CPU")
     print(f"cpu: {model}; {os.cpu_count()} logical CPUs; ranks: {args.world_size} x 1 thread; {args.config}, fp32, "
           f"grad_accum {args.grad_accum}", flush=True)
-    from gradpower_ds.processes import free_port
+    from gradpower_ds.jobs.processes import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.world_size),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), os.path.abspath(__file__), "--worker",
@@ -59,11 +59,11 @@ def worker(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
 
-    from gradpower_ds.data import load_corpus_distributed
+    from gradpower_ds.jobs.data import load_corpus_distributed
     from gradpower_ds.deepspeed import register
     from gradpower_ds.noise import NoiseMonitor
-    from gradpower_ds.train import build_engine
-    from gradpower_ds.train_config import load_config
+    from gradpower_ds.jobs.train import build_engine
+    from gradpower_ds.jobs.train_config import load_config
 
     cfg = load_config(["--config", args.config, "--precision", "fp32", "--grad_accum", str(args.grad_accum)])
     register()
@@ -106,7 +106,7 @@ def main() -> None:
     args = parse_args()
     if not args.worker:
         raise SystemExit(launch(args))
-    from gradpower_ds.processes import exit_when_done
+    from gradpower_ds.jobs.processes import exit_when_done
 
     exit_when_done(lambda: worker(args))
 

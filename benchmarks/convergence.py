@@ -29,7 +29,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from gradpower_ds import compare
+from gradpower_ds.jobs import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = [  # (id, title, schedule, optimizers, compare's variant options, training flags of the study's own);
@@ -37,7 +37,7 @@ STUDIES = [  # (id, title, schedule, optimizers, compare's variant options, trai
     ("moe-wsd", "AdamPower vs AdamW — MoE, WSD schedule", "wsd", ["adamw", "adampower:1.2"], [], []),
     ("moe-cosine", "AdamPower vs AdamW — MoE, cosine schedule", "cosine", ["adamw", "adampower:1.2"], [], []),
     ("gpas", "GPAS vs Pre-LN — MoE, AdamPower p=1.2, WSD", "wsd", ["adampower:1.2"], ["--gpas", "off", "on"], []),
-    # DeepSpeed's clipping would clip Muon's orthogonalised update (gradpower_ds.muon_power.CLIPPING_WARNING)
+    # DeepSpeed's clipping would clip Muon's orthogonalised update (gradpower_ds.deepspeed.muon_power.CLIPPING_WARNING)
     ("muon", "MuonPower vs Muon — MoE, WSD, no clipping", "wsd",
      ["muon", "muonpower:0.9", "muonpower:1.0", "muonpower:1.2"], [], ["--grad_clip", "0"]),
     ("blockwise", "Blockwise learning rates with AdamW and AdamPower — MoE, WSD", "wsd", ["adamw", "adampower:1.2"],
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--plots", default=str(ROOT / "docs"))
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--studies", nargs="+", choices=[s[0] for s in STUDIES], default=[s[0] for s in STUDIES])
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra gradpower_ds.train flags")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra gradpower_ds.jobs.train flags")
     args = parser.parse_args()
     extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     report = []

@@ -26,11 +26,11 @@ import json
 import statistics
 from pathlib import Path
 
-from gradpower_ds import compare
+from gradpower_ds.jobs import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN, RANKS = 128, 2  # the quickstart's sequence length; ranks per run
-RELATION = ROOT / "gradpower_ds" / "p_vs_batch.json"
+RELATION = ROOT / "gradpower_ds" / "jobs" / "p_vs_batch.json"
 
 
 def layout(batch: int, tokens: int) -> dict:

@@ -1,14 +1,18 @@
 """gradpower-ds: GradPower/AdamPower and GPAS for DeepSpeed and Megatron-core.
 
+This package is the library: the optimizers, phi and its kernels, GPAS, blockwise groups,
+noise metrics, hyperparameter rules and the patching mechanism. Its integrations are
+``gradpower_ds.deepspeed`` and the top-level ``megatron_patches``; the jobs (the main
+job, compare, the demo model) are ``gradpower_ds.jobs``, which the library never imports.
 Importing this package patches nothing; integrations are opt-in
-(`gradpower_ds.deepspeed.register()`, `megatron_patches.apply()`).
+(``gradpower_ds.deepspeed.register()``, ``megatron_patches.apply()``).
 """
 
 from .adam_power import AdamPower
 from .blockwise import blockwise_param_groups
 from .cpu_adam_power import CPUAdamPower
-from .gpas import GPASGate, clip_gate_grad_norm_, gpas_scale, param_groups_with_gpas, register_gate_grad_clip
-from .gpas_models import apply_gpas, remove_gpas
+from .gpas import (GPASGate, apply_gpas, clip_gate_grad_norm_, gpas_scale, param_groups_with_gpas,
+                   register_gate_grad_clip, remove_gpas)
 from .functional import adam_power
 from .power import grad_power, grad_power_
 

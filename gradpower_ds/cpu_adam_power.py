@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from .ops.native import COPY_CODES, resolve_isa
+from .ops.native_adam_power import COPY_CODES, resolve_isa
 from .optimizer_base import AdamPowerBase
 
 _log = logging.getLogger(__name__)

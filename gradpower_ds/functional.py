@@ -2,26 +2,29 @@
 
 ``adam_power`` steps lists of tensors in place and dispatches, per tensor, to:
 
-- the native CPU kernel (phi + Adam(W) fused, one pass; ``ops.native``) for fp32
+- the native CPU kernel (phi + Adam(W) fused, one pass; ``ops.native_adam_power``) for fp32
   CPU params: the default there, and what ``fused=True`` means on the CPU;
 - the Triton kernel (one pass; ``ops.triton_adam_power``) for fp32 CUDA params:
   with ``fused=True``, and by default once it is verified on a GPU;
 - the multi-tensor torch path (``foreach=True``, and the default elsewhere):
   torch._foreach ops over batches of at most MULTI_TENSOR_BATCH elements, with
-  phi applied in place (``power.grad_power_``) to a copy of each batch's grads,
-  so its temporaries are bounded whatever the size of a gradient;
+  phi applied in place by torch ops (``power.grad_power_(fused=False)``) to a copy
+  of each batch's grads, so its temporaries are bounded whatever the size of a gradient;
 - the single-tensor path (``foreach=False``): plain torch, one tensor at a time,
   in torch.optim.AdamW's operation order, so that with power = 1 it is bitwise
   torch.optim.Adam(W)(foreach=False).
 
-Every path takes grads of any float dtype (a bf16 grad on an fp32 param is
+The implementation is chosen once per call and device (``power.fused_kernel``); a
+tensor the chosen kernel cannot take (its layout) goes to the torch path, and the
+torch paths never reach a kernel, so ``foreach=True``/``False`` and ``fused=False``
+are honoured exactly. Every path takes grads of any float dtype (a bf16 grad on an fp32 param is
 widened exactly) and leaves the grads untouched. ``AdamPower``, ``CPUAdamPower``,
 DeepSpeed (through them) and Megatron's AdamPower all step through here.
 
 Like torch.optim's functional code, nothing here validates hyperparameters on
 every step: the callers do once, where they enter (the optimizer classes at
-construction and add_param_group with ``gradpower_ds.hyperparams.check_group``,
-config and flag parsing with ``check_power``).
+construction and add_param_group, config and flag parsing, all with
+``gradpower_ds.hyperparams.check_settings``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from .hyperparams import bias_corrections
-from .ops import native
+from .ops import native_adam_power as native
 from .ops import triton_adam_power as triton_ops
 from .power import fused_kernel, grad_power_
 
@@ -53,7 +56,7 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
     kernel or an error. low_precision_params: per param None or a bf16/fp16 tensor
     that receives the new weights. isa, num_threads: the native kernel's (CPUAdamPower's).
     The hyperparameters are not validated here: callers validate them once, where they
-    enter (``gradpower_ds.hyperparams.check_group``/``check_power``), as AdamPowerBase does.
+    enter (``gradpower_ds.hyperparams.check_settings``), as AdamPowerBase does.
     """
     if fused and foreach:
         raise ValueError("adam_power: fused=True and foreach=True are mutually exclusive")
@@ -67,8 +70,11 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
     if foreach is not None and fused is None:
         fused = False
     paths: dict[str, list[int]] = {"native": [], "triton": [], "torch": []}
+    kernels: dict[torch.device, str | None] = {}  # the kernel is chosen once per device and step, not per tensor
     for i, p in enumerate(params):
-        kernel = fused_kernel(p.device, fused)
+        if p.device not in kernels:
+            kernels[p.device] = fused_kernel(p.device, fused)
+        kernel = kernels[p.device]
         if kernel == "native" and not _native_layout(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], copies[i]):
             if fused:
                 raise TypeError(
@@ -102,7 +108,8 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
 
 def _native_layout(param, grad, exp_avg, exp_avg_sq, copy) -> bool:
     """Whether the native path takes this tensor: a dispatch decision. Which layouts the kernel can take is
-    ops.native's to say (``native.fits``), and ops.native checks every buffer again where it hands it over."""
+    ops.native_adam_power's to say (``native.fits``), and ops.native_adam_power checks every buffer again where it
+    hands it over."""
     n = param.numel()
     low_param = native.fits(param, n, tuple(native.COPY_CODES))  # bf16/fp16 weights with fp32 moments
     ok = (native.fits(param, n) or low_param and copy is None) and \
@@ -118,7 +125,7 @@ def _triton_layout(param, exp_avg, exp_avg_sq) -> bool:
 def _single_tensor_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies, *, lr, beta1, beta2, eps,
                               weight_decay, power, power_eps, adam_w_mode, bias_correction) -> None:
     for p, grad, exp_avg, exp_avg_sq, step_t, copy in zip(params, grads, exp_avgs, exp_avg_sqs, steps, copies):
-        grad = grad_power_(grad.to(p.dtype, copy=True), power, power_eps)
+        grad = grad_power_(grad.to(p.dtype, copy=True), power, power_eps, fused=False)
         step_t += 1
         if weight_decay != 0:
             if adam_w_mode:
@@ -139,7 +146,7 @@ def _multi_tensor_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies
     torch._foreach_add_(steps, 1)
     corrections = [bias_corrections(beta1, beta2, s.item(), bias_correction) for s in steps]
     for ps, gs, ms, vs, bcs in _batches(params, grads, exp_avgs, exp_avg_sqs, corrections):
-        gs = grad_power_([g.to(p.dtype, copy=True) for p, g in zip(ps, gs)], power, power_eps)
+        gs = grad_power_([g.to(p.dtype, copy=True) for p, g in zip(ps, gs)], power, power_eps, fused=False)
         if weight_decay != 0:
             if adam_w_mode:
                 torch._foreach_mul_(ps, 1 - lr * weight_decay)

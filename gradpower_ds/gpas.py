@@ -7,17 +7,24 @@ forward pass through a stop-gradient, leaving the backward gradient untouched:
     dy/dx = I,   dL/dalpha = -act'(alpha) * <dL/dy, x>
 
 With act = SiLU (default) and alpha = 0 the gate is an exact identity at
-initialisation. One gate per decoder layer, shared by both residual adds; where
-it goes is implemented in gradpower_ds.model (each layer-norm placement of
-VARIANTS), gradpower_ds.gpas_models (Hugging Face LLaMA, Qwen2, Qwen2-MoE and
-Mixtral decoder layers, Pre-LN) and megatron_patches.gpas (megatron-core layers).
+initialisation. One gate per decoder layer, shared by both residual adds. Where
+it goes: ``apply_gpas`` / ``remove_gpas`` here put gates into Hugging Face LLaMA,
+Qwen2, Qwen2-MoE and Mixtral decoder layers (transformers 5.x, Pre-LN; a thin,
+reversible patch: each layer gets a `gpas_gate` submodule and an instance
+`forward` that is the library's own Pre-LN forward with the gate after each
+residual add) and into any model that places them itself through methods
+``apply_gpas(variant, act, learnable)`` / ``remove_gpas()`` (the jobs' demo model,
+gradpower_ds.jobs.model.CausalLM, in every layer-norm placement of VARIANTS);
+megatron_patches.gpas puts them into megatron-core layers.
 
-Both training jobs (gradpower_ds.train, gradpower_ds.train_megatron) clip each
+Both training jobs (gradpower_ds.jobs.train, gradpower_ds.jobs.train_megatron) clip each
 gate's gradient to +-GATE_GRAD_CLIP, the GPAS reference code's value, with
 register_gate_grad_clip; plain PyTorch loops can use clip_gate_grad_norm_.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.nn.functional as F
@@ -112,3 +119,80 @@ def register_gate_grad_clip(model: nn.Module, max_value: float = GATE_GRAD_CLIP)
     if max_value <= 0:
         raise ValueError(f"GPAS: invalid max_value={max_value}: must be > 0")
     return [p.register_hook(lambda g: g.clamp(-max_value, max_value)) for p in gate_parameters(model)]
+
+
+HF_LAYER_CLASSES = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen2MoeDecoderLayer", "MixtralDecoderLayer")
+HF_MAJOR = 5  # the decoder-layer structure below was checked against transformers 5.23
+_PATCHED = "_gpas_patched"
+
+
+def _hf_pre_ln_gpas_forward(self, hidden_states, **kwargs):
+    """The Hugging Face Pre-LN decoder layer with a GPAS gate after each residual add."""
+    residual = hidden_states
+    attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    hidden_states = self.gpas_gate(residual + attn_out)
+    residual = hidden_states
+    hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+    return self.gpas_gate(residual + hidden_states)
+
+
+def _hf_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ in HF_LAYER_CLASSES]
+
+
+def _check_transformers() -> None:
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    if major != HF_MAJOR:
+        raise RuntimeError(f"apply_gpas: Hugging Face models are supported with transformers {HF_MAJOR}.x "
+                           f"(checked on 5.23); found {transformers.__version__}")
+
+
+def apply_gpas(model: nn.Module, variant: str | None = None, act: str = "silu", learnable: bool = True) -> nn.Module:
+    """Adds one GPAS gate per decoder layer (in place; idempotent) and returns the model.
+
+    variant: the model's layer-norm placement (None: the model's own); Hugging Face
+    models are Pre-LN ("pre_ln"). A model with its own apply_gpas method is handed
+    variant, act and learnable (checked here first).
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"apply_gpas: unknown act={act!r}; choose one of {sorted(ACTIVATIONS)}")
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"apply_gpas: unknown variant={variant!r}; choose one of {VARIANTS}")
+    if callable(getattr(model, "apply_gpas", None)):
+        model.apply_gpas(variant, act, learnable)
+        return model
+    layers = _hf_layers(model)
+    if not layers:
+        raise TypeError(f"apply_gpas: unsupported model {type(model).__name__}; supported are "
+                        f"Hugging Face models built from {', '.join(HF_LAYER_CLASSES)} and models with their own "
+                        "apply_gpas(variant, act, learnable) and remove_gpas() methods")
+    _check_transformers()
+    if variant not in (None, "pre_ln"):
+        raise ValueError(f"apply_gpas: Hugging Face {type(layers[0]).__name__} is Pre-LN; variant={variant!r} "
+                         "does not apply (use 'pre_ln' or None)")
+    for layer in layers:
+        if getattr(layer, _PATCHED, False):
+            continue
+        missing = [a for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+                   if not hasattr(layer, a)]
+        if missing:
+            raise RuntimeError(f"apply_gpas: {type(layer).__name__} lacks {missing}; this transformers version "
+                               "changed the decoder layer")
+        layer.gpas_gate = GPASGate(act, learnable).to(layer.input_layernorm.weight.device)
+        layer.forward = types.MethodType(_hf_pre_ln_gpas_forward, layer)
+        setattr(layer, _PATCHED, True)
+    return model
+
+
+def remove_gpas(model: nn.Module) -> nn.Module:
+    """Undoes apply_gpas: removes the gates (and, for Hugging Face layers, the patched forward)."""
+    if callable(getattr(model, "remove_gpas", None)):
+        model.remove_gpas()
+        return model
+    for layer in _hf_layers(model):
+        if getattr(layer, _PATCHED, False):
+            del layer.forward, layer.gpas_gate
+            delattr(layer, _PATCHED)
+    return model

@@ -1,16 +1,22 @@
-"""AdamPower's hyperparameters: their defaults, their validation, and the per-step scalars derived from them.
+"""AdamPower's hyperparameters: their names, defaults and validation, and the per-step scalars derived from them.
 
-The one home of these: the optimizer classes, ``grad_power``, DeepSpeed's ``params``
-(``gradpower_ds.deepspeed``), Megatron's config fields and flags (``megatron_patches``)
-and the main job's settings (``gradpower_ds.train_config``) take their defaults from
-``ADAM_POWER_DEFAULTS`` and validate with ``check_power``/``check_group``, so every
-entry point rejects the same bad input with the same message. Values are checked once,
-where they enter (construction, config parsing), not on every step.
+The one home of these. ``POWER_NAMES`` is the one vocabulary of p: every user-facing name of
+it (``power``, ``adam_power``, ``expert_power``), what it means for each optimizer, its
+default, and its Megatron-LM flag; DeepSpeed's ``params`` (``gradpower_ds.deepspeed``), the
+main job's settings and flags (``gradpower_ds.jobs.train_config``) and Megatron's flags,
+``--gradpower-config`` keys and ``OptimizerConfig`` fields (``megatron_patches``) derive
+from it, so each word means the same thing everywhere; an old name (``RENAMED``) is refused
+with what replaced it. ``check_settings`` is the one check, made where values enter (an
+optimizer's param group, grad_power's p, a DeepSpeed config's params, Megatron's config and
+flags), so every entry point rejects the same bad input with the same message. Values are
+checked once, where they enter, not on every step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from numbers import Real
 
 ADAM_POWER_DEFAULTS = dict(
@@ -35,17 +41,113 @@ MUON_POWER_GUIDANCE = (  # why MuonPower's power has no default (DeepSpeed, the 
 POWER_EPS_RULE = "must be a finite number >= 0 (0.0 is the paper's formula)"
 
 
-def check_power(power, power_eps=0.0, owner: str = "grad_power", name: str = "power",
-                rule: str = POWER_RULE) -> tuple[float, float]:
-    """Validates the GradPower exponent p (a finite number > 0) and its epsilon (>= 0); returns them as floats.
+REQUIRED = "required"  # a PowerUse default: no default, the user must choose (MUON_POWER_GUIDANCE says why)
+SAME_AS_POWER = "power"  # a PowerUse default: the value of power
+# where a name of p is taken: "optimizer" (a param group of the optimizer classes, and grad_power's p), "deepspeed" (a
+# config's params; the main job trains through DeepSpeed, so its settings are these), "megatron" (flags and config)
+STACKS = ("optimizer", "deepspeed", "megatron")
 
-    The message is ``"{owner}: invalid {name}={value}: {rule}"`` (no prefix when owner is empty; MUON_POWER_RULE
-    for the power before Muon's momentum): TypeError for a value that is not a number, ValueError for one out of
-    range.
+
+@dataclass(frozen=True)
+class PowerUse:
+    """What a name of p means for one optimizer: its default (a number, REQUIRED or SAME_AS_POWER), what it is,
+    the range message of a bad value, and the integrations that take it."""
+
+    default: float | str
+    meaning: str
+    rule: str = POWER_RULE
+    stacks: tuple[str, ...] = STACKS
+
+
+@dataclass(frozen=True)
+class PowerName:
+    """One user-facing name of p: the DeepSpeed ``params`` key and the main job's setting (``--name``), its
+    Megatron-LM flag (whose dest is the ``OptimizerConfig`` field and the ``--gradpower-config`` key), and its
+    use per optimizer ("adampower", "muonpower")."""
+
+    name: str
+    megatron_flag: str
+    uses: dict[str, PowerUse] = field(default_factory=dict)
+
+    @property
+    def megatron_field(self) -> str:
+        """The OptimizerConfig field and --gradpower-config key: the flag's dest ('gradpower_p')."""
+        return self.megatron_flag.removeprefix("--").replace("-", "_")
+
+
+POWER_NAMES = {entry.name: entry for entry in (
+    PowerName("power", "--gradpower-p", {
+        "adampower": PowerUse(ADAM_POWER_DEFAULTS["power"], "AdamPower's p (1.0 is Adam)"),
+        "muonpower": PowerUse(REQUIRED, "MuonPower's p, applied before Muon's momentum (1.0 is Muon)",
+                              MUON_POWER_RULE, stacks=("deepspeed", "megatron"))}),
+    PowerName("adam_power", "--gradpower-p-adam", {
+        "muonpower": PowerUse(ADAM_POWER_DEFAULTS["power"], "the p of MuonPower's auxiliary Adam, for what Muon "
+                              "leaves to Adam (embeddings, output layer, norms, biases; 1.0 is Adam)",
+                              stacks=("deepspeed", "megatron"))}),
+    PowerName("expert_power", "--gradpower-p-expert", {
+        "adampower": PowerUse(SAME_AS_POWER, "AdamPower's p for the MoE expert parameters (default: power)",
+                              stacks=("deepspeed", "megatron")),
+        "muonpower": PowerUse(SAME_AS_POWER, "MuonPower's p for the MoE expert matrices Muon updates (default: "
+                                             "power)", MUON_POWER_RULE, stacks=("megatron",))}),
+)}
+RENAMED = {  # an old name -> why it is refused and what replaced it (no silent change of meaning)
+    "muon_power": "muon_power was renamed power (with optimizer muonpower, power is MuonPower's p before Muon's "
+                  "momentum, as in DeepSpeed's \"type\": \"MuonPower\" and Megatron's --gradpower-p); the auxiliary "
+                  "Adam's p, which the main job used to call power there, is adam_power",
+}
+
+
+def power_names(optimizer: str, stack: str) -> tuple[str, ...]:
+    """The names of p that `optimizer` takes in `stack` (one of STACKS), in POWER_NAMES' order."""
+    return tuple(name for name, entry in POWER_NAMES.items()
+                 if optimizer in entry.uses and stack in entry.uses[optimizer].stacks)
+
+
+def check_settings(values: Mapping[str, object], optimizer: str = "adampower", stack: str = "optimizer",
+                   owner: str = "", label: Callable[[str], str] = str) -> dict:
+    """`values` with AdamPower's hyperparameters validated (as floats, bools, a betas tuple) and the p settings of
+    `optimizer` in `stack` (power_names) resolved: the one check of every entry point's boundary.
+
+    Its callers: the optimizer classes (each param group, stack "optimizer"), grad_power/grad_power_, the
+    DeepSpeed config's params (``gradpower_ds.deepspeed.params``, through which the main job checks its
+    settings too) and Megatron's config and flags (``megatron_patches.optimizer.checked_powers``). The
+    hyperparameters of ADAM_POWER_DEFAULTS other than power are checked where present; every name of p the
+    optimizer takes is checked where set and otherwise gets its default (a missing REQUIRED one is refused, with
+    MUON_POWER_GUIDANCE); other keys pass through. Names of p the optimizer does not take are the caller's to
+    refuse (it knows how they were given). Messages read ``"{owner}: invalid {label(name)}={value}: {rule}"``
+    (``label`` spells a name as the user wrote it: a flag, a field): ValueError for a value out of range,
+    TypeError for one of the wrong type.
     """
-    power = _checked(power, name, owner, lambda p: p > 0.0, rule)
-    power_eps = _checked(power_eps, "power_eps", owner, lambda e: e >= 0.0, POWER_EPS_RULE)
-    return power, power_eps
+    prefix = f"{owner}: " if owner else ""
+    out = dict(values)
+    for name in ("lr", "eps", "weight_decay"):
+        if name in values:
+            out[name] = _checked(values[name], label(name), owner, lambda v: v >= 0.0, "must be a finite number >= 0")
+    if "power_eps" in values:
+        out["power_eps"] = _checked(values["power_eps"], label("power_eps"), owner, lambda e: e >= 0.0,
+                                    POWER_EPS_RULE)
+    if "betas" in values:
+        betas = values["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{prefix}invalid {label('betas')}={betas!r}: must be a pair (beta1, beta2)")
+        out["betas"] = tuple(_checked(beta, f"{label('betas')}[{i}]", owner, lambda b: 0.0 <= b < 1.0,
+                                      "must be a finite number in [0, 1)") for i, beta in enumerate(betas))
+    for name in ("adam_w_mode", "bias_correction"):
+        if name in values and not isinstance(values[name], bool):
+            raise TypeError(f"{prefix}{label(name)} must be True or False, got {values[name]!r}")
+    names = power_names(optimizer, stack)
+    for name in names:  # the values given first, then the defaults (a bad value is named before a missing one)
+        if values.get(name) is not None:
+            out[name] = _checked(values[name], label(name), owner, lambda v: v > 0.0,
+                                 POWER_NAMES[name].uses[optimizer].rule)
+    for name in names:
+        use = POWER_NAMES[name].uses[optimizer]
+        if values.get(name) is not None:
+            continue
+        if use.default == REQUIRED:
+            raise ValueError(f"{prefix}{optimizer} needs {label(name)}, {use.meaning}: {MUON_POWER_GUIDANCE}")
+        out[name] = out["power"] if use.default == SAME_AS_POWER else float(use.default)
+    return out
 
 
 def _is_number(value) -> bool:
@@ -58,22 +160,6 @@ def _checked(value, name: str, owner: str, in_range, rule: str) -> float:
     shown = f"{value:g}" if _is_number(value) or isinstance(value, float) else repr(value)
     error = ValueError if isinstance(value, Real) and not isinstance(value, bool) else TypeError
     raise error(f"{owner + ': ' if owner else ''}invalid {name}={shown}: {rule}")
-
-
-def check_group(group: dict, owner: str) -> None:
-    """Validates one optimizer param group's AdamPower hyperparameters in place, as floats/bools (ValueError for a
-    value out of range, TypeError for one of the wrong type, naming `owner` and the hyperparameter)."""
-    for name in ("lr", "eps", "weight_decay"):
-        group[name] = _checked(group[name], name, owner, lambda v: v >= 0.0, "must be a finite number >= 0")
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{owner}: invalid betas={betas!r}: must be a pair (beta1, beta2)")
-    group["betas"] = tuple(_checked(beta, f"betas[{i}]", owner, lambda b: 0.0 <= b < 1.0,
-                                    "must be a finite number in [0, 1)") for i, beta in enumerate(betas))
-    group["power"], group["power_eps"] = check_power(group["power"], group["power_eps"], owner)
-    for name in ("adam_w_mode", "bias_correction"):
-        if not isinstance(group[name], bool):
-            raise TypeError(f"{owner}: {name} must be True or False, got {group[name]!r}")
 
 
 def bias_corrections(beta1: float, beta2: float, step: float, enabled: bool) -> tuple[float, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .functional import adam_power
-from .hyperparams import ADAM_POWER_DEFAULTS, check_group
+from .hyperparams import ADAM_POWER_DEFAULTS, check_settings
 
 
 class AdamPowerBase(torch.optim.Optimizer):
@@ -36,14 +36,14 @@ class AdamPowerBase(torch.optim.Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode,
             power=power, power_eps=power_eps, bias_correction=bias_correction,
         )
-        check_group(dict(defaults), type(self).__name__)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults)  # torch adds each group through add_param_group, which validates it
 
     def add_param_group(self, param_group: dict) -> None:
-        """Adds a group (see torch.optim.Optimizer) with its hyperparameters validated; a rejected group is not kept."""
+        """Adds a group (see torch.optim.Optimizer) with its hyperparameters, the defaults filled in, validated; a
+        rejected group is not kept. Every group enters here, those given at construction too."""
         super().add_param_group(param_group)
         try:
-            check_group(self.param_groups[-1], type(self).__name__)
+            self.param_groups[-1].update(check_settings(self.param_groups[-1], owner=type(self).__name__))
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise

@@ -22,8 +22,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .hyperparams import ADAM_POWER_DEFAULTS, check_power
-from .ops import native
+from .hyperparams import ADAM_POWER_DEFAULTS, check_settings
+from .ops import native_adam_power as native
 from .ops import triton_adam_power as triton_ops
 
 CHUNK = native.CHUNK  # elements per scratch chunk on the torch path
@@ -36,7 +36,7 @@ def grad_power(t: torch.Tensor, p: float = ADAM_POWER_DEFAULTS["power"], eps: fl
     Evaluated in float64 and rounded once; it makes a float64 copy of t, so it is for
     tests and checks, not for training steps (use grad_power_ there).
     """
-    p, eps = check_power(p, eps)
+    p, eps = _checked(p, eps)
     if p == 1.0 and eps == 0.0:
         return t.clone()
     work = t.double()
@@ -57,7 +57,7 @@ def grad_power_(tensors: torch.Tensor | Sequence[torch.Tensor], p: float = ADAM_
     ops otherwise; True requires the kernel (native on the CPU; Triton's interpreter
     on the CPU under TRITON_INTERPRET=1); False always uses torch ops.
     """
-    p, eps = check_power(p, eps)
+    p, eps = _checked(p, eps)
     if p == 1.0 and eps == 0.0:
         return tensors
     on_triton = []
@@ -104,6 +104,12 @@ def fused_kernel(device: torch.device, fused: bool | None) -> str | None:
     if fused:
         raise RuntimeError(f"fused=True: there is no fused kernel for {device.type} tensors; pass fused=None")
     return None
+
+
+def _checked(p, eps) -> tuple[float, float]:
+    """(p, eps) validated as an optimizer's power and power_eps are (hyperparams.check_settings), as floats."""
+    checked = check_settings({"power": p, "power_eps": eps}, owner="grad_power")
+    return checked["power"], checked["power_eps"]
 
 
 def _torch_power_(t: torch.Tensor, p: float, eps: float) -> None:

@@ -5,7 +5,7 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node1 launch/megatron_moe.sh [args...]   # on node1
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node1 launch/megatron_moe.sh [args...]   # on node2
 #
-# Runs `torchrun ... -m gradpower_ds.train_megatron` with the settings of GRADPOWER_CONFIG, the
+# Runs `torchrun ... -m gradpower_ds.jobs.train_megatron` with the settings of GRADPOWER_CONFIG, the
 # distributed optimizer, bf16, MoE with EP experts-parallel ranks, and the run folder RUN_DIR; when
 # RUN_DIR already holds a checkpoint it resumes from it (after a crash, or after a stop by SIGTERM or
 # SIGINT, which first saves a checkpoint: run the same command again).
@@ -46,4 +46,4 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "$python" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc" \
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-    -m gradpower_ds.train_megatron "${args[@]}" "$@"
+    -m gradpower_ds.jobs.train_megatron "${args[@]}" "$@"

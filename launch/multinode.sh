@@ -3,7 +3,7 @@
 #
 #   HOSTFILE=hosts launch/multinode.sh train.py --deepspeed_config configs/zero2.json [args...]
 #
-# Runs `deepspeed --hostfile $HOSTFILE ... --module gradpower_ds.run train.py args...`, so the
+# Runs `deepspeed --hostfile $HOSTFILE ... --module gradpower_ds.jobs.run train.py args...`, so the
 # script's DeepSpeed config may say "type": "AdamPower" without the script importing gradpower_ds.
 #
 # Environment:
@@ -40,4 +40,4 @@ fi
 args+=(${DS_ARGS:-})
 
 # shellcheck disable=SC2086  # DEEPSPEED may be a command with arguments
-exec ${DEEPSPEED:-deepspeed} "${args[@]}" --module gradpower_ds.run "$@"
+exec ${DEEPSPEED:-deepspeed} "${args[@]}" --module gradpower_ds.jobs.run "$@"

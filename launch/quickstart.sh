@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job in one command, on a fresh clone:
 #
-#   bash launch/quickstart.sh [gradpower_ds.train flags, e.g. --steps 600 --gpas true]
+#   bash launch/quickstart.sh [gradpower_ds.jobs.train flags, e.g. --steps 600 --gpas true]
 #
 # Creates .venv and installs everything (launch/setup_env.sh), then pretrains the small
 # LLaMA-MoE model with AdamPower (p = 1.2), ZeRO-2, a warmup-stable-decay schedule, on the
@@ -31,4 +31,4 @@ fi
 cores=$(nproc)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / NUM_GPUS > 0 ? cores / NUM_GPUS : 1 ))}
 exec deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
-    --module gradpower_ds.train --config "${CONFIG:-$root/configs/quickstart.json}" "$@"
+    --module gradpower_ds.jobs.train --config "${CONFIG:-$root/configs/quickstart.json}" "$@"

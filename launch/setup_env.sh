@@ -15,7 +15,8 @@ REQUIREMENTS=${REQUIREMENTS:-requirements-test.txt}
 # and ninja versions do not keep rebuilding each other's (see launch/README.md).
 export TORCH_EXTENSIONS_DIR=$PWD/$VENV/torch_extensions
 
-stamp=$(cat "$REQUIREMENTS" launch/setup_env.sh setup.py gradpower_ds/ops/builder.py gradpower_ds/csrc/* | sha256sum \
+stamp=$(cat "$REQUIREMENTS" launch/setup_env.sh setup.py gradpower_ds/jobs/__init__.py gradpower_ds/ops/builder.py \
+        gradpower_ds/csrc/* | sha256sum \
         | cut -d' ' -f1)
 if [ "$(cat "$VENV/.gradpower-setup" 2>/dev/null)" != "$stamp" ]; then
     export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -30,6 +31,6 @@ if [ "$(cat "$VENV/.gradpower-setup" 2>/dev/null)" != "$stamp" ]; then
     if grep -qx "megatron-core==0.16.1" "$REQUIREMENTS"; then
         python -m pip install -q --no-deps --ignore-requires-python "emerging-optimizers==0.3.0"
     fi
-    python -m pip install -q -e .
+    python -m pip install -q -e ".[jobs]"  # the library and the jobs wing's extra (tqdm, matplotlib, tensorboard)
     echo "$stamp" > "$VENV/.gradpower-setup"
 fi

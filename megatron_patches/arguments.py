@@ -2,10 +2,11 @@
 
 ``add_arguments(parser)`` is a Megatron-LM ``extra_args_provider``; it adds
 
-    --gradpower-p P            adampower: p for dense parameters (> 0; default 1.2);
+    --gradpower-p P            power: adampower: p for dense parameters (> 0; default 1.2);
                                muonpower: p before Muon's momentum (> 0; required)
-    --gradpower-p-expert P     p for MoE expert parameters (> 0; default: --gradpower-p)
-    --gradpower-p-adam P       muonpower: p of the Adam for what Muon leaves to Adam (> 0; default 1.2)
+    --gradpower-p-adam P       adam_power: muonpower: p of the Adam for what Muon leaves to Adam
+                               (> 0; default 1.2)
+    --gradpower-p-expert P     expert_power: p for MoE expert parameters (> 0; default: --gradpower-p)
     --blockwise-lr             blockwise learning rates (megatron_patches.blockwise; the file's key
                                blockwise_lr may also be an object of multipliers per block)
     --gpas                     GPAS gates in the decoder layers (Megatron's layers are Pre-LN)
@@ -13,9 +14,11 @@
     --gradpower-config FILE    JSON object with any of CONFIG_KEYS
 
 and ``adampower``/``muonpower`` to the choices of Megatron's ``--optimizer`` (or, on a parser
-without one, an ``--optimizer`` of its own). Precedence, per setting: a flag
-given on the command line wins over the JSON file, which wins over the
-default. "Given" is detected, not guessed from the value: while the parser
+without one, an ``--optimizer`` of its own). The three names of p are the flags of
+``gradpower_ds.hyperparams.POWER_NAMES`` (their help texts come from it too). Precedence,
+per setting, is ``gradpower_ds.config_sources.layered``'s: a flag given on the command
+line wins over the JSON file, which wins over the default. "Given" is detected, not
+guessed from the value: while the parser
 parses, each of these options' default is a private sentinel, so
 ``--gradpower-p 1.2`` (the default value) still beats the file. The file is read
 and everything is checked inside ``parse_args``/``parse_known_args`` of that
@@ -35,7 +38,8 @@ optimizer name holding "muon" there, and checks Muon's restrictions for it, so
 ``muonpower`` gets them). These patches apply only where Megatron-LM is
 importable (``megatron_lm_patches``, listed in ``megatron_patches.patches``); they are
 written against Megatron-LM core_v0.16.1 (whose megatron-core is the version ``apply()``
-checks). Values are validated by ``gradpower_ds.hyperparams.check_power``, as everywhere.
+checks). The names of p are validated by ``megatron_patches.optimizer.checked_powers``, as
+OptimizerConfig's fields are.
 """
 
 from __future__ import annotations
@@ -44,38 +48,47 @@ import argparse
 import functools
 import importlib
 import inspect
-import json
 import logging
+import math
 
 from gradpower_ds.blockwise import resolve_multipliers
+from gradpower_ds.config_sources import layered, read_settings_file
 from gradpower_ds.gpas import ACTIVATIONS
-from gradpower_ds.hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_GUIDANCE, check_power
+from gradpower_ds.hyperparams import POWER_NAMES, REQUIRED
 from gradpower_ds.patching import Wrap
 
 from .blockwise import BLOCKWISE_OPTIMIZERS
 from .blockwise import FIELD as BLOCKWISE_FIELD
 from .blockwise import multipliers as blockwise_multipliers
-from .optimizer import (FIELDS, MUON_NAME, OPTIMIZER_NAME, OPTIMIZER_NAMES, build_muon_with_power,
-                        check_muon_available, muon_powers, named, powers)
+from .optimizer import (FIELDS, MUON_NAME, NAME_OF_FIELD, OPTIMIZER_NAMES, build_muon_with_power,
+                        check_muon_available, checked_powers, config_powers, named)
 
 DEFAULTS = {"optimizer": "adam", **FIELDS, "blockwise_lr": False, "gpas": False, "gpas_act": "silu"}
 CONFIG_KEYS = tuple(DEFAULTS)  # the keys a --gradpower-config file may hold
-FLAGS = {key: "--" + key.replace("_", "-") for key in CONFIG_KEYS}
-POWER_KEYS = tuple(FIELDS)  # the settings that need --optimizer adampower or muonpower
+FLAGS = {key: "--" + key.replace("_", "-") for key in CONFIG_KEYS}  # the names of p: hyperparams.POWER_NAMES' flags
 
 _log = logging.getLogger(__name__)
 _UNSET = object()  # an option's default while parsing: "not given on the command line"
 
 
-def _power(text: str) -> float:
+def _number(text: str) -> float:
+    """A flag's number (its range is checked once the settings are resolved, by checked_powers)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    try:
-        return check_power(value, owner="", name="p")[0]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _power_help(field: str) -> str:
+    """A name of p's help text, from hyperparams.POWER_NAMES: what it is for each optimizer, and its default."""
+    uses = POWER_NAMES[NAME_OF_FIELD[field]].uses
+    return "; ".join(f"--optimizer {opt}: {use.meaning}" + (", required" if use.default == REQUIRED else
+                                                          f", default {use.default:g}" if isinstance(use.default, float)
+                                                          else "")
+                     for opt, use in uses.items() if "megatron" in use.stacks)
 
 
 def _optimizer_action(parser: argparse.ArgumentParser):
@@ -106,14 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser, after_parse=None) -> argparse
                             choices=["adam", "sgd", "muon", *OPTIMIZER_NAMES],
                             help="optimizer (adampower: Adam fed with sign(g)|g|^p; muonpower: Muon fed with it)")
     group = parser.add_argument_group("GradPower / GPAS (megatron_patches)")
-    group.add_argument(FLAGS["gradpower_p"], type=_power, default=None, metavar="P",
-                       help=f"--optimizer adampower: p for dense parameters, > 0 (1.0 = Adam; default "
-                            f"{ADAM_POWER_DEFAULTS['power']:g}); muonpower: p before Muon's momentum, required")
-    group.add_argument(FLAGS["gradpower_p_expert"], type=_power, default=None, metavar="P",
-                       help="p for MoE expert parameters (default: --gradpower-p)")
-    group.add_argument(FLAGS["gradpower_p_adam"], type=_power, default=None, metavar="P",
-                       help=f"--optimizer muonpower: p of the Adam for the parameters Muon leaves to Adam "
-                            f"(embeddings, output layer, norms, biases; default {ADAM_POWER_DEFAULTS['power']:g})")
+    for field in FIELDS:
+        group.add_argument(FLAGS[field], type=_number, default=None, metavar="P", help=_power_help(field))
     group.add_argument(FLAGS["blockwise_lr"], action="store_true",
                        help="blockwise learning rates: each block (embedding, Q/K, V/O, FFN, ...) at the paper's "
                             "multiple of --lr (--optimizer adam or adampower; other multipliers: the "
@@ -148,26 +155,10 @@ def add_arguments(parser: argparse.ArgumentParser, after_parse=None) -> argparse
 
 
 def read_config(path: str, optimizers=None) -> dict:
-    """The settings in a --gradpower-config file, checked; ValueError naming the file and the key."""
-    try:
-        with open(path) as f:
-            values = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"--gradpower-config {path}: cannot read it: {err}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"--gradpower-config {path}: must hold a JSON object, got {type(values).__name__}")
-    values.pop("_comment", None)
-    unknown = sorted(set(values) - set(CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"--gradpower-config {path}: unknown key(s) {unknown}; accepted keys are {list(CONFIG_KEYS)}")
+    """The settings in a --gradpower-config file (``config_sources.read_settings_file``), their types and choices
+    checked (the names of p are checked with the flags, once resolved); ValueError naming the file and the key."""
+    values = read_settings_file(path, CONFIG_KEYS, f"--gradpower-config {path}")
     where = f"--gradpower-config {path}: key"
-    for key in POWER_KEYS:
-        if key not in values or values[key] is None:  # null: the default
-            continue
-        try:
-            values[key] = check_power(values[key], owner=f"--gradpower-config {path}", name=key)[0]
-        except (TypeError, ValueError) as error:
-            raise ValueError(str(error)) from None
     if "gpas" in values and not isinstance(values["gpas"], bool):
         raise ValueError(f"{where} gpas={values['gpas']!r}: must be true or false")
     blockwise = values.get("blockwise_lr", False)
@@ -187,36 +178,30 @@ def read_config(path: str, optimizers=None) -> dict:
 
 
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-    """Fills the settings not given on the command line from --gradpower-config, then the defaults; checks them.
+    """Fills the settings not given on the command line from --gradpower-config, then the defaults
+    (``config_sources.layered``); checks them, the names of p with ``checked_powers`` (for adampower,
+    gradpower_p's default is filled in).
 
     Settings still holding the parse-time sentinel were not given. Errors go through ``parser.error``.
     """
-    defaults = {**DEFAULTS, **(defaults or {})}
     action = _optimizer_action(parser)
+    path = getattr(args, "gradpower_config", None)
     try:
-        from_file = read_config(args.gradpower_config, action.choices if action else None) \
-            if getattr(args, "gradpower_config", None) else {}
+        from_file = read_config(path, action.choices if action else None) if path else {}
     except ValueError as err:
         parser.error(str(err))
-    source = {}
-    for key in CONFIG_KEYS:
-        if getattr(args, key, _UNSET) is not _UNSET:
-            source[key] = FLAGS[key]
-        elif key in from_file:
-            setattr(args, key, from_file[key])
-            source[key] = f"--gradpower-config key {key}"
-        else:
-            setattr(args, key, defaults[key])
-    for key in POWER_KEYS:
-        needs = (MUON_NAME,) if key == "gradpower_p_adam" else OPTIMIZER_NAMES
-        if key in source and args.optimizer not in needs:
-            parser.error(f"{source[key]} has no effect unless --optimizer {' or '.join(needs)} (optimizer is "
-                         f"{args.optimizer!r})")
-    if args.optimizer == MUON_NAME and args.gradpower_p is None:
-        parser.error(f"--optimizer {MUON_NAME} needs {FLAGS['gradpower_p']} (or the --gradpower-config key "
-                     f"gradpower_p), the GradPower exponent before Muon's momentum: {MUON_POWER_GUIDANCE}")
-    if args.optimizer == OPTIMIZER_NAME and args.gradpower_p is None:
-        args.gradpower_p = ADAM_POWER_DEFAULTS["power"]
+    given = {key: getattr(args, key) for key in CONFIG_KEYS if getattr(args, key, _UNSET) is not _UNSET}
+    values, source = layered({**DEFAULTS, **(defaults or {})}, from_file, given,
+                             lambda key: f"--gradpower-config key {key}", FLAGS.get)
+    for key, value in values.items():
+        setattr(args, key, value)
+    try:
+        powers = checked_powers({field: values[field] for field in FIELDS}, args.optimizer,
+                                label=lambda key: source.get(key, FLAGS[key]) if key in FIELDS else FLAGS[key])
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    if "power" in powers:  # the others stay None where not set: OptimizerConfig resolves them alike
+        args.gradpower_p = powers["power"]
     if args.blockwise_lr not in (False, None) and args.optimizer not in BLOCKWISE_OPTIMIZERS:
         parser.error(f"{source.get('blockwise_lr', FLAGS['blockwise_lr'])} works with --optimizer "
                      f"{' or '.join(BLOCKWISE_OPTIMIZERS)}, not {args.optimizer!r} (Muon builds its own param groups)")
@@ -230,7 +215,7 @@ def optimizer_config_kwargs(args) -> dict:
     the blockwise lr setting if on."""
     fields = {"optimizer": args.optimizer}
     if args.optimizer in OPTIMIZER_NAMES:
-        fields.update({key: getattr(args, key) for key in POWER_KEYS})
+        fields.update({key: getattr(args, key) for key in FIELDS})
     if getattr(args, "blockwise_lr", False):
         fields[BLOCKWISE_FIELD] = args.blockwise_lr
     return fields
@@ -264,11 +249,10 @@ def optimizer_config_with_adampower(original):
         config = result[0] if isinstance(result, tuple) else result
         for field, value in optimizer_config_kwargs(args).items():
             setattr(config, field, value)
+        if name in OPTIMIZER_NAMES:
+            config_powers(config)
         if name == MUON_NAME:
-            muon_powers(config)
             check_muon_available()
-        elif name == OPTIMIZER_NAME:
-            powers(config)
         blockwise_multipliers(config)
         return result
 
@@ -333,6 +317,6 @@ def with_extra_args(function, after_parse=None):
     return replace_argument(function, "extra_args_provider", lambda provider: chain_providers(provider, after_parse))
 
 
-__all__ = ["CONFIG_KEYS", "DEFAULTS", "OPTIMIZER_NAME", "OPTIMIZER_NAMES", "add_arguments", "add_optimizer_choice",
+__all__ = ["CONFIG_KEYS", "DEFAULTS", "OPTIMIZER_NAMES", "add_arguments", "add_optimizer_choice",
            "chain_providers", "optimizer_config_kwargs", "read_config", "replace_argument", "resolve",
            "with_extra_args"]

@@ -10,8 +10,8 @@ Design (megatron-core in ``megatron_patches.SUPPORTED_MEGATRON_CORE``): every
 
 - a submodule ``gpas_gate`` = ``gradpower_ds.gpas.GPASGate`` (alpha of shape [1],
   init 0, so the gate is an exact identity at init with act="silu"), one per
-  layer, shared by both residual adds (as ``gradpower_ds.model`` and
-  ``gradpower_ds.gpas_models`` place it for Pre-LN);
+  layer, shared by both residual adds (as ``gradpower_ds.jobs.model`` and
+  ``gradpower_ds.gpas`` place it for Pre-LN);
 - instance attributes ``self_attn_bda`` / ``mlp_bda`` that wrap the layer's own
   bias-dropout-add functions and apply the gate to their result. These two calls
   are exactly the residual adds in ``TransformerLayer._forward_attention`` and

@@ -6,18 +6,21 @@ megatron-core (the version in ``megatron_patches.SUPPORTED_MEGATRON_CORE``) know
 (listed in ``megatron_patches.patches``):
 
 1. ``OptimizerConfig.__init__`` (and its subclass ``AdamOptimizerConfig``'s) accept
-   the ``FIELDS``; every config has them as attributes:
+   the ``FIELDS``, the names of p of ``gradpower_ds.hyperparams.POWER_NAMES`` as
+   Megatron spells them (None: not set); every config has them as attributes:
 
-   - ``gradpower_p``: adampower: p for dense parameters (None: AdamPower's default, 1.2);
-     muonpower: p before Muon's momentum on the matrices Muon updates (required: no
-     default, ``hyperparams.MUON_POWER_GUIDANCE`` says why);
-   - ``gradpower_p_expert``: the same for MoE expert parameters (None: ``gradpower_p``);
-   - ``gradpower_p_adam``: muonpower only: p of the AdamPower that Megatron's Muon chains
-     for what it leaves to Adam (embeddings, output layer, norms, biases; None: 1.2);
+   - ``gradpower_p`` (power): adampower: p for dense parameters (None: AdamPower's
+     default, 1.2); muonpower: p before Muon's momentum on the matrices Muon updates
+     (required: no default, ``hyperparams.MUON_POWER_GUIDANCE`` says why);
+   - ``gradpower_p_expert`` (expert_power): the same for MoE expert parameters (None:
+     ``gradpower_p``);
+   - ``gradpower_p_adam`` (adam_power): muonpower only: p of the AdamPower that
+     Megatron's Muon chains for what it leaves to Adam (embeddings, output layer,
+     norms, biases; None: 1.2);
    - ``gradpower_blockwise_lr``: blockwise learning rates, for 'adam' and 'adampower' too
      (``megatron_patches.blockwise``, which validates it here);
-2. ``OptimizerConfig.__post_init__`` validates them (p > 0, ValueError naming the
-   field) for ``"adampower"`` / ``"muonpower"`` and runs Megatron's own checks as for
+2. ``OptimizerConfig.__post_init__`` validates them (``checked_powers``, ValueError naming
+   the field) for ``"adampower"`` / ``"muonpower"`` and runs Megatron's own checks as for
    ``'adam'`` / Muon (e.g. the precision-aware optimizer is allowed with AdamPower);
    ``"muonpower"`` on a megatron-core whose Muon does not import is refused there,
    saying what to install;
@@ -65,11 +68,12 @@ import contextlib
 import functools
 import importlib
 import logging
+from collections.abc import Callable, Mapping
 
 import torch
 
 from gradpower_ds.functional import adam_power
-from gradpower_ds.hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_GUIDANCE, MUON_POWER_RULE, check_power
+from gradpower_ds.hyperparams import POWER_NAMES, check_settings, power_names
 from gradpower_ds.power import grad_power_
 
 from . import blockwise
@@ -77,7 +81,8 @@ from . import blockwise
 OPTIMIZER_NAME = "adampower"  # the names Megatron's OptimizerConfig.optimizer and --optimizer take
 MUON_NAME = "muonpower"  # Megatron-LM routes any name holding "muon" to get_megatron_muon_optimizer, as wanted
 OPTIMIZER_NAMES = (OPTIMIZER_NAME, MUON_NAME)
-FIELDS = {"gradpower_p": None, "gradpower_p_expert": None, "gradpower_p_adam": None}  # the powers (new fields)
+FIELDS = {entry.megatron_field: None for entry in POWER_NAMES.values()}  # the names of p, as OptimizerConfig fields
+NAME_OF_FIELD = {entry.megatron_field: name for name, entry in POWER_NAMES.items()}  # 'gradpower_p' -> 'power'
 CONFIG_FIELDS = {**FIELDS, blockwise.FIELD: None}  # every field OptimizerConfig gets (megatron_patches.blockwise)
 MUON_MODULE = "megatron.core.optimizer.muon"  # megatron-core's Muon (0.16 on; needs NVIDIA's emerging-optimizers)
 _UNSUPPORTED_TORCH_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable")
@@ -102,32 +107,31 @@ def as_adam(holder):
     return named(holder, "adam")
 
 
-def _field(config, name: str, default: float, rule: str | None = None) -> float:
-    value = getattr(config, name, None)
-    if value is None:
-        return default
-    return check_power(value, owner=f"OptimizerConfig.{name}", **({"rule": rule} if rule else {}))[0]
+def checked_powers(fields: Mapping[str, object], optimizer: str, owner: str = "",
+                   label: Callable[[str], str] = str) -> dict[str, float]:
+    """{name of p: value} for every name `optimizer` takes in Megatron (hyperparams.POWER_NAMES), from `fields`
+    (OptimizerConfig field -> value, None meaning not set), validated with the defaults filled in: the one check
+    of p for OptimizerConfig, Megatron-LM's flags and --gradpower-config (``label`` spells a field, and
+    "optimizer", as the user wrote it). ValueError/TypeError naming it: a bad or missing required value, or a field
+    set that `optimizer` does not take (saying which optimizers take it)."""
+    prefix = f"{owner}: " if owner else ""
+    taken = power_names(optimizer, "megatron")
+    for field, value in fields.items():
+        name = NAME_OF_FIELD[field]
+        if value is not None and name not in taken:
+            takers = [o for o, use in POWER_NAMES[name].uses.items() if "megatron" in use.stacks]
+            raise ValueError(f"{prefix}{label(field)} has no effect unless {label('optimizer')} "
+                             f"{' or '.join(takers)} (optimizer is {optimizer!r})")
+    checked = check_settings({NAME_OF_FIELD[f]: v for f, v in fields.items()}, optimizer, "megatron", owner=owner,
+                             label=lambda name: label(POWER_NAMES[name].megatron_field))
+    return {name: checked[name] for name in taken}
 
 
-def powers(config) -> tuple[float, float]:
-    """(dense p, expert p) of an ``optimizer="adampower"`` config, validated (ValueError/TypeError naming the field);
-    ``gradpower_p_adam``, muonpower's, is refused."""
-    if getattr(config, "gradpower_p_adam", None) is not None:
-        raise ValueError(f"OptimizerConfig.gradpower_p_adam={config.gradpower_p_adam!r} is for optimizer="
-                         f"'{MUON_NAME}' (the p of its auxiliary Adam); with '{OPTIMIZER_NAME}' set gradpower_p")
-    dense = _field(config, "gradpower_p", ADAM_POWER_DEFAULTS["power"])
-    return dense, _field(config, "gradpower_p_expert", dense)
-
-
-def muon_powers(config) -> tuple[float, float, float]:
-    """(Muon's dense p, Muon's expert p, the auxiliary Adam's p) of an ``optimizer="muonpower"`` config, validated:
-    ``gradpower_p`` is required (ValueError with ``MUON_POWER_GUIDANCE``)."""
-    if getattr(config, "gradpower_p", None) is None:
-        raise ValueError(f"OptimizerConfig(optimizer='{MUON_NAME}') needs gradpower_p, the GradPower exponent "
-                         f"applied before Muon's momentum: {MUON_POWER_GUIDANCE}")
-    dense = _field(config, "gradpower_p", 1.0, MUON_POWER_RULE)
-    return (dense, _field(config, "gradpower_p_expert", dense, MUON_POWER_RULE),
-            _field(config, "gradpower_p_adam", ADAM_POWER_DEFAULTS["power"]))
+def config_powers(config) -> dict[str, float]:
+    """``checked_powers`` of an OptimizerConfig ("adampower": power, expert_power; "muonpower": power, adam_power,
+    expert_power), naming its fields."""
+    return checked_powers({field: getattr(config, field, None) for field in FIELDS}, config.optimizer,
+                          owner=f"OptimizerConfig(optimizer={config.optimizer!r})")
 
 
 def check_muon_available() -> None:
@@ -279,15 +283,12 @@ def config_post_init(original):
     @functools.wraps(original)
     def __post_init__(self):
         blockwise.multipliers(self)
-        if self.optimizer == MUON_NAME:
-            muon_powers(self)
-            check_muon_available()
-            known = "muon"
-        elif self.optimizer == OPTIMIZER_NAME:
-            powers(self)
-            known = "adam"
-        else:
+        if self.optimizer not in OPTIMIZER_NAMES:
             return original(self)
+        config_powers(self)
+        if self.optimizer == MUON_NAME:
+            check_muon_available()
+        known = "muon" if self.optimizer == MUON_NAME else "adam"
         with named(self, known):
             original(self)
 
@@ -301,7 +302,8 @@ def build_with_power(original):
     def build(config, *args, **kwargs):
         if config.optimizer != OPTIMIZER_NAME:
             return original(config, *args, **kwargs)
-        dense_p, expert_p = powers(config)
+        powers = config_powers(config)
+        dense_p, expert_p = powers["power"], powers["expert_power"]
         offload = _offload_classes(dense_p, expert_p) if config.optimizer_cpu_offload else contextlib.nullcontext()
         with as_adam(config), offload:
             megatron_optimizer = original(config, *args, **kwargs)
@@ -326,7 +328,8 @@ def build_muon_with_power(original):
     def build(config, *args, **kwargs):
         if config.optimizer != MUON_NAME:
             return original(config, *args, **kwargs)
-        muon_p, muon_expert_p, adam_p = muon_powers(config)
+        powers = config_powers(config)
+        muon_p, muon_expert_p, adam_p = powers["power"], powers["expert_power"], powers["adam_power"]
         with as_adam(config):  # it sets config.optimizer = 'adam' itself; the name is ours again afterwards
             megatron_optimizer = original(config, *args, **kwargs)
         muon_class = importlib.import_module(MUON_MODULE).TensorParallelMuon

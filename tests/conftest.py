@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradpower_ds.processes import free_port  # noqa: F401  (tests import it from here)
-from gradpower_ds.run_dir import read_json
+from gradpower_ds.jobs.processes import free_port  # noqa: F401  (tests import it from here)
+from gradpower_ds.jobs.run_dir import read_json
 
 FP32_EDGES = [0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 1.1754942e-38, 1.1754944e-38, 3.4028235e38, -3.4028235e38,
               float("inf"), float("-inf"), float("nan"), 1e-3, -2.5, 123456.0, 0.5, 2.0]

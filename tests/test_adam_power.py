@@ -144,7 +144,7 @@ def _train_paths(options, grad_dtype, shapes=((1000,), (33, 17), (0,), (5,)), st
     params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
               for i, s in enumerate(shapes)]
     streams = [grad_stream(s, steps, seed=10 + i) for i, s in enumerate(shapes)]
-    opt = AdamPower(params, power=1.2, **dict(HYPER, **hyper), **options)
+    opt = AdamPower(params, **{**HYPER, "power": 1.2, **hyper}, **options)
     for k in range(steps):
         for p, stream in zip(params, streams):
             p.grad_dtype = None  # lets a bf16 grad sit on an fp32 param
@@ -179,7 +179,7 @@ def test_paths_agree_with_each_other():
 
 
 def test_automatic_choice_on_the_cpu_is_the_native_kernel(monkeypatch):
-    from gradpower_ds.ops import native
+    from gradpower_ds.ops import native_adam_power as native
 
     calls = []
     real = native.native_adam_power_step
@@ -192,11 +192,14 @@ def test_automatic_choice_on_the_cpu_is_the_native_kernel(monkeypatch):
     assert not calls
 
 
-def test_multi_tensor_batches_are_bounded_and_exact(monkeypatch):
-    """Batches of at most MULTI_TENSOR_BATCH elements (a large tensor split into pieces) give the same result."""
+@pytest.mark.parametrize("power", [1.0, 1.2])
+def test_multi_tensor_batches_are_bounded_and_exact(monkeypatch, power):
+    """Batches of at most MULTI_TENSOR_BATCH elements (a large tensor split into pieces) give the same result: bit for
+    bit where phi is the identity; with p = 1.2 within torch's pow, whose vectorised and scalar loops (which elements
+    fall in which depends on where a batch starts) differ in the last bit for some inputs."""
     from gradpower_ds import functional
 
-    whole, _ = _train_paths(PATHS["multi_tensor"], torch.bfloat16)
+    whole, _ = _train_paths(PATHS["multi_tensor"], torch.bfloat16, power=power)
     sizes = []
     real_batches = functional._batches
 
@@ -207,10 +210,13 @@ def test_multi_tensor_batches_are_bounded_and_exact(monkeypatch):
 
     monkeypatch.setattr(functional, "MULTI_TENSOR_BATCH", 300)
     monkeypatch.setattr(functional, "_batches", recorded)
-    pieces, _ = _train_paths(PATHS["multi_tensor"], torch.bfloat16)
+    pieces, _ = _train_paths(PATHS["multi_tensor"], torch.bfloat16, power=power)
     assert max(sizes) <= 300 and sum(sizes) == 20 * (1000 + 33 * 17 + 5)
     for a, b in zip(whole, pieces):
-        assert torch.equal(a, b)
+        if power == 1.0:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("path", ["reference", "multi_tensor", "native"])

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gradpower_ds.advise import advise, main, relation, study_points, suggest
+from gradpower_ds.jobs.advise import advise, main, relation, study_points, suggest
 
 
 def study(rows):

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_bench_cpu_step_smoke():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_cpu_step.py"), "--sizes", "4099", "--threads", "1",
+        [sys.executable, str(ROOT / "benchmarks" / "bench_native_adam_power.py"), "--sizes", "4099", "--threads", "1",
          "--repeats", "1", "--skip-deepspeed"],
         capture_output=True, text=True, timeout=300,
     )

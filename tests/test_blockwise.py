@@ -14,9 +14,9 @@ from torch import nn
 from gradpower_ds import AdamPower, blockwise_param_groups
 from gradpower_ds.blockwise import (BLOCK_MULTIPLIERS, LR_MULTIPLIER_KEY, base_lr, block_of, check_scheduled_lrs,
                                     resolve_multipliers)
-from gradpower_ds.gpas_models import apply_gpas
-from gradpower_ds.model import CausalLM, ModelConfig
-from gradpower_ds.train_config import ConfigError, TrainConfig
+from gradpower_ds.gpas import apply_gpas
+from gradpower_ds.jobs.model import CausalLM, ModelConfig
+from gradpower_ds.jobs.train_config import ConfigError, TrainConfig
 from test_gpas import tiny_hf_models
 
 # the paper's multipliers by name pattern, written out independently of the rules in gradpower_ds.blockwise

@@ -2,13 +2,14 @@
 with one-line errors naming the entry, before anything is launched. In-process: launches are faked."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from gradpower_ds import compare
-from gradpower_ds.metrics import MetricsLog
-from gradpower_ds.train_config import load_config
+from gradpower_ds.jobs import compare
+from gradpower_ds.jobs.metrics import MetricsLog
+from gradpower_ds.jobs.train_config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.json"
@@ -17,11 +18,14 @@ TRAIN = ["--config", str(QUICKSTART), "--steps", "8", "--warmup_steps", "2"]
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Fakes the deepspeed launches: each 'run' writes what a completed gradpower_ds.train run leaves."""
+    """Fakes the deepspeed launches: each 'run' writes what a completed gradpower_ds.jobs.train run leaves."""
     calls = []
+    real_run = subprocess.run  # compare.subprocess is the subprocess module: its run is patched for everyone
 
     def fake_run(cmd, *args, **kwargs):
-        train_args = cmd[cmd.index("gradpower_ds.train") + 1:]
+        if "gradpower_ds.jobs.train" not in cmd:  # e.g. matplotlib's fc-list when its font cache is first built
+            return real_run(cmd, *args, **kwargs)
+        train_args = cmd[cmd.index("gradpower_ds.jobs.train") + 1:]
         calls.append(train_args)
         fake_completed_run(train_args, world_size=int(cmd[cmd.index("--num_gpus") + 1]))
 
@@ -112,7 +116,10 @@ def test_completed_run_without_recorded_settings_is_not_reused(tmp_path, launche
     ("adampower:abc", r"--optimizers entry 'adampower:abc': the power 'abc' is not a number"),
     ("adampower:0", r"--optimizers entry 'adampower:0': invalid power=0: must be a finite number > 0"),
     ("adampower:-1", r"--optimizers entry 'adampower:-1': invalid power=-1:"),
-    ("adampower:nan", r"--optimizers entry 'adampower:nan': invalid power=nan: must be a finite number > 0"),
+    ("adampower:nan", r"--optimizers entry 'adampower:nan': power=nan must be a finite number or null"),
+    ("muonpower", r"--optimizers entry 'muonpower': muonpower needs power, MuonPower's p"),
+    ("muonpower:0", r"--optimizers entry 'muonpower:0': invalid power=0: must be a finite number > 0 \(1.0 is plain "
+                    r"Muon\)"),
     ("sgd", r"--optimizers entry 'sgd': unknown optimizer 'sgd'"),
 ])
 def test_bad_entries_are_named(entry, message):
@@ -138,13 +145,13 @@ def test_bad_settings_fail_before_the_first_launch(tmp_path, launches, capsys):
 
 def test_muon_variants_pass_their_power_and_compare_against_muon(tmp_path, launches, capsys):
     table = compare.main(compare_args(tmp_path / "cmp", "--grad_clip", "0", optimizers=("muon", "muonpower:0.9")))
-    assert launches[0][launches[0].index("--optimizer") + 1] == "muon" and "--muon_power" not in launches[0]
-    assert launches[1][launches[1].index("--muon_power") + 1] == "0.9"
+    assert launches[0][launches[0].index("--optimizer") + 1] == "muon" and "--power" not in launches[0]
+    assert launches[1][launches[1].index("--power") + 1] == "0.9"  # muonpower:P is the run's power, P
     assert load_config(launches[1]).optimizer_label() == "muonpower p=0.9 adam p=1.2"
     assert set(table) == {"muon", "muonpower-p0.9"}
     assert "Δ vs muon" in capsys.readouterr().out
-    err = one_line_exit_2(compare_args(tmp_path, "--muon_power", "0.8", "--grad_clip", "0"), capsys)
-    assert "--muon_power after -- is set by compare for each run" in err
+    err = one_line_exit_2(compare_args(tmp_path, "--power", "0.8", "--grad_clip", "0"), capsys)
+    assert "--power after -- is set by compare for each run" in err
 
 
 def test_blockwise_variants_are_labelled_and_passed(tmp_path, launches, capsys):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from gradpower_ds import data
-from gradpower_ds.data import ByteTokenizer, is_val_document, load_corpus, load_corpus_distributed
+from gradpower_ds.jobs import data
+from gradpower_ds.jobs.data import ByteTokenizer, is_val_document, load_corpus, load_corpus_distributed
 
 LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 

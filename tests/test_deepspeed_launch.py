@@ -1,7 +1,7 @@
 """The ready configs, the zero-code-change runner and the multi-node launch script, on 2 CPU ranks (gloo).
 
 An unchanged user script (jobs/ds_train_script.py, which never imports gradpower_ds)
-is started three ways, each through ``gradpower_ds.run``:
+is started three ways, each through ``gradpower_ds.jobs.run``:
 
 - torchrun: every dense config in configs/ (ZeRO-1/2/3, ZeRO-3 + offload) on the toy LLaMA;
 - the ``deepspeed`` launcher on one node: configs/moe.json on the MoE toy with experts
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import free_port, launch_env, torchrun
-from gradpower_ds.run import split_args
+from gradpower_ds.jobs.run import split_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -61,19 +61,19 @@ def moe_configs(folder: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
-    """torchrun -m gradpower_ds.run over every dense config."""
+    """torchrun -m gradpower_ds.jobs.run over every dense config."""
     out = tmp_path_factory.mktemp("dense")
-    torchrun("-m", "gradpower_ds.run", JOB, "--deepspeed_config", *(CONFIGS / f"{c}.json" for c in DENSE),
+    torchrun("-m", "gradpower_ds.jobs.run", JOB, "--deepspeed_config", *(CONFIGS / f"{c}.json" for c in DENSE),
              "--out", out, timeout=TIMEOUT)
     return load(out)
 
 
 @pytest.fixture(scope="module")
 def moe_ep2(tmp_path_factory):
-    """deepspeed --num_gpus 2 --module gradpower_ds.run: the MoE configs, experts sharded (ep_size=2)."""
+    """deepspeed --num_gpus 2 --module gradpower_ds.jobs.run: the MoE configs, experts sharded (ep_size=2)."""
     out = tmp_path_factory.mktemp("moe_ep2")
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "gradpower_ds.run", str(JOB), "--deepspeed_config", *map(str, moe_configs(out)),
+           "--module", "gradpower_ds.jobs.run", str(JOB), "--deepspeed_config", *map(str, moe_configs(out)),
            "--moe_ep_size", "2", "--out", str(out)]
     check(subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=TIMEOUT), "deepspeed")
     return load(out)
@@ -212,10 +212,10 @@ def test_split_args_moves_launcher_local_rank_behind_the_script():
                                            (["-m"], "-m needs a module name"),
                                            (["missing.py"], "training script not found: missing.py")])
 def test_runner_usage_error(tmp_path, argv, message):
-    proc = subprocess.run([sys.executable, "-m", "gradpower_ds.run", *argv], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "gradpower_ds.jobs.run", *argv], cwd=tmp_path, capture_output=True,
                           text=True, timeout=TIMEOUT)
     assert proc.returncode == 2 and f"error: {message}" in proc.stderr
-    assert "usage: python -m gradpower_ds.run" in proc.stderr
+    assert "usage: python -m gradpower_ds.jobs.run" in proc.stderr
 
 
 SCRIPT = """import json, sys
@@ -229,9 +229,9 @@ def test_runner_runs_the_script_as_main_after_register(tmp_path, form):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "train.py").write_text(SCRIPT)
     target = ["pkg/train.py"] if form == "script" else ["-m", "pkg.train"]
-    proc = subprocess.run([sys.executable, "-m", "gradpower_ds.run", "--local_rank=0", *target, "--x", "1"],
+    proc = subprocess.run([sys.executable, "-m", "gradpower_ds.jobs.run", "--local_rank=0", *target, "--x", "1"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
-    check(proc, "python -m gradpower_ds.run")
+    check(proc, "python -m gradpower_ds.jobs.run")
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     # As `python pkg/train.py` / `python -m pkg.train` would: argv[0] and sys.path[0] (script folder / cwd).
     argv0 = "pkg/train.py" if form == "script" else str(tmp_path / "pkg" / "train.py")
@@ -256,10 +256,10 @@ def test_multinode_script_builds_the_deepspeed_command(tmp_path):
     check(proc, "multinode.sh")
     assert proc.stdout.split() == ["--hostfile", "hosts", "--master_port", "1234", "--master_addr", "10.0.0.1",
                                    "--num_gpus", "2", "--no_ssh", "--node_rank", "1",
-                                   "--module", "gradpower_ds.run", "train.py", "--x", "1"]
+                                   "--module", "gradpower_ds.jobs.run", "train.py", "--x", "1"]
     proc = multinode_sh(tmp_path, HOSTFILE="hosts")  # with ssh: DeepSpeed starts every node
     assert proc.stdout.split() == ["--hostfile", "hosts", "--master_port", "29500",
-                                   "--module", "gradpower_ds.run", "train.py", "--x", "1"]
+                                   "--module", "gradpower_ds.jobs.run", "train.py", "--x", "1"]
 
 
 @pytest.mark.parametrize("env, message", [({}, "set HOSTFILE"), ({"HOSTFILE": "nope"}, "hostfile not found"),

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 
 def needs_deepspeed_muon():
-    from gradpower_ds import muon_power
+    from gradpower_ds.deepspeed import muon_power
 
     if not muon_power.DEEPSPEED_MUON.is_tested(muon_power.DEEPSPEED_MUON.installed()):
         pytest.skip(f"MuonPower needs DeepSpeed {muon_power.DEEPSPEED_MUON.supported}")
@@ -104,7 +104,7 @@ def test_muon_power_resumes_exactly(results, name):
 def test_muon_power_refusals():
     """Every refusal on every tested DeepSpeed: the settings first; then, on a DeepSpeed without the Muon MuonPower
     hooks, the version (0.16.0 in the oldest-versions run)."""
-    from gradpower_ds import muon_power
+    from gradpower_ds.deepspeed import muon_power
 
     proc = torchrun(REFUSALS, nproc=1, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REFUSED ")]

@@ -64,9 +64,16 @@ def test_unsupported_deepspeed_version_is_named(monkeypatch):
 def test_optimizer_kwargs():
     kwargs, expert = gds.optimizer_kwargs("AdamWPower", {"lr": 3e-4, "power": 1.1, "expert_power": 1.3})
     assert kwargs == {"lr": 3e-4, "power": 1.1, "adam_w_mode": True} and expert == 1.3
-    assert gds.optimizer_kwargs("adampower", None) == ({}, None)
+    assert gds.optimizer_kwargs("adampower", None) == ({"power": 1.2}, None)  # AdamPower's default p, filled in
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['max_grad_norm', 'pwr'\].*accepted keys are"):
         gds.optimizer_kwargs("AdamPower", {"pwr": 1.2, "max_grad_norm": 1.0})
+    with pytest.raises(ValueError, match=r"^DeepSpeed optimizer 'AdamPower' params: unknown key\(s\) \['muon_power'\]; "
+                                         r"accepted keys are .*; muon_power was renamed power"):
+        gds.optimizer_kwargs("AdamPower", {"muon_power": 0.9})
+    with pytest.raises(ValueError, match=r"'AdamPower' params: unknown key\(s\) \['adam_power'\]"):
+        gds.optimizer_kwargs("AdamPower", {"adam_power": 1.1})  # MuonPower's auxiliary Adam's p: not AdamPower's
+    with pytest.raises(ValueError, match=r"^DeepSpeed optimizer 'AdamPower' params: invalid lr=-1: must be"):
+        gds.optimizer_kwargs("AdamPower", {"lr": -1})
     with pytest.raises(ValueError, match="adam_w_mode"):
         gds.optimizer_kwargs("AdamWPower", {"adam_w_mode": False})
     with pytest.raises(ValueError, match="invalid expert_power=0:"):

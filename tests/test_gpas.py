@@ -14,7 +14,7 @@ from conftest import free_port, launch_env
 from gradpower_ds import (GPASGate, apply_gpas, clip_gate_grad_norm_, gpas_scale, param_groups_with_gpas,
                           register_gate_grad_clip, remove_gpas)
 from gradpower_ds.gpas import ACTIVATIONS, gate_parameters
-from gradpower_ds.model import CausalLM, DecoderLayer, ModelConfig, rope_tables
+from gradpower_ds.jobs.model import CausalLM, DecoderLayer, ModelConfig, rope_tables
 from jobs import ds_gpas_identity
 
 IDENTITY_JOB = Path(__file__).resolve().parent / "jobs" / "ds_gpas_identity.py"
@@ -192,7 +192,8 @@ def test_hugging_face_models(index):
 
 
 def test_unknown_model_and_bad_variant():
-    with pytest.raises(TypeError, match="CausalLM"):
+    with pytest.raises(TypeError, match=r"Hugging Face models .* and models with their own apply_gpas\(variant, act, "
+                                        r"learnable\) and remove_gpas\(\) methods"):
         apply_gpas(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="Pre-LN"):
         apply_gpas(tiny_hf_models()[0], variant="deepnorm")

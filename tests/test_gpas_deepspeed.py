@@ -16,7 +16,7 @@ def test_gates_under_zero2_and_zero3(tmp_path):
     out = tmp_path / "result"
     torchrun(JOB, out, timeout=600)
     rows = [json.loads(line) for rank in (0, 1) for line in Path(f"{out}.{rank}").read_text().splitlines()]
-    # DeepSpeed's ZeRO-3 races on the CPU before ZERO3_ON_CPU_FIXED_IN (README.md, "Compatibility"): ZeRO-2 only there
+    # DeepSpeed's ZeRO-3 races on the CPU before ZERO3_ON_CPU_FIXED_IN (docs/compatibility.md): ZeRO-2 only there
     stages = (2, 3) if gds.DEEPSPEED.installed_at_least(gds.ZERO3_ON_CPU_FIXED_IN) else (2,)
     for stage in stages:
         r0, r1 = [r for r in rows if r["stage"] == stage]

@@ -10,8 +10,8 @@ Test names start with the check.sh step that runs them:
 - deepspeed_: tests/jobs/ds_matrix.py on one GPU (nccl): ZeRO-2 bf16, ZeRO-2 fp16 with dynamic loss
   scaling, ZeRO-3 fp32 and ZeRO-2 bf16 with CPU offload (CPUAdamPower), each against the unsharded
   reference and, at power 1, DeepSpeed's own AdamW (FusedAdam / DeepSpeedCPUAdam), as on the CPU.
-- main_job_: gradpower_ds.train on the GPU, and a stop at step 4 + resume that logs the same curve.
-- megatron_: gradpower_ds.train_megatron on the GPU with AdamPower and GPAS, saved at iteration 3,
+- main_job_: gradpower_ds.jobs.train on the GPU, and a stop at step 4 + resume that logs the same curve.
+- megatron_: gradpower_ds.jobs.train_megatron on the GPU with AdamPower and GPAS, saved at iteration 3,
   then resumed from it.
 """
 
@@ -155,7 +155,7 @@ def test_deepspeed_muon_power_on_one_gpu(tmp_path):
 
 def test_main_job_on_gpu_resumes_exactly(tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
-    from gradpower_ds.metrics import read_metrics
+    from gradpower_ds.jobs.metrics import read_metrics
     from test_train import deepspeed_train
 
     whole, split = tmp_path / "whole", tmp_path / "split"
@@ -174,7 +174,7 @@ def test_megatron_pretrain_on_gpu_with_adampower_and_gpas(tmp_path):
     pytest.importorskip("megatron.core", reason="megatron-core is not installed")
     from test_megatron_pretrain import CONFIGS, TINY, metrics
 
-    common = ["-m", "gradpower_ds.train_megatron", *TINY, "--gradpower-config",
+    common = ["-m", "gradpower_ds.jobs.train_megatron", *TINY, "--gradpower-config",
               str(CONFIGS / "adampower_moe_expert_p.json"), "--bf16", "--use-distributed-optimizer",
               "--train-iters", "6"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"

@@ -1,10 +1,14 @@
-"""The floor plan: no import loops, one patching mechanism, one home for AdamPower's defaults."""
+"""The floor plan: three wings (library, integrations, jobs), no import loops, one patching mechanism, one home for
+AdamPower's defaults and for the names of p, one check and one precedence rule, kernels named alike in ops/, tests/
+and benchmarks/."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import logging
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -71,7 +75,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_loops():
     graph = import_graph()
-    assert {"gradpower_ds.functional", "gradpower_ds.ops.native", "megatron_patches.patches"} <= set(graph)
+    assert {"gradpower_ds.functional", "gradpower_ds.ops.native_adam_power", "megatron_patches.patches"} <= set(graph)
     assert "gradpower_ds.optimizer_base" in graph["gradpower_ds.cpu_adam_power"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
@@ -79,6 +83,143 @@ def test_no_import_loops():
 def test_the_cycle_finder_finds_lazy_loops():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+JOBS = "gradpower_ds.jobs"
+CLI = "gradpower_ds.__main__"  # the command line of the jobs wing: its commands import their job when run
+
+
+def test_the_library_and_the_integrations_never_import_the_jobs():
+    graph = import_graph()
+    assert {f"{JOBS}.train", f"{JOBS}.model", "gradpower_ds.deepspeed", "gradpower_ds.deepspeed.muon_power"} \
+        <= set(graph)
+    assert f"{JOBS}.train" in graph[CLI]  # the check below sees lazy imports
+    for name, edges in graph.items():
+        if name.startswith(JOBS) or name == CLI:
+            continue
+        assert not {e for e in edges if e == JOBS or e.startswith(JOBS + ".")}, (name, edges)
+
+
+def test_the_wings_are_folders():
+    """The library's modules sit in gradpower_ds/ (kernels in ops/, csrc/), the DeepSpeed integration in
+    gradpower_ds/deepspeed/, the jobs in gradpower_ds/jobs/, Megatron's in megatron_patches/."""
+    library = {p.stem for p in (ROOT / "gradpower_ds").glob("*.py")}
+    assert {"train", "train_config", "compare", "run", "advise", "train_megatron", "model", "data", "metrics",
+            "run_dir"}.isdisjoint(library), library
+    assert {"power", "functional", "adam_power", "cpu_adam_power", "gpas", "blockwise", "noise", "hyperparams",
+            "patching", "versions", "config_sources"} <= library
+    assert (ROOT / "gradpower_ds" / "deepspeed" / "__init__.py").is_file()
+    assert (ROOT / "gradpower_ds" / "jobs" / "train.py").is_file() and (ROOT / "megatron_patches" / "patches.py").is_file()
+
+
+BLOCKED = ("tqdm", "matplotlib", "tensorboard")
+_LIBRARY_WITHOUT_THE_EXTRA = """
+import sys
+for name in {blocked!r}:  # unimportable, as in an environment without them (importlib's convention: None)
+    sys.modules[name] = None
+import torch
+import gradpower_ds
+param = torch.nn.Parameter(torch.ones(3))
+opt = gradpower_ds.AdamPower([param], lr=0.1)
+param.grad = torch.full((3,), 0.5)
+opt.step()
+assert torch.all(param < 1), param
+import gradpower_ds.deepspeed, megatron_patches  # the integrations import no job either
+del sys.modules["tqdm"]  # DeepSpeed's own dependency: present wherever DeepSpeed is installed
+gradpower_ds.deepspeed.register()
+assert gradpower_ds.deepspeed.is_registered()
+print(sorted(m for m, module in sys.modules.items() if m.split(".")[0] in {blocked!r} and module is not None
+             and m.split(".")[0] != "tqdm"))
+"""
+
+
+def test_the_library_works_without_the_jobs_extra():
+    """`import gradpower_ds`, an optimizer step, importing the integrations and the DeepSpeed registration, with
+    tqdm, matplotlib and tensorboard unimportable (tqdm allowed back for DeepSpeed, which depends on it), and none of
+    them loaded. (torch.hub imports tqdm whenever it is installed, hence the refusal rather than a look at
+    sys.modules: torch does without it.) tests/test_install.py checks a real install without the extra."""
+    out = subprocess.run([sys.executable, "-c", _LIBRARY_WITHOUT_THE_EXTRA.format(blocked=BLOCKED)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_a_job_without_the_extra_says_what_to_install(monkeypatch):
+    from gradpower_ds import jobs
+
+    real = jobs.importlib.util.find_spec
+    monkeypatch.setattr(jobs.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real(name))
+    with pytest.raises(SystemExit, match=r"gradpower_ds.jobs.train needs the jobs extra, which is not installed here "
+                                         r"\(missing: matplotlib\): pip install \"gradpower-ds\[jobs\]\""):
+        jobs.require_extra("gradpower_ds.jobs.train")
+    setup_py = (ROOT / "setup.py").read_text()
+    install_requires = setup_py.split("install_requires=")[1].split("\n")[0]
+    assert '"jobs": list(jobs.EXTRA)' in setup_py and not set(jobs.EXTRA) & set(eval(install_requires.rstrip(",")))
+
+
+def test_each_kernel_has_a_test_and_a_benchmark_of_its_name():
+    kernels = [p.stem for p in (ROOT / "gradpower_ds" / "ops").glob("*.py") if p.stem not in ("__init__", "builder")]
+    assert sorted(kernels) == ["native_adam_power", "triton_adam_power"]
+    for stem in kernels:
+        assert (ROOT / "tests" / f"test_{stem}.py").is_file(), stem
+        assert (ROOT / "benchmarks" / f"bench_{stem}.py").is_file(), stem
+    assert [p.stem for p in (ROOT / "gradpower_ds" / "csrc").glob("*.cpp")] == ["native_adam_power"]
+
+
+def _calls(name: str) -> list[str]:
+    """'module:line' of every call of function `name` in the library, the integrations and the jobs."""
+    found = []
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == name:
+                    found.append(f"{_module_name(path)}:{node.lineno}")
+    return sorted(found)
+
+
+def test_values_are_checked_once_at_each_boundary():
+    """One check (hyperparams.check_settings), called at four places where values enter: an optimizer's param group,
+    grad_power's p, a DeepSpeed config's params (where the main job checks its settings too) and Megatron's config
+    and flags."""
+    modules = [site.split(":")[0] for site in _calls("check_settings")]
+    assert modules == ["gradpower_ds.deepspeed.params", "gradpower_ds.optimizer_base", "gradpower_ds.power",
+                       "megatron_patches.optimizer"], modules
+    for gone in ("check_power", "check_group", "check_powers"):
+        assert _calls(gone) == [], gone
+
+
+def test_one_precedence_rule():
+    """The main job and Megatron-LM's flags both take their values through config_sources.layered."""
+    assert [site.split(":")[0] for site in _calls("layered")] == ["gradpower_ds.jobs.train_config",
+                                                                  "megatron_patches.arguments"]
+    from gradpower_ds.config_sources import layered
+
+    values, sources = layered({"a": 1, "b": 2, "c": 3}, {"b": 20, "c": 30}, {"c": 300}, "file {}".format,
+                              "--{}".format)
+    assert values == {"a": 1, "b": 20, "c": 300} and sources == {"b": "file b", "c": "--c"}
+
+
+def test_one_vocabulary_of_p():
+    """Every entry point's names of p derive from hyperparams.POWER_NAMES and mean the same thing: DeepSpeed's params,
+    the main job's settings (which are DeepSpeed's params), Megatron's flags, JSON keys and OptimizerConfig fields."""
+    from gradpower_ds.deepspeed.params import ADAM_POWER_PARAMS, MUON_POWER_PARAMS
+    from gradpower_ds.hyperparams import POWER_NAMES, RENAMED
+    from gradpower_ds.jobs.train_config import OPTIMIZER_SETTINGS, TrainConfig
+    from megatron_patches.arguments import CONFIG_KEYS, FLAGS
+    from megatron_patches.optimizer import FIELDS
+
+    assert list(POWER_NAMES) == ["power", "adam_power", "expert_power"]
+    assert {"power", "expert_power"} <= set(ADAM_POWER_PARAMS) and "adam_power" not in ADAM_POWER_PARAMS
+    assert {"power", "adam_power"} <= set(MUON_POWER_PARAMS) and "expert_power" not in MUON_POWER_PARAMS
+    assert {k: OPTIMIZER_SETTINGS[k] for k in POWER_NAMES} == {"power": ("adampower", "muonpower"),
+                                                              "adam_power": ("muonpower",),
+                                                              "expert_power": ("adampower",)}
+    assert list(FIELDS) == ["gradpower_p", "gradpower_p_adam", "gradpower_p_expert"] and set(FIELDS) <= set(CONFIG_KEYS)
+    assert [FLAGS[f] for f in FIELDS] == [entry.megatron_flag for entry in POWER_NAMES.values()]
+    # the same word, the same meaning: muonpower's power is the p before Muon's momentum in all three
+    ds = TrainConfig(optimizer="muonpower", power=0.9, grad_clip=0.0).deepspeed_config()["optimizer"]["params"]
+    assert (ds["power"], ds["adam_power"]) == (0.9, 1.2)
+    assert set(RENAMED) == {"muon_power"} and not set(RENAMED) & {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def test_kernels_do_not_import_the_optimizers():
@@ -91,18 +232,19 @@ def test_kernels_do_not_import_the_optimizers():
 
 def test_one_default_power_everywhere():
     from gradpower_ds import grad_power, grad_power_
-    from gradpower_ds.compare import parse_variant
+    from gradpower_ds.jobs.compare import parse_variant
     from gradpower_ds.hyperparams import ADAM_POWER_DEFAULTS
     from gradpower_ds.optimizer_base import AdamPowerBase
-    from gradpower_ds.train_config import TrainConfig
-    from megatron_patches.optimizer import muon_powers, powers
+    from gradpower_ds.jobs.train_config import TrainConfig
+    from megatron_patches.optimizer import checked_powers
 
     p = ADAM_POWER_DEFAULTS["power"]
     assert p == 1.2
     assert TrainConfig().power == p and parse_variant("adampower") == ("adampower", p)
     # megatron_patches: gradpower_p is None until resolved (muonpower has no default), then AdamPower's p
-    unset = types.SimpleNamespace(gradpower_p=None, gradpower_p_expert=None, gradpower_p_adam=None)
-    assert powers(unset) == (p, p) and muon_powers(types.SimpleNamespace(**{**vars(unset), "gradpower_p": 0.9}))[2] == p
+    unset = dict(gradpower_p=None, gradpower_p_expert=None, gradpower_p_adam=None)
+    assert checked_powers(unset, "adampower") == {"power": p, "expert_power": p}
+    assert checked_powers({**unset, "gradpower_p": 0.9}, "muonpower")["adam_power"] == p
     for fn, arg in ((grad_power, "p"), (grad_power_, "p"), (AdamPowerBase.__init__, "power")):
         assert inspect.signature(fn).parameters[arg].default == p, fn
 

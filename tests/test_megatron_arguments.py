@@ -107,16 +107,16 @@ def test_unknown_json_key_is_named_with_the_accepted_ones(tmp_path, capsys):
     path = write_config(tmp_path, {"gradpower_p": 1.2, "gradpwer_p_expert": 1.0, "lr": 1.0})
     err = parse_error(megatron_like_parser(), ["--gradpower-config", path], capsys)
     assert "unknown key(s) ['gradpwer_p_expert', 'lr']" in err and path in err
-    assert ("accepted keys are ['optimizer', 'gradpower_p', 'gradpower_p_expert', 'gradpower_p_adam', 'blockwise_lr', "
-            "'gpas', 'gpas_act']") in err
+    assert ("accepted keys are ['blockwise_lr', 'gpas', 'gpas_act', 'gradpower_p', 'gradpower_p_adam', "
+            "'gradpower_p_expert', 'optimizer']") in err
 
 
 @pytest.mark.parametrize("argv, named", [
-    (["--gradpower-p", "0"], "argument --gradpower-p: invalid p=0"),
-    (["--gradpower-p", "-1.2"], "argument --gradpower-p: invalid p=-1.2"),
-    (["--gradpower-p", "nan"], "argument --gradpower-p: invalid p=nan"),
-    (["--gradpower-p", "x"], "argument --gradpower-p: expected a number > 0"),
-    (["--gradpower-p-expert", "0"], "argument --gradpower-p-expert: invalid p=0"),
+    (["--gradpower-p", "0"], "error: invalid --gradpower-p=0: must be a finite number > 0 (1.0 is plain Adam"),
+    (["--gradpower-p", "-1.2"], "error: invalid --gradpower-p=-1.2: must be a finite number > 0"),
+    (["--gradpower-p", "nan"], "argument --gradpower-p: expected a finite number > 0, got 'nan'"),
+    (["--gradpower-p", "x"], "argument --gradpower-p: expected a finite number > 0, got 'x'"),
+    (["--gradpower-p-expert", "0"], "error: invalid --gradpower-p-expert=0: must be a finite number > 0"),
     (["--gpas-act", "gelu"], "argument --gpas-act: invalid choice: 'gelu'"),
     (["--gpas-variant", "post_ln"], "unrecognized arguments: --gpas-variant post_ln"),
     (["--optimizer", "adamw"], "argument --optimizer: invalid choice: 'adamw'"),
@@ -126,11 +126,11 @@ def test_bad_flags_are_named(argv, named, capsys):
 
 
 @pytest.mark.parametrize("values, named", [
-    ({"gradpower_p": 0}, "invalid gradpower_p=0: must be a finite number > 0"),
-    ({"gradpower_p": -1.0}, "invalid gradpower_p=-1: must be a finite number > 0"),
-    ({"gradpower_p": "1.2"}, "invalid gradpower_p='1.2': must be a finite number > 0"),
-    ({"gradpower_p": True}, "invalid gradpower_p=True"),
-    ({"gradpower_p_expert": 0.0}, "invalid gradpower_p_expert=0:"),
+    ({"gradpower_p": 0}, "invalid --gradpower-config key gradpower_p=0: must be a finite number > 0"),
+    ({"gradpower_p": -1.0}, "invalid --gradpower-config key gradpower_p=-1: must be a finite number > 0"),
+    ({"gradpower_p": "1.2"}, "invalid --gradpower-config key gradpower_p='1.2': must be a finite number > 0"),
+    ({"gradpower_p": True}, "invalid --gradpower-config key gradpower_p=True"),
+    ({"gradpower_p_expert": 0.0}, "invalid --gradpower-config key gradpower_p_expert=0:"),
     ({"gpas": "yes"}, "key gpas='yes': must be true or false"),
     ({"gpas": True, "gpas_act": "gelu"}, "key gpas_act='gelu' is unknown; choose one of"),
     ({"gpas": True, "gpas_variant": "pre_ln"}, "unknown key(s) ['gpas_variant']"),
@@ -139,16 +139,20 @@ def test_bad_flags_are_named(argv, named, capsys):
 def test_bad_file_values_are_named(tmp_path, values, named, capsys):
     path = write_config(tmp_path, {"optimizer": "adampower", **values})
     err = parse_error(megatron_like_parser(), ["--gradpower-config", path], capsys)
-    assert named in err and f"--gradpower-config {path}" in err
+    assert named in err and (f"--gradpower-config {path}" in err or "gradpower_p" in named)
 
 
 def test_unreadable_config_file(tmp_path, capsys):
-    assert "cannot read it" in parse_error(megatron_like_parser(), ["--gradpower-config", str(tmp_path / "no.json")],
-                                           capsys)
+    missing = str(tmp_path / "no.json")
+    assert f"--gradpower-config {missing}: file not found" in parse_error(megatron_like_parser(),
+                                                                          ["--gradpower-config", missing], capsys)
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
-    assert "must hold a JSON object, got list" in parse_error(megatron_like_parser(), ["--gradpower-config", str(bad)],
-                                                              capsys)
+    assert "expected a JSON object {\"key\": value, ...}, got list" in parse_error(
+        megatron_like_parser(), ["--gradpower-config", str(bad)], capsys)
+    bad.write_text("{1")
+    assert f"--gradpower-config {bad}: not valid JSON" in parse_error(megatron_like_parser(),
+                                                                     ["--gradpower-config", str(bad)], capsys)
 
 
 def test_settings_without_effect_are_refused(tmp_path, capsys):
@@ -172,7 +176,8 @@ def test_muonpower_flags_and_file(tmp_path, capsys):
     assert optimizer_config_kwargs(args) == {"optimizer": "muonpower", "gradpower_p": 0.9, "gradpower_p_expert": None,
                                              "gradpower_p_adam": None}
     err = parse_error(parser, ["--optimizer", "muonpower"], capsys)
-    assert "--optimizer muonpower needs --gradpower-p" in err and "parameter-golf" in err
+    assert "muonpower needs --gradpower-p, MuonPower's p, applied before Muon's momentum" in err and \
+        "parameter-golf" in err
     err = parse_error(parser, ["--optimizer", "adampower", "--gradpower-p-adam", "1.1"], capsys)
     assert "--gradpower-p-adam has no effect unless --optimizer muonpower (optimizer is 'adampower')" in err
     assert "must be a finite number > 0" in parse_error(parser, ["--optimizer", "muonpower", "--gradpower-p", "0"],
@@ -573,4 +578,4 @@ def test_entry_refuses_gpas_with_a_layer_path_it_cannot_cover(fake_checkout, arg
 def test_entry_reports_bad_flags_as_argparse_does(fake_checkout):
     completed = run_entry(["--optimizer", "adampower", "--gradpower-p", "0"],
                           env={"MEGATRON_LM_PATH": str(fake_checkout)})
-    assert completed.returncode == 2 and "argument --gradpower-p: invalid p=0" in completed.stderr
+    assert completed.returncode == 2 and "error: invalid --gradpower-p=0: must be a finite number > 0" in completed.stderr

@@ -1,4 +1,4 @@
-"""gradpower_ds.train_megatron and launch/megatron_moe.sh: flags, exact resume, the GPAS gate clip, the run
+"""gradpower_ds.jobs.train_megatron and launch/megatron_moe.sh: flags, exact resume, the GPAS gate clip, the run
 folder (status, summary, end line) and a stop by SIGTERM, two nodes on loopback.
 
 The launched tests run the product's own commands on 2 CPU ranks (gloo); tests/megatron_cpu_site
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MEGATRON_CPU_ENV, free_port, launch_env, torchrun, wait_for_running_step
-from gradpower_ds.run_dir import SUMMARY_KEYS
+from gradpower_ds.jobs.run_dir import SUMMARY_KEYS
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 
@@ -33,7 +33,7 @@ TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
 
 
 def parse(argv):
-    from gradpower_ds.train_megatron import build_parser
+    from gradpower_ds.jobs.train_megatron import build_parser
 
     return build_parser().parse_args(argv)
 
@@ -86,7 +86,7 @@ def metrics(run_dir: Path) -> dict:
 
 
 def end_line(output: str, run_dir: Path, ranks: int = 2) -> re.Match:
-    """The job's one end line, of the same shape as the DeepSpeed main job's (gradpower_ds.run_dir.summary_line)."""
+    """The job's one end line, of the same shape as the DeepSpeed main job's (gradpower_ds.jobs.run_dir.summary_line)."""
     return re.search(r"gradpower_ds\.train_megatron: done \| validation loss \d+\.\d{4} \| [\d,]+ tokens in "
                      rf"[\d.]+ s = [\d,]+ tokens/s on {ranks} ranks \| {re.escape(str(run_dir))}/ \(metrics\.csv, "
                      r"loss\.png, tensorboard/\)", output)
@@ -110,7 +110,7 @@ def test_save_load_continue_is_identical(tmp_path):
 
     from gradpower_ds.gpas import GATE_GRAD_CLIP
 
-    common = ["-m", "gradpower_ds.train_megatron", *TINY, "--gradpower-config",
+    common = ["-m", "gradpower_ds.jobs.train_megatron", *TINY, "--gradpower-config",
               str(CONFIGS / "adampower_moe_expert_p.json"), "--bf16", "--use-distributed-optimizer",
               "--expert-model-parallel-size", "2", "--hidden-dropout", "0.1", "--train-iters", "6",
               "--noise-interval", "2"]
@@ -178,7 +178,7 @@ def test_muonpower_trains_and_resumes_exactly(tmp_path):
     and resumes from the step-2 checkpoint to the same losses and lr."""
     if importlib.util.find_spec("megatron.core.optimizer.muon") is None:
         pytest.skip("this megatron-core has no Muon (0.16 on)")
-    common = ["-m", "gradpower_ds.train_megatron", *TINY, "--gradpower-config", str(CONFIGS / "muonpower.json"),
+    common = ["-m", "gradpower_ds.jobs.train_megatron", *TINY, "--gradpower-config", str(CONFIGS / "muonpower.json"),
               "--gradpower-p-adam", "1.1", "--expert-model-parallel-size", "2", "--train-iters", "4", "--lr", "0.01"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     first = torchrun(*common, "--save", full, "--save-interval", "2", env=MEGATRON_CPU_ENV, timeout=600)
@@ -202,7 +202,7 @@ def test_blockwise_lr_trains_and_resumes_exactly(tmp_path):
     config = pytest.importorskip("megatron.core.optimizer.optimizer_config")
     if not hasattr(config, "ParamKey"):
         pytest.skip("blockwise lr needs megatron-core 0.16 or newer")
-    common = ["-m", "gradpower_ds.train_megatron", *TINY, "--blockwise-lr", "--use-distributed-optimizer",
+    common = ["-m", "gradpower_ds.jobs.train_megatron", *TINY, "--blockwise-lr", "--use-distributed-optimizer",
               "--expert-model-parallel-size", "2", "--train-iters", "4", "--lr", "0.002", "--lr-warmup-iters", "2"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     first = torchrun(*common, "--save", full, "--save-interval", "2", env=MEGATRON_CPU_ENV, timeout=600)
@@ -254,7 +254,7 @@ def test_sigterm_stops_all_ranks_after_a_saved_step(tmp_path):
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "gradpower_ds.train_megatron", *TINY, "--gpas",
+           "--master_port", str(free_port()), "-m", "gradpower_ds.jobs.train_megatron", *TINY, "--gpas",
            "--train-iters", "40", "--eval-interval", "20", "--save", str(run_dir), "--save-interval", "20"]
     proc = subprocess.Popen(cmd, env=launch_env(**MEGATRON_CPU_ENV), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -293,7 +293,7 @@ def test_without_cuda_it_says_so_before_starting(tmp_path):
     """On this CPU-only torch, without the tests' shim, megatron-core cannot run: a clear exit, not a traceback."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop("GRADPOWER_MEGATRON_CPU_SHIM", None)
-    result = subprocess.run([sys.executable, "-m", "gradpower_ds.train_megatron", "--train-iters", "1",
+    result = subprocess.run([sys.executable, "-m", "gradpower_ds.jobs.train_megatron", "--train-iters", "1",
                              "--lr-warmup-iters", "0"],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 1 and "megatron-core needs CUDA" in result.stderr, result.stderr[-3000:]

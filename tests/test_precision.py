@@ -4,8 +4,8 @@ on any CPU (this suite must not depend on the machine having fast bf16)."""
 
 import pytest
 
-from gradpower_ds.precision import PRECISIONS, native_bf16_features, resolve_precision, slow_bf16_warning
-from gradpower_ds.train_config import TrainConfig
+from gradpower_ds.jobs.precision import PRECISIONS, native_bf16_features, resolve_precision, slow_bf16_warning
+from gradpower_ds.jobs.train_config import TrainConfig
 
 AVX2_ONLY = {"avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False}  # e.g. AMD EPYC Zen 3
 AVX512_BF16 = {"avx2": True, "avx512_f": True, "avx512_bf16": True, "amx_bf16": False}  # e.g. AMD EPYC Zen 4

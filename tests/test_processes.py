@@ -1,4 +1,4 @@
-"""gradpower_ds.processes.exit_when_done: how every launched entry point ends (the main jobs, the test jobs and the
+"""gradpower_ds.jobs.processes.exit_when_done: how every launched entry point ends (the main jobs, the test jobs and the
 benchmarks). It leaves without interpreter finalization, so these tests check that nothing a normal exit delivers
 is lost: the exit status, buffered output, atexit handlers, logging handlers and non-daemon threads, and that
 an open thread pool does not keep it from ending."""
@@ -12,7 +12,7 @@ import pytest
 ENTRY = """
 import atexit, concurrent.futures, logging, sys, threading, time
 from pathlib import Path
-from gradpower_ds.processes import exit_when_done
+from gradpower_ds.jobs.processes import exit_when_done
 
 out = Path(sys.argv[1])
 log = logging.getLogger("job")

@@ -1,4 +1,4 @@
-"""The main job (gradpower_ds.train), its settings, schedules, metrics, and the compare tool.
+"""The main job (gradpower_ds.jobs.train), its settings, schedules, metrics, and the compare tool.
 
 Launched runs use a tiny model on the embedded stdlib corpus with 2 ranks under the
 deepspeed launcher (experts sharded over both); they are `slow`.
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, launch_env, run_launched
-from gradpower_ds import compare
-from gradpower_ds.metrics import MetricsLog, plot_curves, read_metrics
-from gradpower_ds.precision import resolve_precision
-from gradpower_ds.run_dir import SUMMARY_KEYS
-from gradpower_ds.schedules import lr_multiplier
-from gradpower_ds.train_config import TrainConfig, load_config
+from gradpower_ds.jobs import compare
+from gradpower_ds.jobs.metrics import MetricsLog, plot_curves, read_metrics
+from gradpower_ds.jobs.precision import resolve_precision
+from gradpower_ds.jobs.run_dir import SUMMARY_KEYS
+from gradpower_ds.jobs.schedules import lr_multiplier
+from gradpower_ds.jobs.train_config import TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.json"
@@ -29,7 +29,7 @@ TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--ffn_dim", "64", "
 
 
 def deepspeed_train(run_dir, *args, nproc=2, check=True):
-    """Runs gradpower_ds.train under the deepspeed launcher; returns the CompletedProcess."""
+    """Runs gradpower_ds.jobs.train under the deepspeed launcher; returns the CompletedProcess."""
     cmd = compare.launch_command(nproc, free_port(), ["--config", str(QUICKSTART), *TINY, "--run_dir", str(run_dir),
                                                       *map(str, args)])
     proc = run_launched(cmd, 600, env=launch_env(), cwd=ROOT)
@@ -167,9 +167,9 @@ def test_train_resume_continues_the_curve_exactly(tmp_path):
     without blockwise lrs.)"""
     whole = tmp_path / "whole"
     proc = deepspeed_train(whole, "--noise_every", "3", "--blockwise_lr", "true")
-    assert "gradpower_ds.train: done | validation loss" in proc.stdout + proc.stderr
+    assert "gradpower_ds.jobs.train: done | validation loss" in proc.stdout + proc.stderr
     precision, why = resolve_precision("auto")  # quickstart.json's: what this machine computes fast
-    assert f"gradpower_ds.train: precision {precision} ({why})" in proc.stdout + proc.stderr
+    assert f"gradpower_ds.jobs.train: precision {precision} ({why})" in proc.stdout + proc.stderr
     assert f"2 ranks, ZeRO-2, {precision}, adampower p=1.2 + blockwise lr | CPUAdamPower" in proc.stdout + proc.stderr
     assert re.search(r"gradpower_ds\.train: done \| validation loss \d+\.\d{4} \| [\d,]+ tokens in [\d.]+ s = [\d,]+ "
                      rf"tokens/s on 2 ranks \| {re.escape(str(whole))}/ \(metrics\.csv, loss\.png, tensorboard/\) \| "
@@ -249,7 +249,7 @@ def test_quickstart_script_and_compare(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "launch" / "quickstart.sh"), *TINY, "--run_dir", str(tmp_path / "q")],
                           env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    assert "gradpower_ds.train: done | validation loss" in proc.stdout
+    assert "gradpower_ds.jobs.train: done | validation loss" in proc.stdout
     out = tmp_path / "compare"
     args = ["--optimizers", "adamw", "adampower:1.2", "--seeds", "0", "1", "--nproc", "1", "--out", str(out),
             "--master_port", str(free_port()), "--", "--config", str(QUICKSTART), *TINY, "--num_experts", "2"]
@@ -274,7 +274,7 @@ def test_deepspeed_moe_model_has_distinct_experts():
 import os, torch, deepspeed
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="%d")
 deepspeed.init_distributed(dist_backend="gloo")
-from gradpower_ds.model import CausalLM, ModelConfig
+from gradpower_ds.jobs.model import CausalLM, ModelConfig
 torch.manual_seed(3)
 model = CausalLM(ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, ffn_dim=32, num_experts=4, top_k=2))
 experts = model.layers[0].mlp.moe.deepspeed_moe.experts.deepspeed_experts

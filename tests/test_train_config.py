@@ -2,6 +2,7 @@
 each error one line naming the setting and its flag or file, exit status 2; --help from the fields; the effective
 ZeRO stage; launch/quickstart.sh from another directory."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, launch_env
-from gradpower_ds import train_config
-from gradpower_ds.train_config import TrainConfig, load_config
+from gradpower_ds.jobs import train_config
+from gradpower_ds.jobs.train_config import TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.json"
@@ -41,7 +42,7 @@ def test_broken_json_names_the_file_and_position(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ('{"steps": "5"}', r"steps='5' must be an integer, not str"),
-    ('{"power": "abc"}', r"power='abc' must be a finite number, not str"),
+    ('{"power": "abc"}', r"power='abc' must be a finite number or null, not str"),
     ('{"gpas": "yes"}', r"gpas='yes' must be true or false, not str"),
     ('{"betas": [0.9]}', r"betas=\[0.9\] must be a list of 2 numbers"),
     ('{"lr": null}', r"lr=None must be a finite number, not NoneType"),
@@ -92,25 +93,34 @@ def test_power_with_adamw_is_refused_naming_both_flags(tmp_path):
 
 
 def test_muon_settings(tmp_path):
-    cfg = load_config(["--config", str(QUICKSTART), "--optimizer", "muonpower", "--muon_power", "0.9",
+    cfg = load_config(["--config", str(QUICKSTART), "--optimizer", "muonpower", "--power", "0.9",
                        "--grad_clip", "0"])
     optimizer = cfg.deepspeed_config()["optimizer"]
     assert optimizer["type"] == "MuonPower"
     assert optimizer["params"] == dict(lr=cfg.lr, betas=list(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                       muon_lr=0.02, momentum=0.95, power=0.9, adam_power=cfg.power)
-    assert cfg.optimizer_label() == f"muonpower p=0.9 adam p={cfg.power:g}"
+                                       muon_lr=0.02, momentum=0.95, power=0.9, adam_power=1.2)
+    assert (cfg.power, cfg.adam_power) == (0.9, 1.2) and cfg.optimizer_label() == "muonpower p=0.9 adam p=1.2"
+    cfg = load_config(["--optimizer", "muonpower", "--power", "0.9", "--adam_power", "1", "--grad_clip", "0"])
+    assert (cfg.deepspeed_config()["optimizer"]["params"]["adam_power"], cfg.optimizer_label()) == \
+        (1.0, "muonpower p=0.9 adam p=1")
     muon = load_config(["--optimizer", "muon", "--muon_lr", "0.05", "--grad_clip", "0"]).deepspeed_config()["optimizer"]
     assert muon == dict(type="Muon", params=dict(lr=3e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, muon_lr=0.05,
                                                  momentum=0.95))
-    with pytest.raises(ValueError, match=r"^--optimizer: optimizer muonpower needs muon_power, .*"
-                                         r"openai/parameter-golf PR #1682"):
-        load_config(["--optimizer", "muonpower"])
-    with pytest.raises(ValueError, match=r"^--muon_power: invalid muon_power=0: must be a finite number > 0 "
+    with pytest.raises(ValueError, match=r"^--optimizer: muonpower needs power, MuonPower's p, applied before "
+                                         r"Muon's momentum .*openai/parameter-golf PR #1682"):
+        load_config(["--optimizer", "muonpower", "--grad_clip", "0"])
+    with pytest.raises(ValueError, match=r"^--power: invalid power=0: must be a finite number > 0 "
                                          r"\(1.0 is plain Muon\)$"):
-        load_config(["--optimizer", "muonpower", "--muon_power", "0"])
-    with pytest.raises(ValueError, match=r"^--muon_power 0.9 has no effect unless --optimizer muonpower \(optimizer "
-                                         r"is 'muon', from --optimizer\)"):
-        load_config(["--optimizer", "muon", "--muon_power", "0.9"])
+        load_config(["--optimizer", "muonpower", "--power", "0", "--grad_clip", "0"])
+    with pytest.raises(ValueError, match=r"^--adam_power: invalid adam_power=-1: must be a finite number > 0 "
+                                         r"\(1.0 is plain Adam"):
+        load_config(["--optimizer", "muonpower", "--power", "1", "--adam_power", "-1", "--grad_clip", "0"])
+    with pytest.raises(ValueError, match=r"^--power 0.9 has no effect unless --optimizer adampower or muonpower "
+                                         r"\(optimizer is 'muon', from --optimizer\)"):
+        load_config(["--optimizer", "muon", "--power", "0.9"])
+    with pytest.raises(ValueError, match=r"^--adam_power 1.0 has no effect unless --optimizer muonpower \(optimizer "
+                                         r"is 'adampower', from the default\)"):
+        load_config(["--adam_power", "1"])
     with pytest.raises(ValueError, match=r"^--momentum 0.9 has no effect unless --optimizer muon or muonpower"):
         load_config(["--optimizer", "adamw", "--momentum", "0.9"])
     with pytest.raises(ValueError, match=r"^--momentum: momentum=1.0 must be in \[0, 1\)"):
@@ -119,7 +129,7 @@ def test_muon_settings(tmp_path):
     with pytest.raises(ValueError, match=rf"^{QUICKSTART}, --optimizer: grad_clip=1 with optimizer muonpower under "
                                          r"ZeRO-2: under ZeRO, DeepSpeed's gradient_clipping clips Muon's "
                                          r"orthogonalised update, .*set grad_clip 0$"):
-        load_config(["--config", str(QUICKSTART), "--optimizer", "muonpower", "--muon_power", "0.9"])
+        load_config(["--config", str(QUICKSTART), "--optimizer", "muonpower", "--power", "0.9"])
     assert load_config(["--optimizer", "muon", "--zero_stage", "0"]).grad_clip == 1.0  # stage 0 clips gradients
     # the stage of the final DeepSpeed config counts, also when only deepspeed_overrides sets it
     with pytest.raises(ValueError, match=r"grad_clip=1 with optimizer muon under ZeRO-1: .*set grad_clip 0$"):
@@ -154,8 +164,8 @@ def test_overrides_of_what_the_loop_relies_on_are_refused(override, message):
 
 
 def test_start_line_uses_the_effective_stage():
-    """gradpower_ds.train's start line formats the stage of the final DeepSpeed config."""
-    source = (ROOT / "gradpower_ds" / "train.py").read_text()
+    """gradpower_ds.jobs.train's start line formats the stage of the final DeepSpeed config."""
+    source = (ROOT / "gradpower_ds" / "jobs" / "train.py").read_text()
     assert "cfg.effective_zero_stage" in source and "ZeRO-%d" in source
 
 
@@ -190,7 +200,7 @@ def test_experts_placed_on_the_ranks_before_launch(monkeypatch):
 
 
 def _main_error(argv, capsys):
-    from gradpower_ds.train import main
+    from gradpower_ds.jobs.train import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -214,14 +224,14 @@ def test_train_main_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     err = _main_error(["--steps", "x"], capsys)  # argparse: one line, not the usage of 45 flags
     assert err.startswith("python -m gradpower_ds train: error: argument --steps: expected an integer, got 'x'")
     err = _main_error(["--config", str(QUICKSTART), "--betas", "1.0", "0.95"], capsys)
-    assert err.startswith("gradpower_ds.train: error: --betas: invalid betas[0]=1:")
+    assert err.startswith("gradpower_ds.jobs.train: error: --betas: invalid betas[0]=1:")
 
 
 def test_validation_imports_no_deepspeed(tmp_path):
     """Every refusal comes before deepspeed is imported (so in a second or two, not after DeepSpeed's start)."""
     code = f"""
 import sys
-from gradpower_ds.train import main
+from gradpower_ds.jobs.train import main
 for argv in (["--data", "missing.txt"], ["--betas", "1.0", "0.95"], ["--optimizer", "adamw", "--power", "1.5"],
              ["--deepspeed_overrides", '{{"zero_optimization": {{"stage": 3}}}}'], ["--run_dir", {str(tmp_path)!r}]):
     try:
@@ -245,7 +255,7 @@ def test_other_local_ranks_wait_then_report(monkeypatch, capsys):
     monkeypatch.setattr(train_config, "ERROR_GRACE_S", 0.0)
     monkeypatch.setenv("LOCAL_RANK", "1")
     train_config.report_error("x=1 is bad")
-    assert capsys.readouterr().err == "gradpower_ds.train: error: x=1 is bad\n"
+    assert capsys.readouterr().err == "gradpower_ds.jobs.train: error: x=1 is bad\n"
 
 
 # ---- the model settings and the field types ---------------------------------------------------------------------------
@@ -258,7 +268,7 @@ def test_model_settings_are_model_config_fields():
     import dataclasses
     import typing
 
-    from gradpower_ds.model import ModelConfig
+    from gradpower_ds.jobs.model import ModelConfig
 
     model_fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     shared = [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("model")]
@@ -296,7 +306,8 @@ def test_every_flag_has_help_text_and_default(capsys, monkeypatch):
     flags = {a.option_strings[0]: a for a in parser._actions if a.option_strings and a.dest not in ("help",
                                                                                                      "local_rank")}
     fields = dataclasses.fields(TrainConfig)
-    assert set(flags) == {"--config"} | {f"--{f.name}" for f in fields}
+    assert set(flags) == {"--config"} | {f"--{f.name}" for f in fields} | {"--muon_power"}  # renamed: refused
+    assert flags["--muon_power"].help == argparse.SUPPRESS
     for f in fields:
         assert f.metadata.get("help"), f.name  # the one place the help text lives
         text = flags[f"--{f.name}"].help
@@ -325,7 +336,33 @@ def test_quickstart_from_another_directory_resolves_paths_there(tmp_path):
     seconds = time.perf_counter() - began
     assert proc.returncode == 2, (proc.stdout + proc.stderr)[-4000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert errors == ["gradpower_ds.train: error: run_dir used already holds a run (state: complete); pass --resume "
+    assert errors == ["gradpower_ds.jobs.train: error: run_dir used already holds a run (state: complete); pass --resume "
                       "true to continue it, or choose another --run_dir"], proc.stderr
     assert seconds < 60
     assert not (ROOT / "used").exists()
+
+
+def test_an_old_name_of_p_is_refused_naming_the_new_ones(tmp_path, capsys):
+    """muon_power (MuonPower's p before Muon's momentum) is now power, and the auxiliary Adam's p adam_power: the old
+    name is refused, on the command line and in a file, never read with another meaning."""
+    with pytest.raises(SystemExit) as exit_:
+        load_config(["--optimizer", "muonpower", "--muon_power", "0.9"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --muon_power: muon_power was renamed power (with optimizer muonpower, power is MuonPower's p before" \
+           " Muon's momentum" in err and "is adam_power" in err
+    path = write(tmp_path / "old.json", '{"optimizer": "muonpower", "muon_power": 0.9, "power": 1.2}')
+    with pytest.raises(ValueError, match=rf"^--config {path}: unknown key\(s\) \['muon_power'\]; accepted keys are .*; "
+                                         r"muon_power was renamed power .* is adam_power$"):
+        load_config(["--config", path])
+
+
+def test_a_files_p_is_its_optimizers(tmp_path):
+    """power is the p of the optimizer named: a file's power (its optimizer's p) does not carry over when a flag
+    switches the optimizer, so muonpower, which has no default p, asks for one instead of running at AdamPower's."""
+    with pytest.raises(ValueError, match=r"^--optimizer: muonpower needs power"):
+        load_config(["--config", str(QUICKSTART), "--optimizer", "muonpower", "--grad_clip", "0"])
+    path = write(tmp_path / "muon.json", '{"optimizer": "muonpower", "power": 0.9, "grad_clip": 0}')
+    assert load_config(["--config", path]).power == 0.9  # the file's own optimizer: kept
+    assert load_config(["--config", path, "--optimizer", "muonpower"]).power == 0.9  # the same optimizer again
+    assert load_config(["--config", path, "--optimizer", "adampower"]).power == 1.2  # switched: AdamPower's default

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, launch_env, wait_for_running_step
-from gradpower_ds import compare
-from gradpower_ds.files import atomic_open, write_json
-from gradpower_ds.metrics import MetricsLog, read_metrics
-from gradpower_ds.run_dir import SUMMARY_KEYS, RunDir, RunDirError, StopRequest, make_summary, summary_line
-from gradpower_ds.schedules import lr_multiplier
-from gradpower_ds.train import RESUME_MAY_CHANGE, changed_settings, prepare_run_dir, unbuilt_deepspeed_ops
-from gradpower_ds.train_config import TrainConfig
+from gradpower_ds.jobs import compare
+from gradpower_ds.jobs.files import atomic_open, write_json
+from gradpower_ds.jobs.metrics import MetricsLog, read_metrics
+from gradpower_ds.jobs.run_dir import SUMMARY_KEYS, RunDir, RunDirError, StopRequest, make_summary, summary_line
+from gradpower_ds.jobs.schedules import lr_multiplier
+from gradpower_ds.jobs.train import RESUME_MAY_CHANGE, changed_settings, prepare_run_dir, unbuilt_deepspeed_ops
+from gradpower_ds.jobs.train_config import TrainConfig
 from test_train import QUICKSTART, ROOT, TINY, deepspeed_train
 
 
@@ -127,7 +127,7 @@ def test_stop_request_flags_agree_on_one_signal():
 
 
 def test_run_dir_files_and_end_line(tmp_path):
-    """gradpower_ds.run_dir, as both jobs use it: status.json through a run's life, summary.json and loss.png only
+    """gradpower_ds.jobs.run_dir, as both jobs use it: status.json through a run's life, summary.json and loss.png only
     at completion, the one end line (also without a validation loss or a run folder); other ranks write nothing."""
     status = lambda: json.loads((tmp_path / "run" / "status.json").read_text())  # noqa: E731
     RunDir(tmp_path / "other", writer=False).start(0)
@@ -271,7 +271,7 @@ def _rank_processes(launcher_pid: int, timeout: float = 120) -> list:
     deadline = time.time() + timeout
     while time.time() < deadline:
         ranks = [p for p in psutil.Process(launcher_pid).children(recursive=True)
-                 if "gradpower_ds.train" in command(p) and "deepspeed.launcher" not in command(p)]
+                 if "gradpower_ds.jobs.train" in command(p) and "deepspeed.launcher" not in command(p)]
         if len(ranks) == 2:
             return sorted(ranks, key=lambda p: "--local_rank=1" in p.cmdline())
         time.sleep(0.1)

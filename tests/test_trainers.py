@@ -1,14 +1,14 @@
 """Keep your trainer: "type": "AdamPower" under the Hugging Face Trainer and accelerate, and the runner's edges.
 
 - Hugging Face ``Trainer`` with ``TrainingArguments(deepspeed=CONFIG)``, started as HF documents it but through the
-  runner: ``deepspeed --num_gpus 2 --module gradpower_ds.run hf_trainer_job.py --deepspeed CONFIG`` (the script
+  runner: ``deepspeed --num_gpus 2 --module gradpower_ds.jobs.run hf_trainer_job.py --deepspeed CONFIG`` (the script
   knows nothing of gradpower_ds);
 - ``accelerate launch`` with a DeepSpeed plugin (an accelerate config naming the DeepSpeed config file), the
   script calling ``gradpower_ds.deepspeed.register()`` at its top, or started through the runner
-  (``accelerate launch ... -m gradpower_ds.run``);
+  (``accelerate launch ... -m gradpower_ds.jobs.run``);
 
 both with the optimizer built by DeepSpeed from the config's "optimizer" section, on 2 CPU ranks (gloo) with a tiny
-LLaMA built from a transformers config. Also: ``python -m gradpower_ds.run`` with no launcher (one process; issue
+LLaMA built from a transformers config. Also: ``python -m gradpower_ds.jobs.run`` with no launcher (one process; issue
 20 item 4), and the hint for DeepSpeed's "AdamPower is not a supported DeepSpeed Optimizer" (item 8).
 """
 
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import free_port, launch_env
-from gradpower_ds import processes
+from gradpower_ds.jobs import processes
 from gradpower_ds.deepspeed import UNREGISTERED_HINT, explain_unregistered
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def check_adampower_trained(recs: list[dict]) -> None:
         assert len(rec["losses"]) == STEPS and rec["all_finite"] and all(math.isfinite(x) for x in rec["losses"])
 
 
-# ---- issue 20 item 4: python -m gradpower_ds.run with no launcher ----
+# ---- issue 20 item 4: python -m gradpower_ds.jobs.run with no launcher ----
 
 def test_default_to_world_of_one_only_without_a_launcher(monkeypatch):
     for name in LAUNCHER_ENV:
@@ -84,15 +84,15 @@ def test_default_to_world_of_one_only_without_a_launcher(monkeypatch):
 
 @pytest.mark.slow
 def test_runner_trains_in_one_process_without_launcher_env(tmp_path):
-    """README's `python -m gradpower_ds.run train.py --deepspeed_config ds.json`: DeepSpeed used to try MPI
+    """docs/deepspeed.md: `python -m gradpower_ds.jobs.run train.py --deepspeed_config ds.json`: DeepSpeed used to try MPI
     discovery and fail with "No module named 'mpi4py'"."""
     from jobs import ds_toy
 
     (tmp_path / "ds.json").write_text(json.dumps(ds_toy.ds_config(2, params=dict(ds_toy.LR_WD, power=POWER))))
-    proc = subprocess.run([sys.executable, "-m", "gradpower_ds.run", str(JOBS / "ds_train_script.py"),
+    proc = subprocess.run([sys.executable, "-m", "gradpower_ds.jobs.run", str(JOBS / "ds_train_script.py"),
                            "--deepspeed_config", str(tmp_path / "ds.json"), "--steps", "1", "--out", str(tmp_path)],
                           env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
-    check(proc, "python -m gradpower_ds.run")
+    check(proc, "python -m gradpower_ds.jobs.run")
     assert "one process, world size 1" in proc.stderr
     result = torch.load(tmp_path / "rank0.pt", weights_only=False)
     assert result["launch"]["world_size"] == 1
@@ -110,7 +110,7 @@ def test_explain_unregistered_adds_the_hint_to_deepspeeds_error_only():
                                              "Optimizer"))
     other = AssertionError("Lion2 is not a supported DeepSpeed Optimizer")
     assert not explain_unregistered(other) and not hasattr(other, "__notes__")
-    assert "gradpower_ds.deepspeed.register()" in UNREGISTERED_HINT and "-m gradpower_ds.run" in UNREGISTERED_HINT
+    assert "gradpower_ds.deepspeed.register()" in UNREGISTERED_HINT and "-m gradpower_ds.jobs.run" in UNREGISTERED_HINT
 
 
 UNREGISTERED_SCRIPT = """import deepspeed, torch
@@ -125,7 +125,7 @@ deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
 @pytest.mark.slow
 def test_runner_adds_the_hint_to_deepspeeds_unregistered_error(tmp_path):
     (tmp_path / "train.py").write_text(UNREGISTERED_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "gradpower_ds.run", "train.py"], env=clean_env(), cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "gradpower_ds.jobs.run", "train.py"], env=clean_env(), cwd=tmp_path,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 1
     assert "AssertionError: AdamPower is not a supported DeepSpeed Optimizer" in proc.stderr  # DeepSpeed's, kept
@@ -135,13 +135,13 @@ def test_runner_adds_the_hint_to_deepspeeds_unregistered_error(tmp_path):
 @pytest.mark.parametrize("target", [["-m", "torch.distributed.run"], [str(BIN / "torchrun")],
                                     [str(BIN / "deepspeed")], ["-m", "accelerate.commands.launch"]])
 def test_runner_refuses_a_launcher_as_its_script(tmp_path, target):
-    """`python -m gradpower_ds.run torchrun ... train.py` would register in the launcher only; its ranks would fail
+    """`python -m gradpower_ds.jobs.run torchrun ... train.py` would register in the launcher only; its ranks would fail
     with "AdamPower is not a supported DeepSpeed Optimizer"."""
     (tmp_path / "train.py").write_text("raise SystemExit('the launcher ran')\n")
-    proc = subprocess.run([sys.executable, "-m", "gradpower_ds.run", *target, "--nproc_per_node", "1", "train.py"],
+    proc = subprocess.run([sys.executable, "-m", "gradpower_ds.jobs.run", *target, "--nproc_per_node", "1", "train.py"],
                           env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "is a launcher: put gradpower_ds.run after it" in proc.stderr
+    assert "is a launcher: put gradpower_ds.jobs.run after it" in proc.stderr
 
 
 # ---- issue 20 item 10: Hugging Face Trainer and accelerate ----
@@ -157,10 +157,10 @@ HF_DS_CONFIG = {  # as HF documents it: "auto" values filled from TrainingArgume
 def test_hf_trainer_deepspeed_config_builds_adampower(tmp_path):
     (tmp_path / "ds_config.json").write_text(json.dumps(HF_DS_CONFIG))
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-           "gradpower_ds.run", str(JOBS / "hf_trainer_job.py"), "--deepspeed", str(tmp_path / "ds_config.json"),
+           "gradpower_ds.jobs.run", str(JOBS / "hf_trainer_job.py"), "--deepspeed", str(tmp_path / "ds_config.json"),
            "--steps", str(STEPS), "--out", str(tmp_path / "out")]
     check(subprocess.run(cmd, env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT),
-          "deepspeed --module gradpower_ds.run hf_trainer_job.py")
+          "deepspeed --module gradpower_ds.jobs.run hf_trainer_job.py")
     recs = records(tmp_path / "out")
     check_adampower_trained(recs)
     assert sorted(rec["process_index"] for rec in recs) == [0, 1]
@@ -189,7 +189,7 @@ def test_accelerate_deepspeed_plugin_builds_adampower(tmp_path, hook):
     (tmp_path / "ds_config.json").write_text(json.dumps(ds_config))
     (tmp_path / "accelerate.yaml").write_text(ACCELERATE_CONFIG.format(ds_config=tmp_path / "ds_config.json",
                                                                        port=free_port()))
-    runner = ["-m", "gradpower_ds.run"] if hook == "runner" else []
+    runner = ["-m", "gradpower_ds.jobs.run"] if hook == "runner" else []
     job_args = ["--no_hook"] if hook == "runner" else []
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(tmp_path / "accelerate.yaml"), *runner,
            str(JOBS / "accelerate_job.py"), *job_args, "--steps", str(STEPS), "--out", str(tmp_path / "out")]

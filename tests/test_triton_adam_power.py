@@ -287,7 +287,7 @@ def test_kernel_rejects_unsupported_tensors():
 
 
 def test_bench_gpu_step_smoke():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu_step.py"), "--interpret-smoke"],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_triton_adam_power.py"), "--interpret-smoke"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("d2d copy", "ours p=1.2", "ours p=1", "ours p=1.2 +bf16 copy", "torch_adamw_fused",

@@ -15,7 +15,7 @@
 //   gradual underflow into subnormals).
 // Q (degree 3) and R (degree 2) are fp32 fits with max errors of 2.3e-8 (abs) and
 // 4.1e-8 (rel); the tables and fits are printed by fit_polynomials.py beside this
-// file. The bound, checked by tests/test_native_kernel.py against a float64
+// file. The bound, checked by tests/test_native_adam_power.py against a float64
 // reference over the whole fp32 range: 2.5e-7 relative for p <= 2, 1e-6 for
 // p <= 8 (the error of y grows with p; measured 1.8e-7 at p = 1.2, 1.9e-7 at 2,
 // 4.8e-7 at 8), plus half a subnormal ulp where the result is subnormal.

@@ -3,7 +3,7 @@
 // (templates over `V`), so every instruction set runs the same algorithm.
 //
 // Each struct's functions carry the matching `target` attribute; kernels are
-// instantiated inside functions with the same attribute (cpu_adam_power.cpp),
+// instantiated inside functions with the same attribute (native_adam_power.cpp),
 // so the library as a whole is compiled for baseline x86-64 and the wide code
 // only runs after a run-time CPU check. The x86 structs exist only where the
 // target is x86 (GP_X86); elsewhere (aarch64: GH200/GB200 hosts) the scalar

@@ -5,6 +5,6 @@ Kernels only: the optimizers built on them (``gradpower_ds.AdamPower``,
 """
 
 from .builder import NativeExtensionError
-from .native import resolve_isa
+from .native_adam_power import resolve_isa
 
 __all__ = ["NativeExtensionError", "resolve_isa"]

@@ -21,9 +21,9 @@ import logging
 import os
 from pathlib import Path
 
-MODULE = "gradpower_ds._cpu_adam_power"
+MODULE = "gradpower_ds._native_adam_power"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ["cpu_adam_power.cpp"]
+SOURCES = ["native_adam_power.cpp"]
 # -ffp-contract=off: the kernel spells out each rounding, in torch.optim.AdamW's order.
 CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi"]
 LINK_FLAGS = ["-fopenmp"]
@@ -68,7 +68,7 @@ def _jit_build(reason: str):
     _log.warning("gradpower_ds: the installed native CPU kernel is %s; using a just-in-time build of the sources "
                  "instead (built once per source version, ~20 s on 2 cores; `pip install .` installs it)", reason)
     return torch_load(
-        name="gradpower_ds_cpu_adam_power",
+        name="gradpower_ds_native_adam_power",
         sources=[str(CSRC / s) for s in SOURCES],
         extra_include_paths=[str(CSRC)],
         extra_cflags=CXX_FLAGS,

@@ -63,7 +63,7 @@ NUM_WARPS = 8
 _ALIGN = 16  # bytes; when every address is a multiple, the kernel is told so and can use 16-byte accesses
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _COPY_DTYPES = (torch.bfloat16, torch.float16)
-# Set to True in the change that records a passing tests/gpu/check.sh run on a GPU (README, GPU section).
+# Set to True in the change that records a passing tests/gpu/check.sh run on a GPU (docs/gpu.md).
 VERIFIED_ON_GPU = False
 
 

@@ -1,4 +1,4 @@
-// Test-only driver (tests/test_native_aarch64.py): the native kernel's phi on its scalar path, built for
+// Test-only driver (tests/test_native_adam_power_aarch64.py): the native kernel's phi on its scalar path, built for
 // aarch64 and run under qemu-user. Reads N fp32 values from IN, writes phi_p(x) (power_eps EPS) to OUT.
 //   phi_driver IN OUT N P EPS
 #include <cstdio>

@@ -7,7 +7,7 @@ Steps, each a subprocess with its own time budget (seconds), in order of importa
                        the native CPU kernel built in place, and DeepSpeed's FusedAdam JIT-built once (the
                        anchor of the DeepSpeed tests and benchmarks; built here, not inside a later step's budget)
   kernel_tests         tests/test_gpu.py -k kernel and the compiled-kernel test of test_triton_adam_power.py
-  bench_gpu_step       benchmarks/bench_gpu_step.py at 64M and 512M elements: ratio vs torch fused AdamW,
+  bench_triton_adam_power       benchmarks/bench_triton_adam_power.py at 64M and 512M elements: ratio vs torch fused AdamW,
                        % of the copy roofline
   deepspeed_tests      tests/test_gpu.py -k deepspeed (ZeRO-2 bf16/fp16, ZeRO-3, ZeRO-2 offload on one GPU)
   main_job_tests       tests/test_gpu.py -k main_job (a short run on the GPU, stop + resume)
@@ -15,13 +15,13 @@ Steps, each a subprocess with its own time budget (seconds), in order of importa
   bench_megatron_step  benchmarks/bench_megatron_step.py: the AdamPower/Adam step ratio, peak extra memory
   bench_deepspeed_step benchmarks/bench_deepspeed_step.py --world-size 1: the train-step ratio
 
-Not in it, for want of time in the 8 minutes: tests/test_gpu.py -k muon (MuonPower on one GPU, about 35 s;
+Not in it, for want of time in its 8 minutes: tests/test_gpu.py -k muon (MuonPower on one GPU, about 35 s;
 run it by itself when the check leaves device time).
 
 It writes $OUT/gpu_report.json (device, each step's status, seconds, budget and figures, the verdict)
 and $OUT/gpu_check.log (the whole output). Without CUDA, or with --dry-run, it is the CI dry run: the
 same steps in their CPU form (no install; the GPU tests skip cleanly; the benchmarks at tiny sizes on
-the CPU, bench_gpu_step through Triton's interpreter), so the script itself is tested on every
+the CPU, bench_triton_adam_power through Triton's interpreter), so the script itself is tested on every
 submission. A step's status is passed, failed, timeout, or skipped (pytest ran no test: no GPU).
 """
 
@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SITE = "/tmp/site"  # where the carried wheels are installed on the GPU machine
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"]
-TOTAL_BUDGET = 480  # seconds: the issue's 8 minutes on one H100 (the steps' budgets add up to it)
+TOTAL_BUDGET = 480  # seconds: the check's 8 minutes on one H100 (the steps' budgets add up to it)
 DRY_RUN_SLACK = 5
 LAUNCH_TIMEOUT = 60  # seconds one launched job (torchrun, deepspeed) may take in a GPU test
 
@@ -63,8 +63,8 @@ def steps(gpu: bool) -> list[dict]:
                             "print('imports ok; native kernel', builder.load().__name__)"]),
         dict(name="kernel_tests", budget=25, command=PYTEST + ["tests/test_gpu.py", "-k", "kernel",
                                                               "tests/test_triton_adam_power.py::test_cuda_matches_reference"]),
-        dict(name="bench_gpu_step", budget=20, command=[py, "benchmarks/bench_gpu_step.py", "--sizes", "64M", "512M"],
-             dry=[py, "benchmarks/bench_gpu_step.py", "--interpret-smoke"]),
+        dict(name="bench_triton_adam_power", budget=20, command=[py, "benchmarks/bench_triton_adam_power.py", "--sizes", "64M", "512M"],
+             dry=[py, "benchmarks/bench_triton_adam_power.py", "--interpret-smoke"]),
         dict(name="deepspeed_tests", budget=85, command=PYTEST + ["tests/test_gpu.py", "-k", "deepspeed and not muon"]),
         dict(name="main_job_tests", budget=115, command=PYTEST + ["tests/test_gpu.py", "-k", "main_job"]),
         dict(name="megatron_tests", budget=85, command=PYTEST + ["tests/test_gpu.py", "-k", "megatron_pretrain"]),

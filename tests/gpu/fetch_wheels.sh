@@ -5,7 +5,7 @@
 # what it needs there) and DeepSpeed's needs that machine does not have (hjson, pydantic and its own, and the
 # typing-extensions >= 4.16 pydantic 2.14 asks for: the image's may be older).
 # Everything else they need (torch, numpy, packaging, psutil, py-cpuinfo, msgpack, ninja, einops, tqdm)
-# is on that machine already (the device library's KINDS.md). 64 MiB may travel; this is about 8.
+# is on a CUDA image with torch already. About 8 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}

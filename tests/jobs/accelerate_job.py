@@ -3,7 +3,7 @@
 Started as ``accelerate launch --config_file ACCELERATE.yaml accelerate_job.py --out DIR``, where the accelerate
 config names a DeepSpeed config (``deepspeed_config_file``) whose "optimizer" section says ``"type": "AdamPower"``;
 or, with ``--no_hook`` (the script then registers nothing), as
-``accelerate launch --config_file ACCELERATE.yaml -m gradpower_ds.run accelerate_job.py --no_hook --out DIR``.
+``accelerate launch --config_file ACCELERATE.yaml -m gradpower_ds.jobs.run accelerate_job.py --no_hook --out DIR``.
 The optimizer is built by DeepSpeed from that config (the loop passes accelerate's ``DummyOptim``). A tiny LLaMA
 built from a config (no downloads) trains ``--steps`` steps on an in-memory dataset; each rank writes what a test
 needs to ``DIR/rank<R>.json``.
@@ -25,7 +25,7 @@ from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.utils import DummyOptim  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from gradpower_ds.processes import exit_when_done  # noqa: E402
+from gradpower_ds.jobs.processes import exit_when_done  # noqa: E402
 
 VOCAB, SEQ = 64, 16
 
@@ -34,7 +34,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True, help="folder for rank<R>.json")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--no_hook", action="store_true", help="do not call register() (run under gradpower_ds.run)")
+    parser.add_argument("--no_hook", action="store_true", help="do not call register() (run under gradpower_ds.jobs.run)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         # accelerate 1.15 gives DeepSpeed no process group backend without a GPU (it would count one process per

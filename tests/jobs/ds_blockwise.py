@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from gradpower_ds.blockwise import LR_MULTIPLIER_KEY, blockwise_param_groups
 from gradpower_ds.deepspeed import register
-from gradpower_ds.model import CausalLM, ModelConfig
-from gradpower_ds.processes import exit_when_done
+from gradpower_ds.jobs.model import CausalLM, ModelConfig
+from gradpower_ds.jobs.processes import exit_when_done
 
 try:
     import ds_toy  # launched: tests/jobs is sys.path[0]

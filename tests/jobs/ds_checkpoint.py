@@ -28,7 +28,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_optimizer_state
 
 from gradpower_ds import deepspeed as gds
-from gradpower_ds.processes import exit_when_done
+from gradpower_ds.jobs.processes import exit_when_done
 
 try:
     import ds_toy  # launched: tests/jobs is sys.path[0]

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import ds_toy
 from gradpower_ds.deepspeed import register, unregister
-from gradpower_ds.processes import exit_when_done
+from gradpower_ds.jobs.processes import exit_when_done
 
 CHECKS = {
     "lowercase": dict(opt_type="adampower"),

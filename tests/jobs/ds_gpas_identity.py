@@ -15,8 +15,8 @@ import sys
 import torch
 
 from gradpower_ds import apply_gpas
-from gradpower_ds.model import CausalLM, DeepSpeedMoE, ModelConfig, SwiGLU
-from gradpower_ds.processes import exit_when_done
+from gradpower_ds.jobs.model import CausalLM, DeepSpeedMoE, ModelConfig, SwiGLU
+from gradpower_ds.jobs.processes import exit_when_done
 
 MOE_EXPERTS = 4
 

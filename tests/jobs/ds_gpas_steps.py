@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 from gradpower_ds import apply_gpas, param_groups_with_gpas, register_gate_grad_clip
 from gradpower_ds.gpas import gate_parameters
-from gradpower_ds.model import CausalLM, ModelConfig
-from gradpower_ds.processes import exit_when_done
+from gradpower_ds.jobs.model import CausalLM, ModelConfig
+from gradpower_ds.jobs.processes import exit_when_done
 
 
 def run(stage: int, out):

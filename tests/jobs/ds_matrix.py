@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import ds_toy
 from gradpower_ds.deepspeed import register
-from gradpower_ds.processes import exit_when_done
+from gradpower_ds.jobs.processes import exit_when_done
 
 OPTIMIZERS = {
     "power1.2": ("AdamPower", dict(ds_toy.LR_WD, power=1.2)),

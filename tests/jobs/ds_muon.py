@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from gradpower_ds.deepspeed import register
-from gradpower_ds.processes import exit_when_done
+from gradpower_ds.jobs.processes import exit_when_done
 
 try:
     import ds_toy  # launched: tests/jobs is sys.path[0]

@@ -7,7 +7,7 @@ import torch
 import ds_toy
 from ds_muon import MUON_PARAMS
 from gradpower_ds.deepspeed import register
-from gradpower_ds.processes import exit_when_done
+from gradpower_ds.jobs.processes import exit_when_done
 
 
 class NoMatrix(torch.nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from gradpower_ds import AdamPower
-from gradpower_ds.model import CausalLM, ModelConfig
+from gradpower_ds.jobs.model import CausalLM, ModelConfig
 
 VOCAB, SEQ, MICRO_BATCH = 64, 16, 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -221,7 +221,7 @@ def muon_case_name(stage: int, dtype: str, offload: bool) -> str:
 def skip_zero3_where_deepspeed_races(stage: int) -> None:
     """Skips a ZeRO-3 check on a DeepSpeed before gds.ZERO3_ON_CPU_FIXED_IN: on the CPU accelerator (gloo) its
     parameter all-gather races (DeepSpeed PR #8539), so its runs are nondeterministically wrong whatever the
-    optimizer (README.md, "Compatibility")."""
+    optimizer (docs/compatibility.md)."""
     import pytest
 
     from gradpower_ds import deepspeed as gds

@@ -1,6 +1,6 @@
 """An ordinary DeepSpeed training script that knows nothing of gradpower_ds: the runner's test subject.
 
-Started through ``python -m gradpower_ds.run`` its configs may say ``"type": "AdamPower"``.
+Started through ``python -m gradpower_ds.jobs.run`` its configs may say ``"type": "AdamPower"``.
 For each ``--deepspeed_config`` it builds the toy model (the MoE toy with experts on
 ``--moe_ep_size`` ranks when that is > 0), trains ``--steps`` optimizer steps and
 records what a test needs; each rank writes its records to ``--out/rank<R>.pt``,
@@ -20,7 +20,7 @@ from deepspeed.accelerator import get_accelerator
 
 import ds_moe_toy
 import ds_toy
-from gradpower_ds.processes import exit_when_done
+from gradpower_ds.jobs.processes import exit_when_done
 
 
 def parse_args() -> argparse.Namespace:

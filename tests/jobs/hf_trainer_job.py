@@ -1,8 +1,8 @@
 """An ordinary Hugging Face Trainer script with DeepSpeed (``--deepspeed ds_config.json``) that knows nothing of
 gradpower_ds: the optimizer comes from the DeepSpeed config's "optimizer" section, built by DeepSpeed.
 
-Started as ``deepspeed --module gradpower_ds.run hf_trainer_job.py --deepspeed CONFIG --out DIR`` (or under
-torchrun, ``-m gradpower_ds.run``) its config may say ``"type": "AdamPower"``. A tiny LLaMA built from a config (no
+Started as ``deepspeed --module gradpower_ds.jobs.run hf_trainer_job.py --deepspeed CONFIG --out DIR`` (or under
+torchrun, ``-m gradpower_ds.jobs.run``) its config may say ``"type": "AdamPower"``. A tiny LLaMA built from a config (no
 downloads) trains ``--steps`` steps on an in-memory dataset; each rank writes what a test needs to
 ``DIR/rank<R>.json``.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from gradpower_ds.processes import exit_when_done
+from gradpower_ds.jobs.processes import exit_when_done
 
 VOCAB, SEQ = 64, 16
 

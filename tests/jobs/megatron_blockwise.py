@@ -33,7 +33,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # n
 
 import megatron_patches  # noqa: E402
 from gradpower_ds.power import grad_power  # noqa: E402
-from gradpower_ds.processes import exit_when_done  # noqa: E402
+from gradpower_ds.jobs.processes import exit_when_done  # noqa: E402
 
 STEPS, WARMUP, MIN_RATIO, POWER = 4, 2, 0.1, 1.2
 HEADS, GROUPS = 4, 2

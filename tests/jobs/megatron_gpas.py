@@ -57,7 +57,7 @@ from megatron.core.transformer import transformer_layer  # noqa: E402
 
 import megatron_patches  # noqa: E402
 from gradpower_ds.gpas import GPASGate  # noqa: E402
-from gradpower_ds.processes import exit_when_done  # noqa: E402
+from gradpower_ds.jobs.processes import exit_when_done  # noqa: E402
 from megatron_patches.gpas import GPASUnsupportedError  # noqa: E402
 from megatron_patches.optimizer import inner_optimizers  # noqa: E402
 

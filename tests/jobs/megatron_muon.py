@@ -30,7 +30,7 @@ from emerging_optimizers.orthogonalized_optimizers.muon_utils import newton_schu
 
 import megatron_patches  # noqa: E402
 from gradpower_ds.power import grad_power  # noqa: E402
-from gradpower_ds.processes import exit_when_done  # noqa: E402
+from gradpower_ds.jobs.processes import exit_when_done  # noqa: E402
 
 MOMENTUM, NS_STEPS = 0.95, 5  # megatron-core 0.16.1's Muon defaults (no Nesterov, quintic coefficients)
 

@@ -42,7 +42,7 @@ from megatron.core.transformer import TransformerConfig  # noqa: E402
 
 import megatron_patches  # noqa: E402
 from gradpower_ds.power import grad_power  # noqa: E402
-from gradpower_ds.processes import exit_when_done  # noqa: E402
+from gradpower_ds.jobs.processes import exit_when_done  # noqa: E402
 
 VOCAB, SEQ, BATCH, EXPERTS, EP = 64, 8, 2, 4, 2
 STEPS, LR, WD, CLIP, BETAS, EPS = 3, 1e-2, 0.1, 0.05, (0.9, 0.95), 1e-8

@@ -1,6 +1,6 @@
 """Test-only: installs tests/megatron_cpu_shim.py at interpreter start in launched ranks.
 
-Tests that launch the product's own commands (``torchrun -m gradpower_ds.train_megatron``,
+Tests that launch the product's own commands (``torchrun -m gradpower_ds.jobs.train_megatron``,
 ``launch/megatron_moe.sh``) on this CPU-only machine put this directory on PYTHONPATH and set
 GRADPOWER_MEGATRON_CPU_SHIM=1. Python imports ``sitecustomize`` on start-up, so every rank
 (a process with LOCAL_RANK set by torchrun; not the launcher itself) gets the shim before

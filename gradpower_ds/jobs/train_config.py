@@ -4,7 +4,7 @@ Every field is a flag (``--steps 200``, ``--gpas true``) and a key of the JSON
 file (``configs/quickstart.json``); its help text lives in the field's metadata
 (``--help`` lists them with their defaults). The model settings (``dim``,
 ``num_experts``, ``norm``, ``gpas``, ...) are ModelConfig's fields of the same
-name: their defaults and help texts are gradpower_ds.model.ModelConfig's, and
+name: their defaults and help texts are gradpower_ds.jobs.model.ModelConfig's, and
 ``model_config()`` passes them on by name. Flag and JSON value types are the
 fields' real types (``typing.get_type_hints``). ``load_config`` checks every
 setting before anything heavy is imported or launched: value types (JSON
@@ -32,9 +32,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .blockwise import resolve_multipliers
-from .gpas import ACTIVATIONS, VARIANTS
-from .hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_GUIDANCE, MUON_POWER_RULE, check_group, check_power
+from ..blockwise import resolve_multipliers
+from ..config_sources import layered, read_settings_file
+from ..gpas import ACTIVATIONS, VARIANTS
+from ..deepspeed.params import split_params
+from ..hyperparams import POWER_NAMES, RENAMED, REQUIRED, power_names
 from .model import ModelConfig
 from .precision import PRECISIONS, resolve_precision
 
@@ -42,8 +44,9 @@ from .precision import PRECISIONS, resolve_precision
 OPTIMIZERS = {"adampower": "AdamPower", "adamw": "AdamW", "muon": "Muon", "muonpower": "MuonPower"}
 SCHEDULES = ("wsd", "cosine", "constant")
 BLOCKWISE_OPTIMIZERS = ("adamw", "adampower")  # the optimizers that keep the param groups they are given
+POWERED = ("adampower", "muonpower")  # the optimizers that take a p (hyperparams.POWER_NAMES, as DeepSpeed's params)
 # the settings that only some optimizers use -> those optimizers (any other choice refuses them when given)
-OPTIMIZER_SETTINGS = {"power": ("adampower", "muonpower"), "expert_power": ("adampower",), "muon_power": ("muonpower",),
+OPTIMIZER_SETTINGS = {**{name: tuple(o for o in POWERED if name in power_names(o, "deepspeed")) for name in POWER_NAMES},
                       "muon_lr": ("muon", "muonpower"), "momentum": ("muon", "muonpower")}
 ERROR_GRACE_S = 10.0  # see report_error  # only used by optimizer adampower
 # DeepSpeed config keys that a TrainConfig field sets and the training loop relies on: deepspeed_overrides may
@@ -68,6 +71,16 @@ def _setting(default, help: str):
 
 
 _MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+
+
+def _power_setting(name: str):
+    """A TrainConfig field that is one of hyperparams.POWER_NAMES, the name DeepSpeed's params give it: None (not
+    set) by default, resolved by check(); its help text says what it is for each optimizer that takes it."""
+    uses = {opt: use for opt, use in POWER_NAMES[name].uses.items() if "deepspeed" in use.stacks}
+    text = "; ".join(f"{opt}: {use.meaning}" + (", required" if use.default == REQUIRED else
+                                               f", default {use.default:g}" if isinstance(use.default, float) else "")
+                     for opt, use in uses.items())
+    return field(default=None, metadata={"help": f"GradPower exponent p > 0 ({text})"})
 
 
 def _model_setting(name: str):
@@ -95,7 +108,7 @@ class TrainConfig:
     seq_len: int = _setting(128, "tokens per sequence")
     micro_batch: int = _setting(8, "sequences per rank per micro-step")
     grad_accum: int = _setting(1, "micro-steps per optimizer step")
-    # model: the _model_setting fields are gradpower_ds.model.ModelConfig's (defaults and help texts there)
+    # model: the _model_setting fields are gradpower_ds.jobs.model.ModelConfig's (defaults and help texts there)
     dim: int = _model_setting("dim")
     n_layers: int = _model_setting("n_layers")
     n_heads: int = _model_setting("n_heads")
@@ -111,12 +124,10 @@ class TrainConfig:
     gpas_act: str = _model_setting("gpas_act")
     # optimizer
     optimizer: str = _setting("adampower", f"{', '.join(OPTIMIZERS)} (adamw, muon: DeepSpeed's own AdamW, Muon)")
-    power: float = _setting(ADAM_POWER_DEFAULTS["power"],
-                            "GradPower exponent p > 0 of AdamPower (adampower; muonpower's auxiliary Adam; 1.0 is "
-                            "plain Adam)")
-    expert_power: float | None = _setting(None, "p for the expert parameters (adampower only; none: power)")
-    muon_power: float | None = _setting(None, "GradPower exponent p > 0 before Muon's momentum (muonpower only, "
-                                              "required there; 1.0 is plain Muon; see README.md, MuonPower)")
+    # the names of p are hyperparams.POWER_NAMES' (DeepSpeed's params): check() fills in their defaults
+    power: float | None = _power_setting("power")
+    adam_power: float | None = _power_setting("adam_power")
+    expert_power: float | None = _power_setting("expert_power")
     muon_lr: float = _setting(0.02, "learning rate of the matrices Muon updates (muon, muonpower; lr is the "
                                     "auxiliary Adam's)")
     momentum: float = _setting(0.95, "Muon's momentum, in [0, 1) (muon, muonpower)")
@@ -126,7 +137,7 @@ class TrainConfig:
     weight_decay: float = _setting(0.1, "decoupled weight decay (>= 0)")
     grad_clip: float = _setting(1.0, "gradient-norm clipping (0: off)")
     blockwise_lr: bool = _setting(False, "blockwise learning rates: each block (embedding, Q/K, V/O, FFN, ...) at its "
-                                         "multiple of lr (adamw, adampower; README.md, Blockwise learning rates)")
+                                         "multiple of lr (adamw, adampower; docs/features.md)")
     blockwise_multipliers: dict = _setting({}, "with blockwise_lr: multipliers replacing the paper's for the blocks "
                                                "named, e.g. {\"embedding\": 5}")
     # learning-rate schedule
@@ -144,7 +155,7 @@ class TrainConfig:
     eval_batches: int = _setting(16, "validation batches per evaluation")
     log_every: int = _setting(5, "metrics.csv row every N steps")
     noise_every: int = _setting(10, "measure the gradient noise every N steps (0: off); those steps' rows carry "
-                                    "it (README.md, Gradient noise)")
+                                    "it (docs/main-job.md)")
     save_every: int = _setting(100, "checkpoint every N steps (and at the end)")
     tensorboard: bool = _setting(True, "write tensorboard/ event files")
     progress: bool = _setting(True, "progress bar on rank 0")
@@ -160,13 +171,6 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer={self.optimizer!r} is unknown; choose one of {sorted(OPTIMIZERS)}",
                               "optimizer")
-        _hyper(lambda: check_power(self.power, 0.0, owner="power"), "power")
-        if self.optimizer == "muonpower":
-            if self.muon_power is None:
-                raise ConfigError(f"optimizer muonpower needs muon_power, the GradPower exponent before Muon's "
-                                  f"momentum: {MUON_POWER_GUIDANCE}", "muon_power", "optimizer")
-            _hyper(lambda: check_power(self.muon_power, 0.0, owner="muon_power", name="muon_power",
-                                       rule=MUON_POWER_RULE), "muon_power")
         if self.blockwise_lr and self.optimizer not in BLOCKWISE_OPTIMIZERS:
             raise ConfigError(f"blockwise_lr with optimizer {self.optimizer}: DeepSpeed's Muon builds its own param "
                               "groups, which drop the blockwise lrs; use optimizer "
@@ -180,9 +184,6 @@ class TrainConfig:
             raise ConfigError(str(error), "blockwise_multipliers") from None
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum={self.momentum!r} must be in [0, 1)", "momentum")
-        if self.expert_power is not None:
-            _hyper(lambda: check_power(self.expert_power, 0.0, owner="expert_power", name="expert_power"),
-                   "expert_power")
         choices = {"schedule": SCHEDULES, "precision": PRECISIONS, "norm": VARIANTS, "gpas_act": ACTIVATIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -235,7 +236,7 @@ class TrainConfig:
             raise ConfigError(f"num_experts={self.num_experts} > 0 needs zero_stage 1 or 2 (DeepSpeed's MoE layers "
                               f"refuse ZeRO-3); the DeepSpeed config has stage 3{where}", "num_experts", stage_key)
         if self.optimizer in ("muon", "muonpower") and self.grad_clip > 0 and stage > 0:
-            from .muon_power import CLIPPING_WARNING
+            from ..deepspeed.muon_power import CLIPPING_WARNING
 
             raise ConfigError(f"grad_clip={self.grad_clip:g} with optimizer {self.optimizer} under ZeRO-{stage}: "
                               f"{CLIPPING_WARNING}; set grad_clip 0", "grad_clip", "optimizer", stage_key)
@@ -253,18 +254,24 @@ class TrainConfig:
         if str(optimizer.get("type", "")).lower() != OPTIMIZERS[self.optimizer].lower():
             raise ConfigError(f"deepspeed_overrides sets optimizer.type={optimizer.get('type')!r}; set optimizer "
                               f"({' or '.join(OPTIMIZERS)}) instead", "deepspeed_overrides", "optimizer")
-        params = optimizer.get("params", {})
-        group = {**ADAM_POWER_DEFAULTS, "lr": self.lr, "betas": self.betas, "eps": self.eps,
-                 "weight_decay": self.weight_decay, "power": self.power}
-        group.update({k: v for k, v in params.items() if k in group})
-        changed = [k for k in group if k in (over.get("optimizer") or {}).get("params", {})]
-        # what the optimizer will check when it is built, checked now (the betas, eps, weight decay, lr, power)
-        _hyper(lambda: check_group(group, owner="optimizer"), *(["deepspeed_overrides"] if changed else []),
-               infer_key=not changed)
+        # what DeepSpeed's optimizer is checked for when it is built, checked now, as gradpower_ds.deepspeed checks
+        # it: the keys, the names of p (their defaults filled in here), lr, betas, eps, weight decay
+        try:
+            powers = split_params(optimizer["type"], optimizer.get("params", {}))[1]
+        except (TypeError, ValueError) as error:
+            message = str(error).partition(": ")[2]
+            name = next((k for k in _CHECKED_NAMES if re.search(rf"\b{k}\b", message)), None)
+            if name is None or name in (over.get("optimizer") or {}).get("params", {}):
+                keys = ("deepspeed_overrides",)
+            else:  # a setting's bad value, or a REQUIRED p not set: then the optimizer that requires it
+                keys = (name,) if getattr(self, name) is not None else (name, "optimizer")
+            raise ConfigError(message, *keys) from None
+        if self.optimizer in POWERED:
+            self.power, self.adam_power = powers["power"], powers.get("adam_power")
 
     @property
     def effective_precision(self) -> str:
-        """The precision this machine trains in: precision, with "auto" resolved (gradpower_ds.precision)."""
+        """The precision this machine trains in: precision, with "auto" resolved (gradpower_ds.jobs.precision)."""
         return resolve_precision(self.precision)[0]
 
     @property
@@ -284,7 +291,7 @@ class TrainConfig:
         return ep
 
     def check_paths(self) -> None:
-        """ConfigError when the data source or the tokenizer folder does not exist (as gradpower_ds.data reads
+        """ConfigError when the data source or the tokenizer folder does not exist (as gradpower_ds.jobs.data reads
         them; relative paths are relative to the current directory)."""
         if self.data != "stdlib":
             prefix = self.data.removesuffix(".bin").removesuffix(".idx")
@@ -310,14 +317,11 @@ class TrainConfig:
     def deepspeed_config(self) -> dict:
         """The DeepSpeed config: optimizer, ZeRO stage, precision, batch, clipping, plus deepspeed_overrides."""
         params = {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}
-        if self.optimizer == "adampower":
-            params["power"] = self.power
-            if self.expert_power is not None:
-                params["expert_power"] = self.expert_power
-        elif self.optimizer in ("muon", "muonpower"):
+        if self.optimizer in POWERED:  # the names of p are DeepSpeed's params' (hyperparams.POWER_NAMES)
+            params.update({name: getattr(self, name) for name in power_names(self.optimizer, "deepspeed")
+                           if getattr(self, name) is not None})
+        if self.optimizer in ("muon", "muonpower"):
             params.update(muon_lr=self.muon_lr, momentum=self.momentum)
-            if self.optimizer == "muonpower":
-                params.update(power=self.muon_power, adam_power=self.power)
         zero = {"stage": self.zero_stage}
         if self.optimizer in ("muon", "muonpower") and self.zero_stage == 3:
             zero["reduce_scatter"] = False  # DeepSpeed's ZeRO-3 refuses Muon with reduce-scatter
@@ -340,7 +344,7 @@ class TrainConfig:
         """The optimizer as logs and plots name it, e.g. 'adampower p=1.2', 'muonpower p=0.9 adam p=1.2', 'adamw' or
         'adamw + blockwise lr'."""
         if self.optimizer == "muonpower":
-            return f"muonpower p={self.muon_power:g} adam p={self.power:g}"
+            return f"muonpower p={self.power:g} adam p={self.adam_power:g}"
         return (self.optimizer + (f" p={self.power:g}" if self.optimizer == "adampower" else "")
                 + (" + blockwise lr" if self.blockwise_lr else ""))
 
@@ -352,7 +356,7 @@ class TrainConfig:
         """(name, recorded value, value here) for each setting outside `ignore` that a run's recorded settings
         (its config.json) hold differently; a setting `recorded` lacks counts as `missing` (None: its default).
 
-        The one comparison behind a resume's refusal (gradpower_ds.train) and compare's reuse check.
+        The one comparison behind a resume's refusal (gradpower_ds.jobs.train) and compare's reuse check.
         """
         now = json.loads(json.dumps(self.to_dict()))  # tuples as lists, as config.json holds them
         fill = json.loads(json.dumps(TrainConfig().to_dict())) if missing is None else dict.fromkeys(now, missing)
@@ -405,18 +409,7 @@ def _checked_type(name: str, value, kind):
     return value
 
 
-_HYPER_NAMES = ("lr", "betas", "eps", "weight_decay", "power")
-
-
-def _hyper(check, *keys: str, infer_key: bool = False) -> None:
-    """Runs a gradpower_ds.hyperparams check; its ValueError/TypeError becomes a ConfigError about `keys`."""
-    try:
-        check()
-    except (ValueError, TypeError) as error:
-        owner, _, message = str(error).partition(": ")
-        if infer_key:  # 'invalid betas[0]=1.0: must be in [0, 1)' is about betas
-            keys = tuple(k for k in _HYPER_NAMES if re.search(rf"\b{k}\b", message))[:1] or keys
-        raise ConfigError(message or owner, *keys) from None
+_CHECKED_NAMES = (*POWER_NAMES, "lr", "betas", "eps", "weight_decay")  # the settings a DeepSpeed params error names
 
 
 # ---- flags and the config file ------------------------------------------------------------------------------------
@@ -425,7 +418,7 @@ def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0") or 0)
 
 
-def report_error(message: str, prog: str = "gradpower_ds.train") -> None:
+def report_error(message: str, prog: str = "gradpower_ds.jobs.train") -> None:
     """Prints ``prog: error: message`` as one line to stderr, once per node: every rank fails alike, so the other
     local ranks first wait ERROR_GRACE_S for local rank 0 to print it and end the job (a launcher stops all ranks
     when one fails), and print it only if they are still running then."""
@@ -505,6 +498,9 @@ def argument_parser(prog: str = "python -m gradpower_ds train") -> argparse.Argu
     parser.add_argument("--config", metavar="FILE.json",
                         help="JSON file with TrainConfig keys (e.g. configs/quickstart.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for old, hint in RENAMED.items():  # an old name is refused, saying what replaced it (never a silent meaning)
+        parser.add_argument(f"--{old}", nargs="?", action=_Renamed, hint=hint, default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
         kind = _TYPES[f.name]
         nargs = 2 if kind == tuple[float, float] else None
@@ -516,27 +512,24 @@ def argument_parser(prog: str = "python -m gradpower_ds train") -> argparse.Argu
     return parser
 
 
+class _Renamed(argparse.Action):
+    """The action of a renamed flag (hyperparams.RENAMED): a usage error saying what replaced it."""
+
+    def __init__(self, *args, hint: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hint = hint
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: {self.hint}")
+
+
 def read_config_file(path: str) -> dict:
-    """The settings in a --config JSON file; ConfigError (naming the file) when it is missing, not JSON, not an
-    object, or has unknown keys."""
+    """The settings in a --config JSON file (``config_sources.read_settings_file``); ConfigError naming the file
+    when it is missing, not JSON, not an object, or has unknown keys (an old name says what replaced it)."""
     try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: file not found (from {os.getcwd()})") from None
-    except OSError as e:
-        raise ConfigError(f"--config {path}: cannot be read ({e.strerror or e})") from None
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a JSON object {{\"key\": value, ...}}, got {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known - {"_comment"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; accepted keys are {sorted(known)}")
-    values.pop("_comment", None)
-    return values
+        return read_settings_file(path, [f.name for f in dataclasses.fields(TrainConfig)], f"--config {path}")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _where(keys, sources: dict) -> str:
@@ -554,13 +547,15 @@ def load_config(argv: list[str] | None = None, world_size: int | None = None) ->
     docstring) before anything is imported or launched; ConfigError names the setting and its flag or file.
 
     world_size (default: $WORLD_SIZE, else 1) is the number of ranks the experts must be placed on."""
-    args = vars(argument_parser().parse_args(argv))
+    args = vars(argument_parser().parse_args(argv))  # the flags given: the parser's defaults are SUPPRESS
     args.pop("local_rank")
     path = args.pop("config")
-    values = read_config_file(path) if path is not None else {}
-    sources = {key: path for key in values}
-    sources.update({key: f"--{key}" for key in args})
-    values.update(args)
+    # defaults < file < flags (config_sources.layered); TrainConfig's own field defaults are the first layer
+    from_file = read_config_file(path) if path is not None else {}
+    if "optimizer" in args and args["optimizer"] != from_file.get("optimizer", TrainConfig.optimizer):
+        # the file's p settings were its optimizer's (power: the p of the optimizer named): they do not carry over
+        from_file = {key: value for key, value in from_file.items() if key not in POWER_NAMES}
+    values, sources = layered({}, from_file, args, lambda key: path, lambda key: f"--{key}")
     try:
         _check_optimizer_settings(values, sources)
         cfg = TrainConfig(**values)
@@ -586,6 +581,6 @@ def _check_optimizer_settings(values: dict, sources: dict) -> None:
         given_at = 2 if sources[key].startswith("--") else 1
         if given_at >= chosen_at:
             given = f"--{key} {values[key]}" if given_at == 2 else f"{sources[key]} key {key}={values[key]!r}"
-            chosen = "--optimizer" if chosen_at == 2 else f"{sources['optimizer']} key optimizer"
+            chosen = {2: "--optimizer", 1: f"{sources.get('optimizer')} key optimizer", 0: "the default"}[chosen_at]
             raise ConfigError(f"{given} has no effect unless --optimizer {' or '.join(users)} (optimizer is "
                               f"{optimizer!r}, from {chosen}); drop it or choose {' or '.join(users)}")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from gradpower_ds import CPUAdamPower, grad_power
-from gradpower_ds.ops import native
-from test_native_kernel import ISAS
+from gradpower_ds.ops import native_adam_power as native
+from test_native_adam_power import ISAS
 
 SIZES = [22, 64, 128, 1024, 1 << 20]
 STEPS = 10

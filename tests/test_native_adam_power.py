@@ -1,6 +1,6 @@
 """The native CPU kernel: phi accuracy over the fp32 range, CPUAdamPower vs the reference optimizer,
 every ISA the CPU has (forced on purpose), 1 and 2 threads, copy-out, checkpoints, bad input, the checks at the
-kernel's boundary (ops.native) and how the kernel is found or built (ops.builder)."""
+kernel's boundary (ops.native_adam_power) and how the kernel is found or built (ops.builder)."""
 
 import io
 import os
@@ -15,7 +15,8 @@ from conftest import edge_tensor, grad_stream
 from gradpower_ds import AdamPower
 from gradpower_ds import CPUAdamPower
 from gradpower_ds.ops import NativeExtensionError, resolve_isa
-from gradpower_ds.ops import builder, native
+from gradpower_ds.ops import builder
+from gradpower_ds.ops import native_adam_power as native
 
 ISAS = [isa for isa in ("avx512", "avx2", "scalar") if builder.load().cpu_supports(isa=native.ISA_CODES[isa])]
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
@@ -226,7 +227,7 @@ STEP = dict(step=1.0, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0
 
 
 def test_kernel_boundary_checks_every_tensor():
-    """ops.native hands the kernel no address it has not checked: CPU, dtype, contiguous, exactly n elements."""
+    """ops.native_adam_power hands the kernel no address it has not checked: CPU, dtype, contiguous, exactly n elements."""
     def step(param=None, grad=None, m=None, v=None, copy=None):
         fresh = [torch.zeros(8) if t is None else t for t in (param, grad, m, v)]
         native.native_adam_power_step(*fresh, copy, **STEP)
@@ -316,7 +317,7 @@ def test_jit_build_when_not_installed(tmp_path):
         "    if name == builder.MODULE: raise ImportError('simulated')\n"
         "    return real(name, *a, **k)\n"
         "builder.importlib.import_module = fail\n"
-        "from gradpower_ds.ops.native import native_power_\n"
+        "from gradpower_ds.ops.native_adam_power import native_power_\n"
         "x = torch.tensor([-8.0, 0.0, 2.0])\n"
         "y = native_power_(x.clone(), 1.5)\n"
         "ref = torch.tensor([-(8.0 ** 1.5), 0.0, 2.0 ** 1.5], dtype=torch.float64)\n"
@@ -326,5 +327,5 @@ def test_jit_build_when_not_installed(tmp_path):
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "gradpower_ds_cpu_adam_power" in out.stdout
+    assert "gradpower_ds_native_adam_power" in out.stdout
     assert "ok" in out.stdout

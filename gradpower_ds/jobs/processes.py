@@ -54,7 +54,7 @@ def free_port() -> int:
 
 def default_to_world_of_one() -> bool:
     """Sets torch.distributed's env:// variables for a single process when no launcher set up a job (`launched()`
-    is false: ``python -m gradpower_ds.run ...``, ``python -m gradpower_ds train``); returns whether it did.
+    is false: ``python -m gradpower_ds.jobs.run ...``, ``python -m gradpower_ds train``); returns whether it did.
 
     Without them DeepSpeed's init_distributed falls back to MPI discovery and fails with
     ``No module named 'mpi4py'``. Variables already set (MASTER_ADDR, MASTER_PORT) are kept; an unset

@@ -20,9 +20,9 @@ write param, exp_avg, exp_avg_sq; 30 with the bf16 copy), % of the copy's GB/s
 and time / time(torch_adamw_fused). Then the target line: ours at p=1.2 takes
 <= 1.0x torch fused AdamW's time and reaches >= 90% of the copy roofline.
 
-    python benchmarks/bench_gpu_step.py                  # 64M and 512M elements
-    python benchmarks/bench_gpu_step.py --sizes 64M --tensors 1
-    python benchmarks/bench_gpu_step.py --interpret-smoke  # no GPU: tiny sizes through TRITON_INTERPRET=1
+    python benchmarks/bench_triton_adam_power.py                  # 64M and 512M elements
+    python benchmarks/bench_triton_adam_power.py --sizes 64M --tensors 1
+    python benchmarks/bench_triton_adam_power.py --interpret-smoke  # no GPU: tiny sizes through TRITON_INTERPRET=1
 
 Without a CUDA device (and without --interpret-smoke) it prints "no CUDA
 device: nothing to measure" and exits 0.

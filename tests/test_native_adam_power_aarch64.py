@@ -5,10 +5,10 @@ else fetched with `apt-get download` and unpacked (no root needed) into a cache 
 venv ($VIRTUAL_ENV or sys.prefix/cross-aarch64); the tests skip only where neither works (a
 machine without apt). Two checks:
 
-- the extension's C++ (cpu_adam_power.cpp and its headers, builder.CXX_FLAGS) compiles to an
+- the extension's C++ (native_adam_power.cpp and its headers, builder.CXX_FLAGS) compiles to an
   aarch64 object holding the scalar instantiations and none of the x86 ones;
 - tests/cross/phi_driver.cpp (the kernel's phi, scalar path) built for aarch64 and run under
-  qemu-aarch64 meets the same accuracy bound as on x86 (test_native_kernel.assert_phi_accurate)
+  qemu-aarch64 meets the same accuracy bound as on x86 (test_native_adam_power.assert_phi_accurate)
   over 2M random fp32 bit patterns plus edge values.
 """
 
@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from gradpower_ds.ops import builder
-from test_native_kernel import all_fp32_sample, assert_phi_accurate
+from test_native_adam_power import all_fp32_sample, assert_phi_accurate
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "gradpower_ds" / "csrc"
@@ -89,7 +89,7 @@ def compile_aarch64(cross, source: Path, out: Path, *flags: str) -> None:
 
 def test_extension_compiles_for_aarch64_with_the_scalar_path_only(cross, tmp_path):
     obj = tmp_path / "cpu_adam_power.o"
-    compile_aarch64(cross, CSRC / "cpu_adam_power.cpp", obj, "-c", "-fPIC", f"-I{pybind11.get_include()}",
+    compile_aarch64(cross, CSRC / "native_adam_power.cpp", obj, "-c", "-fPIC", f"-I{pybind11.get_include()}",
                     f"-I{sysconfig.get_paths()['include']}")
     gxx, env, _ = cross
     nm = subprocess.run([gxx.replace("g++", "nm"), "-C", str(obj)], capture_output=True, text=True, env=env,

@@ -1,15 +1,15 @@
 """A training run's folder as both training jobs keep it: status, metrics, loss curve, summary, the end line.
 
-The DeepSpeed main job (``gradpower_ds.train``) keeps it in its ``--run_dir`` (beside ``config.json``
-and ``checkpoints/``), the Megatron MoE job (``gradpower_ds.train_megatron``) in its ``--save``
+The DeepSpeed main job (``gradpower_ds.jobs.train``) keeps it in its ``--run_dir`` (beside ``config.json``
+and ``checkpoints/``), the Megatron MoE job (``gradpower_ds.jobs.train_megatron``) in its ``--save``
 folder (beside its ``iter_NNNNNNN`` checkpoints). ``RunDir`` writes, on rank 0 only, each file whole
-(``gradpower_ds.files``):
+(``gradpower_ds.jobs.files``):
 
 - ``status.json``: ``{"state": "running", "step": N}`` from the start and after each logged or saved
   step; ``{"state": "failed", "step": N, "error": "Type: message"}``; ``{"state": "stopped", "step": N,
   "signal": "SIGTERM"}`` after a stop by a signal (``StopRequest``), ``{"state": "stopped", "step": N}``
   after a stop where the run was asked to stop; ``{"state": "complete", "step": N}``;
-- ``metrics.csv`` and ``tensorboard/`` (``gradpower_ds.metrics.MetricsLog``), each row with the tokens
+- ``metrics.csv`` and ``tensorboard/`` (``gradpower_ds.jobs.metrics.MetricsLog``), each row with the tokens
   per second of the training time so far (the jobs' checkpoints carry tokens and training seconds, so
   a resumed run's figures continue the interrupted one's);
 - at completion only, ``loss.png`` and ``summary.json`` (``SUMMARY_KEYS``, the same in both jobs); a

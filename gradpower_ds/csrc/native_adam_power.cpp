@@ -8,7 +8,7 @@
 // targets (aarch64) only the scalar instantiation exists (simd.h's GP_X86).
 //
 // Buffers arrive as raw addresses, by keyword only. Python's one caller,
-// gradpower_ds/ops/native.py, checks each tensor behind an address (CPU,
+// gradpower_ds/ops/native_adam_power.py, checks each tensor behind an address (CPU,
 // dtype, contiguous, exactly n elements) before handing it over; this file
 // trusts the addresses and checks only the codes and sizes it is given.
 #include <pybind11/pybind11.h>
@@ -219,10 +219,10 @@ void grad_power_into(uintptr_t in, uintptr_t out, int64_t n, double power, float
 }  // namespace
 }  // namespace gradpower
 
-// The installed module is gradpower_ds._cpu_adam_power; a just-in-time build
+// The installed module is gradpower_ds._native_adam_power; a just-in-time build
 // (ops/builder.py, via torch.utils.cpp_extension) names it TORCH_EXTENSION_NAME.
 #ifndef TORCH_EXTENSION_NAME
-#define TORCH_EXTENSION_NAME _cpu_adam_power
+#define TORCH_EXTENSION_NAME _native_adam_power
 #endif
 
 // Every function takes keyword arguments only (py::kw_only), so a call names
@@ -231,7 +231,7 @@ void grad_power_into(uintptr_t in, uintptr_t out, int64_t n, double power, float
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace gradpower;
   m.doc() =
-      "Fused GradPower + Adam(W) CPU kernel. Call it through gradpower_ds.ops.native, which checks "
+      "Fused GradPower + Adam(W) CPU kernel. Call it through gradpower_ds.ops.native_adam_power, which checks "
       "every tensor behind an address; the optimizer built on it is gradpower_ds.CPUAdamPower.";
   m.def("adam_power_step", &adam_power_step,
         "One fused phi_p + Adam(W) step in place over n elements at param and exp_avg, exp_avg_sq (fp32), "

@@ -25,20 +25,16 @@ import contextvars
 import functools
 import logging
 
-from .adam_power import AdamPower
-from .cpu_adam_power import CPUAdamPower
-from .hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_GUIDANCE, MUON_POWER_RULE, check_power
-from .patching import Extend, Package, PatchSet, Wrap
-from .power import grad_power_
-from .versions import TESTED
+from ..adam_power import AdamPower
+from ..cpu_adam_power import CPUAdamPower
+from ..patching import Extend, Package, PatchSet, Wrap
+from ..power import grad_power_
+from ..versions import TESTED
+from .params import split_params
 
 NAME = "muonpower"
 MUON_POWER_FROM = "0.19.8"  # the DeepSpeed whose Muon internals these patches are written and tested against
 DEEPSPEED_MUON = Package("DeepSpeed", "deepspeed", "deepspeed", MUON_POWER_FROM, TESTED["deepspeed"][1])
-MUON_KEYS = ("lr", "muon_lr", "adam_lr", "momentum", "weight_decay", "ns_method", "betas", "eps", "adam_w_mode",
-             "per_head_muon")
-"""The params DeepSpeed's Muon reads (0.19.8); DeepSpeed drops any other key without a word, MuonPower refuses it."""
-ACCEPTED_PARAMS = MUON_KEYS + ("power", "adam_power")
 CLIPPING_WARNING = (
     "under ZeRO, DeepSpeed's gradient_clipping clips Muon's orthogonalised update, not the gradient, by the global "
     "norm of all updates, which those updates dominate (each has a norm of about sqrt(min(rows, cols))), so Muon's "
@@ -128,9 +124,9 @@ def muon_power_class() -> type:
         builds it from ``"type": "MuonPower"`` after ``gradpower_ds.deepspeed.register()``.
         """
 
-        def __init__(self, param_groups, power, adam_optimizer=None, adam_optimizer_kwargs=None, adam_w_mode=True,
-                     fallback_to_inline=False):
-            self.muon_power = check_power(power, owner="MuonPower", rule=MUON_POWER_RULE)[0]
+        def __init__(self, param_groups, power: float, adam_optimizer=None, adam_optimizer_kwargs=None,
+                     adam_w_mode=True, fallback_to_inline=False):
+            self.muon_power = power  # validated where the config entered (params.split_params)
             super().__init__(param_groups, adam_optimizer=adam_optimizer, adam_optimizer_kwargs=adam_optimizer_kwargs,
                              adam_w_mode=adam_w_mode, fallback_to_inline=fallback_to_inline)
 
@@ -146,19 +142,10 @@ def muon_power_settings(params: dict | None) -> tuple[dict, float, float]:
     """Splits a ``"type": "MuonPower"`` config's ``params`` into (DeepSpeed Muon's params, power, adam_power).
 
     ``power`` is required (``hyperparams.MUON_POWER_GUIDANCE``); ``adam_power`` defaults to AdamPower's default.
-    ValueError for a missing power, a power <= 0 or an unknown key, naming it.
+    ValueError for a missing power, a power <= 0 or an unknown key, naming it (``params.split_params``).
     """
-    owner = "DeepSpeed optimizer 'MuonPower' params"
-    muon = dict(params or {})
-    unknown = sorted(set(muon) - set(ACCEPTED_PARAMS))
-    if unknown:
-        raise ValueError(f"{owner}: unknown key(s) {unknown}; accepted keys are {list(ACCEPTED_PARAMS)}")
-    if "power" not in muon:
-        raise ValueError(f"{owner}: set \"power\", the GradPower exponent applied before Muon's momentum: "
-                         f"{MUON_POWER_GUIDANCE}")
-    power = check_power(muon.pop("power"), owner=owner, name="power", rule=MUON_POWER_RULE)[0]
-    adam_power = check_power(muon.pop("adam_power", ADAM_POWER_DEFAULTS["power"]), owner=owner, name="adam_power")[0]
-    return muon, power, adam_power
+    muon, powers = split_params(NAME, params)
+    return muon, powers["power"], powers["adam_power"]
 
 
 def build_for_engine(engine, model_parameters, use_cpu_kernel: bool):

@@ -3,7 +3,7 @@
 The GradPower paper's theory says the best p depends on the gradient noise: p > 1 when the batch B is
 small against the noise scale B_simple, falling below 1 when B is far above it. ``benchmarks/p_vs_batch.py``
 measured the best p and B_simple at several batches on this project's machine and ships the result as
-``RELATION`` (``gradpower_ds/p_vs_batch.json``). This command reads a run's measured noise (a completed
+``RELATION`` (``gradpower_ds/jobs/p_vs_batch.json``). This command reads a run's measured noise (a completed
 run's B_simple in summary.json, else the last value its metrics.csv logged; ``gradpower_ds.noise``) and its
 global batch (its config.json and
 summary.json, or ``--batch-tokens``), places B / B_simple on the study's points and:
@@ -39,7 +39,7 @@ def run_noise(run_dir: Path) -> tuple[float, str]:
         return value, f"{run_dir}/summary.json (the run's summed tr Sigma / summed |G|^2)"
     rows = read_metrics(run_dir / "metrics.csv")
     if not rows:
-        raise ValueError(f"{run_dir}: no metrics.csv (not a run folder of gradpower_ds.train or train_megatron)")
+        raise ValueError(f"{run_dir}: no metrics.csv (not a run folder of gradpower_ds.jobs.train or train_megatron)")
     logged = [r for r in rows if r.get("noise_scale") is not None]
     if not logged:
         raise ValueError(f"{run_dir}: metrics.csv logs no noise_scale: the run measured no gradient noise "
@@ -56,7 +56,7 @@ def run_batch_tokens(run_dir: Path) -> int:
         world = json.loads((run_dir / "summary.json").read_text())["world_size"]
     except (OSError, KeyError, json.JSONDecodeError):
         raise ValueError(f"{run_dir}: cannot tell the global batch (needs config.json and a completed run's "
-                         "summary.json, as gradpower_ds.train writes them); pass --batch-tokens") from None
+                         "summary.json, as gradpower_ds.jobs.train writes them); pass --batch-tokens") from None
     return config["micro_batch"] * config["seq_len"] * config["grad_accum"] * world
 
 
@@ -125,7 +125,7 @@ def advise(noise: float, batch_tokens: int, study: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: prints the advice for RUN_DIR."""
     parser = argparse.ArgumentParser(prog="python -m gradpower_ds advise-p", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="a run folder of gradpower_ds.train (or train_megatron)")
+    parser.add_argument("run_dir", type=Path, help="a run folder of gradpower_ds.jobs.train (or train_megatron)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="the run's global batch in tokens (default: "
                                                                          "from its config.json and summary.json)")
     parser.add_argument("--relation", type=Path, default=RELATION, help="the study's JSON")

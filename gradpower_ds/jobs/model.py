@@ -1,5 +1,5 @@
 """A small LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, optional DeepSpeed MoE layers) for
-the main job (gradpower_ds.train), tests, the quickstart and GPAS experiments.
+the main job (gradpower_ds.jobs.train), tests, the quickstart and GPAS experiments.
 
 `norm` picks the layer-norm placement GPAS is defined for (arXiv 2506.22049):
 pre_ln, sandwich_ln, deepnorm, mix_ln (the first `mix_ln_ratio` of the layers
@@ -13,7 +13,7 @@ MoE layer (``DeepSpeedMoE``), which needs torch.distributed initialised, e.g.
 `num_experts=0` builds dense SwiGLU MLPs and needs nothing of the kind.
 
 ModelConfig is the one home of the model settings' defaults and help texts: the
-main job's settings (gradpower_ds.train_config.TrainConfig) take theirs from it.
+main job's settings (gradpower_ds.jobs.train_config.TrainConfig) take theirs from it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gpas import ACTIVATIONS, VARIANTS, GPASGate
+from ..gpas import ACTIVATIONS, VARIANTS, GPASGate
 
 
 def _setting(default, help: str):
@@ -241,6 +241,23 @@ class CausalLM(nn.Module):
         if self.cfg.num_experts:
             loss = loss + aux_loss_coef * self.aux_loss()
         return logits, loss
+
+    def apply_gpas(self, variant: str | None, act: str, learnable: bool) -> None:
+        """Gives every layer a GPAS gate (``gradpower_ds.apply_gpas`` calls this; idempotent): the layers' forward
+        already has the gate's place in this model's norm placement, which `variant` must name (or be None)."""
+        if variant is not None and variant != self.cfg.norm:
+            raise ValueError(f"apply_gpas: this CausalLM is built with norm={self.cfg.norm!r}; the gate placement "
+                             f"follows it, so pass variant={self.cfg.norm!r} (or None)")
+        for layer in self.layers:
+            if layer.gpas_gate is None:
+                layer.gpas_gate = GPASGate(act, learnable).to(layer.norm1.weight.device)
+        self.cfg.gpas, self.cfg.gpas_act, self.cfg.gpas_learnable = True, act, learnable
+
+    def remove_gpas(self) -> None:
+        """Removes the GPAS gates (``gradpower_ds.remove_gpas`` calls this)."""
+        for layer in self.layers:
+            layer.gpas_gate = None
+        self.cfg.gpas = False
 
     def aux_loss(self) -> torch.Tensor:
         """The MoE load-balancing loss of the last forward, summed over layers (0 for a dense model)."""

@@ -1,4 +1,4 @@
-"""Zero-code-change runner: ``python -m gradpower_ds.run train.py args...``.
+"""Zero-code-change runner: ``python -m gradpower_ds.jobs.run train.py args...``.
 
 Calls ``gradpower_ds.deepspeed.register()`` and then runs the user's unchanged
 training script as ``__main__``, exactly as ``python train.py args...`` would
@@ -6,16 +6,16 @@ training script as ``__main__``, exactly as ``python train.py args...`` would
 ``"optimizer": {"type": "AdamPower", ...}``. ``-m pkg.module`` runs a module
 instead of a file. Works under every launcher that starts ``python -m``:
 
-    torchrun --nproc_per_node 8 -m gradpower_ds.run train.py --deepspeed_config ds.json
-    deepspeed --num_gpus 8 --module gradpower_ds.run train.py --deepspeed_config ds.json
-    accelerate launch --config_file accelerate.yaml -m gradpower_ds.run train.py ...
-    python -m gradpower_ds.run train.py --deepspeed_config ds.json      # one process
+    torchrun --nproc_per_node 8 -m gradpower_ds.jobs.run train.py --deepspeed_config ds.json
+    deepspeed --num_gpus 8 --module gradpower_ds.jobs.run train.py --deepspeed_config ds.json
+    accelerate launch --config_file accelerate.yaml -m gradpower_ds.jobs.run train.py ...
+    python -m gradpower_ds.jobs.run train.py --deepspeed_config ds.json      # one process
 
 The ``deepspeed`` launcher puts ``--local_rank=N`` right after the module name,
 i.e. before the script; the runner moves it behind the script, where
 ``deepspeed train.py`` would have put it. Started with no launcher (no ``RANK`` /
 ``WORLD_SIZE``, no MPI environment) it sets torch.distributed's variables for a
-world of one process (``gradpower_ds.processes``), where DeepSpeed would otherwise
+world of one process (``gradpower_ds.jobs.processes``), where DeepSpeed would otherwise
 try MPI discovery.
 A launcher given as the script is refused: the runner belongs after the
 launcher, in every process it starts (registration does not cross processes).
@@ -31,14 +31,14 @@ import sys
 
 from .processes import default_to_world_of_one, enable_rank0_logging
 
-USAGE = ("usage: python -m gradpower_ds.run [--local_rank=N] (SCRIPT.py | -m MODULE) [ARGS...]\n"
+USAGE = ("usage: python -m gradpower_ds.jobs.run [--local_rank=N] (SCRIPT.py | -m MODULE) [ARGS...]\n"
          "Registers \"type\": \"AdamPower\" with DeepSpeed, then runs SCRIPT (or MODULE) as __main__ with ARGS.")
 LOCAL_RANK = re.compile(r"--local[_-]rank(=.*)?$")
 LAUNCHER_SCRIPTS = ("deepspeed", "torchrun", "accelerate", "accelerate-launch")
 LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch", "deepspeed.launcher.runner",
                     "accelerate.commands.launch", "accelerate.commands.accelerate_cli")
 
-_log = logging.getLogger("gradpower_ds.run")
+_log = logging.getLogger("gradpower_ds.jobs.run")
 
 
 def split_args(argv: list[str]) -> tuple[str | None, str, list[str]]:
@@ -72,9 +72,9 @@ def refuse_launcher(module: str | None, target: str) -> None:
     not be registered (DeepSpeed then says "AdamPower is not a supported DeepSpeed Optimizer")."""
     name = module if module is not None else os.path.basename(target)
     if name in (LAUNCHER_MODULES if module is not None else LAUNCHER_SCRIPTS):
-        usage_error(f"{name} is a launcher: put gradpower_ds.run after it, so that every process it starts "
-                    "registers AdamPower, e.g. `torchrun ... -m gradpower_ds.run train.py`, `deepspeed --module "
-                    "gradpower_ds.run train.py`, `accelerate launch ... -m gradpower_ds.run train.py`")
+        usage_error(f"{name} is a launcher: put gradpower_ds.jobs.run after it, so that every process it starts "
+                    "registers AdamPower, e.g. `torchrun ... -m gradpower_ds.jobs.run train.py`, `deepspeed --module "
+                    "gradpower_ds.jobs.run train.py`, `accelerate launch ... -m gradpower_ds.jobs.run train.py`")
 
 
 def usage_error(message: str) -> None:
@@ -91,12 +91,12 @@ def main(argv: list[str] | None = None) -> None:
         usage_error(f"training script not found: {target}")
     one_process = default_to_world_of_one()
     enable_rank0_logging()
-    from .deepspeed import explain_unregistered, register
+    from ..deepspeed import explain_unregistered, register
 
     register()
-    _log.info("gradpower_ds.run: registered DeepSpeed optimizer types AdamPower/AdamWPower; running %s", target)
+    _log.info("gradpower_ds.jobs.run: registered DeepSpeed optimizer types AdamPower/AdamWPower; running %s", target)
     if one_process:
-        _log.info("gradpower_ds.run: no launcher (RANK, WORLD_SIZE unset): one process, world size 1, "
+        _log.info("gradpower_ds.jobs.run: no launcher (RANK, WORLD_SIZE unset): one process, world size 1, "
                   "MASTER_PORT %s", os.environ["MASTER_PORT"])
     sys.argv = [target, *script_args]
     try:

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from .files import atomic_open
-from .noise import NOISE_FIELDS
+from ..noise import NOISE_FIELDS
 
 FIELDS = ("step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s", *NOISE_FIELDS)
 

@@ -20,7 +20,7 @@ tested range, is refused with an error naming it), all listed in ``_patches()``:
    saying which schedulers keep them otherwise;
 6. where DeepSpeed has Muon, ``deepspeed.set_optimizer_flags`` tags the parameters for
    ``"MuonPower"`` as for ``"Muon"``. The MuonPower hooks into DeepSpeed's Muon are
-   applied when one is built (``gradpower_ds.muon_power``).
+   applied when one is built (``gradpower_ds.deepspeed.muon_power``).
 
 Where DeepSpeed would build its own CPU Adam (``offload_optimizer`` to the CPU, or
 a CPU accelerator) the native ``CPUAdamPower`` kernel is built; elsewhere the
@@ -39,12 +39,12 @@ import os
 import re
 
 from . import muon_power
-from .adam_power import AdamPower
-from .blockwise import check_scheduled_lrs
-from .cpu_adam_power import CPUAdamPower
-from .hyperparams import ADAM_POWER_DEFAULTS, check_power
-from .patching import Extend, Package, PatchSet, UnsupportedVersionError, Wrap
-from .versions import TESTED
+from ..adam_power import AdamPower
+from ..blockwise import check_scheduled_lrs
+from ..cpu_adam_power import CPUAdamPower
+from ..patching import Extend, Package, PatchSet, UnsupportedVersionError, Wrap
+from ..versions import TESTED
+from .params import ADAM_POWER_PARAMS, split_params
 
 DEEPSPEED = Package("DeepSpeed", "deepspeed", "deepspeed", *TESTED["deepspeed"])
 SUPPORTED_DEEPSPEED = DEEPSPEED.supported
@@ -54,7 +54,6 @@ UNIVERSAL_CHECKPOINTS_FROM = "0.18.0"  # the first DeepSpeed whose universal che
 # its async gathers, so params can be read half-gathered (DeepSpeed PR #8539): wrong results, NaN at times, whatever
 # the optimizer. NCCL (GPUs) orders the gathers and is unaffected.
 ZERO3_ON_CPU_FIXED_IN = "0.19.8"
-ACCEPTED_PARAMS = tuple(ADAM_POWER_DEFAULTS) + ("expert_power", "fused")
 
 _log = logging.getLogger(__name__)
 
@@ -67,9 +66,10 @@ UNREGISTERED_HINT = (
     "gradpower_ds: DeepSpeed knows \"type\": \"AdamPower\" / \"AdamWPower\" / \"MuonPower\" only in a process that "
     "called gradpower_ds.deepspeed.register() before deepspeed.initialize. Add `import gradpower_ds.deepspeed; "
     "gradpower_ds.deepspeed.register()` at the top of the training script, or start every training process "
-    "through the runner, after the launcher: `deepspeed --module gradpower_ds.run train.py ...`, "
-    "`torchrun ... -m gradpower_ds.run train.py ...`, `accelerate launch ... -m gradpower_ds.run train.py ...`, "
-    "`python -m gradpower_ds.run train.py ...`. Processes the script starts itself (e.g. "
+    "through the runner, after the launcher: `deepspeed --module gradpower_ds.jobs.run train.py ...`, "
+    "`torchrun ... -m gradpower_ds.jobs.run train.py ...`, "
+    "`accelerate launch ... -m gradpower_ds.jobs.run train.py ...`, "
+    "`python -m gradpower_ds.jobs.run train.py ...`. Processes the script starts itself (e.g. "
     "torch.multiprocessing.spawn) must call register() themselves.")
 
 
@@ -77,7 +77,7 @@ def explain_unregistered(exc: BaseException) -> bool:
     """Adds UNREGISTERED_HINT as a note to `exc` (PEP 678, shown under its traceback) when its message is
     DeepSpeed's "AdamPower is not a supported DeepSpeed Optimizer"; returns whether it did.
 
-    Patches nothing: callers (``python -m gradpower_ds.run``) use it on an exception that reached them.
+    Patches nothing: callers (``python -m gradpower_ds.jobs.run``) use it on an exception that reached them.
     """
     if not UNREGISTERED_ERROR.search(str(exc)) or UNREGISTERED_HINT in getattr(exc, "__notes__", ()):
         return False
@@ -92,27 +92,20 @@ class UnsupportedDeepSpeedError(UnsupportedVersionError):
 def optimizer_kwargs(name: str, params: dict | None) -> tuple[dict, float | None]:
     """Turns a config's optimizer type and ``params`` into AdamPower keyword arguments.
 
-    Returns (kwargs, expert_power). Unknown keys raise ValueError naming them and
-    the accepted ones; values are validated by the optimizer itself (ValueError).
+    Returns (kwargs, expert_power or None when the config does not set it). Unknown keys and bad powers raise
+    ValueError naming them (``params.split_params``); the other values are validated by the optimizer itself.
     """
     name = name.lower()
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"not an AdamPower optimizer type: {name!r} (expected one of {OPTIMIZER_NAMES})")
-    kwargs = dict(params or {})
-    unknown = sorted(set(kwargs) - set(ACCEPTED_PARAMS))
-    if unknown:
-        raise ValueError(f"DeepSpeed optimizer {name!r}: unknown key(s) {unknown} in \"params\"; "
-                         f"accepted keys are {list(ACCEPTED_PARAMS)}")
+    kwargs, powers = split_params(name, params)
     if name == "adamwpower":
         if not kwargs.get("adam_w_mode", True):
             raise ValueError("DeepSpeed optimizer 'AdamWPower' always decays weights decoupled; for L2 "
                              "regularisation use \"type\": \"AdamPower\" with \"adam_w_mode\": false")
         kwargs["adam_w_mode"] = True
-    expert_power = kwargs.pop("expert_power", None)
-    if expert_power is not None:
-        expert_power = check_power(expert_power, kwargs.get("power_eps", 0.0), owner="DeepSpeed optimizer params",
-                                   name="expert_power")[0]
-    return kwargs, expert_power
+    kwargs["power"] = powers["power"]
+    return kwargs, powers["expert_power"] if (params or {}).get("expert_power") is not None else None
 
 
 def build_optimizer(name: str, params: dict | None, model_parameters, use_cpu_kernel: bool):
@@ -133,7 +126,7 @@ def build_optimizer(name: str, params: dict | None, model_parameters, use_cpu_ke
         if not any(is_moe(g) for g in groups):
             _log.warning("AdamPower: expert_power=%s is set but the model has no DeepSpeed MoE parameter "
                          "groups; every group uses power=%s", expert_power,
-                         kwargs.get("power", ADAM_POWER_DEFAULTS["power"]))
+                         kwargs["power"])
         groups = [dict(g, power=expert_power) if is_moe(g) else g for g in groups]
     if use_cpu_kernel:
         if kwargs.pop("fused", None):
@@ -360,7 +353,7 @@ def is_registered() -> bool:
 
 
 __all__ = [
-    "ACCEPTED_PARAMS", "DEEPSPEED", "OPTIMIZER_NAMES", "PATCHES", "SUPPORTED_DEEPSPEED", "UNREGISTERED_HINT",
+    "ADAM_POWER_PARAMS", "DEEPSPEED", "OPTIMIZER_NAMES", "PATCHES", "SUPPORTED_DEEPSPEED", "UNREGISTERED_HINT",
     "UnsupportedDeepSpeedError", "build_optimizer", "explain_unregistered", "is_registered", "optimizer_kwargs",
     "register", "unregister",
 ]

@@ -1,6 +1,6 @@
 """A small megatron-core MoE GPT pretraining job with AdamPower / MuonPower and GPAS, for users without Megatron-LM.
 
-    torchrun --nproc_per_node 2 -m gradpower_ds.train_megatron \\
+    torchrun --nproc_per_node 2 -m gradpower_ds.jobs.train_megatron \\
         --gradpower-config configs/megatron/adampower_gpas.json --train-iters 300 --save runs/megatron
 
 or ``bash launch/megatron_moe.sh`` (torchrun, one or many nodes). Flags carry Megatron-LM's names for
@@ -8,7 +8,7 @@ the same settings (a subset: DP x EP, no TP/PP), plus the GradPower/GPAS flags o
 ``megatron_patches.arguments`` (``--optimizer adampower|muon|muonpower``, ``--gradpower-p``,
 ``--gradpower-p-expert``, ``--gradpower-p-adam``, ``--gpas``, ``--gpas-act``, ``--gradpower-config``).
 The data is the project's embedded corpus
-(``gradpower_ds.data``: the Python standard library's sources, or ``--data-path`` text / JSONL /
+(``gradpower_ds.jobs.data``: the Python standard library's sources, or ``--data-path`` text / JSONL /
 Megatron indexed data) with the byte tokenizer, sampled as in the DeepSpeed main job.
 
 Megatron's own machinery does the training: ``parallel_state`` (data x expert parallel), ``GPTModel``
@@ -21,13 +21,13 @@ for ``--save``/``--load``. Every step reseeds the RNGs from (``--seed``, step), 
 checkpoint continues exactly as the uninterrupted run would have. With ``--gpas`` each gate's gradient is
 clipped to +-``gradpower_ds.gpas.GATE_GRAD_CLIP`` before megatron DDP takes it, as in the DeepSpeed main job.
 
-``--save DIR`` is the run folder, kept as the DeepSpeed main job keeps its own (``gradpower_ds.run_dir``):
+``--save DIR`` is the run folder, kept as the DeepSpeed main job keeps its own (``gradpower_ds.jobs.run_dir``):
 besides the checkpoints it holds ``status.json`` (running / failed / stopped / complete), ``metrics.csv``,
 ``tensorboard/`` and, when the run completes, ``loss.png`` and ``summary.json``. SIGTERM or SIGINT (on any
 rank) finishes the current step on all ranks, saves a checkpoint (with ``--save``), marks the run
 ``stopped`` and exits with 128 + the signal number (143, 130); continue it with ``--load DIR``.
 Checkpoints also carry the training seconds, so a resumed run's tokens/s counts the whole run. Rank 0
-ends with the same one line as the DeepSpeed main job (``gradpower_ds.run_dir.summary_line``).
+ends with the same one line as the DeepSpeed main job (``gradpower_ds.jobs.run_dir.summary_line``).
 """
 
 from __future__ import annotations
@@ -44,11 +44,12 @@ import torch.distributed as dist
 
 from megatron_patches import arguments
 
+from . import require_extra
 from .files import atomic_open
 from .processes import default_to_world_of_one, enable_rank0_logging, exit_when_done
 from .run_dir import RunDir, StopRequest, make_summary, summary_line
 
-JOB = "gradpower_ds.train_megatron"  # how the job names itself in its messages and its end line
+JOB = "gradpower_ds.jobs.train_megatron"  # how the job names itself in its messages and its end line
 _log = logging.getLogger(JOB)
 LATEST = "latest_checkpointed_iteration.txt"  # Megatron-LM's name for the pointer to the newest checkpoint
 DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=1234)
     add = parser.add_argument_group("data, evaluation, checkpoints, logging").add_argument
     add("--data-path", default="stdlib", help="the embedded corpus 'stdlib', a text/JSONL file or folder, or a "
-                                              "Megatron indexed prefix (see gradpower_ds.data)")
+                                              "Megatron indexed prefix (see gradpower_ds.jobs.data)")
     add("--eval-interval", type=int, default=100)
     add("--eval-iters", type=int, default=8, help="validation batches per evaluation (per run, all ranks)")
     add("--save", default=None, help="run folder: checkpoints, status.json, metrics.csv, tensorboard/, loss.png, "
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ckpt-step", type=int, default=None, help="with --load: resume from this iteration's checkpoint")
     add("--log-interval", type=int, default=10)
     add("--noise-interval", type=int, default=10, help="measure the gradient noise every N iterations (0: off; "
-                                                        "README.md, Gradient noise)")
+                                                        "docs/main-job.md)")
     arguments.add_arguments(parser, after_parse=check_args)
     return parser
 
@@ -166,7 +167,7 @@ def build_model(args, vocab_size: int):
 
     import megatron_patches
 
-    from .gpas import GATE_GRAD_CLIP, register_gate_grad_clip
+    from ..gpas import GATE_GRAD_CLIP, register_gate_grad_clip
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     ffn = args.ffn_hidden_size or 4 * args.hidden_size
@@ -202,11 +203,12 @@ def build_model(args, vocab_size: int):
 def optimizer_powers(args) -> str:
     """The GradPower settings in the job's first log line: 'p=1.2' (adampower; ', expert p=...' where it differs),
     'p=0.9, Adam p=1.2' (muonpower)."""
-    from megatron_patches.optimizer import MUON_NAME, muon_powers, powers
+    from megatron_patches.optimizer import config_powers
 
-    dense, expert, *adam = muon_powers(args) if args.optimizer == MUON_NAME else powers(args)
+    powers = config_powers(args)
+    dense, expert = powers["power"], powers["expert_power"]
     return f"p={dense:g}" + (f", expert p={expert:g}" if expert != dense else "") + \
-        "".join(f", Adam p={p:g}" for p in adam)
+        (f", Adam p={powers['adam_power']:g}" if "adam_power" in powers else "")
 
 
 def build_optimizer(args, model):
@@ -368,7 +370,7 @@ def train(args) -> dict:
     import megatron_patches
 
     from .data import load_corpus_distributed
-    from .noise import NoiseMonitor
+    from ..noise import NoiseMonitor
 
     megatron_patches.apply()
     parallel_state.initialize_model_parallel(expert_model_parallel_size=args.expert_model_parallel_size)
@@ -481,6 +483,7 @@ def train(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: parse, set up torch.distributed (any launcher), train, print the end line on rank 0."""
+    require_extra(JOB)
     enable_rank0_logging()
     enable_rank0_logging("megatron_patches")
     args = build_parser().parse_args(argv)
@@ -490,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.current_device()  # megatron-core calls torch.cuda throughout, even for CPU tensors
     except (AssertionError, RuntimeError) as err:
         raise SystemExit(f"{JOB}: megatron-core needs CUDA ({err}); run it on GPU nodes. "
-                         "Without a GPU, use the DeepSpeed main job (python -m gradpower_ds.train) instead") from None
+                         "Without a GPU, use the DeepSpeed main job (python -m gradpower_ds.jobs.train) instead") from None
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")

@@ -12,7 +12,7 @@ scalar code picked at run time:
   widened chunk by chunk;
 
 and ``native_stream_probe``, the optimizer's memory traffic alone (a bandwidth
-roofline for benchmarks/bench_cpu_step.py).
+roofline for benchmarks/bench_native_adam_power.py).
 
 The kernel takes raw addresses, by keyword only. This module is the one place
 that calls it, and every tensor it hands over goes through ``kernel_ptr``, which
@@ -21,7 +21,7 @@ C++ unchecked. ``fits`` asks the same question without raising, for callers that
 choose a path by it (``functional.adam_power``).
 
 Native phi matches the float64 reference to 2.5e-7 relative over the whole fp32
-range (p <= 2; 1e-6 for p <= 8) (tests/test_native_kernel.py). This module imports no optimizer, so the
+range (p <= 2; 1e-6 for p <= 8) (tests/test_native_adam_power.py). This module imports no optimizer, so the
 functional core and the optimizers can both use it. Hyperparameters arrive
 validated (``gradpower_ds.hyperparams``, where they enter).
 """

@@ -2,11 +2,11 @@
 
 Run it under any launcher (one script for CPU/gloo and GPU/NCCL):
 
-    deepspeed --num_gpus 2 --module gradpower_ds.train --config configs/quickstart.json
-    torchrun --nproc_per_node 8 -m gradpower_ds.train --config configs/quickstart.json --steps 2000
+    deepspeed --num_gpus 2 --module gradpower_ds.jobs.train --config configs/quickstart.json
+    torchrun --nproc_per_node 8 -m gradpower_ds.jobs.train --config configs/quickstart.json --steps 2000
 
 A run directory holds ``config.json``, ``checkpoints/`` and what
-``gradpower_ds.run_dir`` keeps for both training jobs: ``metrics.csv``,
+``gradpower_ds.jobs.run_dir`` keeps for both training jobs: ``metrics.csv``,
 ``tensorboard/``, ``loss.png`` and ``status.json`` (``running`` with the last
 logged or saved step, ``failed`` with the error, ``stopped`` by ``--stop_at`` or
 by a signal, or ``complete``); ``summary.json`` is written only when the run
@@ -35,13 +35,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .blockwise import base_lr, blockwise_param_groups
+from ..blockwise import base_lr, blockwise_param_groups
+from . import require_extra
 from .precision import resolve_precision, slow_bf16_warning
 from .processes import default_to_world_of_one, enable_rank0_logging, exit_when_done
 from .run_dir import RunDir, RunDirError, StopRequest, make_summary, read_json, read_state, summary_line
 from .train_config import TrainConfig, load_config, report_error
 
-JOB = "gradpower_ds.train"  # how the job names itself in its messages and its end line
+JOB = "gradpower_ds.jobs.train"  # how the job names itself in its messages and its end line
 _log = logging.getLogger(JOB)
 # The only settings a resumed run may change: none of them changes the model, the data, the optimizer or the
 # schedule (evaluation runs without gradients or randomness, so eval_every only changes when it is measured).
@@ -117,10 +118,10 @@ def unbuilt_deepspeed_ops(cfg: TrainConfig) -> list[str]:
 def _log_precision(cfg: TrainConfig) -> None:
     """Logs the precision the run trains in and why; warns when it is bf16 on a CPU that emulates bf16."""
     precision, why = resolve_precision(cfg.precision)
-    _log.info("gradpower_ds.train: precision %s (%s)", precision, why)
+    _log.info("gradpower_ds.jobs.train: precision %s (%s)", precision, why)
     slow = slow_bf16_warning(precision)
     if slow:
-        _log.warning("gradpower_ds.train: %s", slow)
+        _log.warning("gradpower_ds.jobs.train: %s", slow)
 
 
 def _warn_about_op_builds(cfg: TrainConfig) -> None:
@@ -129,7 +130,7 @@ def _warn_about_op_builds(cfg: TrainConfig) -> None:
     except Exception:  # cannot tell: say it anyway
         unbuilt = ["its ops"]
     if unbuilt:
-        _log.info("gradpower_ds.train: DeepSpeed builds %s on first use; this can take a few minutes",
+        _log.info("gradpower_ds.jobs.train: DeepSpeed builds %s on first use; this can take a few minutes",
                   ", ".join(unbuilt))
 
 
@@ -138,7 +139,7 @@ def build_engine(cfg: TrainConfig, vocab_size: int):
     its lr schedule (a LambdaLR: it scales each group's lr, so blockwise ratios hold)."""
     import deepspeed
 
-    from .gpas import GATE_GRAD_CLIP, param_groups_with_gpas, register_gate_grad_clip
+    from ..gpas import GATE_GRAD_CLIP, param_groups_with_gpas, register_gate_grad_clip
     from .model import CausalLM
     from .schedules import lr_multiplier
 
@@ -180,8 +181,8 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm import tqdm
 
     from .data import load_corpus_distributed
-    from .deepspeed import register
-    from .noise import NoiseMonitor
+    from ..deepspeed import register
+    from ..noise import NoiseMonitor
 
     run_dir = prepare_run_dir(cfg)
     register()
@@ -207,13 +208,13 @@ def train(cfg: TrainConfig) -> dict:
         if "noise" in client:  # checkpoints before the noise measurement lack it: its averages start afresh
             noise.load_state_dict(client["noise"])
     elif cfg.resume and rank == 0:
-        _log.warning("gradpower_ds.train: no checkpoint in %s: starting from step 0", checkpoints)
+        _log.warning("gradpower_ds.jobs.train: no checkpoint in %s: starting from step 0", checkpoints)
     stop = StopRequest()
     stop.install()
     run = RunDir(run_dir, writer=rank == 0)
     run.start(start, config=cfg.to_dict(), tensorboard=cfg.tensorboard)
     if rank == 0:
-        _log.info("gradpower_ds.train: %s | %d ranks, ZeRO-%d, %s, %s | %s | %.2fM parameters%s",
+        _log.info("gradpower_ds.jobs.train: %s | %d ranks, ZeRO-%d, %s, %s | %s | %.2fM parameters%s",
                   corpus.description, world, cfg.effective_zero_stage, cfg.effective_precision,
                   cfg.optimizer_label(),
                   type(engine.basic_optimizer).__name__,
@@ -283,14 +284,14 @@ def train(cfg: TrainConfig) -> dict:
     if stopped_by:
         run.stopped(done, stopped_by)
         if rank == 0:
-            _log.info("gradpower_ds.train: stopped after step %d of %d by %s, checkpoint saved; continue with "
+            _log.info("gradpower_ds.jobs.train: stopped after step %d of %d by %s, checkpoint saved; continue with "
                       "--resume true", done, cfg.steps, signal.Signals(stopped_by).name)
         engine.destroy()
         raise SystemExit(128 + stopped_by)
     if last < cfg.steps:
         run.stopped(last)
         if rank == 0:
-            _log.info("gradpower_ds.train: stopped after step %d of %d as asked (stop_at); continue with --resume true",
+            _log.info("gradpower_ds.jobs.train: stopped after step %d of %d as asked (stop_at); continue with --resume true",
                       last, cfg.steps)
         engine.destroy()
         return {}
@@ -304,6 +305,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: parse the config and flags, train, print the summary line on rank 0."""
+    require_extra(JOB)
     enable_rank0_logging()
     # DeepSpeed 0.19.8's ZeRO calls it on every step; the warning is about DeepSpeed, not the run
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)

@@ -12,7 +12,7 @@ so every OpenMP runtime in it agrees) and each size, it times:
   ... bf16 params         ours and DeepSpeedCPUAdam on bf16 params and grads (fp32 moments; their GB/s and
                           % columns count 28 bytes per element like every row, though they move 22)
 and the bandwidth roofline measured in the same worker: the native kernel's
-stream probe (gradpower_ds.ops.native.native_stream_probe), which moves exactly
+stream probe (gradpower_ds.ops.native_adam_power.native_stream_probe), which moves exactly
 the optimizer's bytes (read w, g, m, v; write w, m, v in place) with one add per
 array, over the same elements.
 
@@ -20,8 +20,8 @@ Reported: ms/step (best of --repeats), elements/s, effective GB/s at 28 bytes
 per element (read w, g, m, v; write w, m, v), % of the measured bandwidth, and
 speed(ours p=1.2) / speed(DeepSpeedCPUAdam); each RATIO line names the ISA of both sides.
 
-    python benchmarks/bench_cpu_step.py                     # 16M and 64M, 1 and 2 threads
-    python benchmarks/bench_cpu_step.py --sizes 1048576 --threads 1 --skip-deepspeed
+    python benchmarks/bench_native_adam_power.py                     # 16M and 64M, 1 and 2 threads
+    python benchmarks/bench_native_adam_power.py --sizes 1048576 --threads 1 --skip-deepspeed
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def worker(args) -> None:
     """Times every case at every size on this process's thread count; prints JSON rows."""
     import torch
 
-    from gradpower_ds.ops.native import native_stream_probe
+    from gradpower_ds.ops.native_adam_power import native_stream_probe
 
     torch.set_num_threads(args.threads)
     rows = []

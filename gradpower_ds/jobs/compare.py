@@ -1,6 +1,6 @@
 """``python -m gradpower_ds compare``: the same pretraining for several optimizers/powers, GPAS off/on, seeds.
 
-Each variant x seed is one ``gradpower_ds.train`` run under the ``deepspeed``
+Each variant x seed is one ``gradpower_ds.jobs.train`` run under the ``deepspeed``
 launcher in ``OUT/<variant>/seed<k>``; runs that already completed with the same
 settings (the run folder's config.json) are reused, so an interrupted comparison
 picks up where it stopped; a run folder with other settings is refused (use
@@ -26,37 +26,35 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .hyperparams import ADAM_POWER_DEFAULTS, MUON_POWER_RULE, POWER_RULE, check_power
+from . import require_extra
 from .metrics import plot_curves, read_metrics
-from .train_config import OPTIMIZERS, ConfigError, OneLineParser, TrainConfig, load_config, report_error
-
-
-POWER_FLAGS = {"adampower": "--power", "muonpower": "--muon_power"}  # the optimizers that take :P -> their flag
+from .train_config import OPTIMIZERS, POWERED, ConfigError, OneLineParser, TrainConfig, load_config, report_error
 
 
 def parse_variant(text: str) -> tuple[str, float | None]:
-    """'adamw' -> ('adamw', None); 'adampower:1.2' -> ('adampower', 1.2); 'muonpower:0.9' -> ('muonpower', 0.9), the
-    power before Muon's momentum (required); ValueError naming the entry for unknown names and bad powers (checked
-    as the optimizers check them)."""
+    """'adamw' -> ('adamw', None); 'adampower:1.2' -> ('adampower', 1.2); 'muonpower:0.9' -> ('muonpower', 0.9): P is
+    the run's --power, the p of the optimizer named (for muonpower the p before Muon's momentum, required).
+
+    A plain 'adampower' or 'muonpower' gets its power's default, as the main job resolves it (muonpower has none:
+    refused). ValueError naming the entry for an unknown name or a bad power (checked by the main job's own check).
+    """
     name, colon, power = text.partition(":")
     entry = f"--optimizers entry {text!r}"
     if name not in OPTIMIZERS:
         raise ValueError(f"{entry}: unknown optimizer {name!r} in {text!r}; choose one of {sorted(OPTIMIZERS)} "
                          "(adampower:P or muonpower:P for a power P)")
-    if colon and name not in POWER_FLAGS:
-        raise ValueError(f"{entry}: only adampower and muonpower take a power (adampower:1.2, muonpower:0.9)")
-    if name not in POWER_FLAGS:
+    if colon and name not in POWERED:
+        raise ValueError(f"{entry}: only {' and '.join(POWERED)} take a power (adampower:1.2, muonpower:0.9)")
+    if name not in POWERED:
         return name, None
-    if not colon:
-        if name == "muonpower":
-            raise ValueError(f"{entry}: muonpower needs its power, e.g. muonpower:0.9 (README.md, MuonPower)")
-        return name, ADAM_POWER_DEFAULTS["power"]
     try:
-        value = float(power)
+        value = float(power) if colon else None
     except ValueError:
         raise ValueError(f"{entry}: the power {power!r} is not a number ({name}:P)") from None
-    rule = MUON_POWER_RULE if name == "muonpower" else POWER_RULE
-    return name, check_power(value, owner=entry, rule=rule)[0]
+    try:
+        return name, TrainConfig(optimizer=name, power=value, grad_clip=0.0).power
+    except ConfigError as error:
+        raise ValueError(f"{entry}: {error}") from None
 
 
 def variant_label(optimizer: str, power: float | None, gpas: bool, blockwise: bool = False) -> str:
@@ -68,7 +66,7 @@ def variant_label(optimizer: str, power: float | None, gpas: bool, blockwise: bo
 def launch_command(nproc: int, port: int, train_args: list[str]) -> list[str]:
     """The deepspeed-launcher command for one training run on this node."""
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),
-            "--module", "gradpower_ds.train", *train_args]
+            "--module", "gradpower_ds.jobs.train", *train_args]
 
 
 # settings that do not change what a run trains or measures: a finished run is reused whatever they are
@@ -103,7 +101,7 @@ _MISSING = object()
 
 def plan_runs(args, variants: list[tuple[str, float | None, bool, bool]]) -> list[tuple[str, Path, list[str], bool]]:
     """(label, run folder, train flags, complete) for every variant x seed, each run's settings checked as
-    gradpower_ds.train will check them and each existing run folder checked to hold the same settings; ValueError
+    gradpower_ds.jobs.train will check them and each existing run folder checked to hold the same settings; ValueError
     (one line) before anything is launched otherwise."""
     plan = []
     for optimizer, power, gpas, blockwise in variants:
@@ -114,7 +112,7 @@ def plan_runs(args, variants: list[tuple[str, float | None, bool, bool]]) -> lis
                           "--gpas", str(gpas).lower(), "--blockwise_lr", str(blockwise).lower(), "--progress",
                           "false", "--resume", "true"]
             if power is not None:
-                train_args += [POWER_FLAGS[optimizer], str(power)]
+                train_args += ["--power", str(power)]
             try:
                 cfg = load_config(train_args, world_size=args.nproc)
             except ConfigError as error:
@@ -185,23 +183,24 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
 
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry (see the module docstring); returns the aggregated table."""
+    require_extra("python -m gradpower_ds compare")
     parser = OneLineParser(prog="python -m gradpower_ds compare", description=__doc__.split("\n\n")[0],
                                      formatter_class=Formatter)
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "adampower:1.1", "adampower:1.2", "adampower:1.4"],
                         help="adamw, adampower:P, muon and/or muonpower:P entries")
     parser.add_argument("--gpas", nargs="+", choices=["off", "on"], default=["off"], help="GPAS off and/or on")
     parser.add_argument("--blockwise_lr", nargs="+", choices=["off", "on"], default=["off"],
-                        help="blockwise learning rates (README.md, Blockwise learning rates) off and/or on")
+                        help="blockwise learning rates (docs/features.md) off and/or on")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="a run per seed and variant")
     parser.add_argument("--out", default="runs/compare", help="folder of the runs (OUT/<variant>/seed<k>) and plots")
     parser.add_argument("--nproc", type=int, default=int(os.environ.get("NUM_GPUS", 2)), help="ranks per run")
     parser.add_argument("--master_port", type=int, default=29512, help="rendezvous port of the runs")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: flags for gradpower_ds.train")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: flags for gradpower_ds.jobs.train")
     args = parser.parse_args(argv)
     args.train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     if args.nproc < 1:
         parser.error(f"--nproc {args.nproc} must be >= 1")
-    given = [flag for flag in (*POWER_FLAGS.values(), "--optimizer", "--seed", "--gpas", "--blockwise_lr", "--run_dir")
+    given = [flag for flag in ("--power", "--optimizer", "--seed", "--gpas", "--blockwise_lr", "--run_dir")
              if flag in args.train_args]
     if given:
         parser.error(f"{given[0]} after -- is set by compare for each run (--optimizers adamw adampower:P muonpower:P, "
