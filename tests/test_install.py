@@ -1,9 +1,12 @@
-"""Installing gradpower-ds never replaces the user's stack (declared ranges, not pins; DeepSpeed an extra).
+"""Installing gradpower-ds never replaces the user's stack (declared ranges, not pins; DeepSpeed an extra), and the
+library needs none of the jobs wing's extra.
 
 One slow test builds a fresh virtual environment as a cluster image might have it — torch
 2.13.0 and DeepSpeed 0.17.6, an older DeepSpeed than our test pins — then runs what a user
-runs, ``pip install <repo>[deepspeed]`` (an ordinary, isolated build of the wheel), and checks
-that pip kept DeepSpeed and torch as they were and that ``register()`` works there.
+runs, ``pip install <repo>[deepspeed]`` (an ordinary, isolated build of the wheel, without the
+``jobs`` extra), and checks that pip kept DeepSpeed and torch as they were, that it installed
+neither matplotlib nor tensorboard, that an optimizer step and ``register()`` work there, and
+that the main job says which extra to install.
 """
 
 import json
@@ -45,8 +48,17 @@ def test_install_keeps_an_older_deepspeed_and_torch(tmp_path):
     after = json.loads(run(python, "-c", VERSIONS))
     assert after == before, f"pip replaced the installed stack: {before} -> {after}\n{log[-3000:]}"
 
-    check = ("import gradpower_ds.deepspeed as gds; gds.register(); assert gds.is_registered(); "
+    check = ("import importlib.util, torch, gradpower_ds, gradpower_ds.deepspeed as gds; "
+             "assert gradpower_ds.__file__.startswith(%r), gradpower_ds.__file__; "
+             "assert [m for m in ('matplotlib', 'tensorboard') if importlib.util.find_spec(m)] == []; "
+             "p = torch.nn.Parameter(torch.ones(4)); opt = gradpower_ds.CPUAdamPower([p], lr=0.1); "
+             "p.grad = torch.full((4,), 0.5); opt.step(); assert torch.all(p < 1); "
+             "gds.register(); assert gds.is_registered(); "
              "from deepspeed.runtime import config; assert 'adampower' in config.DEEPSPEED_OPTIMIZERS; "
-             "print(gds.DEEPSPEED.installed())")
+             "print(gds.DEEPSPEED.installed())") % str(venv)
     # (away from the checkout, so the installed package is the one imported)
     assert run(python, "-c", check, timeout=300, cwd=tmp_path).strip().endswith(USER_STACK["deepspeed"])
+    job = subprocess.run([str(python), "-m", "gradpower_ds", "train"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert job.returncode != 0 and "needs the jobs extra, which is not installed here (missing: matplotlib, " \
+        "tensorboard): pip install \"gradpower-ds[jobs]\"" in job.stderr, job.stderr[-2000:]

@@ -22,7 +22,7 @@ from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 
 import megatron_patches  # noqa: E402
 from conftest import torchrun  # noqa: E402
-from megatron_patches.optimizer import MUON_MODULE, muon_powers  # noqa: E402
+from megatron_patches.optimizer import MUON_MODULE, config_powers  # noqa: E402
 
 JOBS = Path(__file__).parent / "jobs"
 
@@ -54,13 +54,15 @@ def muon_available(monkeypatch):
 
 def test_config_fields(applied, muon_available):
     config = OptimizerConfig(optimizer="muonpower", gradpower_p=0.9, lr=1e-3)
-    assert config.optimizer == "muonpower" and muon_powers(config) == (0.9, 0.9, 1.2)
+    assert config.optimizer == "muonpower" and config_powers(config) == dict(power=0.9, adam_power=1.2,
+                                                                             expert_power=0.9)
     config = OptimizerConfig(optimizer="muonpower", gradpower_p=0.9, gradpower_p_expert=0.8, gradpower_p_adam=1.0)
-    assert muon_powers(config) == (0.9, 0.8, 1.0)
+    assert config_powers(config) == dict(power=0.9, adam_power=1.0, expert_power=0.8)
 
 
 def test_power_is_required_with_the_reason(applied, muon_available):
-    with pytest.raises(ValueError, match=r"optimizer='muonpower'\) needs gradpower_p.*parameter-golf"):
+    with pytest.raises(ValueError, match=r"optimizer='muonpower'\): muonpower needs gradpower_p, MuonPower's p.*"
+                                         r"parameter-golf"):
         OptimizerConfig(optimizer="muonpower")
 
 

@@ -31,7 +31,7 @@ from megatron.core.optimizer import OptimizerConfig, optimizer_config  # noqa: E
 import megatron_patches  # noqa: E402
 from conftest import torchrun  # noqa: E402
 from gradpower_ds import grad_power  # noqa: E402
-from megatron_patches.optimizer import power_optimizer_class, powers  # noqa: E402
+from megatron_patches.optimizer import config_powers, power_optimizer_class  # noqa: E402
 
 AdamOptimizerConfig = getattr(optimizer_config, "AdamOptimizerConfig", OptimizerConfig)  # megatron-core 0.16.0 on
 
@@ -100,11 +100,12 @@ def test_apply_defines_te_general_gemm_without_transformer_engine():
 def test_config_fields(applied):
     config = OptimizerConfig(optimizer="adampower", lr=1e-3)
     assert (config.gradpower_p, config.gradpower_p_expert, config.gradpower_p_adam) == (None, None, None)
-    assert powers(config) == (1.2, 1.2)  # AdamPower's default p
+    assert config_powers(config) == {"power": 1.2, "expert_power": 1.2}  # AdamPower's default p
     config = AdamOptimizerConfig(optimizer="adampower", gradpower_p=1.3, gradpower_p_expert=1.5)
-    assert config.optimizer == "adampower" and powers(config) == (1.3, 1.5)
+    assert config.optimizer == "adampower" and config_powers(config) == {"power": 1.3, "expert_power": 1.5}
     assert OptimizerConfig().optimizer == "adam"  # other optimizers are untouched
-    with pytest.raises(ValueError, match="gradpower_p_adam=1.1 is for optimizer='muonpower'"):
+    with pytest.raises(ValueError, match=r"^OptimizerConfig\(optimizer='adampower'\): gradpower_p_adam has no effect "
+                                         r"unless optimizer muonpower \(optimizer is 'adampower'\)"):
         OptimizerConfig(optimizer="adampower", gradpower_p_adam=1.1)
 
 

@@ -151,7 +151,7 @@ def test_compare_variants():
         compare.parse_variant("adamw:1.2")
     assert compare.parse_variant("muonpower:0.9") == ("muonpower", 0.9)
     assert compare.parse_variant("muon") == ("muon", None)
-    with pytest.raises(ValueError, match=r"muonpower needs its power, e.g. muonpower:0.9"):
+    with pytest.raises(ValueError, match=r"'muonpower': muonpower needs power, MuonPower's p"):
         compare.parse_variant("muonpower")
     with pytest.raises(ValueError, match=r"'muonpower:0': invalid power=0: must be .* \(1.0 is plain Muon\)"):
         compare.parse_variant("muonpower:0")
@@ -207,7 +207,7 @@ def test_train_resume_continues_the_curve_exactly(tmp_path):
 def test_train_muon_power(tmp_path):
     """The main job with MuonPower on 2 ranks (experts sharded; the expert matrices are Muon's too), stopped at step
     4 and resumed: the same curve as an uninterrupted run."""
-    flags = ["--optimizer", "muonpower", "--muon_power", "0.9", "--grad_clip", "0"]
+    flags = ["--optimizer", "muonpower", "--power", "0.9", "--grad_clip", "0"]
     whole = tmp_path / "whole"
     out = deepspeed_train(whole, *flags)
     log = out.stdout + out.stderr
