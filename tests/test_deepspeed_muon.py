@@ -110,7 +110,8 @@ def test_muon_power_refusals():
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REFUSED ")]
     refused = dict(line[len("REFUSED "):].split(": ", 1) for line in lines)
     assert len(refused) == 6, proc.stdout
-    assert 'set "power"' in refused["no power"] and "openai/parameter-golf" in refused["no power"]
+    assert "muonpower needs power, MuonPower's p" in refused["no power"]
+    assert "openai/parameter-golf" in refused["no power"]
     assert refused["power 0"].endswith("invalid power=0: must be a finite number > 0 (1.0 is plain Muon)")
     assert "invalid adam_power=-1" in refused["adam_power -1"]
     assert "unknown key(s) ['nesterov']" in refused["unknown key"]

@@ -53,8 +53,8 @@ def test_flags_and_config_file_defaults():
 
 
 @pytest.mark.parametrize("argv, named", [
-    (["--optimizer", "adampower", "--gradpower-p", "0"], "argument --gradpower-p: invalid p=0"),
-    (["--optimizer", "adampower", "--gradpower-p-expert", "-1"], "argument --gradpower-p-expert: invalid p=-1"),
+    (["--optimizer", "adampower", "--gradpower-p", "0"], "error: invalid --gradpower-p=0: must be a finite number > 0"),
+    (["--optimizer", "adampower", "--gradpower-p-expert", "-1"], "error: invalid --gradpower-p-expert=-1: must be"),
     (["--gradpower-p", "1.3"], "--gradpower-p has no effect unless --optimizer adampower"),
     (["--gpas-variant", "post_ln"], "unrecognized arguments: --gpas-variant post_ln"),
     (["--num-experts", "3", "--expert-model-parallel-size", "2"], "--num-experts 3 must be a multiple of "
@@ -64,7 +64,7 @@ def test_flags_and_config_file_defaults():
     (["--lr", "-1"], "--lr must be >= 0"),
     (["--train-iters", "0"], "--train-iters must be > 0"),
     (["--ckpt-step", "3"], "--ckpt-step needs --load"),
-    (["--optimizer", "muonpower"], "--optimizer muonpower needs --gradpower-p"),
+    (["--optimizer", "muonpower"], "error: muonpower needs --gradpower-p, MuonPower's p"),
     (["--optimizer", "muon", "--use-distributed-optimizer"], "megatron-core's Muon does not support the "
                                                               "distributed optimizer"),
     (["--load", "/nonexistent/run"], "--load /nonexistent/run: no such folder"),
@@ -86,8 +86,8 @@ def metrics(run_dir: Path) -> dict:
 
 
 def end_line(output: str, run_dir: Path, ranks: int = 2) -> re.Match:
-    """The job's one end line, of the same shape as the DeepSpeed main job's (gradpower_ds.jobs.run_dir.summary_line)."""
-    return re.search(r"gradpower_ds\.train_megatron: done \| validation loss \d+\.\d{4} \| [\d,]+ tokens in "
+    """The job's one end line, of the same shape as the DeepSpeed main job's (run_dir.summary_line)."""
+    return re.search(r"gradpower_ds\.jobs\.train_megatron: done \| validation loss \d+\.\d{4} \| [\d,]+ tokens in "
                      rf"[\d.]+ s = [\d,]+ tokens/s on {ranks} ranks \| {re.escape(str(run_dir))}/ \(metrics\.csv, "
                      r"loss\.png, tensorboard/\)", output)
 

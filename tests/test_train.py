@@ -171,9 +171,9 @@ def test_train_resume_continues_the_curve_exactly(tmp_path):
     precision, why = resolve_precision("auto")  # quickstart.json's: what this machine computes fast
     assert f"gradpower_ds.jobs.train: precision {precision} ({why})" in proc.stdout + proc.stderr
     assert f"2 ranks, ZeRO-2, {precision}, adampower p=1.2 + blockwise lr | CPUAdamPower" in proc.stdout + proc.stderr
-    assert re.search(r"gradpower_ds\.train: done \| validation loss \d+\.\d{4} \| [\d,]+ tokens in [\d.]+ s = [\d,]+ "
-                     rf"tokens/s on 2 ranks \| {re.escape(str(whole))}/ \(metrics\.csv, loss\.png, tensorboard/\) \| "
-                     r"gradient noise scale B_simple [\d,]+ tokens", proc.stdout)
+    assert re.search(r"gradpower_ds\.jobs\.train: done \| validation loss \d+\.\d{4} \| [\d,]+ tokens in [\d.]+ s = "
+                     rf"[\d,]+ tokens/s on 2 ranks \| {re.escape(str(whole))}/ \(metrics\.csv, loss\.png, "
+                     r"tensorboard/\) \| gradient noise scale B_simple [\d,]+ tokens", proc.stdout)
     split = tmp_path / "split"
     deepspeed_train(split, "--stop_at", "4", "--noise_every", "3", "--blockwise_lr", "true")
     assert json.loads((split / "status.json").read_text()) == {"state": "stopped", "step": 4}
