@@ -153,8 +153,8 @@ def build(args, dtype, variant: str, torch):
     opt_config = OptimizerConfig(optimizer=optimizer, lr=1e-4, weight_decay=0.1, clip_grad=CLIP, adam_beta1=0.9,
                                  adam_beta2=0.95, adam_eps=1e-8, bf16=bf16, params_dtype=dtype,
                                  use_distributed_optimizer=distributed, **fields)
-    if "muon" in optimizer:
-        from megatron.core.optimizer import muon  # megatron-core 0.16 on
+    if "muon" in optimizer:  # megatron-core 0.16 and 0.17 build Muon in get_megatron_muon_optimizer, 0.18 on here
+        from megatron.core.optimizer import muon
 
         return model, muon.get_megatron_muon_optimizer(opt_config, [model])
     return model, get_megatron_optimizer(opt_config, [model])

@@ -10,7 +10,7 @@ installed version against it. Both ends of each range run the integration tests 
 TESTED = {
     # dist name: (oldest, newest), both tested, both included
     "deepspeed": ("0.16.0", "0.19.8"),
-    "megatron-core": ("0.13.0", "0.16.1"),
+    "megatron-core": ("0.13.0", "0.19.2"),
 }
 
 

@@ -60,8 +60,9 @@ from gradpower_ds.patching import Wrap
 from .blockwise import BLOCKWISE_OPTIMIZERS
 from .blockwise import FIELD as BLOCKWISE_FIELD
 from .blockwise import multipliers as blockwise_multipliers
-from .optimizer import (FIELDS, MUON_NAME, NAME_OF_FIELD, OPTIMIZER_NAMES, build_muon_with_power,
-                        check_muon_available, checked_powers, config_powers, named)
+from .optimizer import (DIST_MUON_NAME, FIELDS, KNOWN_AS, MUON_NAMES, NAME_OF_FIELD, OPTIMIZER_NAMES,
+                        build_muon_with_power, build_optimizer_with_power, check_muon_available, checked_powers,
+                        config_powers, muon_builds_muon, named)
 
 DEFAULTS = {"optimizer": "adam", **FIELDS, "blockwise_lr": False, "gpas": False, "gpas_act": "silu"}
 CONFIG_KEYS = tuple(DEFAULTS)  # the keys a --gradpower-config file may hold
@@ -96,13 +97,14 @@ def _optimizer_action(parser: argparse.ArgumentParser):
 
 
 def add_optimizer_choice(parser: argparse.ArgumentParser) -> bool:
-    """Adds 'adampower' and 'muonpower' to the choices of the parser's ``--optimizer``; False when it has no such
-    option."""
+    """Adds 'adampower', 'muonpower' and, where Megatron offers 'dist_muon', 'dist_muonpower' to the choices of the
+    parser's ``--optimizer``; False when it has no such option."""
     action = _optimizer_action(parser)
     if action is None:
         return False
     if action.choices is not None:
-        action.choices = [*action.choices, *(name for name in OPTIMIZER_NAMES if name not in action.choices)]
+        ours = [name for name in OPTIMIZER_NAMES if name != DIST_MUON_NAME or KNOWN_AS[name] in action.choices]
+        action.choices = [*action.choices, *(name for name in ours if name not in action.choices)]
     return True
 
 
@@ -116,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser, after_parse=None) -> argparse
         return parser
     if not add_optimizer_choice(parser):
         parser.add_argument("--optimizer", default=DEFAULTS["optimizer"],
-                            choices=["adam", "sgd", "muon", *OPTIMIZER_NAMES],
+                            choices=["adam", "sgd", "muon", *(n for n in OPTIMIZER_NAMES if n != DIST_MUON_NAME)],
                             help="optimizer (adampower: Adam fed with sign(g)|g|^p; muonpower: Muon fed with it)")
     group = parser.add_argument_group("GradPower / GPAS (megatron_patches)")
     for field in FIELDS:
@@ -244,43 +246,71 @@ def optimizer_config_with_adampower(original):
         name = getattr(args, "optimizer", None)
         if name not in OPTIMIZER_NAMES and not getattr(args, "blockwise_lr", False):
             return original(args, *rest, **kwargs)
-        with named(args, "muon" if name == MUON_NAME else "adam" if name in OPTIMIZER_NAMES else name):
+        with named(args, KNOWN_AS.get(name, name)):
             result = original(args, *rest, **kwargs)
         config = result[0] if isinstance(result, tuple) else result
         for field, value in optimizer_config_kwargs(args).items():
             setattr(config, field, value)
         if name in OPTIMIZER_NAMES:
             config_powers(config)
-        if name == MUON_NAME:
-            check_muon_available()
+        if name in MUON_NAMES:
+            check_muon_available(name)
         blockwise_multipliers(config)
         return result
 
     return wrapper
 
 
+def validate_args_as_known(original):
+    """Megatron-LM's validate_args (core_v0.18.0 on) checking ours as what it steps as (KNOWN_AS): from 0.18 on it
+    treats every --optimizer but adam/sgd as an emerging optimizer and, with --use-distributed-optimizer, switches
+    to the layer-wise optimizer, which AdamPower must not get. A name it changes (dist_muon: muon and the layer-wise
+    optimizer) becomes ours for the new one (muonpower)."""
+
+    @functools.wraps(original)
+    def validate_args(args, *rest, **kwargs):
+        name = getattr(args, "optimizer", None)
+        if name not in OPTIMIZER_NAMES:
+            return original(args, *rest, **kwargs)
+        with named(args, KNOWN_AS[name]):
+            result = original(args, *rest, **kwargs)
+            renamed = args.optimizer
+        if renamed != KNOWN_AS[name]:
+            args.optimizer = {known: ours for ours, known in KNOWN_AS.items()}.get(renamed, renamed)
+        return result
+
+    return validate_args
+
+
 def megatron_lm_patches() -> list:
     """The Megatron-LM patches (``Wrap``s) where Megatron-LM is importable; empty where it is not. LookupError,
     saying what to install, where Megatron-LM lacks a function they patch (an older Megatron-LM)."""
-    patches = []
-    for module_name, name, factory in (
-            ("megatron.training.arguments", "_add_training_args", add_training_args_with_adampower),
-            ("megatron.training.training", "get_megatron_optimizer_config", optimizer_config_with_adampower),
-            ("megatron.training.training", "get_megatron_muon_optimizer", build_muon_with_power)):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        if name == "get_megatron_muon_optimizer" and not hasattr(module, name):
-            continue  # a Megatron-LM without Muon: muonpower is refused when its config is built
-        if not hasattr(module, name):  # get_megatron_optimizer_config: Megatron-LM core_v0.16.0 on
-            raise LookupError(
-                f"megatron_patches: this Megatron-LM's {module_name} has no {name} (Megatron-LM core_v0.16.0 on), "
-                "where --gradpower-p/--gradpower-p-expert reach the optimizer config; without it they would be "
-                "ignored. Use Megatron-LM core_v0.16.0 or newer (megatron-core alone, without Megatron-LM's "
-                "training loop, works from 0.13.0: OptimizerConfig(optimizer='adampower', gradpower_p=...))")
-        patches.append(Wrap(module, name, factory))
-    return patches
+    try:
+        training = importlib.import_module("megatron.training.training")
+        megatron_arguments = importlib.import_module("megatron.training.arguments")
+    except ImportError:
+        return []
+    if not hasattr(training, "get_megatron_optimizer_config"):  # Megatron-LM core_v0.16.0 on
+        raise LookupError(
+            "megatron_patches: this Megatron-LM's megatron.training.training has no get_megatron_optimizer_config "
+            "(Megatron-LM core_v0.16.0 on), where --gradpower-p/--gradpower-p-expert reach the optimizer config; "
+            "without it they would be ignored. Use Megatron-LM core_v0.16.0 or newer (megatron-core alone, without "
+            "Megatron-LM's training loop, works from 0.13.0: OptimizerConfig(optimizer='adampower', gradpower_p=...))")
+    return [
+        # every version: our names among --optimizer's choices; our fields in the optimizer config it builds
+        Wrap(megatron_arguments, "_add_training_args", add_training_args_with_adampower),
+        Wrap(training, "get_megatron_optimizer_config", optimizer_config_with_adampower),
+        # every version: the get_megatron_optimizer it imported (megatron_patches.optimizer.build_optimizer_with_power)
+        *([Wrap(training, "get_megatron_optimizer", build_optimizer_with_power)]
+          if hasattr(training, "get_megatron_optimizer") else []),
+        # core_v0.16 and 0.17: the get_megatron_muon_optimizer it imported builds Muon (0.18 on it imports none, and
+        # megatron-core's is a stub forwarding to get_megatron_optimizer)
+        *([Wrap(training, "get_megatron_muon_optimizer", build_muon_with_power)]
+          if hasattr(training, "get_megatron_muon_optimizer") and muon_builds_muon() else []),
+        # core_v0.18 on (parse_and_validate_args, the config-container pretrain): validate_args' emerging check
+        *([Wrap(megatron_arguments, "validate_args", validate_args_as_known)]
+          if hasattr(megatron_arguments, "parse_and_validate_args") else []),
+    ]
 
 
 def chain_providers(provider, after_parse=None):
@@ -297,11 +327,11 @@ def chain_providers(provider, after_parse=None):
 
 def replace_argument(function, name: str, replace):
     """`function` whose argument `name` (given by position or keyword, or absent: None) is passed as
-    ``replace(value)``; RuntimeError if `function` has no such parameter (not Megatron-LM core_v0.16.1)."""
+    ``replace(value)``; RuntimeError if `function` has no such parameter (not a Megatron-LM megatron_patches knows)."""
     signature = inspect.signature(function)
     if name not in signature.parameters:
         raise RuntimeError(f"{function.__module__}.{function.__qualname__} takes no {name}; this Megatron-LM is "
-                           "not the one megatron_patches supports (core_v0.16.1)")
+                           "not one megatron_patches supports (core_v0.16.0 through core_v0.19.0)")
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):

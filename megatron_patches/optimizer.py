@@ -1,7 +1,9 @@
-"""AdamPower and MuonPower in megatron-core: ``OptimizerConfig(optimizer="adampower" | "muonpower", gradpower_p=...)``.
+"""AdamPower and MuonPower in megatron-core: ``OptimizerConfig(optimizer="adampower" | "muonpower" | "dist_muonpower",
+gradpower_p=...)``.
 
-megatron-core (the version in ``megatron_patches.SUPPORTED_MEGATRON_CORE``) knows
-``'adam'``, ``'sgd'`` and (0.16 on, through ``get_megatron_muon_optimizer``) Muon.
+megatron-core (the versions in ``megatron_patches.SUPPORTED_MEGATRON_CORE``) knows ``'adam'``, ``'sgd'`` and,
+0.16 on, Muon (``get_megatron_muon_optimizer`` in 0.16 and 0.17; from 0.18 ``get_megatron_optimizer`` sends every
+other name to its emerging-optimizer path). Ours each step as one of Megatron's (``KNOWN_AS``).
 ``megatron_patches.apply()`` makes thin, reversible changes with the wrappers here
 (listed in ``megatron_patches.patches``):
 
@@ -24,8 +26,11 @@ megatron-core (the version in ``megatron_patches.SUPPORTED_MEGATRON_CORE``) know
    ``'adam'`` / Muon (e.g. the precision-aware optimizer is allowed with AdamPower);
    ``"muonpower"`` on a megatron-core whose Muon does not import is refused there,
    saying what to install;
-3. ``megatron.core.optimizer._get_megatron_optimizer_based_on_param_groups``, called
-   once per chained optimizer (dense, then expert), builds the optimizer exactly
+3. ``megatron.core.optimizer.get_megatron_optimizer`` (and Megatron-LM's imported name for it;
+   ``build_optimizer_with_power``) builds an adampower config as ``'adam'`` with its powers in effect
+   (so 0.18 on builds the standard path, the DistributedOptimizer's sharding included), and a muon one
+   as ``'muon'`` / ``'dist_muon'`` (item 4). ``_get_megatron_optimizer_based_on_param_groups``,
+   called once per chained optimizer (dense, then expert), then builds the optimizer exactly
    as for ``'adam'`` and gives each inner torch optimizer AdamPower's step by
    moving it to a subclass of its own class (``power_optimizer_class``), so
    Megatron's wrappers, state layout (``exp_avg``, ``exp_avg_sq``, ``step``) and
@@ -43,9 +48,10 @@ megatron-core (the version in ``megatron_patches.SUPPORTED_MEGATRON_CORE``) know
    With ``optimizer_cpu_offload`` Megatron's HybridDeviceOptimizer is built with
    these classes as its CPU and GPU optimizer classes, so it keeps them when it
    rebuilds its sub-optimizers (e.g. on a checkpoint load);
-4. ``megatron.core.optimizer.muon.get_megatron_muon_optimizer`` (and Megatron-LM's
-   imported name for it) builds Megatron's Muon for ``"muonpower"`` and moves its
-   inner optimizers the same way: each ``TensorParallelMuon`` to a subclass that
+4. Megatron's Muon for ``"muonpower"`` / ``"dist_muonpower"`` (built by ``get_megatron_optimizer``
+   from 0.18, by ``megatron.core.optimizer.muon.get_megatron_muon_optimizer`` and Megatron-LM's
+   imported name for it in 0.16 and 0.17) has its inner optimizers moved the same way (``power_muon``):
+   each ``TensorParallelMuon`` to a subclass that
    applies phi in place to the grads before Muon's own step (so phi comes before
    the momentum buffer and Newton-Schulz), each chained Adam to AdamPower with
    ``gradpower_p_adam``. Megatron's own Muon checks (no distributed optimizer, no
@@ -57,7 +63,9 @@ main grads, on this rank's shards under the distributed optimizer; a step skippe
 for an inf/NaN gradient never reaches it. Param groups that Megatron marks
 ``is_expert_parallel`` use the expert p. An optimizer whose groups all
 have p = 1 runs its class's own step unchanged (Megatron's Adam or Muon, bit for bit), and
-``optimizer.config.optimizer`` stays ``"adampower"`` / ``"muonpower"``.
+``optimizer.config.optimizer`` stays ours. Look ``get_megatron_optimizer`` up after ``apply()``: a name bound
+before it is megatron-core's own (0.18 on refuses ours on its emerging path, saying this:
+``refuse_ours_on_the_emerging_path``).
 
 Optimizers built while applied keep their class after ``remove()``.
 """
@@ -65,6 +73,7 @@ Optimizers built while applied keep their class after ``remove()``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import logging
@@ -79,12 +88,16 @@ from gradpower_ds.power import grad_power_
 from . import blockwise
 
 OPTIMIZER_NAME = "adampower"  # the names Megatron's OptimizerConfig.optimizer and --optimizer take
-MUON_NAME = "muonpower"  # Megatron-LM routes any name holding "muon" to get_megatron_muon_optimizer, as wanted
-OPTIMIZER_NAMES = (OPTIMIZER_NAME, MUON_NAME)
+MUON_NAME = "muonpower"  # Megatron-LM routes any name holding "muon" to its Muon, as wanted
+DIST_MUON_NAME = "dist_muonpower"  # Megatron's dist_muon (Muon with the layer-wise distributed optimizer), powered
+KNOWN_AS = {OPTIMIZER_NAME: "adam", MUON_NAME: "muon", DIST_MUON_NAME: "dist_muon"}  # ours -> what Megatron builds
+OPTIMIZER_NAMES = tuple(KNOWN_AS)
+MUON_NAMES = (MUON_NAME, DIST_MUON_NAME)
 FIELDS = {entry.megatron_field: None for entry in POWER_NAMES.values()}  # the names of p, as OptimizerConfig fields
 NAME_OF_FIELD = {entry.megatron_field: name for name, entry in POWER_NAMES.items()}  # 'gradpower_p' -> 'power'
 CONFIG_FIELDS = {**FIELDS, blockwise.FIELD: None}  # every field OptimizerConfig gets (megatron_patches.blockwise)
-MUON_MODULE = "megatron.core.optimizer.muon"  # megatron-core's Muon (0.16 on; needs NVIDIA's emerging-optimizers)
+# where megatron-core's TensorParallelMuon lives (it needs NVIDIA's emerging-optimizers): 0.18 on; 0.16-0.17
+MUON_MODULES = ("megatron.core.optimizer.emerging_optimizers", "megatron.core.optimizer.muon")
 _UNSUPPORTED_TORCH_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable")
 
 _log = logging.getLogger(__name__)
@@ -107,6 +120,11 @@ def as_adam(holder):
     return named(holder, "adam")
 
 
+def family(optimizer: str) -> str:
+    """The optimizer whose names of p `optimizer` takes (hyperparams.POWER_NAMES): dist_muonpower's are muonpower's."""
+    return MUON_NAME if optimizer in MUON_NAMES else optimizer
+
+
 def checked_powers(fields: Mapping[str, object], optimizer: str, owner: str = "",
                    label: Callable[[str], str] = str) -> dict[str, float]:
     """{name of p: value} for every name `optimizer` takes in Megatron (hyperparams.POWER_NAMES), from `fields`
@@ -115,35 +133,53 @@ def checked_powers(fields: Mapping[str, object], optimizer: str, owner: str = ""
     "optimizer", as the user wrote it). ValueError/TypeError naming it: a bad or missing required value, or a field
     set that `optimizer` does not take (saying which optimizers take it)."""
     prefix = f"{owner}: " if owner else ""
-    taken = power_names(optimizer, "megatron")
+    taken = power_names(family(optimizer), "megatron")
     for field, value in fields.items():
         name = NAME_OF_FIELD[field]
         if value is not None and name not in taken:
             takers = [o for o, use in POWER_NAMES[name].uses.items() if "megatron" in use.stacks]
             raise ValueError(f"{prefix}{label(field)} has no effect unless {label('optimizer')} "
                              f"{' or '.join(takers)} (optimizer is {optimizer!r})")
-    checked = check_settings({NAME_OF_FIELD[f]: v for f, v in fields.items()}, optimizer, "megatron", owner=owner,
-                             label=lambda name: label(POWER_NAMES[name].megatron_field))
+    checked = check_settings({NAME_OF_FIELD[f]: v for f, v in fields.items()}, family(optimizer), "megatron",
+                             owner=owner, label=lambda name: label(POWER_NAMES[name].megatron_field))
     return {name: checked[name] for name in taken}
 
 
 def config_powers(config) -> dict[str, float]:
-    """``checked_powers`` of an OptimizerConfig ("adampower": power, expert_power; "muonpower": power, adam_power,
-    expert_power), naming its fields."""
+    """``checked_powers`` of an OptimizerConfig ("adampower": power, expert_power; "muonpower", "dist_muonpower":
+    power, adam_power, expert_power), naming its fields."""
     return checked_powers({field: getattr(config, field, None) for field in FIELDS}, config.optimizer,
                           owner=f"OptimizerConfig(optimizer={config.optimizer!r})")
 
 
-def check_muon_available() -> None:
+def muon_module():
+    """The megatron-core module holding TensorParallelMuon and HAVE_EMERGING_OPTIMIZERS (MUON_MODULES), or None
+    where this megatron-core has no Muon (before 0.16)."""
+    for name in MUON_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "TensorParallelMuon"):
+            return module
+    return None
+
+
+def muon_builds_muon() -> bool:
+    """Whether megatron-core's get_megatron_muon_optimizer builds Muon itself (0.16, 0.17), rather than forwarding to
+    get_megatron_optimizer (0.18 on) or not existing (before 0.16)."""
+    module = muon_module()
+    return module is not None and module.__name__ == "megatron.core.optimizer.muon"
+
+
+def check_muon_available(optimizer: str = MUON_NAME) -> None:
     """RuntimeError, saying what to install, unless megatron-core's Muon is importable and usable here."""
-    try:
-        muon = importlib.import_module(MUON_MODULE)
-    except ImportError:
-        raise RuntimeError(f"OptimizerConfig(optimizer='{MUON_NAME}') needs megatron-core's Muon ({MUON_MODULE}, "
-                           f"megatron-core 0.16 on), which this megatron-core lacks: pip install "
-                           f"'megatron-core>=0.16'") from None
-    if not getattr(muon, "HAVE_EMERGING_OPTIMIZERS", False):
-        raise RuntimeError(f"OptimizerConfig(optimizer='{MUON_NAME}') needs megatron-core's Muon, which needs NVIDIA's "
+    module = muon_module()
+    if module is None:
+        raise RuntimeError(f"OptimizerConfig(optimizer='{optimizer}') needs megatron-core's Muon (megatron-core 0.16 "
+                           f"on), which this megatron-core lacks: pip install 'megatron-core>=0.16'")
+    if not getattr(module, "HAVE_EMERGING_OPTIMIZERS", False):
+        raise RuntimeError(f"OptimizerConfig(optimizer='{optimizer}') needs megatron-core's Muon, which needs NVIDIA's "
                            "emerging-optimizers package (Python >= 3.12): pip install emerging-optimizers")
 
 
@@ -239,7 +275,10 @@ def power_optimizer_class(base: type, dense_p: float, expert_p: float) -> type:
 
 
 def inner_optimizers(megatron_optimizer) -> list:
-    """The torch optimizers inside a MegatronOptimizer (ChainedOptimizer: each chained one's); None-free."""
+    """The torch optimizers inside a MegatronOptimizer (ChainedOptimizer, LayerWiseDistributedOptimizer: each
+    chained one's); None-free."""
+    if isinstance(megatron_optimizer, torch.optim.Optimizer):  # the layer-wise optimizer chains torch's directly
+        return [megatron_optimizer]
     chained = getattr(megatron_optimizer, "chained_optimizers", None)
     if chained is not None:
         return [o for c in chained for o in inner_optimizers(c)]
@@ -278,7 +317,8 @@ def config_init(original):
 
 def config_post_init(original):
     """OptimizerConfig.__post_init__ validating the powers and the blockwise lr setting, and running Megatron's
-    checks as for 'adam' (adampower) or Muon (muonpower, whose Muon must be importable)."""
+    checks as for the optimizer ours steps as (KNOWN_AS: 'adam' for adampower, Muon for muonpower, whose Muon must
+    be importable)."""
 
     @functools.wraps(original)
     def __post_init__(self):
@@ -286,31 +326,80 @@ def config_post_init(original):
         if self.optimizer not in OPTIMIZER_NAMES:
             return original(self)
         config_powers(self)
-        if self.optimizer == MUON_NAME:
-            check_muon_available()
-        known = "muon" if self.optimizer == MUON_NAME else "adam"
-        with named(self, known):
+        if self.optimizer in MUON_NAMES:
+            check_muon_available(self.optimizer)
+        with named(self, KNOWN_AS[self.optimizer]):
             original(self)
 
     return __post_init__
 
 
+_ADAM_POWER_BUILD: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
+    "megatron_patches_adam_power_build", default=None)  # (dense p, expert p) while get_megatron_optimizer builds it
+
+
+def build_optimizer_with_power(original):
+    """get_megatron_optimizer (megatron-core's, and the name Megatron-LM imported) for our names, on every version.
+
+    adampower: Megatron's build for 'adam' (megatron-core 0.18 on routes any other name to its emerging optimizers,
+    which lose the DistributedOptimizer's sharding), with AdamPower's powers in effect for build_with_power, which
+    gives each inner optimizer AdamPower's step. muonpower / dist_muonpower: Megatron's build for muon / dist_muon
+    (megatron-core 0.18 on; before, Megatron refuses Muon here and builds it in get_megatron_muon_optimizer, wrapped by
+    build_muon_with_power), then phi before each TensorParallelMuon's step and AdamPower for its chained Adams
+    (power_muon)."""
+    if getattr(original, "_gradpower_build", False):  # Megatron-LM imported the wrapped one: wrap once
+        return original
+
+    @functools.wraps(original)
+    def build(config, model_chunks, config_overrides=None, *args, **kwargs):
+        if config.optimizer == OPTIMIZER_NAME:
+            with _building_adam_power(config):
+                return original(config, model_chunks, config_overrides, *args, **kwargs)
+        if config.optimizer in MUON_NAMES:  # before 0.18 Megatron refuses 'muon' here, as for its own Muon
+            powers = config_powers(config)
+            with named(config, KNOWN_AS[config.optimizer]):
+                megatron_optimizer = original(config, model_chunks, config_overrides, *args, **kwargs)
+            return power_muon(megatron_optimizer, powers)
+        return original(config, model_chunks, config_overrides, *args, **kwargs)
+
+    build._gradpower_build = True
+    return build
+
+
+@contextlib.contextmanager
+def _building_adam_power(config):
+    """While Megatron builds an adampower config: it is 'adam', its powers in effect for build_with_power; then its
+    own name again."""
+    powers = config_powers(config)
+    token = _ADAM_POWER_BUILD.set((powers["power"], powers["expert_power"]))
+    try:
+        with named(config, KNOWN_AS[OPTIMIZER_NAME]):
+            yield
+    finally:
+        _ADAM_POWER_BUILD.reset(token)
+
+
 def build_with_power(original):
-    """_get_megatron_optimizer_based_on_param_groups building Adam for 'adampower', then giving it AdamPower's step."""
+    """_get_megatron_optimizer_based_on_param_groups, while get_megatron_optimizer builds AdamPower (as 'adam'): the
+    optimizer Megatron builds for 'adam', each inner torch optimizer then given AdamPower's step. An adampower config
+    that reaches it directly (a get_megatron_optimizer bound before apply(), megatron-core before 0.18) is built
+    the same way."""
 
     @functools.wraps(original)
     def build(config, *args, **kwargs):
-        if config.optimizer != OPTIMIZER_NAME:
+        if config.optimizer == OPTIMIZER_NAME:
+            with _building_adam_power(config):
+                return build(config, *args, **kwargs)
+        powers = _ADAM_POWER_BUILD.get()
+        if powers is None or config.optimizer != KNOWN_AS[OPTIMIZER_NAME]:
             return original(config, *args, **kwargs)
-        powers = config_powers(config)
-        dense_p, expert_p = powers["power"], powers["expert_power"]
-        offload = _offload_classes(dense_p, expert_p) if config.optimizer_cpu_offload else contextlib.nullcontext()
-        with as_adam(config), offload:
+        offload = _offload_classes(*powers) if config.optimizer_cpu_offload else contextlib.nullcontext()
+        with offload:
             megatron_optimizer = original(config, *args, **kwargs)
         for inner in inner_optimizers(megatron_optimizer):
             if not isinstance(inner, _PowerStep) and not config.optimizer_cpu_offload:
-                inner.__class__ = power_optimizer_class(type(inner), dense_p, expert_p)
-        _log.info("megatron_patches: AdamPower (gradpower_p=%g, gradpower_p_expert=%g) on %s (%s)", dense_p, expert_p,
+                inner.__class__ = power_optimizer_class(type(inner), *powers)
+        _log.info("megatron_patches: AdamPower (gradpower_p=%g, gradpower_p_expert=%g) on %s (%s)", *powers,
                   type(megatron_optimizer).__name__,
                   ", ".join(type(inner).__name__ for inner in inner_optimizers(megatron_optimizer)))
         return megatron_optimizer
@@ -318,30 +407,55 @@ def build_with_power(original):
     return build
 
 
+def refuse_ours_on_the_emerging_path(original):
+    """megatron-core's _get_megatron_emerging_optimizer (0.18 on), refusing our names with what to do: they reach it
+    only through a get_megatron_optimizer bound before megatron_patches.apply() (there Megatron would say
+    "Unsupported emerging optimizer")."""
+
+    @functools.wraps(original)
+    def build(config, *args, **kwargs):
+        if config.optimizer in OPTIMIZER_NAMES:
+            raise RuntimeError(
+                f"megatron_patches: optimizer={config.optimizer!r} reached megatron-core's emerging-optimizer path, so "
+                "the get_megatron_optimizer that built it was imported before megatron_patches.apply() (e.g. `from "
+                "megatron.core.optimizer import get_megatron_optimizer` above the apply() call): call "
+                "megatron_patches.apply() first, or call megatron.core.optimizer.get_megatron_optimizer(...)")
+        return original(config, *args, **kwargs)
+
+    return build
+
+
+def power_muon(megatron_optimizer, powers: dict):
+    """A Megatron Muon optimizer made MuonPower: each TensorParallelMuon moved to a subclass applying phi (power; the
+    expert groups expert_power) before its own step, so phi comes before the momentum; each chained Adam to AdamPower
+    (adam_power). Returns it."""
+    muon_class = muon_module().TensorParallelMuon
+    for inner in inner_optimizers(megatron_optimizer):
+        if isinstance(inner, _PowerStep):
+            continue
+        inner.__class__ = power_optimizer_class(type(inner), powers["power"], powers["expert_power"]) \
+            if isinstance(inner, muon_class) else power_optimizer_class(type(inner), powers["adam_power"],
+                                                                        powers["adam_power"])
+    _log.info("megatron_patches: MuonPower (gradpower_p=%g, gradpower_p_expert=%g, gradpower_p_adam=%g) on %s (%s)",
+              powers["power"], powers["expert_power"], powers["adam_power"], type(megatron_optimizer).__name__,
+              ", ".join(type(inner).__name__ for inner in inner_optimizers(megatron_optimizer)))
+    return megatron_optimizer
+
+
 def build_muon_with_power(original):
-    """get_megatron_muon_optimizer building Megatron's Muon for 'muonpower', then phi before each TensorParallelMuon's
-    step (gradpower_p, expert gradpower_p_expert) and AdamPower (gradpower_p_adam) for its chained Adams."""
+    """get_megatron_muon_optimizer (megatron-core 0.16 and 0.17, and the name Megatron-LM imported) building Megatron's
+    Muon for muonpower / dist_muonpower (power_muon)."""
     if getattr(original, "_gradpower_muon", False):  # Megatron-LM imported the wrapped one: wrap once
         return original
 
     @functools.wraps(original)
     def build(config, *args, **kwargs):
-        if config.optimizer != MUON_NAME:
+        if config.optimizer not in MUON_NAMES:
             return original(config, *args, **kwargs)
         powers = config_powers(config)
-        muon_p, muon_expert_p, adam_p = powers["power"], powers["expert_power"], powers["adam_power"]
         with as_adam(config):  # it sets config.optimizer = 'adam' itself; the name is ours again afterwards
             megatron_optimizer = original(config, *args, **kwargs)
-        muon_class = importlib.import_module(MUON_MODULE).TensorParallelMuon
-        for inner in inner_optimizers(megatron_optimizer):
-            if isinstance(inner, _PowerStep):
-                continue
-            inner.__class__ = power_optimizer_class(type(inner), muon_p, muon_expert_p) \
-                if isinstance(inner, muon_class) else power_optimizer_class(type(inner), adam_p, adam_p)
-        _log.info("megatron_patches: MuonPower (gradpower_p=%g, gradpower_p_expert=%g, gradpower_p_adam=%g) on %s (%s)",
-                  muon_p, muon_expert_p, adam_p, type(megatron_optimizer).__name__,
-                  ", ".join(type(inner).__name__ for inner in inner_optimizers(megatron_optimizer)))
-        return megatron_optimizer
+        return power_muon(megatron_optimizer, powers)
 
     build._gradpower_muon = True
     return build

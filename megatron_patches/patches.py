@@ -13,7 +13,6 @@ config, only where Megatron-LM is importable).
 
 from __future__ import annotations
 
-import importlib
 
 from gradpower_ds.patching import Add, Package, PatchSet, UnsupportedVersionError, Wrap
 from gradpower_ds.versions import TESTED
@@ -30,7 +29,7 @@ class UnsupportedMegatronError(UnsupportedVersionError):
 
 
 def _patches() -> list:
-    """The patches, in the order apply() makes them."""
+    """The patches, in the order apply() makes them, each with the megatron-core versions it applies to."""
     import megatron.core.optimizer as mcore_optimizer
     from megatron.core.transformer.moe import moe_utils
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
@@ -40,40 +39,45 @@ def _patches() -> list:
     from . import arguments, blockwise, checkpoint, optimizer
 
     try:
-        mcore_muon = importlib.import_module(optimizer.MUON_MODULE)  # megatron-core 0.16 on
-    except ImportError:
-        mcore_muon = None
-
-    try:
         megatron_lm = arguments.megatron_lm_patches()
     except LookupError as exc:
         raise UnsupportedMegatronError(str(exc)) from exc
-
-    # AdamOptimizerConfig, the subclass Megatron-LM builds for "adam": megatron-core 0.16.0 on
+    # AdamOptimizerConfig, the subclass Megatron-LM builds for "adam": 0.16 and 0.17 (0.18 on: OptimizerConfig)
     adam_config = getattr(optimizer_config, "AdamOptimizerConfig", OptimizerConfig)
     return [
-        # OptimizerConfig(optimizer="adampower" | "muonpower", gradpower_p=..., gradpower_blockwise_lr=..., ...)
+        # all versions: OptimizerConfig(optimizer="adampower" | "muonpower" | "dist_muonpower", gradpower_p=...,
+        # gradpower_blockwise_lr=...), validated as Megatron validates what ours steps as ('adam', Muon)
         *(Add(OptimizerConfig, name, default) for name, default in optimizer.CONFIG_FIELDS.items()),
         Wrap(OptimizerConfig, "__init__", optimizer.config_init),
         *([] if adam_config is OptimizerConfig else [Wrap(adam_config, "__init__", optimizer.config_init)]),
         Wrap(OptimizerConfig, "__post_init__", optimizer.config_post_init),
-        # get_megatron_optimizer builds AdamPower for it, per chained optimizer (dense, expert)
+        # all versions: get_megatron_optimizer builds ours as what it steps as (0.18 on routes other names to its
+        # emerging optimizers), with the blockwise lrs in its config_overrides; the inner builds get AdamPower's step
+        Wrap(mcore_optimizer, "get_megatron_optimizer", optimizer.build_optimizer_with_power),
         Wrap(mcore_optimizer, "_get_megatron_optimizer_based_on_param_groups", optimizer.build_with_power),
-        # blockwise lrs: each block's max_lr/min_lr as config overrides, per-row lrs for linear_qkv
+        # 0.18 on: our names on its emerging-optimizer path (a get_megatron_optimizer imported before apply()) refused
+        *([Wrap(mcore_optimizer, "_get_megatron_emerging_optimizer", optimizer.refuse_ours_on_the_emerging_path)]
+          if hasattr(mcore_optimizer, "_get_megatron_emerging_optimizer") else []),
+        # 0.16 on (config overrides): blockwise lrs, each block's max_lr/min_lr as config overrides, per-row lrs for
+        # linear_qkv (internal functions every build goes through, wherever get_megatron_optimizer was imported)
         Wrap(mcore_optimizer, "_get_param_groups", blockwise.param_groups_with_blockwise),
         Wrap(mcore_optimizer, "_get_megatron_optimizer_based_on_param_groups", blockwise.build_with_row_lrs),
-        # get_megatron_muon_optimizer builds MuonPower for "muonpower", where megatron-core has Muon
-        *([] if mcore_muon is None else
-          [Wrap(mcore_muon, "get_megatron_muon_optimizer", optimizer.build_muon_with_power)]),
-        # the DistributedOptimizer's checkpoints with torch's Adam (no TE/apex)
+        # 0.16 and 0.17: get_megatron_muon_optimizer builds MuonPower for muonpower / dist_muonpower (0.18 on it
+        # forwards to get_megatron_optimizer, which builds Muon itself)
+        *([Wrap(optimizer.muon_module(), "get_megatron_muon_optimizer", optimizer.build_muon_with_power)]
+          if optimizer.muon_builds_muon() else []),
+        # all versions: the DistributedOptimizer's checkpoints with torch's Adam (no TE/apex)
         Wrap(DistributedOptimizer, "state_dict", checkpoint.state_dict_with_initial_state),
         Wrap(DistributedOptimizer, "load_state_dict", checkpoint.load_state_dict_with_own_steps),
+        # before 0.15
         *([] if MEGATRON_CORE.installed_at_least(DP_RESHARDABLE_FROM) else
-          [Wrap(DistributedOptimizer, "_set_main_param_and_optimizer_states", checkpoint.set_param_state_keeping_step)]),
-        # Megatron-LM, where importable: --optimizer adampower/muonpower and their optimizer config
+          [Wrap(DistributedOptimizer, "_set_main_param_and_optimizer_states",
+                checkpoint.set_param_state_keeping_step)]),
+        # Megatron-LM, where importable: --optimizer adampower/muonpower/dist_muonpower, its optimizer config and
+        # builders, its argument checks (each with its versions: arguments.megatron_lm_patches)
         *megatron_lm,
-        # megatron-core's MoE router (0.13.0 through 0.16.1) names te_general_gemm, defined only when TE imports:
-        # without TE every MoE forward fails with NameError. None is the no-TE path its code checks for.
+        # 0.13 through 0.16: megatron-core's MoE router names te_general_gemm, defined only when TE imports: without
+        # TE every MoE forward fails with NameError. None is the no-TE path its code checks for (0.17 on defines it).
         *([] if hasattr(moe_utils, "te_general_gemm") else [Add(moe_utils, "te_general_gemm", None)]),
     ]
 

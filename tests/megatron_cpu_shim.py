@@ -1,4 +1,4 @@
-"""Test-only shim: runs megatron-core (the tested range, 0.13.0 through 0.16.1) on a CPU-only torch with the gloo backend.
+"""Test-only shim: runs megatron-core (the tested range, 0.13.0 through 0.19.2) on a CPU-only torch with gloo.
 
 megatron-core assumes CUDA in many places that a CPU run reaches: ``device='cuda'``
 and ``torch.cuda.current_device()`` tensors (optimizer, grad scaler, clip_grads,
@@ -18,11 +18,12 @@ token dispatcher), the CUDA RNG behind its RNG tracker, and
 - ``moe_utils.te_general_gemm = None`` (the path Megatron takes without TE);
 - megatron-core's Muon needs NVIDIA's emerging-optimizers. megatron-core 0.16.1 was written for its
   v0.1.0 (Megatron-LM pins that git tag); the package index has only 0.3.0, which declares Python
-  >= 3.12 (launch/setup_env.sh installs it with ``--ignore-requires-python``) and renamed two
-  keywords Megatron passes. So: on Python 3.11 ``typing.override`` (from typing_extensions), and,
-  where the installed release has the new names, ``OrthogonalizedOptimizer(use_nesterov=)`` and
-  ``newton_schulz_tp(mode=)`` are passed on as ``nesterov=`` and ``tp_mode=`` (the same maths:
-  v0.1.0 and 0.3.0 share the update and the quintic Newton-Schulz coefficients).
+  >= 3.12 (launch/setup_env.sh installs it with ``--ignore-requires-python`` on 3.11) and renamed two
+  keywords megatron-core 0.16 passes. So: on Python 3.11 ``typing.override`` (from typing_extensions),
+  and, where megatron-core passes the old names to a release with the new ones (0.16),
+  ``OrthogonalizedOptimizer(use_nesterov=)`` and ``newton_schulz_tp(mode=)`` are passed on as
+  ``nesterov=`` and ``tp_mode=`` (the same maths: v0.1.0 and 0.3.0 share the update and the quintic
+  Newton-Schulz coefficients). megatron-core 0.17 on passes the new names itself.
 
 For Megatron-LM's ``pretrain()`` (core_v0.16.1, e.g. ``python -m megatron_patches.pretrain_gpt``
 with ``--distributed-backend gloo``; run it with ``TORCHDYNAMO_DISABLE=1``, as torch.compile'd
@@ -51,6 +52,7 @@ import contextlib
 import importlib
 import importlib.abc
 import inspect
+import os
 import sys
 import typing
 
@@ -210,16 +212,18 @@ def _install_megatron_lm() -> None:
 
 
 def _adapt_emerging_optimizers() -> None:
-    """megatron-core's Muon on emerging-optimizers 0.3.0 (see the module docstring); a no-op without them."""
-    try:
-        from megatron.core.optimizer import muon
-    except ImportError:  # megatron-core before 0.16: no Muon
-        return
-    if not muon.HAVE_EMERGING_OPTIMIZERS:
+    """megatron-core 0.16's Muon on emerging-optimizers 0.3.0 (see the module docstring); a no-op without them, and
+    where megatron-core passes 0.3.0's keywords itself (0.17 on)."""
+    from megatron_patches.optimizer import muon_module
+
+    muon = muon_module()  # megatron.core.optimizer.muon (0.16, 0.17), .emerging_optimizers (0.18 on), None (< 0.16)
+    if muon is None or not muon.HAVE_EMERGING_OPTIMIZERS:
         return
     base = muon.OrthogonalizedOptimizer
     if "use_nesterov" in inspect.signature(base.__init__).parameters:
         return  # the release megatron-core was written for
+    if "use_nesterov=" not in inspect.getsource(muon.TensorParallelMuon.__init__):
+        return  # this megatron-core passes nesterov= and tp_mode= already (0.17 on)
     init, newton_schulz_tp = base.__init__, muon.newton_schulz_tp
 
     def __init__(self, *args, use_nesterov: bool, **kwargs):
@@ -238,9 +242,10 @@ def install() -> None:
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer.moe import moe_utils
 
+    from gradpower_ds.patching import ALLOW_UNTESTED
     from megatron_patches import MEGATRON_CORE
 
-    if not MEGATRON_CORE.is_tested(megatron.core.__version__):
+    if not MEGATRON_CORE.is_tested(megatron.core.__version__) and os.environ.get(ALLOW_UNTESTED) != "1":
         raise RuntimeError(f"tests/megatron_cpu_shim.py was written for megatron-core {MEGATRON_CORE.supported}, "
                            f"but {megatron.core.__version__} is installed; re-check which CUDA assumptions it "
                            "must paper over before using it with this version")

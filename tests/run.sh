@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The one test command for a fresh machine (.ci/run runs it from a clean clone):
-#   1. .venv with the newest pins (requirements-test.txt): the whole suite;
+#   1. .venv with the newest pins (requirements-test.txt, Python 3.11): the whole suite;
 #   2. .venv-oldest with the oldest supported DeepSpeed and megatron-core
-#      (requirements-test-oldest.txt): the integration tests of tests/oldest_env_tests.txt.
+#      (requirements-test-oldest.txt): the integration tests of tests/oldest_env_tests.txt;
+#   3. .venv-py312 with Python 3.12 and the newest megatron-core (requirements-test-py312.txt; megatron-core
+#      0.17 on needs Python >= 3.12): the tests of tests/py312_env_tests.txt. Python 3.12 is looked for as
+#      python3.12 on PATH, then in pyenv; without one this environment is skipped with a loud line, or, under
+#      .ci/run (GRADPOWER_CI=1), the run fails saying what to install.
 # Each environment is created if missing and installed only when its inputs changed
 # (launch/setup_env.sh). Extra arguments go to pytest in one environment, the newest unless
-# GRADPOWER_TEST_ENV=oldest, e.g. `bash tests/run.sh -k native -x`.
+# GRADPOWER_TEST_ENV=oldest or py312, e.g. `bash tests/run.sh -k native -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -15,8 +19,31 @@ oldest_env() {
     VENV=.venv-oldest REQUIREMENTS=requirements-test-oldest.txt . launch/setup_env.sh
 }
 
+python312() {
+    # the first Python 3.12 found: python3.12 on PATH, then pyenv's
+    local found
+    for found in "$(command -v python3.12 || true)" ~/.pyenv/versions/3.12*/bin/python3.12; do
+        if [ -n "$found" ] && [ -x "$found" ]; then echo "$found"; return 0; fi
+    done
+    return 1
+}
+
+py312_env() {
+    # the machine's pip cap on torch (<= 2.14.1, where it has one) is lifted for this venv alone: it pins 2.15.0
+    PYTHON=$1 VENV=.venv-py312 REQUIREMENTS=requirements-test-py312.txt PIP_CONSTRAINT=/dev/null . launch/setup_env.sh
+}
+
+run_listed() {  # pytest over the test files listed in $1 (one per line, '#' comments)
+    mapfile -t listed < <(grep -v '^#' "$1")
+    "${PYTEST[@]}" "${listed[@]}"
+}
+
 if [ $# -gt 0 ]; then
-    if [ "${GRADPOWER_TEST_ENV:-newest}" = oldest ]; then oldest_env; else . launch/setup_env.sh; fi
+    case "${GRADPOWER_TEST_ENV:-newest}" in
+        oldest) oldest_env ;;
+        py312) py312_env "$(python312)" ;;
+        *) . launch/setup_env.sh ;;
+    esac
     exec "${PYTEST[@]}" "$@"
 fi
 
@@ -27,6 +54,23 @@ start=$SECONDS
 newest=$((SECONDS - start))
 deactivate
 oldest_env
-mapfile -t integration < <(grep -v '^#' tests/oldest_env_tests.txt)
-"${PYTEST[@]}" "${integration[@]}"
-echo "tests/run.sh: newest pins ${newest} s, oldest supported versions $((SECONDS - start - newest)) s"
+run_listed tests/oldest_env_tests.txt
+oldest=$((SECONDS - start - newest))
+deactivate
+if py=$(python312); then
+    py312_env "$py"
+    run_listed tests/py312_env_tests.txt
+    py312="$((SECONDS - start - newest - oldest)) s"
+elif [ "${GRADPOWER_CI:-0}" = 1 ]; then
+    echo "tests/run.sh: error: no Python 3.12 (python3.12 on PATH or ~/.pyenv/versions/3.12.*), which the" \
+         "megatron-core 0.17-0.19 environment needs: install one (e.g. pyenv install 3.12) and rerun" >&2
+    exit 1
+else
+    echo "########################################################################################################"
+    echo "tests/run.sh: SKIPPED the Python 3.12 environment (megatron-core 0.17-0.19): no python3.12 on PATH or in"
+    echo "pyenv. Install Python 3.12 to test the current megatron-core releases."
+    echo "########################################################################################################"
+    py312="skipped (no Python 3.12)"
+fi
+echo "tests/run.sh: newest pins ${newest} s, oldest supported versions ${oldest} s, Python 3.12 / megatron-core" \
+     "0.19 ${py312}"

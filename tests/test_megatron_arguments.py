@@ -13,6 +13,7 @@ as fault-tolerance setup does).
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -239,12 +240,14 @@ def _fake_megatron_training(monkeypatch):
         raise ValueError("Invalid optimizer type!")
 
     fake_training.get_megatron_optimizer_config = get_megatron_optimizer_config
-    try:
-        from megatron.core.optimizer.muon import get_megatron_muon_optimizer
+    from megatron.core.optimizer import get_megatron_optimizer
 
-        fake_training.get_megatron_muon_optimizer = get_megatron_muon_optimizer
-    except ImportError:  # megatron-core before 0.16: no Muon
-        pass
+    from megatron_patches.optimizer import muon_module
+
+    fake_training.get_megatron_optimizer = get_megatron_optimizer  # imported by Megatron-LM on every version
+    muon = muon_module()
+    if muon is not None and muon.__name__.endswith(".muon"):  # 0.16, 0.17: Megatron-LM imports its Muon builder
+        fake_training.get_megatron_muon_optimizer = muon.get_megatron_muon_optimizer
     package = types.ModuleType("megatron.training")
     package.__path__ = []
     package.arguments, package.training = fake_arguments, fake_training
@@ -298,15 +301,18 @@ def test_megatron_lm_muonpower_config_and_builder(fake_megatron_lm, monkeypatch)
     import megatron_patches
 
     fake_arguments, fake_training = fake_megatron_lm
-    if not hasattr(fake_training, "get_megatron_muon_optimizer"):
-        pytest.skip("this megatron-core has no Muon (0.16 on)")
-    from megatron.core.optimizer import muon
+    from megatron_patches.optimizer import muon_module
 
+    muon = muon_module()  # megatron.core.optimizer.muon (0.16, 0.17), .emerging_optimizers (0.18 on)
+    if muon is None:
+        pytest.skip("this megatron-core has no Muon (0.16 on)")
     monkeypatch.setattr(muon, "HAVE_EMERGING_OPTIMIZERS", True)  # importable or not here: only the config is built
-    original = fake_training.get_megatron_muon_optimizer
+    builder = "get_megatron_muon_optimizer" if hasattr(fake_training, "get_megatron_muon_optimizer") else \
+        "get_megatron_optimizer"  # what builds Muon there: 0.16 and 0.17, 0.18 on
+    original = getattr(fake_training, builder)
     megatron_patches.apply()
-    assert getattr(fake_training.get_megatron_muon_optimizer, "_gradpower_muon", False)
-    assert getattr(muon.get_megatron_muon_optimizer, "_gradpower_muon", False)
+    flag = "_gradpower_muon" if builder == "get_megatron_muon_optimizer" else "_gradpower_build"
+    assert getattr(getattr(fake_training, builder), flag, False)
     args = fake_arguments.parse_args(add_arguments, argv=["--optimizer", "muonpower", "--gradpower-p", "0.9",
                                                           "--gradpower-p-adam", "1.1", "--lr", "1e-3"])
     config, _ = fake_training.get_megatron_optimizer_config(args)
@@ -314,7 +320,7 @@ def test_megatron_lm_muonpower_config_and_builder(fake_megatron_lm, monkeypatch)
         ("muonpower", 0.9, None, 1.1, 1e-3)
     assert args.optimizer == "muonpower"
     megatron_patches.remove()
-    assert fake_training.get_megatron_muon_optimizer is original and muon.get_megatron_muon_optimizer is original
+    assert getattr(fake_training, builder) is original
 
 
 def test_megatron_lm_before_core_v0_16_is_refused_not_ignored(fake_megatron_lm, monkeypatch):
@@ -395,10 +401,13 @@ def test_entry_without_megatron_lm_says_how_to_point_at_it(tmp_path):
     assert result.returncode == 2 and f"$MEGATRON_LM_PATH={tmp_path}: no pretrain_gpt.py" in result.stderr
     result = run_entry(["--megatron-lm-path", str(tmp_path / "nope")])
     assert result.returncode == 2 and "--megatron-lm-path" in result.stderr and "no pretrain_gpt.py" in result.stderr
-    (tmp_path / "pretrain_gpt.py").write_text("raise SystemExit('must not run')\n")
-    # a pretrain_gpt.py, but no megatron.training next to it (megatron-core alone has none)
+    (tmp_path / "pretrain_gpt.py").write_text("raise SystemExit('ran the script')\n")
     result = run_entry([f"--megatron-lm-path={tmp_path}"])
-    assert result.returncode == 2 and "megatron.training cannot be imported" in result.stderr
+    if importlib.util.find_spec("megatron.training") is None:
+        # a pretrain_gpt.py, but no megatron.training next to it (megatron-core before 0.17 ships none)
+        assert result.returncode == 2 and "megatron.training cannot be imported" in result.stderr
+    else:  # megatron-core 0.17 on ships megatron.training: the script found is run
+        assert result.returncode == 1 and "ran the script" in result.stderr
 
 
 def test_split_path():
@@ -578,4 +587,5 @@ def test_entry_refuses_gpas_with_a_layer_path_it_cannot_cover(fake_checkout, arg
 def test_entry_reports_bad_flags_as_argparse_does(fake_checkout):
     completed = run_entry(["--optimizer", "adampower", "--gradpower-p", "0"],
                           env={"MEGATRON_LM_PATH": str(fake_checkout)})
-    assert completed.returncode == 2 and "error: invalid --gradpower-p=0: must be a finite number > 0" in completed.stderr
+    assert completed.returncode == 2
+    assert "error: invalid --gradpower-p=0: must be a finite number > 0" in completed.stderr

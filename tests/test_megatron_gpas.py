@@ -37,8 +37,8 @@ def test_unknown_act_and_no_layers():
 
 
 def test_unsupported_version(monkeypatch):
-    monkeypatch.setattr(megatron.core, "__version__", "0.17.0")
-    with pytest.raises(megatron_patches.UnsupportedMegatronError, match=r"0\.17\.0 is installed"):
+    monkeypatch.setattr(megatron.core, "__version__", "0.20.0")
+    with pytest.raises(megatron_patches.UnsupportedMegatronError, match=r"0\.20\.0 is installed"):
         megatron_patches.apply_gpas(torch.nn.Linear(2, 2))
 
 

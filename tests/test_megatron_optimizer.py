@@ -46,14 +46,16 @@ def applied():
 
 
 def _patched_attributes():
-    attributes = {"build": mcore_optimizer._get_megatron_optimizer_based_on_param_groups,
+    attributes = {"get": mcore_optimizer.get_megatron_optimizer,
+                  "build": mcore_optimizer._get_megatron_optimizer_based_on_param_groups,
                   "init": OptimizerConfig.__dict__["__init__"], "adam_init": AdamOptimizerConfig.__dict__["__init__"],
                   "post_init": OptimizerConfig.__dict__["__post_init__"]}
-    try:  # megatron-core 0.16 on: its Muon
+    try:  # megatron-core 0.16 and 0.17 build Muon in muon.get_megatron_muon_optimizer (0.18 on: a forwarding stub)
         from megatron.core.optimizer import muon
     except ImportError:
         return attributes
-    return {**attributes, "muon_build": muon.get_megatron_muon_optimizer}
+    return {**attributes, "muon_build": muon.get_megatron_muon_optimizer} if hasattr(muon, "TensorParallelMuon") \
+        else attributes
 
 
 def test_apply_remove_idempotent_and_reversible():
@@ -77,14 +79,17 @@ def test_apply_remove_idempotent_and_reversible():
 
 
 def test_apply_defines_te_general_gemm_without_transformer_engine():
-    """megatron-core 0.16.1's MoE router reads moe_utils.te_general_gemm, defined only with TE: apply() makes it
-    None (Megatron's own no-TE path), remove() takes it away again. Seen on a GPU without TE: NameError."""
+    """megatron-core 0.13 through 0.16's MoE router reads moe_utils.te_general_gemm, defined only with TE: apply()
+    makes it None (Megatron's own no-TE path), remove() takes it away again. Seen on a GPU without TE: NameError.
+    From 0.17 on megatron-core defines it (None without TE) and apply() leaves it alone."""
     from megatron.core.transformer.moe import moe_utils
 
     if moe_utils.HAVE_TE:
         pytest.skip("TransformerEngine is installed: megatron-core defines te_general_gemm itself")
-    assert not hasattr(moe_utils, "te_general_gemm")  # (this test process has not installed the CPU shim)
+    defined = megatron_patches.MEGATRON_CORE.installed_at_least("0.17.0")
+    assert hasattr(moe_utils, "te_general_gemm") == defined  # (this test process has not installed the CPU shim)
     megatron_patches.apply()
+    assert ("te_general_gemm" in " ".join(megatron_patches.PATCHES.describe())) == (not defined)
     try:
         assert moe_utils.te_general_gemm is None
         args = (torch.randn(3, 8), torch.randn(4, 8), None, torch.float32)  # inp, weight, bias (0.16 on), dtype
@@ -94,7 +99,7 @@ def test_apply_defines_te_general_gemm_without_transformer_engine():
         assert out.shape == (3, 4)
     finally:
         megatron_patches.remove()
-    assert not hasattr(moe_utils, "te_general_gemm")
+    assert hasattr(moe_utils, "te_general_gemm") == defined
 
 
 def test_config_fields(applied):
@@ -120,6 +125,8 @@ def test_invalid_power_names_the_field(applied, field, value, error):
     config = OptimizerConfig(optimizer="adampower")
     setattr(config, field, value)  # changed after construction: refused when the optimizer is built
     with pytest.raises(error, match=named):
+        mcore_optimizer.get_megatron_optimizer(config, [])
+    with pytest.raises(error, match=named):  # also where it reaches the build directly (megatron-core before 0.18)
         mcore_optimizer._get_megatron_optimizer_based_on_param_groups(config, [], [])
 
 
@@ -159,15 +166,15 @@ def test_cpu_offload_builds_hybrid_optimizer_with_adampower_classes(applied, mon
 
 def test_unsupported_version(monkeypatch):
     before = _patched_attributes()
-    monkeypatch.setattr(megatron.core, "__version__", "0.17.0")
-    with pytest.raises(megatron_patches.UnsupportedMegatronError, match=r"supports megatron-core 0\.13\.0 through 0\.16\.1 "
-                       r"\(.*0\.17\.0 is installed"):
+    monkeypatch.setattr(megatron.core, "__version__", "0.20.0")  # Megatron-LM main's next release, untested
+    with pytest.raises(megatron_patches.UnsupportedMegatronError,
+                       match=r"supports megatron-core 0\.13\.0 through 0\.19\.2 \(.*0\.20\.0 is installed"):
         megatron_patches.apply()
     assert not megatron_patches.is_applied() and _patched_attributes() == before
     sys.path.insert(0, str(Path(__file__).parent))
     import megatron_cpu_shim
 
-    with pytest.raises(RuntimeError, match=r"megatron-core 0\.13\.0 through 0\.16\.1, but 0\.17\.0 is installed"):
+    with pytest.raises(RuntimeError, match=r"megatron-core 0\.13\.0 through 0\.19\.2, but 0\.20\.0 is installed"):
         megatron_cpu_shim.install()
     assert not megatron_cpu_shim._state
 

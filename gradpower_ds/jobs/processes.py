@@ -2,14 +2,13 @@
 
 ``launched()``: whether a launcher set up a multi-process job; ``default_to_world_of_one()``:
 torch.distributed's env:// variables for one process when none did; ``free_port()``: a port for a
-rendezvous on this machine; ``enable_rank0_logging()``: INFO messages on rank 0 only; ``exit_when_done()``:
+rendezvous on this machine; ``exit_when_done()``:
 how a rank's entry point ends, without the gloo abort at interpreter exit.
 """
 
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import socket
 import sys
@@ -20,23 +19,6 @@ from typing import Callable, NoReturn
 # (MPI discovery, Azure ML, SageMaker): there default_to_world_of_one leaves the environment alone.
 CLUSTER_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "AZUREML_EXPERIMENT_ID",
                "SM_TRAINING_ENV")
-
-
-def enable_rank0_logging(name: str = "gradpower_ds") -> None:
-    """Shows INFO messages of logger `name` and its children (registration, the optimizer DeepSpeed built,
-    training progress) on rank 0 only.
-
-    Other ranks show warnings only. Adds one handler to that logger (none when it already has one) and
-    stops propagation, so a root handler the script sets up prints nothing twice.
-    """
-    logger = logging.getLogger(name)
-    if logger.handlers:
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.propagate = False
-    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
 
 
 def launched() -> bool:

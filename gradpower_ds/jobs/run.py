@@ -29,7 +29,8 @@ import re
 import runpy
 import sys
 
-from .processes import default_to_world_of_one, enable_rank0_logging
+from ..rank_logging import enable_rank0_logging
+from .processes import default_to_world_of_one
 
 USAGE = ("usage: python -m gradpower_ds.jobs.run [--local_rank=N] (SCRIPT.py | -m MODULE) [ARGS...]\n"
          "Registers \"type\": \"AdamPower\" with DeepSpeed, then runs SCRIPT (or MODULE) as __main__ with ARGS.")

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from ..blockwise import base_lr, blockwise_param_groups
 from . import require_extra
 from .precision import resolve_precision, slow_bf16_warning
-from .processes import default_to_world_of_one, enable_rank0_logging, exit_when_done
+from ..rank_logging import enable_rank0_logging
+from .processes import default_to_world_of_one, exit_when_done
 from .run_dir import RunDir, RunDirError, StopRequest, make_summary, read_json, read_state, summary_line
 from .train_config import TrainConfig, load_config, report_error
 
@@ -291,8 +292,8 @@ def train(cfg: TrainConfig) -> dict:
     if last < cfg.steps:
         run.stopped(last)
         if rank == 0:
-            _log.info("gradpower_ds.jobs.train: stopped after step %d of %d as asked (stop_at); continue with --resume true",
-                      last, cfg.steps)
+            _log.info("%s: stopped after step %d of %d as asked (stop_at); continue with --resume true", JOB, last,
+                      cfg.steps)
         engine.destroy()
         return {}
     summary = make_summary(val_loss=val_loss, steps=cfg.steps, resumed_at=start, tokens=tokens, train_seconds=elapsed,

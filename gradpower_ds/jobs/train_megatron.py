@@ -46,7 +46,8 @@ from megatron_patches import arguments
 
 from . import require_extra
 from .files import atomic_open
-from .processes import default_to_world_of_one, enable_rank0_logging, exit_when_done
+from ..rank_logging import enable_rank0_logging
+from .processes import default_to_world_of_one, exit_when_done
 from .run_dir import RunDir, StopRequest, make_summary, summary_line
 
 JOB = "gradpower_ds.jobs.train_megatron"  # how the job names itself in its messages and its end line
@@ -493,7 +494,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.current_device()  # megatron-core calls torch.cuda throughout, even for CPU tensors
     except (AssertionError, RuntimeError) as err:
         raise SystemExit(f"{JOB}: megatron-core needs CUDA ({err}); run it on GPU nodes. "
-                         "Without a GPU, use the DeepSpeed main job (python -m gradpower_ds.jobs.train) instead") from None
+                         "Without a GPU, use the DeepSpeed main job (python -m gradpower_ds.jobs.train) "
+                         "instead") from None
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")

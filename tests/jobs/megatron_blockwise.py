@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import megatron_optimizer as job  # noqa: E402  (installs the CPU shim)
 
 from megatron.core import parallel_state  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+import megatron.core.optimizer as mcore_optimizer  # noqa: E402  (get_megatron_optimizer: looked up after apply())
+from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
 
 import megatron_patches  # noqa: E402
@@ -89,7 +90,7 @@ def run_case(dtype: torch.dtype, distributed: bool) -> dict:
                              weight_decay=job.WD, clip_grad=job.CLIP, adam_beta1=job.BETAS[0],
                              adam_beta2=job.BETAS[1], adam_eps=job.EPS, bf16=dtype == torch.bfloat16,
                              params_dtype=dtype, use_distributed_optimizer=distributed, gradpower_blockwise_lr=True)
-    opt = get_megatron_optimizer(config, [model])
+    opt = mcore_optimizer.get_megatron_optimizer(config, [model])
     scheduler = OptimizerParamScheduler(
         opt, init_lr=0.0, max_lr=job.LR, min_lr=job.LR * MIN_RATIO, lr_warmup_steps=WARMUP, lr_decay_steps=STEPS,
         lr_decay_style="cosine", start_wd=job.WD, end_wd=job.WD, wd_incr_steps=STEPS, wd_incr_style="constant")

@@ -49,7 +49,8 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+import megatron.core.optimizer as mcore_optimizer  # noqa: E402  (get_megatron_optimizer: looked up after apply())
+from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.identity_op import IdentityFuncOp  # noqa: E402
@@ -164,7 +165,7 @@ def ddp_case(kind: str) -> dict:
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=False,
                                                                        overlap_grad_reduce=False), model)
     ddp.broadcast_params()
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1,
+    opt = mcore_optimizer.get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1,
                                                  use_distributed_optimizer=False), [ddp])
     gates = [g.alpha for g in gpas_gates(model)]
     groups = [g for inner in inner_optimizers(opt) for g in inner.param_groups]

@@ -36,7 +36,8 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+import megatron.core.optimizer as mcore_optimizer  # noqa: E402  (get_megatron_optimizer: looked up after apply())
+from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
@@ -135,7 +136,7 @@ def run_case(optimizer: str, dtype: torch.dtype, **fields) -> tuple[dict, dict]:
     opt_config = OptimizerConfig(optimizer=optimizer, lr=LR, weight_decay=WD, clip_grad=CLIP, adam_beta1=BETAS[0],
                                  adam_beta2=BETAS[1], adam_eps=EPS, bf16=dtype == torch.bfloat16,
                                  params_dtype=dtype, use_distributed_optimizer=True, **fields)
-    opt = get_megatron_optimizer(opt_config, [model])
+    opt = mcore_optimizer.get_megatron_optimizer(opt_config, [model])
     inners = [dict(expert_groups=[g.get("is_expert_parallel") for g in inner.param_groups],
                    cls=type(inner).__name__, powers=getattr(inner, "gradpower", None))
               for inner in megatron_patches.optimizer.inner_optimizers(opt)]
