@@ -20,10 +20,13 @@ oldest_env() {
 }
 
 python312() {
-    # the first Python 3.12 found: python3.12 on PATH, then pyenv's
+    # the first Python 3.12 that runs: python3.12 on PATH (a pyenv shim there may name a version it does not
+    # select), then pyenv's
     local found
     for found in "$(command -v python3.12 || true)" ~/.pyenv/versions/3.12*/bin/python3.12; do
-        if [ -n "$found" ] && [ -x "$found" ]; then echo "$found"; return 0; fi
+        if [ -n "$found" ] && "$found" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+            echo "$found"; return 0
+        fi
     done
     return 1
 }
