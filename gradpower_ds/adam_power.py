@@ -3,7 +3,8 @@
 The optimizer classes gather state and call the functional core
 ``gradpower_ds.functional.adam_power``, which picks the implementation (torch.optim's
 design): the native CPU kernel for fp32 CPU params, the Triton kernel for CUDA
-params (with ``fused=True``, and by default once verified on a GPU), else the
+params (with ``fused=True``, and by default once it has passed its check on that
+GPU, ``gradpower_ds.kernel_gate``), else the
 torch multi-tensor path (``foreach=True``) or the single-tensor reference path
 (``foreach=False``, bitwise torch.optim.AdamW(foreach=False) with power = 1).
 
@@ -30,7 +31,7 @@ class AdamPower(AdamPowerBase):
 
     ``fused`` and ``foreach`` choose the implementation, as in torch.optim:
     None/None (default) runs the native kernel for fp32 CPU params, the Triton
-    kernel for CUDA params once it is verified on a GPU, the multi-tensor path
+    kernel for CUDA params once it has passed its check on that GPU, the multi-tensor path
     otherwise; ``fused=True`` requires the kernel of the params' device (checked
     at construction; CPU params run Triton's interpreter under TRITON_INTERPRET=1,
     for tests); ``foreach=True``/``False`` the torch multi-/single-tensor path.

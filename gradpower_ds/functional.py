@@ -5,16 +5,21 @@
 - the native CPU kernel (phi + Adam(W) fused, one pass; ``ops.native_adam_power``) for fp32
   CPU params: the default there, and what ``fused=True`` means on the CPU;
 - the Triton kernel (one pass; ``ops.triton_adam_power``) for fp32 CUDA params:
-  with ``fused=True``, and by default once it is verified on a GPU;
+  with ``fused=True``, and by default once it has passed its check on that GPU
+  (``gradpower_ds.kernel_gate``: run once per GPU kind, Triton version and grad dtype);
 - the multi-tensor torch path (``foreach=True``, and the default elsewhere):
   torch._foreach ops over batches of at most MULTI_TENSOR_BATCH elements, with
-  phi applied in place by torch ops (``power.grad_power_(fused=False)``) to a copy
-  of each batch's grads, so its temporaries are bounded whatever the size of a gradient;
+  phi written by torch ops straight into the grads' copy (``power.powered_copy``),
+  so its temporaries are bounded whatever the size of a gradient;
+- the torch fused path (automatic on CUDA where the Triton kernel is not chosen: no Triton,
+  or it failed its check): phi written into the grads' copy (``power.powered_copy``), then
+  torch's own fused Adam(W) kernel (``torch._fused_adamw_``/``_fused_adam_``, one pass):
+  56 bytes per element for fp32 grads, against 108 for the multi-tensor path;
 - the single-tensor path (``foreach=False``): plain torch, one tensor at a time,
   in torch.optim.AdamW's operation order, so that with power = 1 it is bitwise
   torch.optim.Adam(W)(foreach=False).
 
-The implementation is chosen once per call and device (``power.fused_kernel``); a
+The implementation is chosen once per call, device and grad dtype (``power.fused_kernel``); a
 tensor the chosen kernel cannot take (its layout) goes to the torch path, and the
 torch paths never reach a kernel, so ``foreach=True``/``False`` and ``fused=False``
 are honoured exactly. Every path takes grads of any float dtype (a bf16 grad on an fp32 param is
@@ -36,9 +41,11 @@ import torch
 from .hyperparams import bias_corrections
 from .ops import native_adam_power as native
 from .ops import triton_adam_power as triton_ops
-from .power import fused_kernel, grad_power_
+from .power import fused_kernel, powered_copy
 
 MULTI_TENSOR_BATCH = 1 << 24  # elements per multi-tensor batch: two fp32 temporaries of 64 MiB at most
+TORCH_FUSED_DEVICES = ("cuda",)  # where the automatic choice's torch path steps with torch's fused Adam(W) kernel
+TORCH_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
@@ -69,12 +76,13 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
                  power_eps=power_eps, adam_w_mode=adam_w_mode, bias_correction=bias_correction)
     if foreach is not None and fused is None:
         fused = False
-    paths: dict[str, list[int]] = {"native": [], "triton": [], "torch": []}
-    kernels: dict[torch.device, str | None] = {}  # the kernel is chosen once per device and step, not per tensor
+    paths: dict[str, list[int]] = {"native": [], "triton": [], "torch_fused": [], "torch": []}
+    kernels: dict[tuple, str | None] = {}  # chosen once per (device, grad dtype) and call, not per tensor
     for i, p in enumerate(params):
-        if p.device not in kernels:
-            kernels[p.device] = fused_kernel(p.device, fused)
-        kernel = kernels[p.device]
+        key = (p.device, grads[i].dtype)
+        if key not in kernels:
+            kernels[key] = fused_kernel(p.device, fused, grads[i].dtype)
+        kernel = kernels[key]
         if kernel == "native" and not _native_layout(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], copies[i]):
             if fused:
                 raise TypeError(
@@ -86,6 +94,9 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
             kernel = None
         if kernel == "triton" and not fused and not _triton_layout(params[i], exp_avgs[i], exp_avg_sqs[i]):
             kernel = None
+        if kernel is None and fused is None and bias_correction and p.device.type in TORCH_FUSED_DEVICES and \
+                p.dtype == exp_avgs[i].dtype == exp_avg_sqs[i].dtype and p.dtype in TORCH_FUSED_DTYPES:
+            kernel = "torch_fused"
         paths[kernel or "torch"].append(i)
 
     def pick(indices, *lists):
@@ -101,6 +112,11 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
     if paths["triton"]:
         p, g, m, v, s, c = pick(paths["triton"], *columns)
         triton_ops.triton_adam_power_step(p, g, m, v, s, low_precision_params=c, **hyper)
+    fused_groups: dict[tuple, list[int]] = {}  # torch's fused kernels take one device and dtype a call
+    for i in paths["torch_fused"]:
+        fused_groups.setdefault((params[i].device, params[i].dtype), []).append(i)
+    for indices in fused_groups.values():
+        _torch_fused_adam_power(*pick(indices, *columns), **hyper)
     if paths["torch"]:
         step_fn = _single_tensor_adam_power if foreach is False else _multi_tensor_adam_power
         step_fn(*pick(paths["torch"], *columns), **hyper)
@@ -125,7 +141,7 @@ def _triton_layout(param, exp_avg, exp_avg_sq) -> bool:
 def _single_tensor_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies, *, lr, beta1, beta2, eps,
                               weight_decay, power, power_eps, adam_w_mode, bias_correction) -> None:
     for p, grad, exp_avg, exp_avg_sq, step_t, copy in zip(params, grads, exp_avgs, exp_avg_sqs, steps, copies):
-        grad = grad_power_(grad.to(p.dtype, copy=True), power, power_eps, fused=False)
+        grad = powered_copy(grad, p.dtype, power, power_eps)
         step_t += 1
         if weight_decay != 0:
             if adam_w_mode:
@@ -146,7 +162,7 @@ def _multi_tensor_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies
     torch._foreach_add_(steps, 1)
     corrections = [bias_corrections(beta1, beta2, s.item(), bias_correction) for s in steps]
     for ps, gs, ms, vs, bcs in _batches(params, grads, exp_avgs, exp_avg_sqs, corrections):
-        gs = grad_power_([g.to(p.dtype, copy=True) for p, g in zip(ps, gs)], power, power_eps, fused=False)
+        gs = [powered_copy(g, p.dtype, power, power_eps) for p, g in zip(ps, gs)]
         if weight_decay != 0:
             if adam_w_mode:
                 torch._foreach_mul_(ps, 1 - lr * weight_decay)
@@ -165,12 +181,31 @@ def _multi_tensor_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies
             copy.copy_(p)
 
 
-def _batches(params, grads, exp_avgs, exp_avg_sqs, corrections):
-    """Lists (params, grads, exp_avgs, exp_avg_sqs, corrections) of flat views, at most MULTI_TENSOR_BATCH elements
-    a batch; a larger contiguous tensor is split into pieces (a non-contiguous one goes whole)."""
+def _torch_fused_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies, *, lr, beta1, beta2, eps,
+                            weight_decay, power, power_eps, adam_w_mode, bias_correction) -> None:
+    """phi into the grads' copy, then torch's fused Adam(W) kernel, per batch (bias_correction is always on here:
+    torch's kernel has no switch; the dispatch sends bias_correction=False to the multi-tensor path)."""
+    torch._foreach_add_(steps, 1)
+    step_kernel = torch._fused_adamw_ if adam_w_mode else torch._fused_adam_  # torch's Adam: L2 into the grad
+    for ps, gs, ms, vs, counts in _batches(params, grads, exp_avgs, exp_avg_sqs, [s.item() for s in steps]):
+        gs = [powered_copy(g, p.dtype, power, power_eps) for p, g in zip(ps, gs)]
+        device_steps = torch.tensor(counts, dtype=torch.float32)  # torch's kernel reads the counts on the device
+        if ps[0].is_cuda:
+            device_steps = device_steps.pin_memory().to(ps[0].device, non_blocking=True)
+        step_kernel(ps, gs, ms, vs, [], list(device_steps.unbind()), lr=lr, beta1=beta1, beta2=beta2,
+                    weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+    for p, copy in zip(params, copies):
+        if copy is not None:
+            copy.copy_(p)
+
+
+def _batches(params, grads, exp_avgs, exp_avg_sqs, extras):
+    """Lists (params, grads, exp_avgs, exp_avg_sqs, extras) of flat views, at most MULTI_TENSOR_BATCH elements
+    a batch, with each tensor's extra (its bias corrections, its step count) beside each of its pieces; a larger
+    contiguous tensor is split into pieces (a non-contiguous one goes whole)."""
     batch: list[list] = [[], [], [], [], []]
     size = 0
-    for p, g, m, v, bc in zip(params, grads, exp_avgs, exp_avg_sqs, corrections):
+    for p, g, m, v, bc in zip(params, grads, exp_avgs, exp_avg_sqs, extras):
         splittable = all(t.is_contiguous() for t in (p, g, m, v))
         step = MULTI_TENSOR_BATCH if splittable else max(1, p.numel())
         for begin in range(0, p.numel(), step):

@@ -7,8 +7,8 @@ Two functions, one definition:
 - ``grad_power_`` is the hot path: in place, one pass, computed in fp32 (fp64 for
   fp64 tensors) for fp32/bf16/fp16 tensors alike, with no temporary larger than a
   bounded chunk. On the CPU it runs the native kernel (2.5e-7 relative to the
-  reference over the whole fp32 range for p <= 2, 1e-6 for p <= 8; see csrc/fast_power.h), on CUDA the Triton kernel once it is
-  verified on a GPU (see ``ops.triton_adam_power.VERIFIED_ON_GPU``), elsewhere
+  reference over the whole fp32 range for p <= 2, 1e-6 for p <= 8; see csrc/fast_power.h), on CUDA the Triton kernel once it
+  has passed its check on that GPU (``gradpower_ds.kernel_gate``), elsewhere
   chunked torch ops, whose fp32 pow rounds p to fp32: up to 5e-6 relative for
   extreme |g| (~1e-30 or ~1e30), 4e-7 for |g| in [1e-8, 1e2].
 
@@ -52,17 +52,20 @@ def grad_power_(tensors: torch.Tensor | Sequence[torch.Tensor], p: float = ADAM_
     """Overwrites each tensor g with sign(g) * (|g| + eps)**p, fast; returns its argument.
 
     Takes one tensor or a sequence of them (any float dtype, any device). ``fused``
-    picks the kernel as AdamPower's does: None uses the native kernel for CPU tensors
-    and the Triton one for CUDA tensors once it is verified on a GPU, chunked torch
-    ops otherwise; True requires the kernel (native on the CPU; Triton's interpreter
+    picks the kernel as AdamPower's does, once per (device, dtype): None uses the native kernel for
+    CPU tensors and the Triton one for CUDA tensors once it has passed its check on that GPU
+    (``gradpower_ds.kernel_gate``), chunked torch ops otherwise; True requires the kernel (native on the CPU; Triton's interpreter
     on the CPU under TRITON_INTERPRET=1); False always uses torch ops.
     """
     p, eps = _checked(p, eps)
     if p == 1.0 and eps == 0.0:
         return tensors
     on_triton = []
+    kernels: dict[tuple, str | None] = {}
     for t in [tensors] if torch.is_tensor(tensors) else tensors:
-        kernel = fused_kernel(t.device, fused) if t.dtype in _KERNEL_DTYPES and t.is_contiguous() else None
+        if fused is not False and (t.device, t.dtype) not in kernels:  # fused=False: torch ops, nothing to choose
+            kernels[t.device, t.dtype] = fused_kernel(t.device, fused, t.dtype) if t.dtype in _KERNEL_DTYPES else None
+        kernel = kernels.get((t.device, t.dtype)) if t.is_contiguous() else None
         if fused and kernel is None:
             raise TypeError(f"grad_power_(fused=True): needs contiguous fp32/bf16/fp16 tensors, got "
                             f"{'' if t.is_contiguous() else 'non-contiguous '}{t.dtype} on {t.device}")
@@ -77,11 +80,28 @@ def grad_power_(tensors: torch.Tensor | Sequence[torch.Tensor], p: float = ADAM_
     return tensors
 
 
-def fused_kernel(device: torch.device, fused: bool | None) -> str | None:
+def powered_copy(g: torch.Tensor, dtype: torch.dtype, p: float, eps: float) -> torch.Tensor:
+    """phi_p(g) as a new `dtype` tensor, g untouched: the torch paths' grad copy.
+
+    phi is written straight into the copy (abs into it, pow_, copysign_ from the grad): 28 bytes per
+    element for an fp32 grad, where a copy and then phi in place took 44; no temporary besides the copy
+    (a bool mask with eps). p and eps arrive validated (the functional core's callers check them).
+    """
+    copy = torch.abs(g) if g.dtype == dtype else g.to(dtype, copy=True).abs_()
+    if eps:
+        copy.add_(eps)
+    copy.pow_(p)
+    if eps:
+        copy.masked_fill_(g == 0, 0.0)  # phi(+-0) = +-0
+    return copy.copysign_(g)
+
+
+def fused_kernel(device: torch.device, fused: bool | None, grad_dtype: torch.dtype = torch.float32) -> str | None:
     """The fused kernel for tensors on `device`: "native", "triton" or None (torch ops); the one home of that choice.
 
-    fused=None: native on the CPU when it is built (or buildable), Triton on CUDA once
-    verified on a GPU. fused=True: the device's kernel or a RuntimeError saying why it
+    fused=None: native on the CPU when it is built (or buildable), Triton on CUDA once it has passed
+    its check there for `grad_dtype` grads (``gradpower_ds.kernel_gate``; GRADPOWER_TRITON overrides
+    it). fused=True: the device's kernel or a RuntimeError saying why it
     cannot run (CPU tensors go to Triton's interpreter when TRITON_INTERPRET=1, for tests).
     """
     if fused is False:
@@ -100,7 +120,9 @@ def fused_kernel(device: torch.device, fused: bool | None) -> str | None:
                 raise RuntimeError(f"fused=True on CUDA tensors needs the Triton kernel, which cannot run: {reason}; "
                                    "pass fused=None or fused=False for the torch path")
             return "triton"
-        return "triton" if triton_ops.triton_by_default() else None
+        from .kernel_gate import triton_is_default  # it steps through this module to check the kernel
+
+        return "triton" if triton_is_default(device, grad_dtype) else None
     if fused:
         raise RuntimeError(f"fused=True: there is no fused kernel for {device.type} tensors; pass fused=None")
     return None

@@ -39,7 +39,8 @@ other name to its emerging-optimizer path). Ours each step as one of Megatron's 
    - torch's Adam/AdamW (Megatron without TE/apex, and the CPU side of
      ``optimizer_cpu_offload``): the step runs phi + Adam(W) in one pass through
      ``gradpower_ds.functional.adam_power`` (the native kernel on the CPU; on CUDA
-     the Triton kernel once verified on a GPU, the bounded multi-tensor path until then);
+     the Triton kernel once it has passed its check on that GPU, gradpower_ds.kernel_gate,
+     else the bounded multi-tensor path);
    - any other Adam (TE/apex FusedAdam, incl. the precision-aware optimizer's
      ``decoupled_grad``): phi is applied in place to the grads
      (``gradpower_ds.power.grad_power_``: one pass, bounded scratch) and then the

@@ -45,6 +45,20 @@ DEEPSPEED_SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _private_kernel_verdicts(tmp_path_factory):
+    """The Triton kernel's per-GPU verdicts (gradpower_ds.kernel_gate) go to the session's temporary directory, for
+    the tests and every job they launch: the suite never reads or writes the user's ~/.cache, and on a GPU each
+    session checks the kernel afresh."""
+    saved = os.environ.get("GRADPOWER_CACHE_DIR")
+    os.environ["GRADPOWER_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernel_verdicts"))
+    yield
+    if saved is None:
+        os.environ.pop("GRADPOWER_CACHE_DIR", None)
+    else:
+        os.environ["GRADPOWER_CACHE_DIR"] = saved
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _remove_deepspeed_shm_buffers():
     """DeepSpeed 0.19.8's CPU all-reduce can leave its shared-memory buffers (66 MB per rank) in /dev/shm after a
     job (a clean 2-rank job here left none; a full CI run beside other test runs left 48, 3.1 GB), where they

@@ -256,3 +256,79 @@ def test_native_path_checks_every_buffer_it_reads():
         adam_power([param], [torch.ones(8)], [torch.zeros(4)], [v], [torch.tensor(0.0)], fused=True, **hyper)
     with pytest.raises(RuntimeError):  # automatic choice: the torch path, whose own shape check speaks
         adam_power([param], [torch.ones(4)], [m], [v], [torch.tensor(0.0)], **hyper)
+
+
+# ---- the automatic torch path on CUDA (no Triton, or a failed gate): phi into the copy + torch's fused Adam(W) ----
+
+@pytest.fixture
+def torch_fused_on_cpu(monkeypatch):
+    """The automatic choice's torch fused path on CPU tensors (the CPU among TORCH_FUSED_DEVICES, the native kernel
+    unavailable); yields the list of its calls' param counts."""
+    from gradpower_ds import functional
+    from gradpower_ds.ops import native_adam_power as native
+
+    monkeypatch.setattr(functional, "TORCH_FUSED_DEVICES", ("cpu",))
+    monkeypatch.setattr(native, "native_available", lambda: False)
+    calls = []
+    real = functional._torch_fused_adam_power
+    monkeypatch.setattr(functional, "_torch_fused_adam_power", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    yield calls
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("adam_w_mode", [True, False])
+@pytest.mark.parametrize("power_eps", [0.0, 1e-8])
+def test_torch_fused_path_matches_float64_model(torch_fused_on_cpu, grad_dtype, adam_w_mode, power_eps):
+    params, streams = _train_paths({}, grad_dtype, adam_w_mode=adam_w_mode, power_eps=power_eps)
+    assert torch_fused_on_cpu == [4] * 20  # every step, all four params, one call
+    for i, (p, stream) in enumerate(zip(params, streams)):
+        ref = Float64AdamPower(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)),
+                               adam_w_mode=adam_w_mode, power=1.2, power_eps=power_eps, **HYPER)
+        for g in stream:
+            ref.step(g.to(grad_dtype))
+        torch.testing.assert_close(p.detach().double(), ref.w, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_fused_path_is_only_the_automatic_choice_with_bias_correction(torch_fused_on_cpu):
+    for options in (dict(foreach=True), dict(foreach=False), dict(fused=False)):
+        _train_paths(options, torch.float32, steps=1)
+    _train_paths({}, torch.float32, steps=1, bias_correction=False)  # torch's kernel always corrects
+    assert torch_fused_on_cpu == []
+    _train_paths({}, torch.float32, steps=1)
+    assert torch_fused_on_cpu == [4]
+
+
+def test_torch_fused_path_writes_low_precision_copies(torch_fused_on_cpu):
+    from gradpower_ds import adam_power
+
+    params = [torch.randn(257), torch.randn(3, 5)]
+    copies = [torch.full_like(p, float("nan"), dtype=torch.bfloat16) for p in params]
+    adam_power(params, [torch.randn_like(p) for p in params], [torch.zeros_like(p) for p in params],
+               [torch.zeros_like(p) for p in params], [torch.tensor(0.0) for _ in params], lr=1e-2, beta1=0.9,
+               beta2=0.999, eps=1e-8, weight_decay=0.1, power=1.2, low_precision_params=copies)
+    assert torch_fused_on_cpu == [2] and all(torch.equal(c, p.to(torch.bfloat16)) for p, c in zip(params, copies))
+
+
+def _bytes_per_element(options, grad_dtype, n=1 << 16):
+    """Bytes each aten op of one step reads and writes, per element (tests/byte_count.py), and the op count."""
+    from byte_count import ByteCount
+    from gradpower_ds import adam_power
+
+    params, grads, exp_avgs, exp_avg_sqs = [torch.randn(n)], [torch.randn(n).to(grad_dtype)], [torch.zeros(n)], \
+        [torch.zeros(n)]
+    with ByteCount() as count:
+        adam_power(params, grads, exp_avgs, exp_avg_sqs, [torch.tensor(0.0)], lr=1e-3, beta1=0.9, beta2=0.999,
+                   eps=1e-8, weight_decay=0.1, power=1.2, **options)
+    return count.total_bytes() / n
+
+
+def test_bytes_per_element_of_the_torch_paths(torch_fused_on_cpu):
+    """The traffic of the torch paths, counted from the ops they dispatch: the automatic torch path (on CUDA without
+    Triton) 60 B/element for fp32 grads, under the 84 of issue 33 (phi 28 + torch's fused AdamW 32 as its schema
+    counts it, which marks the grads written; its kernel stores them only with a grad_scale, so 56 moved); the
+    multi-tensor path 108, where a copy and then phi in place made it 128; bf16 grads read 2 bytes less and take
+    a widening copy."""
+    assert _bytes_per_element({}, torch.float32) == 60 and torch_fused_on_cpu == [1]
+    assert _bytes_per_element({}, torch.bfloat16) == 64
+    assert _bytes_per_element(dict(foreach=True), torch.float32) == 108
+    assert _bytes_per_element(dict(foreach=True), torch.bfloat16) == 112

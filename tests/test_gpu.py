@@ -15,6 +15,8 @@ Test names start with the check.sh step that runs them:
   then resumed from it.
 """
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,40 @@ def test_kernel_adam_power_on_cuda_matches_cpu_reference(path, grad_dtype):
     reference = _steps("cpu", grad_dtype, PATHS["single_tensor"])
     for got, want in zip(_steps("cuda", grad_dtype, PATHS[path]), reference):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_torch_fused_path_on_cuda_matches_cpu_reference(grad_dtype, monkeypatch):
+    """Without the Triton kernel (GRADPOWER_TRITON=0 here; no Triton or a failed gate for users) the automatic choice on
+    CUDA is phi into the grads' copy, then torch's fused AdamW kernel."""
+    from gradpower_ds import functional
+
+    monkeypatch.setenv("GRADPOWER_TRITON", "0")
+    calls = []
+    real = functional._torch_fused_adam_power
+    monkeypatch.setattr(functional, "_torch_fused_adam_power", lambda *a, **k: calls.append(1) or real(*a, **k))
+    reference = _steps("cpu", grad_dtype, PATHS["single_tensor"])
+    for got, want in zip(_steps("cuda", grad_dtype, PATHS["automatic"]), reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 30
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_gate_makes_triton_the_default_on_this_gpu(dtype, monkeypatch, tmp_path):
+    """The per-GPU check passes here, in well under a second once Triton's cache is warm, and fused=None then
+    takes the Triton kernel for CUDA tensors."""
+    from gradpower_ds import kernel_gate
+    from gradpower_ds.power import fused_kernel
+
+    monkeypatch.delenv("GRADPOWER_TRITON", raising=False)
+    device = torch.device("cuda", torch.cuda.current_device())
+    for attempt in ("cold", "warm"):
+        monkeypatch.setenv("GRADPOWER_CACHE_DIR", str(tmp_path / attempt))
+        monkeypatch.setattr(kernel_gate, "_verdicts", {})
+        assert fused_kernel(device, None, dtype) == "triton"
+    verdict, = json.loads((tmp_path / "warm" / kernel_gate.CACHE_FILE).read_text()).values()
+    assert verdict["passed"] and verdict["gpu"] == torch.cuda.get_device_name(device), verdict
+    assert verdict["seconds"] < 1.0, verdict
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -181,7 +217,8 @@ def test_megatron_pretrain_on_gpu_with_adampower_and_gpas(tmp_path):
     first = torchrun(*common, "--save", full, "--save-interval", "3", nproc=1, timeout=600)
     log = first.stdout + first.stderr
     assert "megatron_patches: AdamPower (gradpower_p=1.2, gradpower_p_expert=1.1) on DistributedOptimizer" in log
-    assert "AdamPower step on AdamWPower" in log or "AdamPower step on FusedAdamPower" in log, log[-3000:]
+    assert re.search(r"megatron_patches: GradPower step on (AdamWPower|FusedAdamPower): phi_p \(p=1\.2, expert "
+                     r"p=1\.1\)", log), log[-3000:]
     second = torchrun(*common, "--save", resumed, "--load", full, "--ckpt-step", "3", nproc=1, timeout=600)
     assert "resumed at iteration 3" in second.stdout + second.stderr
     before, after = metrics(full), metrics(resumed)

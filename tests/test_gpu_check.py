@@ -16,19 +16,76 @@ sys.path.insert(0, str(Path(__file__).parent / "gpu"))
 import check  # noqa: E402  (tests/gpu/check.py)
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ["environment", "install", "kernel_tests", "bench_triton_adam_power", "deepspeed_tests", "main_job_tests",
-         "megatron_tests", "bench_megatron_step", "bench_deepspeed_step"]
+STEPS = ["environment", "install", "select", "kernel_tests", "bench_triton_adam_power", "deepspeed_tests",
+         "main_job_tests", "megatron_tests", "bench_megatron_step", "bench_deepspeed_step"]
+TEST_STEPS = ["kernel_tests", "deepspeed_tests", "main_job_tests", "megatron_tests"]
 
 
-def test_step_budgets_fit_the_eight_minutes():
+def test_step_budgets_fit_one_device_command():
     for gpu in (True, False):
         assert [s["name"] for s in check.steps(gpu)] == STEPS
-        assert sum(s["budget"] for s in check.steps(gpu)) <= check.TOTAL_BUDGET == 480
+        assert sum(s["budget"] for s in check.steps(gpu)) <= check.TOTAL_BUDGET == 540  # 10-minute commands
+
+
+def _collected(*args) -> list[str]:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [line for line in proc.stdout.splitlines() if "::" in line]
+
+
+@pytest.mark.slow
+def test_every_gpu_test_is_selected_once():
+    """The selection covers every test marked gpu in the whole suite (collected here independently, over all of
+    tests/), each in one step, the compiled-kernel and MuonPower ones included."""
+    selected = check.select_tests(dict(os.environ), timeout=600)
+    assert sorted(selected) == sorted(TEST_STEPS) and all(selected.values())
+    chosen = [node for ids in selected.values() for node in ids]
+    assert sorted(chosen) == sorted(_collected("-m", "gpu", "tests")) and len(set(chosen)) == len(chosen)
+    for node in ("tests/test_triton_adam_power.py::test_kernel_compiled_on_cuda_matches_reference",
+                 "tests/test_gpu.py::test_kernel_gate_makes_triton_the_default_on_this_gpu[dtype0]",
+                 "tests/test_gpu.py::test_deepspeed_muon_power_on_one_gpu"):
+        assert node in chosen, node
+    assert all(node.split("::")[-1].startswith("test_deepspeed_") for node in selected["deepspeed_tests"])
+
+
+def test_a_gpu_test_no_step_claims_fails_the_selection(monkeypatch, tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_orphan.py").write_text(
+        "import pytest\n\n@pytest.mark.gpu\ndef test_kernel_fine():\n    pass\n\n"
+        "@pytest.mark.gpu\ndef test_something_else():\n    pass\n")
+    monkeypatch.setattr(check, "ROOT", tmp_path)
+    with pytest.raises(RuntimeError, match=r"GPU tests no step runs .*test_orphan.py::test_something_else"):
+        check.select_tests(dict(os.environ), timeout=120)
+
+
+def test_a_skip_on_a_gpu_fails_the_step(tmp_path):
+    step = dict(name="kernel_tests", budget=60, command=[sys.executable, "-c", "print('3 passed, 1 skipped in 1.0s')"])
+    with open(tmp_path / "log", "w") as log:
+        on_gpu = check.run_step(step, True, dict(os.environ), log)
+        dry = check.run_step(dict(step, dry=[sys.executable, "-c", "print('4 skipped in 1.0s')"]), False,
+                             dict(os.environ), log)
+    assert on_gpu["status"] == "failed" and "1 test(s) skipped on a GPU" in on_gpu["reason"]
+    assert dry["status"] == "skipped"
+
+
+def test_targets_are_judged_from_the_figures():
+    steps_run = [dict(figures={"triton_p1.2_vs_torch_fused_adamw_n1048576": dict(ratio=1.08, roofline_pct=60.0),
+                               "triton_p1.2_vs_torch_fused_adamw_n67108864": dict(ratio=0.98, roofline_pct=93.0)}),
+                 dict(figures={"deepspeed_optimizer_step_ratio_zero2": 1.04, "deepspeed_train_step_ratio_zero2": 1.03,
+                               "megatron_step_ratio_bf16-distributed": 1.01, "pytest": {"passed": 3}})]
+    verdicts = {t["figure"]: t["met"] for t in check.judge_targets(steps_run)}
+    assert verdicts == {
+        "triton_p1.2_vs_torch_fused_adamw_n1048576.ratio": False,
+        "triton_p1.2_vs_torch_fused_adamw_n67108864.ratio": True,
+        "triton_p1.2_vs_torch_fused_adamw_n67108864.roofline_pct": True,  # the 1M roofline is not a target
+        "deepspeed_optimizer_step_ratio_zero2": True, "deepspeed_train_step_ratio_zero2": False,
+        "megatron_step_ratio_bf16-distributed": True}
 
 
 def test_figures_are_read_from_the_outputs_a_gpu_run_prints():
-    bench = ("TARGET n=67108864: our kernel at p=1.2 <= 1.0x torch fused AdamW and >= 90% of roofline: PASS "
-             "(0.981x, 93.2%)\n")
+    bench = ("TARGET n=67108864 (16 tensors): our kernel at p=1.2 <= 1.0x torch fused AdamW and >= 90% of roofline: "
+             "PASS (0.981x, 93.2%)\n")
     assert check.figures("bench_triton_adam_power", bench) == {
         "triton_p1.2_vs_torch_fused_adamw_n67108864": dict(ratio=0.981, roofline_pct=93.2, target="PASS")}
     megatron = ("RATIO adampower/adam step time: 1.013 (target <= 1.05 on CPU, <= 1.02 on GPU) case=bf16-distributed\n"
@@ -60,3 +117,11 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert figures["bench_megatron_step"]["megatron_step_ratio_bf16-distributed"] > 0
     assert figures["bench_deepspeed_step"]["deepspeed_train_step_ratio_zero2"] > 0
     assert (tmp_path / "gpu_check.log").stat().st_size > 0
+    would_run = {line.split(" would run on a GPU: ")[0]: line.split(": ", 1)[1].split()
+                 for line in proc.stdout.splitlines() if " would run on a GPU: " in line}
+    assert sorted(would_run) == sorted(TEST_STEPS)
+    assert "tests/test_triton_adam_power.py::test_kernel_compiled_on_cuda_matches_reference" in would_run["kernel_tests"]
+    assert figures["select"]["gpu_tests"] == {name: len(ids) for name, ids in would_run.items()}
+    target_lines = [line for line in proc.stdout.splitlines() if line.startswith("TARGET ")]
+    assert target_lines and all(line.endswith("not judged (dry run)") for line in target_lines), target_lines
+    assert {t["figure"].split("_n")[0] for t in report["targets"]} >= {"triton_p1.2_vs_torch_fused_adamw"}

@@ -226,15 +226,6 @@ def test_fused_true_needs_a_device_or_the_interpreter(monkeypatch):
     assert fused_kernel(torch.device("cuda"), None) is None  # automatic: never a kernel that cannot run
 
 
-def test_not_chosen_by_default_until_verified_on_a_gpu(monkeypatch):
-    """Until tests/gpu/check.sh has passed on a GPU, fused=None takes the torch path on CUDA tensors."""
-    monkeypatch.setattr(tap, "triton_available", lambda: True)
-    assert tap.VERIFIED_ON_GPU is False
-    assert fused_kernel(torch.device("cuda"), None) is None
-    monkeypatch.setattr(tap, "VERIFIED_ON_GPU", True)
-    assert fused_kernel(torch.device("cuda"), None) == "triton"
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("power,power_eps", [(1.2, 0.0), (0.8, 1e-8), (1.5, 0.0), (1.0, 1e-3)])
 def test_phi_only_kernel_in_place(dtype, power, power_eps):
@@ -344,7 +335,7 @@ def test_kernel_compiles_for_sm90_in_every_variant(phi_only, grad_dtype, monkeyp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_matches_reference(monkeypatch):
+def test_kernel_compiled_on_cuda_matches_reference(monkeypatch):
     """The compiled kernel, chosen automatically for CUDA params, against the CPU reference."""
     monkeypatch.delenv("TRITON_INTERPRET")
     calls = []

@@ -111,8 +111,8 @@ def optimizer_kwargs(name: str, params: dict | None) -> tuple[dict, float | None
 def build_optimizer(name: str, params: dict | None, model_parameters, use_cpu_kernel: bool):
     """Builds AdamPower (or the native CPUAdamPower when ``use_cpu_kernel``) from a DeepSpeed config entry.
 
-    ``"fused"`` is AdamPower's switch for the Triton kernel (default: the torch path on
-    CUDA until the kernel is verified on a GPU; true opts in, false never uses it).
+    ``"fused"`` is AdamPower's switch for the Triton kernel (default: on CUDA the kernel
+    once it has passed its check on that GPU, gradpower_ds.kernel_gate; true requires it, false never uses it).
 
     Param groups marked ``"moe": True`` by DeepSpeed's MoE grouping get
     ``expert_power`` as their power when the config sets it.

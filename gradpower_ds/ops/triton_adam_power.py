@@ -30,9 +30,9 @@ copy dtype) bucket if its tensors differ in those; groups, each with its own
 p, are separate launches. ``triton_grad_power_`` runs the same kernel with only
 its phi part (PHI_ONLY): the gradients powered in place, one pass, no scratch.
 
-The compiled kernel has not yet passed tests/gpu/check.sh on a GPU, so
-``VERIFIED_ON_GPU`` is False and automatic choices (``AdamPower(fused=None)``,
-``grad_power_``) take the torch path on CUDA; ``fused=True`` opts in.
+Automatic choices (``AdamPower(fused=None)``, ``grad_power_``) take this kernel on a GPU once it has
+passed its check there (``gradpower_ds.kernel_gate``, once per GPU kind, Triton version and grad
+dtype); ``fused=True`` always does.
 
 Triton's interpreter (TRITON_INTERPRET=1) runs this same kernel on CPU tensors,
 which is how it is tested without a GPU: there, addresses from data_ptr() are
@@ -63,8 +63,6 @@ NUM_WARPS = 8
 _ALIGN = 16  # bytes; when every address is a multiple, the kernel is told so and can use 16-byte accesses
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _COPY_DTYPES = (torch.bfloat16, torch.float16)
-# Set to True in the change that records a passing tests/gpu/check.sh run on a GPU (docs/gpu.md).
-VERIFIED_ON_GPU = False
 
 
 def triton_unavailable_reason() -> str | None:
@@ -80,11 +78,6 @@ def triton_unavailable_reason() -> str | None:
 def triton_available() -> bool:
     """True when Triton imports and either a CUDA device is present or TRITON_INTERPRET=1 is set."""
     return triton_unavailable_reason() is None
-
-
-def triton_by_default() -> bool:
-    """Whether automatic choices on CUDA tensors take the Triton kernel: verified on a GPU and able to run here."""
-    return VERIFIED_ON_GPU and triton_available()
 
 
 def _interpreting() -> bool:

@@ -1,28 +1,31 @@
-"""The prepared GPU check (tests/gpu/check.sh runs it): every GPU path in one call, within 8 minutes on one H100.
+"""The prepared GPU check (tests/gpu/check.sh runs it): every CUDA test and benchmark in one call, within 9 minutes.
 
 Steps, each a subprocess with its own time budget (seconds), in order of importance:
 
   environment          python, torch, triton, the device (nvidia-smi)
-  install              the carried wheels (.whl/, from tests/gpu/fetch_wheels.sh) into /tmp/site, offline,
-                       the native CPU kernel built in place, and DeepSpeed's FusedAdam JIT-built once (the
+  install              the carried wheels (.whl/, from tests/gpu/fetch_wheels.sh) into a fresh private site dir,
+                       offline, the native CPU kernel built in place, and DeepSpeed's FusedAdam JIT-built once (the
                        anchor of the DeepSpeed tests and benchmarks; built here, not inside a later step's budget)
-  kernel_tests         tests/test_gpu.py -k kernel and the compiled-kernel test of test_triton_adam_power.py
-  bench_triton_adam_power       benchmarks/bench_triton_adam_power.py at 64M and 512M elements: ratio vs torch fused AdamW,
-                       % of the copy roofline
-  deepspeed_tests      tests/test_gpu.py -k deepspeed (ZeRO-2 bf16/fp16, ZeRO-3, ZeRO-2 offload on one GPU)
-  main_job_tests       tests/test_gpu.py -k main_job (a short run on the GPU, stop + resume)
-  megatron_tests       tests/test_gpu.py -k megatron_pretrain (train_megatron with AdamPower and GPAS, resumed)
+  select               collects every test marked ``gpu`` (pytest -m gpu) and assigns each, by the prefix of its
+                       name, to the step that runs it: test_kernel_* to kernel_tests, test_deepspeed_* to
+                       deepspeed_tests, test_main_job_* to main_job_tests, test_megatron_* to megatron_tests; a GPU
+                       test no step claims fails the check (nothing is dropped by a filter)
+  kernel_tests         the kernel on CUDA: every path, the per-GPU gate, the compiled kernel against the reference
+  bench_triton_adam_power       benchmarks/bench_triton_adam_power.py: ratio vs torch fused AdamW, % of the copy roofline
+  deepspeed_tests      DeepSpeed on one GPU (ZeRO-2 bf16/fp16, ZeRO-3, ZeRO-2 offload; MuonPower)
+  main_job_tests       a short run of the main job on the GPU, stop + resume
+  megatron_tests       train_megatron with AdamPower and GPAS, resumed
   bench_megatron_step  benchmarks/bench_megatron_step.py: the AdamPower/Adam step ratio, peak extra memory
   bench_deepspeed_step benchmarks/bench_deepspeed_step.py --world-size 1: the train-step ratio
 
-Not in it, for want of time in its 8 minutes: tests/test_gpu.py -k muon (MuonPower on one GPU, about 35 s;
-run it by itself when the check leaves device time).
-
-It writes $OUT/gpu_report.json (device, each step's status, seconds, budget and figures, the verdict)
-and $OUT/gpu_check.log (the whole output). Without CUDA, or with --dry-run, it is the CI dry run: the
-same steps in their CPU form (no install; the GPU tests skip cleanly; the benchmarks at tiny sizes on
-the CPU, bench_triton_adam_power through Triton's interpreter), so the script itself is tested on every
-submission. A step's status is passed, failed, timeout, or skipped (pytest ran no test: no GPU).
+A step's status is passed, failed or timeout; on a GPU a skipped test fails its step (a CUDA test must
+run there). The last lines print every performance target as PASS or FAIL (TARGETS below); a missed
+target fails the check as a failed test does. It writes $OUT/gpu_report.json (device, each step's
+status, seconds, budget, tests and figures, the targets, the verdict) and $OUT/gpu_check.log (the whole
+output). Without CUDA, or with --dry-run, it is the CI dry run: the same steps in their CPU form (no
+install; the selected GPU tests, printed by node id, skip; the benchmarks at tiny sizes on the CPU,
+bench_triton_adam_power through Triton's interpreter; the targets printed, not judged), so the script
+itself is tested on every submission.
 """
 
 from __future__ import annotations
@@ -34,19 +37,33 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SITE = "/tmp/site"  # where the carried wheels are installed on the GPU machine
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"]
-TOTAL_BUDGET = 480  # seconds: the check's 8 minutes on one H100 (the steps' budgets add up to it)
+TOTAL_BUDGET = 540  # seconds: the check's 9 minutes on one H200 (the steps' budgets add up to it)
+TEST_STEPS = {"kernel_": "kernel_tests", "deepspeed_": "deepspeed_tests", "main_job_": "main_job_tests",
+              "megatron_": "megatron_tests"}  # a GPU test's name prefix (after test_) -> the step that runs it
+TARGETS = (  # (figure name pattern, comparison, bound, what it is); every match is judged
+    (r"triton_p1.2_vs_torch_fused_adamw_n\d+\.ratio", "<=", 1.00, "Triton AdamPower / torch fused AdamW"),
+    (r"triton_p1.2_vs_torch_fused_adamw_n(6710886[4-9]|[1-9]\d{8,})\.roofline_pct", ">=", 90.0,
+     "kernel-only % of the copy roofline at >= 64M elements"),
+    (r"deepspeed_optimizer_step_ratio_.*", "<=", 1.05, "DeepSpeed optimizer.step AdamPower / FusedAdam"),
+    (r"deepspeed_train_step_ratio_.*", "<=", 1.02, "DeepSpeed engine step AdamPower / FusedAdam"),
+    (r"megatron_step_ratio_.*", "<=", 1.02, "Megatron optimizer step AdamPower / Adam"),
+)
 DRY_RUN_SLACK = 5
 LAUNCH_TIMEOUT = 60  # seconds one launched job (torchrun, deepspeed) may take in a GPU test
 
 
-def steps(gpu: bool) -> list[dict]:
-    """The check's steps: name, budget (s), and the command on the GPU or, in the dry run, on the CPU."""
+def steps(gpu: bool, site: str = "") -> list[dict]:
+    """The check's steps: name, budget (s), and the command on the GPU or, in the dry run, on the CPU.
+
+    site: where the carried wheels go. A test step's command is pytest over the node ids the select
+    step assigns it (select_tests).
+    """
     py = sys.executable
     tiny_megatron = ["--hidden", "64", "--layers", "2", "--vocab", "256", "--repeats", "2", "--warmup", "1",
                      "--dtype", "bf16"]
@@ -54,26 +71,56 @@ def steps(gpu: bool) -> list[dict]:
                       "--settings", "zero2"]
     wheels = sorted(str(p) for p in (ROOT / ".whl").glob("*.whl"))
     install = ([py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-                "--upgrade", "--target", SITE, *wheels] if wheels else [py, "-c", "print('no wheels carried')"])
+                "--upgrade", "--target", site, *wheels] if wheels else [py, "-c", "print('no wheels carried')"])
+
+    def tests(name: str, budget: int) -> dict:  # its node ids come from the select step (run_tests)
+        return dict(name=name, budget=budget, command=PYTEST, tests=True)
+
     return [
         dict(name="environment", budget=8, command=[py, "-c", ENVIRONMENT]),
         dict(name="install", budget=65, command=install if gpu else None,
              then=[[py, "setup.py", "-q", "build_ext", "--inplace"], [py, "-c", BUILD_FUSED_ADAM]] if gpu else [],
              dry=[py, "-c", "import deepspeed, megatron.core, triton; from gradpower_ds.ops import builder; "
                             "print('imports ok; native kernel', builder.load().__name__)"]),
-        dict(name="kernel_tests", budget=25, command=PYTEST + ["tests/test_gpu.py", "-k", "kernel",
-                                                              "tests/test_triton_adam_power.py::test_cuda_matches_reference"]),
-        dict(name="bench_triton_adam_power", budget=20, command=[py, "benchmarks/bench_triton_adam_power.py", "--sizes", "64M", "512M"],
+        dict(name="select", budget=12, command=None, internal=True),
+        tests("kernel_tests", 30),
+        dict(name="bench_triton_adam_power", budget=25,
+             command=[py, "benchmarks/bench_triton_adam_power.py", "--sizes", "1M", "64M", "512M"],
              dry=[py, "benchmarks/bench_triton_adam_power.py", "--interpret-smoke"]),
-        dict(name="deepspeed_tests", budget=85, command=PYTEST + ["tests/test_gpu.py", "-k", "deepspeed and not muon"]),
-        dict(name="main_job_tests", budget=115, command=PYTEST + ["tests/test_gpu.py", "-k", "main_job"]),
-        dict(name="megatron_tests", budget=85, command=PYTEST + ["tests/test_gpu.py", "-k", "megatron_pretrain"]),
+        tests("deepspeed_tests", 120),
+        tests("main_job_tests", 110),
+        tests("megatron_tests", 80),
         dict(name="bench_megatron_step", budget=20, command=[py, "benchmarks/bench_megatron_step.py", "--repeats", "10"],
              dry=[py, "benchmarks/bench_megatron_step.py", *tiny_megatron, "--threads", "1"]),
-        dict(name="bench_deepspeed_step", budget=57,
+        dict(name="bench_deepspeed_step", budget=70,
              command=[py, "benchmarks/bench_deepspeed_step.py", "--world-size", "1", "--steps", "20"],
              dry=[py, "benchmarks/bench_deepspeed_step.py", "--world-size", "1", *tiny_deepspeed]),
     ]
+
+
+def gpu_test_files() -> list[str]:
+    """The test files that hold tests marked gpu (read, not imported)."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                  if "pytest.mark.gpu" in p.read_text())
+
+
+def select_tests(env: dict, timeout: float) -> dict:
+    """{step: [node ids]} for every test marked gpu, assigned by name prefix (TEST_STEPS); raises naming any
+    GPU test that no step claims, or a collection that fails."""
+    proc = subprocess.run([*PYTEST, "--collect-only", "-m", "gpu", *gpu_test_files()], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    if proc.returncode != 0 or not ids:
+        raise RuntimeError(f"collecting the GPU tests failed:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+    selected: dict[str, list[str]] = {step: [] for step in TEST_STEPS.values()}
+    unclaimed = []
+    for node in ids:
+        name = node.split("::")[-1].removeprefix("test_")
+        step = next((s for prefix, s in TEST_STEPS.items() if name.startswith(prefix)), None)
+        (selected[step] if step else unclaimed).append(node)
+    if unclaimed:
+        raise RuntimeError(f"GPU tests no step runs (name them test_<{'|'.join(TEST_STEPS)}>...): {unclaimed}")
+    return selected
 
 
 BUILD_FUSED_ADAM = "from deepspeed.ops.op_builder import FusedAdamBuilder; print(FusedAdamBuilder().load())"
@@ -99,7 +146,7 @@ def figures(name: str, output: str) -> dict:
         found["pytest"] = {kind: int(n) for n, kind in counts}
     if name == "environment":
         found["device"] = re.search(r"^device: (.*)$", output, re.M).group(1)
-    for n, verdict, ratio, pct in re.findall(r"^TARGET n=(\d+): .*: (PASS|FAIL) \(([\d.]+)x, ([\d.]+)%\)", output, re.M):
+    for n, verdict, ratio, pct in re.findall(r"^TARGET n=(\d+)\b.*: (PASS|FAIL) \(([\d.]+)x, ([\d.]+)%\)", output, re.M):
         found[f"triton_p1.2_vs_torch_fused_adamw_n{n}"] = dict(ratio=float(ratio), roofline_pct=float(pct),
                                                                target=verdict)
     for ratio, case in re.findall(r"^RATIO adampower/adam step time: ([\d.]+) .* case=(\S+)", output, re.M):
@@ -150,14 +197,36 @@ def run_step(step: dict, gpu: bool, env: dict, log) -> dict:
     entry["seconds"] = round(time.monotonic() - start, 1)
     entry["figures"] = figures(step["name"], output)
     ran = entry["figures"].get("pytest", {})
-    if entry["status"] == "passed" and ran and not ran.get("passed") and not ran.get("failed"):
-        entry["status"] = "skipped"  # pytest collected only GPU tests and skipped them: no GPU
+    if entry["status"] == "passed" and ran.get("skipped"):
+        if gpu:  # a CUDA test that skips on a GPU did not test what it is for
+            entry["status"] = "failed"
+            entry["reason"] = f"{ran['skipped']} test(s) skipped on a GPU (see -rs in the tail)"
+        elif not ran.get("passed") and not ran.get("failed"):
+            entry["status"] = "skipped"  # the dry run: every GPU test skips without one
     entry["tail"] = output[-1500:]
     return entry
 
 
+def judge_targets(steps_run: list[dict]) -> list[dict]:
+    """Every figure a target applies to (TARGETS), with its verdict."""
+    flat = {}
+    for step in steps_run:
+        for key, value in step["figures"].items():
+            for field, number in (value.items() if isinstance(value, dict) else [("", value)]):
+                if isinstance(number, (int, float)):
+                    flat[f"{key}.{field}" if field else key] = number
+    judged = []
+    for pattern, comparison, bound, what in TARGETS:
+        for key, value in sorted(flat.items()):
+            if re.fullmatch(pattern, key):
+                met = value <= bound if comparison == "<=" else value >= bound
+                judged.append(dict(figure=key, value=value, target=f"{comparison} {bound}", what=what, met=met))
+    return judged
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs every step, writes the report; exit 0 when no step failed or timed out."""
+    """Runs every step, writes the report; exit 0 when no step failed or timed out and, on a GPU, every
+    performance target was met."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="the CPU form of every step, even with a GPU")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu_check"),
@@ -168,10 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available() and not args.dry_run
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHDYNAMO_DISABLE="1")
+    # the gate's verdicts in a fresh directory, so the kernel tests check the kernel on this GPU
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHDYNAMO_DISABLE="1",
+               GRADPOWER_CACHE_DIR=tempfile.mkdtemp(prefix="gradpower_gate_"))
+    env.pop("GRADPOWER_TRITON", None)
+    site = ""
     if gpu:  # the carried wheels and the in-place native build, for every step and its subprocesses
-        env["PYTHONPATH"] = os.pathsep.join([SITE, str(ROOT), env.get("PYTHONPATH", "")])
-        env.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/torch_extensions")
+        site = tempfile.mkdtemp(prefix="gradpower_site_")  # private (0700), a new name each run
+        env["PYTHONPATH"] = os.pathsep.join([site, str(ROOT), env.get("PYTHONPATH", "")])
+        env.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="gradpower_torch_ext_"))
         # DeepSpeed 0.19.8's JIT builder cannot parse arch suffixes ("9.0a" -> ValueError: '0a'), which the GPU
         # image's TORCH_CUDA_ARCH_LIST may carry: build DeepSpeed's ops for this device's plain capability
         env["TORCH_CUDA_ARCH_LIST"] = "{}.{}".format(*torch.cuda.get_device_capability())
@@ -181,19 +255,55 @@ def main(argv: list[str] | None = None) -> int:
               f"{env['TORCH_CUDA_ARCH_LIST']!r}", flush=True)
     report = dict(mode="gpu" if gpu else "dry run (CPU)", started=time.strftime("%Y-%m-%d %H:%M:%S"),
                   total_budget_s=TOTAL_BUDGET, steps=[])
+    selected: dict = {}
     with open(out / "gpu_check.log", "w") as log:
-        for step in steps(gpu):
-            entry = run_step(step, gpu, env, log)
+        for step in steps(gpu, site):
+            if step.get("internal"):
+                entry = run_selection(step, gpu, env, selected)
+            elif step.get("tests") and not selected.get(step["name"]):
+                entry = dict(name=step["name"], budget_s=step["budget"], status="failed", seconds=0.0, figures={},
+                             reason="no tests selected for it (the select step failed or found none)")
+            else:
+                if step.get("tests"):
+                    step = dict(step, command=step["command"] + selected[step["name"]])
+                    if not gpu:
+                        print(f"{step['name']} would run on a GPU: {' '.join(selected[step['name']])}", flush=True)
+                entry = run_step(step, gpu, env, log)
             report["steps"].append(entry)
             print(f"{entry['name']:<22} {entry['status']:<8} {entry['seconds']:6.1f} s (budget {entry['budget_s']}) "
                   f"{json.dumps(entry['figures'])}", flush=True)
     report["device"] = report["steps"][0]["figures"].get("device")
     report["seconds"] = round(sum(s["seconds"] for s in report["steps"]), 1)
-    report["passed"] = all(s["status"] in ("passed", "skipped") for s in report["steps"])
+    report["targets"] = judge_targets(report["steps"])
+    tests_passed = all(s["status"] in ("passed", "skipped") for s in report["steps"])
+    missed = [t for t in report["targets"] if not t["met"]]
+    report["passed"] = tests_passed and (not gpu or not missed)
     (out / "gpu_report.json").write_text(json.dumps(report, indent=1))
-    print(f"{report['mode']} on {report['device']}: {'PASSED' if report['passed'] else 'FAILED'} in "
+    for target in report["targets"]:
+        verdict = ("PASS" if target["met"] else "FAIL") if gpu else "not judged (dry run)"
+        print(f"TARGET {target['what']}: {target['figure']} = {target['value']:g} (target {target['target']}): "
+              f"{verdict}")
+    failed = [s["name"] for s in report["steps"] if s["status"] not in ("passed", "skipped")]
+    why = "; ".join(filter(None, [f"failed steps: {', '.join(failed)}" if failed else "",
+                                  f"{len(missed)} performance target(s) missed" if gpu and missed else ""]))
+    print(f"{report['mode']} on {report['device']}: {'PASSED' if report['passed'] else 'FAILED: ' + why} in "
           f"{report['seconds']} s (budget {TOTAL_BUDGET} s); report {out / 'gpu_report.json'}")
     return 0 if report["passed"] else 1
+
+
+def run_selection(step: dict, gpu: bool, env: dict, selected: dict) -> dict:
+    """The select step: fills `selected` (step -> node ids) for the test steps after it."""
+    budget = step["budget"] if gpu else DRY_RUN_SLACK * step["budget"]
+    entry = dict(name=step["name"], budget_s=budget, status="passed", figures={})
+    start = time.monotonic()
+    try:
+        selected.update(select_tests(env, budget))
+        entry["figures"] = {"gpu_tests": {name: len(ids) for name, ids in selected.items()}}
+    except (RuntimeError, subprocess.TimeoutExpired) as error:
+        entry.update(status="failed", reason=str(error)[-3000:])
+        print(entry["reason"], flush=True)
+    entry["seconds"] = round(time.monotonic() - start, 1)
+    return entry
 
 
 if __name__ == "__main__":
