@@ -24,6 +24,13 @@ and time / time(torch_adamw_fused). Then the target line per size: ours at p=1.2
     python benchmarks/bench_triton_adam_power.py                  # 1M, 64M and 512M elements, 256 small tensors
     python benchmarks/bench_triton_adam_power.py --sizes 64M --tensors 1
     python benchmarks/bench_triton_adam_power.py --interpret-smoke  # no GPU: tiny sizes through TRITON_INTERPRET=1
+    python benchmarks/bench_triton_adam_power.py --host-only        # no GPU: the host cost of a step, launches no-ops
+
+--host-only measures what the step costs the host, on any machine: CPU tensors under TRITON_INTERPRET=1 with
+the kernel launches replaced by no-ops, 16 and 256 tensors of 16K elements, its step counters as AdamPower
+makes them (the elements of one tensor) and as separate tensors (after a state load); and, in the same run,
+the same step re-planned every call (its checks, tables and buckets built again: what every step cost before
+plans were kept). The target: <= 50 us per launch bucket, planned.
 
 Without a CUDA device (and without --interpret-smoke) it prints "no CUDA
 device: nothing to measure" and exits 0.
@@ -178,6 +185,45 @@ def report(rows: list[dict]) -> None:
                   f"{' and >= 90% of roofline' if roofline_judged else ''}: {verdict} ({ratio:.3f}x, {pct:.1f}%)")
 
 
+def host_cost(iters: int = 300) -> None:
+    """Prints the host cost per step, planned and re-planned every call (the launches are no-ops); see --host-only."""
+    import torch
+
+    from gradpower_ds.ops import triton_adam_power as tap
+
+    class NoLaunch:  # kernel[grid](...) does nothing: only the host's work is timed
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    tap._kernel = lambda interpret: NoLaunch()
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, adam_w_mode=True, power=1.2,
+                 power_eps=0.0, bias_correction=True)
+    print(f"{'tensors':>8} {'counters':<12} {'planned us':>10} {'re-planned us':>13} {'ratio':>6}")
+    for count in (16, 256):
+        params = [torch.randn(SMALL_TENSOR) for _ in range(count)]
+        grads, exp_avgs, exp_avg_sqs = ([torch.zeros_like(p) for p in params] for _ in range(3))
+        for layout in ("one tensor", "separate"):
+            steps = list(torch.zeros(count).unbind()) if layout == "one tensor" else [torch.tensor(0.0) for _ in params]
+            timings = {}
+            for mode in ("planned", "re-planned"):
+                def step():
+                    if mode == "re-planned":
+                        tap._plans.clear()
+                    tap.triton_adam_power_step(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+                for _ in range(10):
+                    step()
+                start = time.perf_counter()
+                for _ in range(iters):
+                    step()
+                timings[mode] = (time.perf_counter() - start) / iters * 1e6
+            print(f"{count:>8} {layout:<12} {timings['planned']:10.1f} {timings['re-planned']:13.1f} "
+                  f"{timings['planned'] / timings['re-planned']:6.2f}")
+            if count == 16 and layout == "one tensor":
+                verdict = "PASS" if timings["planned"] <= 50.0 else "FAIL"
+                print(f"TARGET host cost <= 50 us per launch bucket (16 tensors, one bucket): {verdict} "
+                      f"({timings['planned']:.1f} us)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parses the flags, runs the benchmark on the GPU (or the interpreter smoke run) and prints the report."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,9 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interpret-smoke", action="store_true",
                         help="no GPU needed: a few thousand elements on CPU tensors through TRITON_INTERPRET=1 "
                              "(checks that the script runs; the timings mean nothing)")
+    parser.add_argument("--host-only", action="store_true",
+                        help="no GPU needed: the host cost of a step, launches no-ops (see above)")
     args = parser.parse_args(argv)
-    if args.interpret_smoke:
+    if args.interpret_smoke or args.host_only:
         os.environ["TRITON_INTERPRET"] = "1"
+    if args.host_only:
+        host_cost()
+        return 0
 
     import torch
 

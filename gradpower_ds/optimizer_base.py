@@ -50,13 +50,16 @@ class AdamPowerBase(torch.optim.Optimizer):
 
     MOMENT_DTYPE: torch.dtype | None = None  # the moments' dtype; None: the param's (as torch's AdamW)
 
-    def _init_state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, dtype=self.MOMENT_DTYPE, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.MOMENT_DTYPE, memory_format=torch.preserve_format)
-        return state
+    def _init_states(self, params: list[torch.Tensor]) -> list[dict]:
+        """Each param's state, created where missing: torch's AdamW layout. The step counters created together are
+        the elements of one float32 tensor (each a 0-d view), so a kernel can advance them all with one add."""
+        new = [p for p in params if not self.state[p]]
+        for p, step in zip(new, torch.zeros(len(new), dtype=torch.float32).unbind()):
+            self.state[p].update(
+                step=step,
+                exp_avg=torch.zeros_like(p, dtype=self.MOMENT_DTYPE, memory_format=torch.preserve_format),
+                exp_avg_sq=torch.zeros_like(p, dtype=self.MOMENT_DTYPE, memory_format=torch.preserve_format))
+        return [self.state[p] for p in params]
 
     def _step_group(self, group: dict, copies=None, **options) -> None:
         """Steps a param group's params that have a grad through the functional core (options: its keywords).
@@ -69,7 +72,7 @@ class AdamPowerBase(torch.optim.Optimizer):
         params = [group["params"][i] for i in chosen]
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-        states = [self._init_state(p) for p in params]
+        states = self._init_states(params)
         beta1, beta2 = group["betas"]
         adam_power(params, [p.grad for p in params], [s["exp_avg"] for s in states],
                    [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"], beta1=beta1,

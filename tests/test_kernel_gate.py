@@ -62,8 +62,8 @@ def test_a_wrong_step_fails_the_check_saying_where(monkeypatch):
 def test_a_wrong_phi_fails_the_check(monkeypatch):
     real_launch = tap._launch
 
-    def phi_off(tensors, device, scalars, **flags):
-        real_launch(tensors, device, scalars, **flags)
+    def phi_off(tensors, scalars, **flags):
+        real_launch(tensors, scalars, **flags)
         if flags["PHI_ONLY"]:
             for columns in tensors:
                 columns[1].view(-1)[1:2].mul_(1.05)  # one element off by 5%, beyond one bf16 rounding
@@ -74,7 +74,7 @@ def test_a_wrong_phi_fails_the_check(monkeypatch):
 def test_a_kernel_that_cannot_launch_fails_the_check(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("PTX not supported")
-    monkeypatch.setattr(tap, "_launch", broken)
+    monkeypatch.setattr(tap._Launch, "run", broken)
     assert kernel_gate.check(CPU, torch.float32) == "RuntimeError: PTX not supported"
 
 
