@@ -26,6 +26,9 @@ and time / time(torch_adamw_fused). Then the target line per size: ours at p=1.2
     python benchmarks/bench_triton_adam_power.py --interpret-smoke  # no GPU: tiny sizes through TRITON_INTERPRET=1
     python benchmarks/bench_triton_adam_power.py --host-only        # no GPU: the host cost of a step, launches no-ops
 
+--sweep then times ours at p=1.2 at every size for BLOCK in {1024, 2048, 4096} x num_warps in {4, 8} (the
+kernel's two tuning constants, ops.triton_adam_power.BLOCK / NUM_WARPS), one SWEEP line each, the best marked.
+
 --host-only measures what the step costs the host, on any machine: CPU tensors under TRITON_INTERPRET=1 with
 the kernel launches replaced by no-ops, 16 and 256 tensors of 16K elements, its step counters as AdamPower
 makes them (the elements of one tensor) and as separate tensors (after a state load); and, in the same run,
@@ -185,6 +188,41 @@ def report(rows: list[dict]) -> None:
                   f"{' and >= 90% of roofline' if roofline_judged else ''}: {verdict} ({ratio:.3f}x, {pct:.1f}%)")
 
 
+SWEEP_BLOCKS, SWEEP_WARPS = (1024, 2048, 4096), (4, 8)
+
+
+def sweep(sizes: list[int], num_tensors: int, iters: int, warmup: int, device) -> None:
+    """Times ours at p=1.2 for every (BLOCK, num_warps) of the sweep at every size; prints SWEEP lines, best marked."""
+    import torch
+
+    from gradpower_ds import AdamPower
+    from gradpower_ds.ops import triton_adam_power as tap
+
+    chosen = tap.BLOCK, tap.NUM_WARPS
+    for n in sizes:
+        per = -(-n // num_tensors)
+        params = [torch.nn.Parameter(torch.randn(min(per, n - i * per), device=device)) for i in range(num_tensors)
+                  if n - i * per > 0]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        times = {}
+        for block in SWEEP_BLOCKS:
+            for warps in SWEEP_WARPS:
+                tap.BLOCK, tap.NUM_WARPS = block, warps
+                tap._plans.clear()
+                tap._layout.cache_clear()
+                times[block, warps] = _median_seconds(AdamPower(params, power=1.2, fused=True).step, device, iters,
+                                                      warmup)
+        best = min(times, key=times.get)
+        for (block, warps), seconds in times.items():
+            print(f"SWEEP n={n} BLOCK={block} num_warps={warps}: {seconds * 1e3:.3f} ms"
+                  f"{'  <- best' if (block, warps) == best else ''}{'  (current)' if (block, warps) == chosen else ''}")
+        del params
+    tap.BLOCK, tap.NUM_WARPS = chosen
+    tap._plans.clear()
+    tap._layout.cache_clear()
+
+
 def host_cost(iters: int = 300) -> None:
     """Prints the host cost per step, planned and re-planned every call (the launches are no-ops); see --host-only."""
     import torch
@@ -237,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interpret-smoke", action="store_true",
                         help="no GPU needed: a few thousand elements on CPU tensors through TRITON_INTERPRET=1 "
                              "(checks that the script runs; the timings mean nothing)")
+    parser.add_argument("--sweep", action="store_true", help="then sweep BLOCK x num_warps at every size (above)")
     parser.add_argument("--host-only", action="store_true",
                         help="no GPU needed: the host cost of a step, launches no-ops (see above)")
     args = parser.parse_args(argv)
@@ -251,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.interpret_smoke:
         print("interpreter smoke run (TRITON_INTERPRET=1, CPU tensors): the timings mean nothing")
         rows = run([3 * 4096 + 5], num_tensors=3, iters=1, warmup=0, device=torch.device("cpu"))
+        if args.sweep:
+            sweep([3 * 4096 + 5], 3, iters=1, warmup=0, device=torch.device("cpu"))
     elif not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
         return 0
@@ -259,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = run(args.sizes, args.tensors, args.iters, args.warmup, torch.device("cuda"))
         if args.many:
             rows += run([args.many * SMALL_TENSOR], args.many, args.iters, args.warmup, torch.device("cuda"))
+        if args.sweep:
+            sweep(args.sizes, args.tensors, args.iters, args.warmup, torch.device("cuda"))
     report(rows)
     return 0
 

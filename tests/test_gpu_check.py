@@ -86,8 +86,11 @@ def test_targets_are_judged_from_the_figures():
 def test_figures_are_read_from_the_outputs_a_gpu_run_prints():
     bench = ("TARGET n=67108864 (16 tensors): our kernel at p=1.2 <= 1.0x torch fused AdamW and >= 90% of roofline: "
              "PASS (0.981x, 93.2%)\n")
+    bench += ("SWEEP n=67108864 BLOCK=2048 num_warps=8: 0.700 ms  <- best\n"
+              "SWEEP n=67108864 BLOCK=4096 num_warps=8: 0.744 ms  (current)\n")
     assert check.figures("bench_triton_adam_power", bench) == {
-        "triton_p1.2_vs_torch_fused_adamw_n67108864": dict(ratio=0.981, roofline_pct=93.2, target="PASS")}
+        "triton_p1.2_vs_torch_fused_adamw_n67108864": dict(ratio=0.981, roofline_pct=93.2, target="PASS"),
+        "triton_sweep_best_n67108864": dict(block=2048, num_warps=8, ms=0.7)}
     megatron = ("RATIO adampower/adam step time: 1.013 (target <= 1.05 on CPU, <= 1.02 on GPU) case=bf16-distributed\n"
                 "PEAK_EXTRA adampower=0.0 MiB adam=64.0 MiB largest_grad=256.0 MiB case=bf16-distributed\n")
     assert check.figures("bench_megatron_step", megatron) == {

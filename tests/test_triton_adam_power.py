@@ -26,6 +26,7 @@ Tolerances, measured with the interpreter (worst case over the matrix):
 import copy
 import itertools
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -311,26 +312,28 @@ def _compile_for_sm90(constexprs: dict):
 @pytest.mark.parametrize("phi_only", [False, True], ids=["adam", "phi_only"])
 @pytest.mark.parametrize("grad_dtype", ["float32", "bfloat16", "float16"])
 def test_kernel_compiles_for_sm90_in_every_variant(phi_only, grad_dtype, monkeypatch):
-    """Compiled mode, which the interpreter does not exercise: every constexpr variant lowers to an sm_90 cubin,
-    the unmasked ones with 16-byte vector loads; the phi-only variant has no Adam arithmetic (no sqrt) in it."""
+    """Compiled mode, which the interpreter does not exercise: every constexpr variant lowers to an sm_90 cubin with
+    both bodies (whole blocks with 16-byte vector loads, partial ones masked); the phi-only variant has no Adam
+    arithmetic (no sqrt) in it."""
     import triton.language as tl
 
     monkeypatch.delenv("TRITON_INTERPRET")  # triton.jit then gives the compiler's kernel, not the interpreter's
 
-    for masked, power_is_one in itertools.product((False, True), (False, True)):
+    for power_is_one in (False, True):
         has_copy = phi_only or grad_dtype == "bfloat16"
         try:
             compiled = _compile_for_sm90(dict(
                 GRAD_DTYPE=getattr(tl, grad_dtype), COPY_DTYPE=getattr(tl, grad_dtype if phi_only else "bfloat16"),
                 HAS_COPY=has_copy, POWER_IS_ONE=power_is_one, DECAY=not phi_only, L2=False, ALIGNED=True,
-                MASKED=masked, BLOCK=tap.BLOCK, PHI_ONLY=phi_only))
+                BLOCK=tap.BLOCK, PHI_ONLY=phi_only))
         except Exception as exc:
             if "ptxas" in str(exc) and ("not found" in str(exc) or "No such file" in str(exc)):
                 pytest.skip(f"Triton's ptxas is not available here: {exc}")
             raise
         ptx = compiled.asm["ptx"]
         assert compiled.asm.get("cubin")
-        assert ("ld.global.v4" in ptx) is not masked  # whole blocks: 16-byte accesses; a run-time mask prevents them
+        # one kernel, both variants: whole blocks with 16-byte accesses, partial ones with masked (guarded) scalar ones
+        assert "ld.global.v4" in ptx and re.search(r"@%p\d+ ld\.global\.b(16|32)", ptx), ptx[-2000:]
         assert ("sqrt.rn" in ptx) is not phi_only
 
 
@@ -446,3 +449,30 @@ def test_host_only_benchmark_runs():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "TARGET host cost <= 50 us per launch bucket" in out.stdout and "re-planned us" in out.stdout
+
+
+def test_one_launch_per_bucket_partial_blocks_included(monkeypatch):
+    """Whole and partial blocks in one launch: a group of tensors ending in partial blocks is one launch a step, two
+    when its grads come in two dtypes (two buckets)."""
+    grids = []
+    real = tap._kernel
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+    monkeypatch.setattr(tap, "_kernel", lambda interpret: Counting(real(interpret)))
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (4097, 33, 8192)]
+    opt = AdamPower(params, lr=LR, fused=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert grids == [(2 + 1 + 2,)]  # 4097: a whole block and a partial one; 33: one partial; 8192: two whole
+    grids.clear()
+    params[1].grad_dtype = None
+    params[1].grad = params[1].grad.to(torch.bfloat16)
+    opt.step()
+    assert sorted(grids) == [(1,), (4,)]

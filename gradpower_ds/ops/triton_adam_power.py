@@ -20,12 +20,13 @@ The host packs, per tensor, the addresses (data_ptr()) of param, grad,
 exp_avg, exp_avg_sq and copy, its numel and its first program number into
 one int64 table; a second table maps every program to its tensor. Each
 program loads its tensor's addresses, casts them to typed pointers and updates
-one block of BLOCK elements. Whole blocks go to an unmasked launch, each
-tensor's partial last block to a masked one: a mask from a numel loaded at run
-time would stop Triton from using 16-byte vector accesses. So a param group
-takes two launches (one if no tensor has a partial block), or two per (step
-count, grad dtype, copy dtype) bucket if its tensors differ in those; groups,
-each with its own p, are separate launches. What a step needs besides its
+one block of BLOCK elements. The body is compiled twice into the kernel, an
+unmasked variant that whole blocks take and a masked one for each tensor's
+partial last block (a mask from a numel loaded at run time would stop Triton
+from using 16-byte vector accesses), and each program takes one at run time. So
+a param group is one launch, or one per (step count, grad dtype, copy dtype)
+bucket if its tensors differ in those; groups, each with its own p, are
+separate launches. What a step needs besides its
 scalars is prepared once per param group and kept (``_Plan``: the tensors
 checked, the tables on the device, the step counts), so a training loop's
 later steps only check that nothing moved, advance the counters with one add
@@ -62,7 +63,10 @@ try:
 except ImportError:  # the package works without Triton; triton_unavailable_reason() says so
     triton = None
 
-BLOCK = 4096  # elements per program: 16 per thread at 8 warps, i.e. four 16-byte accesses per fp32 stream
+# elements per program (16 per thread at 8 warps: four 16-byte accesses per fp32 stream) and warps per program:
+# chosen by hand on 2026-11-27; bench_triton_adam_power.py --sweep (in tests/gpu/check.sh) measures the others
+# (BLOCK 1024/2048/4096 x 4/8 warps), not yet run on a GPU
+BLOCK = 4096
 NUM_WARPS = 8
 _ALIGN = 16  # bytes; when every address is a multiple, the kernel is told so and can use 16-byte accesses
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -93,83 +97,90 @@ def _adam_power_kernel(
     lerp_coeff, lerp_from_grad, beta2, one_minus_beta2, eps, neg_step_size, bias_corr2_sqrt, decay, weight_decay,
     power, power_eps,
     GRAD_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, POWER_IS_ONE: tl.constexpr,
-    DECAY: tl.constexpr, L2: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+    DECAY: tl.constexpr, L2: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
     PHI_ONLY: tl.constexpr,
 ):
     """One block of one tensor: program pid updates block pid - first_programs[t] of tensor t = program_tensor[pid].
 
-    *_addrs hold each tensor's data_ptr()s, numels its sizes (read only by the MASKED launch). DECAY is
+    *_addrs hold each tensor's data_ptr()s, numels its sizes. A whole block takes the unmasked variant of the
+    body (16-byte accesses), a tensor's partial last block the masked one, in the same launch: the body is
+    written once and instantiated twice (static_range), one of the two taken per program at run time. DECAY is
     AdamW's p *= 1 - lr * wd, L2 Adam's g += wd * p; ALIGNED promises 16-byte aligned addresses.
     PHI_ONLY: only g <- phi_p(g), in place, computed in fp32 (the host passes the grads' addresses as
     copy_addrs, HAS_COPY and COPY_DTYPE = their dtype); p/m/v are then not touched.
     """
     pid = tl.program_id(0)
     t = tl.load(program_tensor + pid)
-    offs = (pid - tl.load(first_programs + t)) * BLOCK + tl.arange(0, BLOCK)
-    if MASKED:
-        mask = offs < tl.load(numels + t)
-    else:
-        mask = None
-    g_ptr = tl.load(g_addrs + t).to(tl.pointer_type(GRAD_DTYPE))
-    if ALIGNED:
-        g_ptr = tl.multiple_of(g_ptr, 16)
-    g = tl.load(g_ptr + offs, mask=mask)
-    if GRAD_DTYPE == tl.bfloat16:  # widened bitwise, exact (the interpreter's bf16 emulation drops subnormals)
-        g = (g.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        g = g.to(tl.float32)
+    start = (pid - tl.load(first_programs + t)) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    numel = tl.load(numels + t)
+    partial = (start + BLOCK > numel).to(tl.int32)
+    for MASKED in tl.static_range(2):
+        if partial == MASKED:
+            if MASKED:
+                mask = offs < numel
+            else:
+                mask = None
+            g_ptr = tl.load(g_addrs + t).to(tl.pointer_type(GRAD_DTYPE))
+            if ALIGNED:
+                g_ptr = tl.multiple_of(g_ptr, 16)
+            g = tl.load(g_ptr + offs, mask=mask)
+            if GRAD_DTYPE == tl.bfloat16:  # widened bitwise, exact (the interpreter's bf16 emulation drops subnormals)
+                g = (g.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+            else:
+                g = g.to(tl.float32)
 
-    # phi_p(g) = sign(g) * (|g| + power_eps)**p; phi(+-0) = +-0, NaN stays NaN, +-Inf stay +-Inf.
-    mag = tl.abs(g) + power_eps
-    if not POWER_IS_ONE:
-        tiny = mag < 1.1754943508222875e-38  # below FLT_MIN: scale up by 2**24 (exact) for log2
-        y = power * (tl.log2(tl.where(tiny, mag * 16777216.0, mag)) - tl.where(tiny, 24.0, 0.0))
-        low = y < -126.0  # subnormal result: exp2(y + 24) (y + 24 is exact), then scaled by 2**-24
-        mag = tl.exp2(tl.where(low, y + 24.0, y)) * tl.where(low, 5.9604644775390625e-08, 1.0)
-    g = tl.where(g > 0, mag, tl.where(g < 0, -mag, g))
+            # phi_p(g) = sign(g) * (|g| + power_eps)**p; phi(+-0) = +-0, NaN stays NaN, +-Inf stay +-Inf.
+            mag = tl.abs(g) + power_eps
+            if not POWER_IS_ONE:
+                tiny = mag < 1.1754943508222875e-38  # below FLT_MIN: scale up by 2**24 (exact) for log2
+                y = power * (tl.log2(tl.where(tiny, mag * 16777216.0, mag)) - tl.where(tiny, 24.0, 0.0))
+                low = y < -126.0  # subnormal result: exp2(y + 24) (y + 24 is exact), then scaled by 2**-24
+                mag = tl.exp2(tl.where(low, y + 24.0, y)) * tl.where(low, 5.9604644775390625e-08, 1.0)
+            g = tl.where(g > 0, mag, tl.where(g < 0, -mag, g))
 
-    if PHI_ONLY:
-        out = g
-    else:
-        p_ptr = tl.load(p_addrs + t).to(tl.pointer_type(tl.float32))
-        m_ptr = tl.load(m_addrs + t).to(tl.pointer_type(tl.float32))
-        v_ptr = tl.load(v_addrs + t).to(tl.pointer_type(tl.float32))
-        if ALIGNED:
-            p_ptr = tl.multiple_of(p_ptr, 16)
-            m_ptr = tl.multiple_of(m_ptr, 16)
-            v_ptr = tl.multiple_of(v_ptr, 16)
-        p = tl.load(p_ptr + offs, mask=mask)
-        m = tl.load(m_ptr + offs, mask=mask)
-        v = tl.load(v_ptr + offs, mask=mask)
+            if PHI_ONLY:
+                out = g
+            else:
+                p_ptr = tl.load(p_addrs + t).to(tl.pointer_type(tl.float32))
+                m_ptr = tl.load(m_addrs + t).to(tl.pointer_type(tl.float32))
+                v_ptr = tl.load(v_addrs + t).to(tl.pointer_type(tl.float32))
+                if ALIGNED:
+                    p_ptr = tl.multiple_of(p_ptr, 16)
+                    m_ptr = tl.multiple_of(m_ptr, 16)
+                    v_ptr = tl.multiple_of(v_ptr, 16)
+                p = tl.load(p_ptr + offs, mask=mask)
+                m = tl.load(m_ptr + offs, mask=mask)
+                v = tl.load(v_ptr + offs, mask=mask)
 
-        # Adam(W) in torch.optim.AdamW's order and roundings: add(alpha=), lerp_ and addcmul_ as torch's CPU
-        # kernels compute them (one fma each; lerp_ from the nearer end), IEEE-rounded sqrt and division.
-        if DECAY:
-            p = p * decay
-        if L2:
-            g = tl.fma(weight_decay, p, g)
-        m = tl.fma(lerp_coeff, g - m, tl.where(lerp_from_grad, g, m))
-        v = tl.fma(one_minus_beta2 * g, g, v * beta2)
-        denom = tl.div_rn(tl.sqrt_rn(v), bias_corr2_sqrt) + eps
-        p = p + tl.div_rn(neg_step_size * m, denom)
+                # Adam(W) in torch.optim.AdamW's order and roundings: add(alpha=), lerp_ and addcmul_ as torch's CPU
+                # kernels compute them (one fma each; lerp_ from the nearer end), IEEE-rounded sqrt and division.
+                if DECAY:
+                    p = p * decay
+                if L2:
+                    g = tl.fma(weight_decay, p, g)
+                m = tl.fma(lerp_coeff, g - m, tl.where(lerp_from_grad, g, m))
+                v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+                denom = tl.div_rn(tl.sqrt_rn(v), bias_corr2_sqrt) + eps
+                p = p + tl.div_rn(neg_step_size * m, denom)
 
-        tl.store(p_ptr + offs, p, mask=mask)
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
-        out = p
-    if HAS_COPY:  # PHI_ONLY: phi(g) back into the grad (COPY_DTYPE is its dtype); else the new weights' copy
-        c_ptr = tl.load(copy_addrs + t).to(tl.pointer_type(COPY_DTYPE))
-        if ALIGNED:
-            c_ptr = tl.multiple_of(c_ptr, 16)
-        if COPY_DTYPE == tl.bfloat16:
-            # torch's round-to-nearest-even spelled out, so the result is bitwise x.to(torch.bfloat16) (NaN
-            # becomes 0x7FC0, as in torch's scalar path); the interpreter's bf16 emulation rounds otherwise.
-            bits = out.to(tl.uint32, bitcast=True)
-            bits = tl.where(out != out, 0x7FC0, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
-            low = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            low = out.to(COPY_DTYPE)
-        tl.store(c_ptr + offs, low, mask=mask)
+                tl.store(p_ptr + offs, p, mask=mask)
+                tl.store(m_ptr + offs, m, mask=mask)
+                tl.store(v_ptr + offs, v, mask=mask)
+                out = p
+            if HAS_COPY:  # PHI_ONLY: phi(g) back into the grad (COPY_DTYPE is its dtype); else the new weights' copy
+                c_ptr = tl.load(copy_addrs + t).to(tl.pointer_type(COPY_DTYPE))
+                if ALIGNED:
+                    c_ptr = tl.multiple_of(c_ptr, 16)
+                if COPY_DTYPE == tl.bfloat16:
+                    # torch's round-to-nearest-even spelled out, so the result is bitwise x.to(torch.bfloat16) (NaN
+                    # becomes 0x7FC0, as in torch's scalar path); the interpreter's bf16 emulation rounds otherwise.
+                    bits = out.to(tl.uint32, bitcast=True)
+                    bits = tl.where(out != out, 0x7FC0, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+                    low = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+                else:
+                    low = out.to(COPY_DTYPE)
+                tl.store(c_ptr + offs, low, mask=mask)
 
 
 @functools.cache
@@ -193,17 +204,13 @@ def _device_tensor(values: tuple[int, ...], dtype: torch.dtype, device: torch.de
 
 @functools.lru_cache(maxsize=64)
 def _layout(numels: tuple[int, ...], device: torch.device):
-    # For the unmasked launch over whole blocks, then the masked one over partial last blocks: the program ->
-    # tensor map (on the device) and, per tensor, the number its block 0 would have, so that program pid
-    # works on block pid - first (the masked launch's program for a tensor covers block numel // BLOCK).
-    launches = []
-    for masked in (False, True):
-        programs, firsts = [], []
-        for t, n in enumerate(numels):
-            firsts.append(len(programs) - (n // BLOCK if masked else 0))
-            programs.extend([t] * (int(n % BLOCK != 0) if masked else n // BLOCK))
-        launches.append((_upload(programs, torch.int32, device), tuple(firsts)))
-    return launches
+    # The program -> tensor map over every block of every tensor (on the device) and, per tensor, the program that
+    # takes its block 0, so that program pid works on block pid - first of its tensor.
+    programs, firsts = [], []
+    for t, n in enumerate(numels):
+        firsts.append(len(programs))
+        programs.extend([t] * -(-n // BLOCK))
+    return _upload(programs, torch.int32, device), tuple(firsts)
 
 
 def _check(t: torch.Tensor, like: torch.Tensor, dtypes, what: str) -> None:
@@ -373,14 +380,13 @@ class _Launch:
     def __init__(self, tensors, **constexprs):
         tensors = [ts for ts in tensors if ts[1].numel()]
         self.device = tensors[0][1].device if tensors else None
-        self.runs = []
         if not tensors:
             return
         numels = tuple(ts[1].numel() for ts in tensors)
-        (whole_programs, whole_firsts), (partial_programs, partial_firsts) = _layout(numels, self.device)
+        self.programs, firsts = _layout(numels, self.device)
         addrs = tuple(t.data_ptr() if t is not None else 0 for column in zip(*tensors) for t in column)
-        table = _device_tensor(addrs + numels + whole_firsts + partial_firsts, torch.int64, self.device)
-        self.rows = table.view(8, len(tensors)).unbind()  # p, g, m, v, copy addresses, numels, two first-program rows
+        table = _device_tensor(addrs + numels + firsts, torch.int64, self.device)
+        self.rows = table.view(7, len(tensors)).unbind()  # p, g, m, v, copy addresses, numels, first programs
         self.options = dict(
             constexprs,
             GRAD_DTYPE=getattr(tl, _TL_DTYPES[constexprs["GRAD_DTYPE"]]),
@@ -390,21 +396,17 @@ class _Launch:
             num_warps=NUM_WARPS,
             enable_fp_fusion=False,  # roundings as written, as in the interpreter and torch's CPU kernels
         )
-        self.runs = [(masked, programs, first_programs) for masked, programs, first_programs in
-                     ((False, whole_programs, self.rows[6]), (True, partial_programs, self.rows[7]))
-                     if programs.numel()]
+        self.grid = (self.programs.numel(),)
 
     def run(self, scalars, **flags) -> None:
-        """Launches it with these scalars and the step's flags (POWER_IS_ONE, DECAY, L2, PHI_ONLY)."""
-        if not self.runs:
+        """Launches it with these scalars and the step's flags (POWER_IS_ONE, DECAY, L2, PHI_ONLY): one launch."""
+        if self.device is None:
             return
         kernel = _kernel(_interpreting())
         # Triton launches on the current CUDA device: switched only when it is another
         other = self.device.type == "cuda" and self.device.index != torch.cuda.current_device()
         with torch.cuda.device(self.device) if other else contextlib.nullcontext():
-            for masked, programs, first_programs in self.runs:
-                kernel[(programs.numel(),)](*self.rows[:6], first_programs, programs, *scalars, MASKED=masked,
-                                            **self.options, **flags)
+            kernel[self.grid](*self.rows, self.programs, *scalars, **self.options, **flags)
 
 
 def _launch(tensors, scalars, **constexprs) -> None:

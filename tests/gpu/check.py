@@ -84,11 +84,11 @@ def steps(gpu: bool, site: str = "") -> list[dict]:
                             "print('imports ok; native kernel', builder.load().__name__)"]),
         dict(name="select", budget=12, command=None, internal=True),
         tests("kernel_tests", 30),
-        dict(name="bench_triton_adam_power", budget=25,
-             command=[py, "benchmarks/bench_triton_adam_power.py", "--sizes", "1M", "64M", "512M"],
-             dry=[py, "benchmarks/bench_triton_adam_power.py", "--interpret-smoke"]),
+        dict(name="bench_triton_adam_power", budget=35,
+             command=[py, "benchmarks/bench_triton_adam_power.py", "--sizes", "1M", "64M", "512M", "--sweep"],
+             dry=[py, "benchmarks/bench_triton_adam_power.py", "--interpret-smoke", "--sweep"]),
         tests("deepspeed_tests", 120),
-        tests("main_job_tests", 110),
+        tests("main_job_tests", 100),
         tests("megatron_tests", 80),
         dict(name="bench_megatron_step", budget=20, command=[py, "benchmarks/bench_megatron_step.py", "--repeats", "10"],
              dry=[py, "benchmarks/bench_megatron_step.py", *tiny_megatron, "--threads", "1"]),
@@ -149,6 +149,9 @@ def figures(name: str, output: str) -> dict:
     for n, verdict, ratio, pct in re.findall(r"^TARGET n=(\d+)\b.*: (PASS|FAIL) \(([\d.]+)x, ([\d.]+)%\)", output, re.M):
         found[f"triton_p1.2_vs_torch_fused_adamw_n{n}"] = dict(ratio=float(ratio), roofline_pct=float(pct),
                                                                target=verdict)
+    for n, block, warps, ms in re.findall(r"^SWEEP n=(\d+) BLOCK=(\d+) num_warps=(\d+): ([\d.]+) ms  <- best",
+                                          output, re.M):
+        found[f"triton_sweep_best_n{n}"] = dict(block=int(block), num_warps=int(warps), ms=float(ms))
     for ratio, case in re.findall(r"^RATIO adampower/adam step time: ([\d.]+) .* case=(\S+)", output, re.M):
         found[f"megatron_step_ratio_{case}"] = float(ratio)
     for ours, theirs, largest, case in re.findall(
