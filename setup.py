@@ -30,7 +30,7 @@ jobs = _load("_gp_jobs", ROOT / "gradpower_ds" / "jobs" / "__init__.py")
 
 setup(
     name="gradpower-ds",
-    version="0.1.0",
+    version=versions.VERSION,
     description="GradPower/AdamPower and GPAS for DeepSpeed and Megatron-core pretraining",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

@@ -16,7 +16,7 @@ from .gpas import (GPASGate, apply_gpas, clip_gate_grad_norm_, gpas_scale, param
 from .functional import adam_power
 from .power import grad_power, grad_power_
 
-__version__ = "0.1.0"
+from .versions import VERSION as __version__
 
 __all__ = [
     "AdamPower", "CPUAdamPower", "GPASGate", "adam_power", "apply_gpas", "blockwise_param_groups",

@@ -1,4 +1,4 @@
-"""The functional core of AdamPower: one signature, four implementations (as torch.optim's functional adam).
+"""The functional core of AdamPower: one signature, five implementations (as torch.optim's functional adam).
 
 ``adam_power`` steps lists of tensors in place and dispatches, per tensor, to:
 
@@ -8,11 +8,11 @@
   with ``fused=True``, and by default once it has passed its check on that GPU
   (``gradpower_ds.kernel_gate``: run once per GPU kind, Triton version and grad dtype);
 - the multi-tensor torch path (``foreach=True``, and the default elsewhere):
-  torch._foreach ops over batches of at most MULTI_TENSOR_BATCH elements, with
-  phi written by torch ops straight into the grads' copy (``power.powered_copy``),
+  torch._foreach ops over batches of at most ``torch_paths.MULTI_TENSOR_BATCH`` elements, with
+  phi written by torch ops straight into the grads' copy (``torch_paths.powered_copy``),
   so its temporaries are bounded whatever the size of a gradient;
 - the torch fused path (automatic on CUDA where the Triton kernel is not chosen: no Triton,
-  or it failed its check): phi written into the grads' copy (``power.powered_copy``), then
+  or it failed its check): phi written into the grads' copy, then
   torch's own fused Adam(W) kernel (``torch._fused_adamw_``/``_fused_adam_``, one pass):
   56 bytes per element for fp32 grads, against 108 for the multi-tensor path;
 - the single-tensor path (``foreach=False``): plain torch, one tensor at a time,
@@ -38,14 +38,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .hyperparams import bias_corrections
 from .ops import native_adam_power as native
 from .ops import triton_adam_power as triton_ops
-from .power import fused_kernel, powered_copy
+from . import torch_paths
+from .power import fused_kernel
 
-MULTI_TENSOR_BATCH = 1 << 24  # elements per multi-tensor batch: two fp32 temporaries of 64 MiB at most
-TORCH_FUSED_DEVICES = ("cuda",)  # where the automatic choice's torch path steps with torch's fused Adam(W) kernel
-TORCH_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
@@ -94,8 +91,8 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
             kernel = None
         if kernel == "triton" and not fused and not _triton_layout(params[i], exp_avgs[i], exp_avg_sqs[i]):
             kernel = None
-        if kernel is None and fused is None and bias_correction and p.device.type in TORCH_FUSED_DEVICES and \
-                p.dtype == exp_avgs[i].dtype == exp_avg_sqs[i].dtype and p.dtype in TORCH_FUSED_DTYPES:
+        if kernel is None and fused is None and bias_correction and p.device.type in torch_paths.TORCH_FUSED_DEVICES \
+                and p.dtype == exp_avgs[i].dtype == exp_avg_sqs[i].dtype and p.dtype in torch_paths.TORCH_FUSED_DTYPES:
             kernel = "torch_fused"
         paths[kernel or "torch"].append(i)
 
@@ -116,9 +113,9 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
     for i in paths["torch_fused"]:
         fused_groups.setdefault((params[i].device, params[i].dtype), []).append(i)
     for indices in fused_groups.values():
-        _torch_fused_adam_power(*pick(indices, *columns), **hyper)
+        torch_paths.torch_fused_adam_power(*pick(indices, *columns), **hyper)
     if paths["torch"]:
-        step_fn = _single_tensor_adam_power if foreach is False else _multi_tensor_adam_power
+        step_fn = torch_paths.single_tensor_adam_power if foreach is False else torch_paths.multi_tensor_adam_power
         step_fn(*pick(paths["torch"], *columns), **hyper)
 
 
@@ -136,85 +133,3 @@ def _native_layout(param, grad, exp_avg, exp_avg_sq, copy) -> bool:
 
 def _triton_layout(param, exp_avg, exp_avg_sq) -> bool:
     return all(t.is_cuda and t.dtype == torch.float32 and t.is_contiguous() for t in (param, exp_avg, exp_avg_sq))
-
-
-def _single_tensor_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies, *, lr, beta1, beta2, eps,
-                              weight_decay, power, power_eps, adam_w_mode, bias_correction) -> None:
-    for p, grad, exp_avg, exp_avg_sq, step_t, copy in zip(params, grads, exp_avgs, exp_avg_sqs, steps, copies):
-        grad = powered_copy(grad, p.dtype, power, power_eps)
-        step_t += 1
-        if weight_decay != 0:
-            if adam_w_mode:
-                p.mul_(1 - lr * weight_decay)
-            else:
-                grad.add_(p, alpha=weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bc1, bc2_sqrt = bias_corrections(beta1, beta2, step_t.item(), bias_correction)
-        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
-        p.addcdiv_(exp_avg, denom, value=-(lr / bc1))
-        if copy is not None:
-            copy.copy_(p)
-
-
-def _multi_tensor_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies, *, lr, beta1, beta2, eps,
-                             weight_decay, power, power_eps, adam_w_mode, bias_correction) -> None:
-    torch._foreach_add_(steps, 1)
-    corrections = [bias_corrections(beta1, beta2, s.item(), bias_correction) for s in steps]
-    for ps, gs, ms, vs, bcs in _batches(params, grads, exp_avgs, exp_avg_sqs, corrections):
-        gs = [powered_copy(g, p.dtype, power, power_eps) for p, g in zip(ps, gs)]
-        if weight_decay != 0:
-            if adam_w_mode:
-                torch._foreach_mul_(ps, 1 - lr * weight_decay)
-            else:
-                torch._foreach_add_(gs, ps, alpha=weight_decay)
-        torch._foreach_lerp_(ms, gs, 1 - beta1)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
-        del gs
-        denoms = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denoms, [bc2_sqrt for _, bc2_sqrt in bcs])
-        torch._foreach_add_(denoms, eps)
-        torch._foreach_addcdiv_(ps, ms, denoms, [-(lr / bc1) for bc1, _ in bcs])
-    for p, copy in zip(params, copies):
-        if copy is not None:
-            copy.copy_(p)
-
-
-def _torch_fused_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies, *, lr, beta1, beta2, eps,
-                            weight_decay, power, power_eps, adam_w_mode, bias_correction) -> None:
-    """phi into the grads' copy, then torch's fused Adam(W) kernel, per batch (bias_correction is always on here:
-    torch's kernel has no switch; the dispatch sends bias_correction=False to the multi-tensor path)."""
-    torch._foreach_add_(steps, 1)
-    step_kernel = torch._fused_adamw_ if adam_w_mode else torch._fused_adam_  # torch's Adam: L2 into the grad
-    for ps, gs, ms, vs, counts in _batches(params, grads, exp_avgs, exp_avg_sqs, [s.item() for s in steps]):
-        gs = [powered_copy(g, p.dtype, power, power_eps) for p, g in zip(ps, gs)]
-        device_steps = torch.tensor(counts, dtype=torch.float32)  # torch's kernel reads the counts on the device
-        if ps[0].is_cuda:
-            device_steps = device_steps.pin_memory().to(ps[0].device, non_blocking=True)
-        step_kernel(ps, gs, ms, vs, [], list(device_steps.unbind()), lr=lr, beta1=beta1, beta2=beta2,
-                    weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
-    for p, copy in zip(params, copies):
-        if copy is not None:
-            copy.copy_(p)
-
-
-def _batches(params, grads, exp_avgs, exp_avg_sqs, extras):
-    """Lists (params, grads, exp_avgs, exp_avg_sqs, extras) of flat views, at most MULTI_TENSOR_BATCH elements
-    a batch, with each tensor's extra (its bias corrections, its step count) beside each of its pieces; a larger
-    contiguous tensor is split into pieces (a non-contiguous one goes whole)."""
-    batch: list[list] = [[], [], [], [], []]
-    size = 0
-    for p, g, m, v, bc in zip(params, grads, exp_avgs, exp_avg_sqs, extras):
-        splittable = all(t.is_contiguous() for t in (p, g, m, v))
-        step = MULTI_TENSOR_BATCH if splittable else max(1, p.numel())
-        for begin in range(0, p.numel(), step):
-            pieces = [t.view(-1)[begin:begin + step] for t in (p, g, m, v)] if splittable else [p, g, m, v]
-            if size and size + pieces[0].numel() > MULTI_TENSOR_BATCH:
-                yield batch
-                batch, size = [[], [], [], [], []], 0
-            for column, piece in zip(batch, pieces + [bc]):
-                column.append(piece)
-            size += pieces[0].numel()
-    if size:
-        yield batch

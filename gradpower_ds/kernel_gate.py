@@ -2,7 +2,7 @@
 
 The first time a process steps automatically (``fused=None``) on a CUDA device with grads of a
 dtype, ``triton_is_default(device, grad_dtype)`` runs the compiled kernel there on a few small
-tensors against the torch single-tensor path (the reference AdamPower(foreach=False) steps with):
+tensors against the torch single-tensor path (``torch_paths``, what AdamPower(foreach=False) steps with):
 edge values (+-0, +-tiny, subnormal, large, +-inf, NaN, kept as the reference keeps them), AdamW decay
 and Adam's L2 term, bias correction on and off, power_eps, two groups of different p, p = 1, the
 bf16 copy-out, and phi alone in place. It passes: Triton is the default for that (device, dtype) in
@@ -29,13 +29,15 @@ from pathlib import Path
 
 import torch
 
+from . import torch_paths
 from .ops import triton_adam_power as triton_ops
+from .versions import VERSION
 
 ENV_CHOICE = "GRADPOWER_TRITON"
 ENV_CACHE_DIR = "GRADPOWER_CACHE_DIR"
 CHOICES = {"auto": None, "1": True, "0": False}
 CACHE_FILE = "triton_gate.json"
-REPORT_TO = "https://github.com/gradpower-ds/gradpower-ds/issues"
+REPORT_TO = "the gradpower-ds issue tracker, with this message and the verdict file named below"
 _verdicts: dict[tuple, bool] = {}  # this process's, per (device, grad dtype)
 log = logging.getLogger(__name__)
 
@@ -62,14 +64,12 @@ def triton_is_default(device: torch.device, grad_dtype: torch.dtype) -> bool:
 
 def device_identity(device: torch.device) -> dict:
     """What the verdict depends on: GPU name, compute capability, Triton version, our version and kernel source."""
-    from . import __version__
-
     if device.type == "cuda":
         name, capability = torch.cuda.get_device_name(device), "sm_{}{}".format(*torch.cuda.get_device_capability(device))
     else:  # Triton's interpreter on CPU tensors (tests)
         name, capability = "Triton interpreter", "cpu"
     source = hashlib.sha256(Path(triton_ops.__file__).read_bytes()).hexdigest()[:16]
-    return dict(gpu=name, capability=capability, triton=triton_ops.triton.__version__, gradpower_ds=__version__,
+    return dict(gpu=name, capability=capability, triton=triton_ops.triton.__version__, gradpower_ds=VERSION,
                 kernel=source)
 
 
@@ -112,8 +112,8 @@ def _cached_or_checked(device: torch.device, grad_dtype: torch.dtype) -> bool:
         warnings.warn(
             f"gradpower_ds: the Triton AdamPower kernel differs from the reference on {identity['gpu']} "
             f"({identity['capability']}, Triton {identity['triton']}, {identity['grad_dtype']} grads): "
-            f"{verdict['difference']}. Stepping with the torch path instead (correct, slower). Please report it at "
-            f"{REPORT_TO} with this message; {ENV_CHOICE}=1 forces the kernel, {ENV_CHOICE}=0 skips this check "
+            f"{verdict['difference']}. Stepping with the torch path instead (correct, slower). Please report it to "
+            f"{REPORT_TO}; {ENV_CHOICE}=1 forces the kernel, {ENV_CHOICE}=0 skips this check "
             f"(verdict kept in {path})", RuntimeWarning, stacklevel=3)
     return verdict["passed"]
 
@@ -162,16 +162,14 @@ def check(device: torch.device, grad_dtype: torch.dtype) -> str | None:
     tolerance the kernel's tests hold it to (rtol 1e-5, atol 1e-6, the same inf/NaN positions; phi of
     bf16/fp16 grads one rounding apart at most), bf16 copies bitwise the kernel's own params rounded.
     """
-    from .power import grad_power_
-
     try:
         for case, (power, power_eps, adam_w_mode, weight_decay, bias_correction, copy_out) in enumerate(CASES):
             hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, power=power,
                          power_eps=power_eps, adam_w_mode=adam_w_mode, bias_correction=bias_correction)
             label = (f"case {case} (p={power}, power_eps={power_eps}, {'AdamW' if adam_w_mode else 'L2'} "
                      f"weight_decay={weight_decay}, bias_correction={bias_correction})")
-            got, want = (_three_steps(where, grad_dtype, copy_out, hyper, options) for where, options in
-                         ((device, dict(fused=True)), (torch.device("cpu"), dict(foreach=False))))
+            got, want = (_three_steps(where, grad_dtype, copy_out, hyper, step) for where, step in
+                         ((device, _kernel_step), (torch.device("cpu"), torch_paths.single_tensor_adam_power)))
             for name in ("param", "exp_avg", "exp_avg_sq"):
                 for a, b in zip(got[name], want[name]):
                     torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6, equal_nan=True,
@@ -181,10 +179,12 @@ def check(device: torch.device, grad_dtype: torch.dtype) -> str | None:
                                            msg=lambda m: f"{label}, bf16 copy-out: {_summary(m)}")
         for power, power_eps in ((1.2, 0.0), (0.8, 1e-8)):
             grads = [_edge_values(n, grad_dtype, seed=7 + n) for n in SIZES]
-            got = grad_power_([g.to(device, copy=True) for g in grads], power, power_eps, fused=True)
-            want = grad_power_([g.clone() for g in grads], power, power_eps, fused=False)
+            got = [g.to(device, copy=True) for g in grads]
+            triton_ops.triton_grad_power_(got, power, power_eps)
+            for g in grads:
+                torch_paths.torch_power_(g, power, power_eps)
             ulp = 0.0 if grad_dtype == torch.float32 else torch.finfo(grad_dtype).eps  # one rounding apart at most
-            for a, b in zip(got, want):
+            for a, b in zip(got, grads):
                 torch.testing.assert_close(a.cpu(), b, rtol=max(1e-5, ulp), atol=0.0, equal_nan=True,
                                            msg=lambda m, p=power: f"phi_p in place (p={p}): {_summary(m)}")
     except AssertionError as error:
@@ -199,16 +199,19 @@ def _summary(message: str) -> str:
     return "; ".join(line.strip() for line in message.splitlines()[1:] if line.strip())
 
 
-def _three_steps(device: torch.device, grad_dtype: torch.dtype, copy_out: bool, hyper: dict, options: dict) -> dict:
-    """Three AdamPower steps on SIZES on `device`: the params, moments and bf16 copies after them, by name."""
-    from .functional import adam_power
+def _kernel_step(params, grads, exp_avgs, exp_avg_sqs, steps, copies, **hyper) -> None:
+    triton_ops.triton_adam_power_step(params, grads, exp_avgs, exp_avg_sqs, steps, low_precision_params=copies, **hyper)
 
+
+def _three_steps(device: torch.device, grad_dtype: torch.dtype, copy_out: bool, hyper: dict, step) -> dict:
+    """Three AdamPower steps on SIZES on `device` by `step` (the kernel's or the reference's functional step): the
+    params, moments and bf16 copies after them, by name."""
     params = [_edge_values(n, torch.float32, seed=n).nan_to_num_(0.0, 1e3, -1e3).to(device) for n in SIZES]
     exp_avgs, exp_avg_sqs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
-    steps = [torch.tensor(0.0) for _ in params]
+    counts = [torch.tensor(0.0) for _ in params]
     copies = [torch.empty_like(p, dtype=torch.bfloat16) if copy_out else None for p in params]
-    for step in range(3):
-        grads = [_edge_values(n, grad_dtype, seed=100 * step + n).to(device) for n in SIZES]
-        adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, low_precision_params=copies, **hyper, **options)
+    for k in range(3):
+        grads = [_edge_values(n, grad_dtype, seed=100 * k + n).to(device) for n in SIZES]
+        step(params, grads, exp_avgs, exp_avg_sqs, counts, copies, **hyper)
     return {"param": params, "exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs,
             "bf16 copy": [c for c in copies if c is not None]}

@@ -18,15 +18,15 @@ code. phi(+-0) = +-0 (also with eps), NaN stays NaN and +-Inf stay +-Inf.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from . import torch_paths
 from .hyperparams import ADAM_POWER_DEFAULTS, check_settings
 from .ops import native_adam_power as native
 from .ops import triton_adam_power as triton_ops
 
-CHUNK = native.CHUNK  # elements per scratch chunk on the torch path
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -74,26 +74,10 @@ def grad_power_(tensors: torch.Tensor | Sequence[torch.Tensor], p: float = ADAM_
         elif kernel == "triton":
             on_triton.append(t)
         else:
-            _torch_power_(t, p, eps)
+            torch_paths.torch_power_(t, p, eps)
     if on_triton:
         triton_ops.triton_grad_power_(on_triton, p, eps)
     return tensors
-
-
-def powered_copy(g: torch.Tensor, dtype: torch.dtype, p: float, eps: float) -> torch.Tensor:
-    """phi_p(g) as a new `dtype` tensor, g untouched: the torch paths' grad copy.
-
-    phi is written straight into the copy (abs into it, pow_, copysign_ from the grad): 28 bytes per
-    element for an fp32 grad, where a copy and then phi in place took 44; no temporary besides the copy
-    (a bool mask with eps). p and eps arrive validated (the functional core's callers check them).
-    """
-    copy = torch.abs(g) if g.dtype == dtype else g.to(dtype, copy=True).abs_()
-    if eps:
-        copy.add_(eps)
-    copy.pow_(p)
-    if eps:
-        copy.masked_fill_(g == 0, 0.0)  # phi(+-0) = +-0
-    return copy.copysign_(g)
 
 
 def fused_kernel(device: torch.device, fused: bool | None, grad_dtype: torch.dtype = torch.float32) -> str | None:
@@ -132,30 +116,3 @@ def _checked(p, eps) -> tuple[float, float]:
     """(p, eps) validated as an optimizer's power and power_eps are (hyperparams.check_settings), as floats."""
     checked = check_settings({"power": p, "power_eps": eps}, owner="grad_power")
     return checked["power"], checked["power_eps"]
-
-
-def _torch_power_(t: torch.Tensor, p: float, eps: float) -> None:
-    compute = torch.float64 if t.dtype == torch.float64 else torch.float32
-    for chunk in _chunk_views(t):
-        x = chunk if chunk.dtype == compute else chunk.to(compute)
-        mag = x.abs()
-        if eps:
-            mag.add_(eps)
-        mag.pow_(p).copysign_(x)
-        if eps:
-            mag = torch.where(x == 0, x, mag)  # phi(+-0) = +-0
-        chunk.copy_(mag)
-
-
-def _chunk_views(t: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Views of t of at most CHUNK elements (a non-contiguous t is split along its first dimension)."""
-    if t.numel() == 0:
-        return
-    if t.is_contiguous() or t.dim() == 0:
-        flat = t.reshape(-1)
-        for begin in range(0, flat.numel(), CHUNK):
-            yield flat[begin:begin + CHUNK]
-        return
-    rows = max(1, CHUNK // max(1, t[0].numel()))
-    for begin in range(0, t.shape[0], rows):
-        yield t[begin:begin + rows]

@@ -1,4 +1,4 @@
-"""The tested version ranges of the packages gradpower-ds patches, in one place.
+"""This package's version and the tested version ranges of the packages gradpower-ds patches, in one place.
 
 ``setup.py`` reads this file by path for its extras (``.[deepspeed]``, ``.[megatron]``), and the
 patch sets (``gradpower_ds.deepspeed.DEEPSPEED``, ``megatron_patches.MEGATRON_CORE``) check the
@@ -6,6 +6,8 @@ installed version against it. Both ends of each range run the integration tests 
 (``tests/run.sh``: the newest in ``requirements-test.txt``, the oldest in
 ``requirements-test-oldest.txt``). No imports here: setup.py loads it without the package's needs.
 """
+
+VERSION = "0.1.0"  # gradpower-ds's own (setup.py, gradpower_ds.__version__, the Triton kernel's verdict cache)
 
 TESTED = {
     # dist name: (oldest, newest), both tested, both included

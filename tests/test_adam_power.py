@@ -197,19 +197,19 @@ def test_multi_tensor_batches_are_bounded_and_exact(monkeypatch, power):
     """Batches of at most MULTI_TENSOR_BATCH elements (a large tensor split into pieces) give the same result: bit for
     bit where phi is the identity; with p = 1.2 within torch's pow, whose vectorised and scalar loops (which elements
     fall in which depends on where a batch starts) differ in the last bit for some inputs."""
-    from gradpower_ds import functional
+    from gradpower_ds import torch_paths
 
     whole, _ = _train_paths(PATHS["multi_tensor"], torch.bfloat16, power=power)
     sizes = []
-    real_batches = functional._batches
+    real_batches = torch_paths._batches
 
     def recorded(*args):
         for batch in real_batches(*args):
             sizes.append(sum(t.numel() for t in batch[0]))
             yield batch
 
-    monkeypatch.setattr(functional, "MULTI_TENSOR_BATCH", 300)
-    monkeypatch.setattr(functional, "_batches", recorded)
+    monkeypatch.setattr(torch_paths, "MULTI_TENSOR_BATCH", 300)
+    monkeypatch.setattr(torch_paths, "_batches", recorded)
     pieces, _ = _train_paths(PATHS["multi_tensor"], torch.bfloat16, power=power)
     assert max(sizes) <= 300 and sum(sizes) == 20 * (1000 + 33 * 17 + 5)
     for a, b in zip(whole, pieces):
@@ -264,14 +264,14 @@ def test_native_path_checks_every_buffer_it_reads():
 def torch_fused_on_cpu(monkeypatch):
     """The automatic choice's torch fused path on CPU tensors (the CPU among TORCH_FUSED_DEVICES, the native kernel
     unavailable); yields the list of its calls' param counts."""
-    from gradpower_ds import functional
+    from gradpower_ds import torch_paths
     from gradpower_ds.ops import native_adam_power as native
 
-    monkeypatch.setattr(functional, "TORCH_FUSED_DEVICES", ("cpu",))
+    monkeypatch.setattr(torch_paths, "TORCH_FUSED_DEVICES", ("cpu",))
     monkeypatch.setattr(native, "native_available", lambda: False)
     calls = []
-    real = functional._torch_fused_adam_power
-    monkeypatch.setattr(functional, "_torch_fused_adam_power", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    real = torch_paths.torch_fused_adam_power
+    monkeypatch.setattr(torch_paths, "torch_fused_adam_power", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
     yield calls
 
 

@@ -56,12 +56,12 @@ def test_kernel_adam_power_on_cuda_matches_cpu_reference(path, grad_dtype):
 def test_kernel_torch_fused_path_on_cuda_matches_cpu_reference(grad_dtype, monkeypatch):
     """Without the Triton kernel (GRADPOWER_TRITON=0 here; no Triton or a failed gate for users) the automatic choice on
     CUDA is phi into the grads' copy, then torch's fused AdamW kernel."""
-    from gradpower_ds import functional
+    from gradpower_ds import torch_paths
 
     monkeypatch.setenv("GRADPOWER_TRITON", "0")
     calls = []
-    real = functional._torch_fused_adam_power
-    monkeypatch.setattr(functional, "_torch_fused_adam_power", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = torch_paths.torch_fused_adam_power
+    monkeypatch.setattr(torch_paths, "torch_fused_adam_power", lambda *a, **k: calls.append(1) or real(*a, **k))
     reference = _steps("cpu", grad_dtype, PATHS["single_tensor"])
     for got, want in zip(_steps("cuda", grad_dtype, PATHS["automatic"]), reference):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -13,6 +13,7 @@ import torch
 from conftest import edge_tensor
 from gradpower_ds import grad_power, grad_power_
 from gradpower_ds import power as power_module
+from gradpower_ds import torch_paths
 
 
 def phi64(t: torch.Tensor, p: float, eps: float = 0.0) -> torch.Tensor:
@@ -103,7 +104,7 @@ def test_in_place_low_and_double_precision(fused, dtype):
 @pytest.mark.parametrize("fused", [None, False], ids=["native", "torch"])
 def test_in_place_shapes_and_chunks(fused, monkeypatch):
     """Empty, 0-d, non-contiguous and multi-chunk tensors, one at a time and as a list; only t changes."""
-    monkeypatch.setattr(power_module, "CHUNK", 1000)  # several chunks on the torch route
+    monkeypatch.setattr(torch_paths, "CHUNK", 1000)  # several chunks on the torch route
     monkeypatch.setattr(power_module.native, "CHUNK", 1000)  # and on the native route's bf16 scratch
     base = torch.randn(70, 90)
     tensors = [torch.empty(0), torch.tensor(-2.5), torch.randn(60, 40).t(), torch.randn(5000),
