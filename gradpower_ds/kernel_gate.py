@@ -113,8 +113,9 @@ def _cached_or_checked(device: torch.device, grad_dtype: torch.dtype) -> bool:
             f"gradpower_ds: the Triton AdamPower kernel differs from the reference on {identity['gpu']} "
             f"({identity['capability']}, Triton {identity['triton']}, {identity['grad_dtype']} grads): "
             f"{verdict['difference']}. Stepping with the torch path instead (correct, slower). Please report it to "
-            f"{REPORT_TO}; {ENV_CHOICE}=1 forces the kernel, {ENV_CHOICE}=0 skips this check "
-            f"(verdict kept in {path})", RuntimeWarning, stacklevel=3)
+            f"{REPORT_TO}; {ENV_CHOICE}=1 forces the kernel, {ENV_CHOICE}=0 skips this check ("
+            f"{f'verdict kept in {path}' if usable else f'verdict not kept: {directory} is not a private directory'})",
+            RuntimeWarning, stacklevel=3)
     return verdict["passed"]
 
 
