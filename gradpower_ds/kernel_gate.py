@@ -65,7 +65,8 @@ def triton_is_default(device: torch.device, grad_dtype: torch.dtype) -> bool:
 def device_identity(device: torch.device) -> dict:
     """What the verdict depends on: GPU name, compute capability, Triton version, our version and kernel source."""
     if device.type == "cuda":
-        name, capability = torch.cuda.get_device_name(device), "sm_{}{}".format(*torch.cuda.get_device_capability(device))
+        name = torch.cuda.get_device_name(device)
+        capability = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
     else:  # Triton's interpreter on CPU tensors (tests)
         name, capability = "Triton interpreter", "cpu"
     source = hashlib.sha256(Path(triton_ops.__file__).read_bytes()).hexdigest()[:16]

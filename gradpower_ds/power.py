@@ -54,8 +54,8 @@ def grad_power_(tensors: torch.Tensor | Sequence[torch.Tensor], p: float = ADAM_
     Takes one tensor or a sequence of them (any float dtype, any device). ``fused``
     picks the kernel as AdamPower's does, once per (device, dtype): None uses the native kernel for
     CPU tensors and the Triton one for CUDA tensors once it has passed its check on that GPU
-    (``gradpower_ds.kernel_gate``), chunked torch ops otherwise; True requires the kernel (native on the CPU; Triton's interpreter
-    on the CPU under TRITON_INTERPRET=1); False always uses torch ops.
+    (``gradpower_ds.kernel_gate``), chunked torch ops otherwise; True requires the kernel (native on
+    the CPU; Triton's interpreter on the CPU under TRITON_INTERPRET=1); False always uses torch ops.
     """
     p, eps = _checked(p, eps)
     if p == 1.0 and eps == 0.0:

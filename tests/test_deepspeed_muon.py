@@ -7,8 +7,8 @@ One launched job (tests/jobs/ds_muon.py) trains every case with MuonPower (power
 - MuonPower(1.5, 1.2) matches ds_toy.muon_reference_run, a single-process run that applies phi (float64) before
   DeepSpeed's own muon_update, and AdamPower (the reference path) to the other parameters: fp32 within FP32_TOL
   of every tensor (measured: 6.8e-8 at most) where DeepSpeed's Newton-Schulz runs in fp32, FP16_NS_TOL where it
-  runs in fp16 (fp32_tolerance; measured 0.99-1.11e-4), bf16 (forward/backward in bf16 against the fp32 reference) within
-  LOW_PRECISION_TOL of the update (measured: 0.047 for ZeRO 1-3, 0.059 at stage 0, whose wrapper sums the
+  runs in fp16 (fp32_tolerance; measured 0.99-1.11e-4), bf16 (forward/backward in bf16 against the fp32
+  reference) within LOW_PRECISION_TOL of the update (measured: 0.047 for ZeRO 1-3, 0.059 at stage 0, whose wrapper sums the
   gradients in bf16); and far from DeepSpeed's Muon (fp32: 2.3e-2 per tensor; bf16: 2.9-3.1x further from the
   reference than ours), so the checks can tell the power is applied;
 - a checkpoint saved after one step and loaded into a new engine continues bit for bit (RESUME_CASES).
@@ -65,8 +65,8 @@ def fp32_tolerance() -> float:
     """The fp32 cases' tolerance: FP32_TOL where DeepSpeed's Newton-Schulz ("gram", as MuonPower and the reference
     call it) runs in fp32; FP16_NS_TOL where it runs in fp16, which DeepSpeed picks on a CPU whose oneDNN has fp16
     (an Intel Xeon with AVX512-FP16/AMX, not the AMD EPYC VMs): there the last-bit differences of the 2-rank
-    gradient reduction come out of fp16 NS at 0.99-1.11e-4 (measured, 2026-12-03, six cases). DeepSpeed exports the dtype for
-    exactly this (original_muon.ns_compute_dtype)."""
+    gradient reduction come out of fp16 NS at 0.99-1.11e-4 (measured, 2026-12-03, six cases). DeepSpeed exports
+    the dtype for exactly this (original_muon.ns_compute_dtype)."""
     from deepspeed.runtime.zero.muon.original_muon import ns_compute_dtype
 
     return FP32_TOL if ns_compute_dtype("gram") == torch.float32 else FP16_NS_TOL

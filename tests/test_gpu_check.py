@@ -123,7 +123,8 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     would_run = {line.split(" would run on a GPU: ")[0]: line.split(": ", 1)[1].split()
                  for line in proc.stdout.splitlines() if " would run on a GPU: " in line}
     assert sorted(would_run) == sorted(TEST_STEPS)
-    assert "tests/test_triton_adam_power.py::test_kernel_compiled_on_cuda_matches_reference" in would_run["kernel_tests"]
+    compiled_kernel_test = "tests/test_triton_adam_power.py::test_kernel_compiled_on_cuda_matches_reference"
+    assert compiled_kernel_test in would_run["kernel_tests"]
     assert figures["select"]["gpu_tests"] == {name: len(ids) for name, ids in would_run.items()}
     target_lines = [line for line in proc.stdout.splitlines() if line.startswith("TARGET ")]
     assert target_lines and all(line.endswith("not judged (dry run)") for line in target_lines), target_lines
