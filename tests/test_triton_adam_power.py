@@ -438,7 +438,8 @@ def test_a_plan_holds_no_tensor():
     p.grad = torch.randn(100)
     opt = AdamPower([p], lr=LR, fused=True)
     opt.step()
-    refs = [weakref.ref(t) for t in (p, p.grad, opt.state[p]["exp_avg"], opt.state[p]["step"])]
+    refs = [weakref.ref(t) for t in (p, p.grad, opt.state[p]["exp_avg"], opt.state[p]["step"],
+                                     opt.state[p]["step"]._base)]
     del p, opt
     gc.collect()
     assert all(ref() is None for ref in refs)

@@ -318,7 +318,8 @@ class _Plan:
                 _check(c, p, _COPY_DTYPES, "a low-precision copy")
         self.signature = signature
         self.state = [weakref.ref(t) for t in (*params, *exp_avgs, *exp_avg_sqs, *steps)]
-        self.step_base = _common_base(steps)  # one add advances every counter; else one foreach add
+        base = _common_base(steps)  # one add advances every counter; else one foreach add
+        self.step_base = weakref.ref(base) if base is not None else None
         self.counts: list[int] = []
         self.versions: list[int] | None = None  # the counters' versions after this plan last advanced them
         self.offsets: tuple | None = None  # each count minus the first: what the buckets depend on
@@ -333,7 +334,7 @@ class _Plan:
         if self.versions != [s._version for s in steps]:  # first step, or written elsewhere: read them
             self.counts = [int(s.item()) for s in steps]
         if self.step_base is not None:
-            self.step_base.add_(1)
+            self.step_base().add_(1)  # alive: the counters, which holds() found alive, are its views
         else:
             torch._foreach_add_(list(steps), 1)
         self.counts = [c + 1 for c in self.counts]
