@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import torch_paths
+from . import kernel_gate, torch_paths
 from .hyperparams import ADAM_POWER_DEFAULTS, check_settings
 from .ops import native_adam_power as native
 from .ops import triton_adam_power as triton_ops
@@ -104,9 +104,7 @@ def fused_kernel(device: torch.device, fused: bool | None, grad_dtype: torch.dty
                 raise RuntimeError(f"fused=True on CUDA tensors needs the Triton kernel, which cannot run: {reason}; "
                                    "pass fused=None or fused=False for the torch path")
             return "triton"
-        from .kernel_gate import triton_is_default  # it steps through this module to check the kernel
-
-        return "triton" if triton_is_default(device, grad_dtype) else None
+        return "triton" if kernel_gate.triton_is_default(device, grad_dtype) else None
     if fused:
         raise RuntimeError(f"fused=True: there is no fused kernel for {device.type} tensors; pass fused=None")
     return None
