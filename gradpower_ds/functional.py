@@ -38,11 +38,10 @@ from collections.abc import Sequence
 
 import torch
 
+from . import torch_paths
 from .ops import native_adam_power as native
 from .ops import triton_adam_power as triton_ops
-from . import torch_paths
 from .power import fused_kernel
-
 
 
 def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],

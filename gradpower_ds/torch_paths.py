@@ -114,9 +114,7 @@ def multi_tensor_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies,
         torch._foreach_div_(denoms, [bc2_sqrt for _, bc2_sqrt in bcs])
         torch._foreach_add_(denoms, eps)
         torch._foreach_addcdiv_(ps, ms, denoms, [-(lr / bc1) for bc1, _ in bcs])
-    for p, copy in zip(params, copies):
-        if copy is not None:
-            copy.copy_(p)
+    _copy_out(params, copies)
 
 
 def torch_fused_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies, *, lr, beta1, beta2, eps,
@@ -132,6 +130,11 @@ def torch_fused_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies, 
             device_steps = device_steps.pin_memory().to(ps[0].device, non_blocking=True)
         step_kernel(ps, gs, ms, vs, [], list(device_steps.unbind()), lr=lr, beta1=beta1, beta2=beta2,
                     weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+    _copy_out(params, copies)
+
+
+def _copy_out(params, copies) -> None:
+    """Each new param rounded into its low-precision copy, where it has one."""
     for p, copy in zip(params, copies):
         if copy is not None:
             copy.copy_(p)
