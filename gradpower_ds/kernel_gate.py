@@ -106,7 +106,7 @@ def _cached_or_checked(device: torch.device, grad_dtype: torch.dtype) -> bool:
         verdict = dict(identity, passed=difference is None, difference=difference,
                        seconds=round(time.perf_counter() - started, 3), checked=time.strftime("%Y-%m-%d %H:%M:%S"))
         if usable:
-            _write(path, dict(_read(path), **{key: verdict}))
+            _write(path, dict(_read(path), **{key: verdict}))  # read again: keeps what other ranks wrote meanwhile
         log.info("gradpower_ds: the Triton kernel %s on %s (%s grads) in %.2f s", "passed its check" if
                  verdict["passed"] else "FAILED its check", identity["gpu"], identity["grad_dtype"], verdict["seconds"])
     if not verdict["passed"]:
