@@ -53,6 +53,7 @@ class AdamPower(AdamPowerBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale, copy_out = self._take_folded()
         for group in self.param_groups:
-            self._step_group(group, foreach=self.foreach, fused=self.fused)
+            self._step_group(group, copy_out=copy_out, grad_scale=grad_scale, foreach=self.foreach, fused=self.fused)
         return loss

@@ -67,6 +67,7 @@ class CPUAdamPower(AdamPowerBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale, copy_out = self._take_folded()
         for gi, group in enumerate(self.param_groups):
             copies = fp16_param_groups[gi] if fp16_param_groups is not None else None
             if copies is not None:
@@ -76,5 +77,6 @@ class CPUAdamPower(AdamPowerBase):
                         raise TypeError("CPUAdamPower: a copy-out tensor must be a contiguous bf16/fp16 CPU tensor "
                                         f"shaped like its param {tuple(p.shape)}, got {copy.dtype} "
                                         f"{tuple(copy.shape)} on {copy.device}")
-            self._step_group(group, copies, fused=True, isa=self.isa, num_threads=self.num_threads)
+            self._step_group(group, copies, copy_out, grad_scale, fused=True, isa=self.isa,
+                             num_threads=self.num_threads)
         return loss

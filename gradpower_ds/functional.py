@@ -49,7 +49,8 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
                beta2: float, eps: float, weight_decay: float, power: float, power_eps: float = 0.0,
                adam_w_mode: bool = True, bias_correction: bool = True, foreach: bool | None = None,
                fused: bool | None = None, low_precision_params: Sequence[torch.Tensor | None] | None = None,
-               isa: str | None = None, num_threads: int | None = None) -> None:
+               grad_scale: float | torch.Tensor | None = None, isa: str | None = None,
+               num_threads: int | None = None) -> None:
     """One AdamPower step: params, exp_avgs, exp_avg_sqs and steps (float32 counters, incremented) in place.
 
     Adam(W) fed with phi_p(g) = sign(g)(|g| + power_eps)^p, with Adam's L2 term
@@ -57,7 +58,11 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
     implementation (see the module docstring): fused=None, foreach=None is automatic;
     foreach=True/False the torch multi-/single-tensor path; fused=True the device's
     kernel or an error. low_precision_params: per param None or a bf16/fp16 tensor
-    that receives the new weights. isa, num_threads: the native kernel's (CPUAdamPower's).
+    that receives the new weights. grad_scale: None, or a positive float or one-element
+    fp32 tensor (on the params' device) the grads are multiplied by before phi, in the
+    same pass: exactly as ``g.float().mul_(grad_scale)`` beforehand (a wrapper's
+    unscale/clip coefficient, folded in: ``AdamPowerBase.fold_into_next_step``).
+    isa, num_threads: the native kernel's (CPUAdamPower's).
     The hyperparameters are not validated here: callers validate them once, where they
     enter (``gradpower_ds.hyperparams.check_settings``), as AdamPowerBase does.
     """
@@ -70,6 +75,7 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
                          "have the same length")
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, power=power,
                  power_eps=power_eps, adam_w_mode=adam_w_mode, bias_correction=bias_correction)
+    scaled = dict(hyper, grad_scale=grad_scale)
     if foreach is not None and fused is None:
         fused = False
     paths: dict[str, list[int]] = {"native": [], "triton": [], "torch_fused": [], "torch": []}
@@ -102,20 +108,22 @@ def adam_power(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
     if paths["native"]:
         threads = num_threads or torch.get_num_threads()
         isa = native.resolve_isa(isa)
+        scale = 1.0 if grad_scale is None else float(grad_scale)  # a CPU kernel: a host value
         for p, g, m, v, s, c in zip(*pick(paths["native"], *columns)):
             s += 1
-            native.native_adam_power_step(p, g, m, v, c, step=s.item(), isa=isa, num_threads=threads, **hyper)
+            native.native_adam_power_step(p, g, m, v, c, step=s.item(), isa=isa, num_threads=threads,
+                                          grad_scale=scale, **hyper)
     if paths["triton"]:
         p, g, m, v, s, c = pick(paths["triton"], *columns)
-        triton_ops.triton_adam_power_step(p, g, m, v, s, low_precision_params=c, **hyper)
+        triton_ops.triton_adam_power_step(p, g, m, v, s, low_precision_params=c, **scaled)
     fused_groups: dict[tuple, list[int]] = {}  # torch's fused kernels take one device and dtype a call
     for i in paths["torch_fused"]:
         fused_groups.setdefault((params[i].device, params[i].dtype), []).append(i)
     for indices in fused_groups.values():
-        torch_paths.torch_fused_adam_power(*pick(indices, *columns), **hyper)
+        torch_paths.torch_fused_adam_power(*pick(indices, *columns), **scaled)
     if paths["torch"]:
         step_fn = torch_paths.single_tensor_adam_power if foreach is False else torch_paths.multi_tensor_adam_power
-        step_fn(*pick(paths["torch"], *columns), **hyper)
+        step_fn(*pick(paths["torch"], *columns), **scaled)
 
 
 def _native_layout(param, grad, exp_avg, exp_avg_sq, copy) -> bool:

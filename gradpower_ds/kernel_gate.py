@@ -147,11 +147,12 @@ def _edge_values(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return values.to(dtype)
 
 
-CASES = (  # (power, power_eps, adam_w_mode, weight_decay, bias_correction, bf16 copy-out)
-    (1.2, 0.0, True, 0.1, True, False),
-    (1.2, 1e-8, False, 0.01, True, True),
-    (0.8, 0.0, True, 0.0, False, True),
-    (1.0, 0.0, True, 0.1, True, False),
+CASES = (  # (power, power_eps, adam_w_mode, weight_decay, bias_correction, bf16 copy-out, grad_scale)
+    (1.2, 0.0, True, 0.1, True, False, None),
+    (1.2, 1e-8, False, 0.01, True, True, None),
+    (0.8, 0.0, True, 0.0, False, True, None),
+    (1.0, 0.0, True, 0.1, True, False, None),
+    (1.2, 0.0, True, 0.1, True, True, 0.37),  # as DeepSpeed's ZeRO steps it: the clip coefficient and a bf16 copy
 )
 SIZES = (triton_ops.BLOCK + 37, 1, 300)  # whole blocks and a tail, a single element, a tensor under one block
 
@@ -165,11 +166,14 @@ def check(device: torch.device, grad_dtype: torch.dtype) -> str | None:
     bf16/fp16 grads one rounding apart at most), bf16 copies bitwise the kernel's own params rounded.
     """
     try:
-        for case, (power, power_eps, adam_w_mode, weight_decay, bias_correction, copy_out) in enumerate(CASES):
+        for case, (power, power_eps, adam_w_mode, weight_decay, bias_correction, copy_out, grad_scale) in \
+                enumerate(CASES):
             hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, power=power,
-                         power_eps=power_eps, adam_w_mode=adam_w_mode, bias_correction=bias_correction)
+                         power_eps=power_eps, adam_w_mode=adam_w_mode, bias_correction=bias_correction,
+                         grad_scale=grad_scale)
             label = (f"case {case} (p={power}, power_eps={power_eps}, {'AdamW' if adam_w_mode else 'L2'} "
-                     f"weight_decay={weight_decay}, bias_correction={bias_correction})")
+                     f"weight_decay={weight_decay}, bias_correction={bias_correction}"
+                     f"{'' if grad_scale is None else f', grad_scale={grad_scale}'})")
             got, want = (_three_steps(where, grad_dtype, copy_out, hyper, step) for where, step in
                          ((device, _kernel_step), (torch.device("cpu"), torch_paths.single_tensor_adam_power)))
             for name in ("param", "exp_avg", "exp_avg_sq"):

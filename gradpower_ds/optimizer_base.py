@@ -61,11 +61,36 @@ class AdamPowerBase(torch.optim.Optimizer):
                 exp_avg_sq=torch.zeros_like(p, dtype=self.MOMENT_DTYPE, memory_format=torch.preserve_format))
         return [self.state[p] for p in params]
 
-    def _step_group(self, group: dict, copies=None, **options) -> None:
+    def fold_into_next_step(self, *, grad_scale: float | torch.Tensor | None = None,
+                            copy_out: dict[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Has the next step() do in its own pass what a wrapper would do around it (DeepSpeed's ZeRO:
+        ``gradpower_ds.deepspeed``), with the same result bit for bit.
+
+        grad_scale: every grad that step reads is multiplied by it first (the wrapper's unscale/clip coefficient: a
+        positive float, or a one-element fp32 tensor on the grads' device) instead of by a pass over the grads
+        before it; copy_out: {param: a bf16/fp16 tensor of its shape} receiving its new weights (the wrapper's
+        low-precision copy) instead of a copy after it. Both hold for the next step() only; calls before it add up.
+        """
+        folded = self.__dict__.setdefault("_folded", {"grad_scale": None, "copy_out": {}})
+        if grad_scale is not None:
+            folded["grad_scale"] = grad_scale
+        folded["copy_out"].update({id(p): copy for p, copy in (copy_out or {}).items()})
+
+    def _take_folded(self) -> tuple[float | torch.Tensor | None, dict[int, torch.Tensor]]:
+        """What fold_into_next_step asked of this step: (grad_scale, {id(param): copy}); cleared for the next."""
+        folded = self.__dict__.pop("_folded", None) or {"grad_scale": None, "copy_out": {}}
+        return folded["grad_scale"], folded["copy_out"]
+
+    def _step_group(self, group: dict, copies=None, copy_out: dict[int, torch.Tensor] | None = None,
+                    grad_scale: float | torch.Tensor | None = None, **options) -> None:
         """Steps a param group's params that have a grad through the functional core (options: its keywords).
 
-        copies: None or, per param of the group, None or a bf16/fp16 tensor receiving the new weights.
+        copies: None or, per param of the group, None or a bf16/fp16 tensor receiving the new weights; copy_out
+        ({id(param): tensor}, from fold_into_next_step) gives the others theirs; grad_scale multiplies the grads.
         """
+        if copy_out:
+            copies = [c if c is not None else copy_out.get(id(p))
+                      for p, c in zip(group["params"], copies or [None] * len(group["params"]))]
         chosen = [i for i, p in enumerate(group["params"]) if p.grad is not None]
         if not chosen:
             return
@@ -78,5 +103,5 @@ class AdamPowerBase(torch.optim.Optimizer):
                    [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"], beta1=beta1,
                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], power=group["power"],
                    power_eps=group["power_eps"], adam_w_mode=group["adam_w_mode"],
-                   bias_correction=group["bias_correction"],
+                   bias_correction=group["bias_correction"], grad_scale=grad_scale,
                    low_precision_params=None if copies is None else [copies[i] for i in chosen], **options)

@@ -27,20 +27,27 @@ TORCH_FUSED_DEVICES = ("cuda",)  # where the automatic choice's torch path steps
 TORCH_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def powered_copy(g: torch.Tensor, dtype: torch.dtype, p: float, eps: float) -> torch.Tensor:
-    """phi_p(g) as a new `dtype` tensor, g untouched: the torch paths' grad copy.
+def powered_copy(g: torch.Tensor, dtype: torch.dtype, p: float, eps: float,
+                 scale: float | torch.Tensor | None = None) -> torch.Tensor:
+    """phi_p(g * scale) as a new `dtype` tensor, g untouched: the torch paths' grad copy.
 
     phi is written straight into the copy (abs into it, pow_, copysign_ from the grad): 28 bytes per
     element for an fp32 grad, where a copy and then phi in place took 44; no temporary besides the copy
-    (a bool mask with eps). p and eps arrive validated (the functional core's callers check them).
+    (a bool mask with eps). scale (a positive float or one-element tensor, a wrapper's unscale/clip
+    coefficient): the copy is g * scale first, as ``g.to(dtype).mul_(scale)``, one pass more. p and eps
+    arrive validated (the functional core's callers check them).
     """
-    copy = torch.abs(g) if g.dtype == dtype else g.to(dtype, copy=True).abs_()
+    if scale is None:
+        copy = torch.abs(g) if g.dtype == dtype else g.to(dtype, copy=True).abs_()
+    else:
+        copy = (torch.mul(g, scale) if g.dtype == dtype else g.to(dtype, copy=True).mul_(scale)).abs_()
+    zero = copy == 0 if eps else None  # phi(+-0) = +-0 (a product may underflow to 0 where g is not)
     if eps:
         copy.add_(eps)
     copy.pow_(p)
     if eps:
-        copy.masked_fill_(g == 0, 0.0)  # phi(+-0) = +-0
-    return copy.copysign_(g)
+        copy.masked_fill_(zero, 0.0)
+    return copy.copysign_(g)  # scale > 0: g * scale has g's sign, zeros included
 
 
 def torch_power_(t: torch.Tensor, p: float, eps: float) -> None:
@@ -73,11 +80,11 @@ def _chunk_views(t: torch.Tensor) -> Iterator[torch.Tensor]:
 
 
 def single_tensor_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies, *, lr, beta1, beta2, eps,
-                             weight_decay, power, power_eps, adam_w_mode, bias_correction) -> None:
+                             weight_decay, power, power_eps, adam_w_mode, bias_correction, grad_scale=None) -> None:
     """The single-tensor path (foreach=False): torch ops one tensor at a time in torch.optim.AdamW's order, so that
     with power = 1 it is bitwise torch.optim.Adam(W)(foreach=False); the reference the other paths are held to."""
     for p, grad, exp_avg, exp_avg_sq, step_t, copy in zip(params, grads, exp_avgs, exp_avg_sqs, steps, copies):
-        grad = powered_copy(grad, p.dtype, power, power_eps)
+        grad = powered_copy(grad, p.dtype, power, power_eps, grad_scale)
         step_t += 1
         if weight_decay != 0:
             if adam_w_mode:
@@ -94,13 +101,13 @@ def single_tensor_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies
 
 
 def multi_tensor_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies, *, lr, beta1, beta2, eps,
-                            weight_decay, power, power_eps, adam_w_mode, bias_correction) -> None:
+                            weight_decay, power, power_eps, adam_w_mode, bias_correction, grad_scale=None) -> None:
     """The multi-tensor path (foreach=True): torch._foreach ops over batches of at most MULTI_TENSOR_BATCH elements,
     phi written into each batch's grad copies (powered_copy)."""
     torch._foreach_add_(steps, 1)
     corrections = [bias_corrections(beta1, beta2, s.item(), bias_correction) for s in steps]
     for ps, gs, ms, vs, bcs in _batches(params, grads, exp_avgs, exp_avg_sqs, corrections):
-        gs = [powered_copy(g, p.dtype, power, power_eps) for p, g in zip(ps, gs)]
+        gs = [powered_copy(g, p.dtype, power, power_eps, grad_scale) for p, g in zip(ps, gs)]
         if weight_decay != 0:
             if adam_w_mode:
                 torch._foreach_mul_(ps, 1 - lr * weight_decay)
@@ -118,13 +125,13 @@ def multi_tensor_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies,
 
 
 def torch_fused_adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, copies, *, lr, beta1, beta2, eps,
-                           weight_decay, power, power_eps, adam_w_mode, bias_correction) -> None:
+                           weight_decay, power, power_eps, adam_w_mode, bias_correction, grad_scale=None) -> None:
     """phi into the grads' copy, then torch's fused Adam(W) kernel, per batch (bias_correction is always on here:
     torch's kernel has no switch; the dispatch sends bias_correction=False to the multi-tensor path)."""
     torch._foreach_add_(steps, 1)
     step_kernel = torch._fused_adamw_ if adam_w_mode else torch._fused_adam_  # torch's Adam: L2 into the grad
     for ps, gs, ms, vs, counts in _batches(params, grads, exp_avgs, exp_avg_sqs, [s.item() for s in steps]):
-        gs = [powered_copy(g, p.dtype, power, power_eps) for p, g in zip(ps, gs)]
+        gs = [powered_copy(g, p.dtype, power, power_eps, grad_scale) for p, g in zip(ps, gs)]
         device_steps = torch.tensor(counts, dtype=torch.float32)  # torch's kernel reads the counts on the device
         if ps[0].is_cuda:
             device_steps = device_steps.pin_memory().to(ps[0].device, non_blocking=True)

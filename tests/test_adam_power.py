@@ -7,7 +7,8 @@ import torch
 
 from conftest import grad_stream
 from gradpower_ds import AdamPower, CPUAdamPower
-from reference import Float64AdamPower
+from gradpower_ds.ops import native_adam_power
+from reference import GRAD_SCALES, Float64AdamPower, assert_grad_scale_is_prescaling
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 
@@ -332,3 +333,47 @@ def test_bytes_per_element_of_the_torch_paths(torch_fused_on_cpu):
     assert _bytes_per_element({}, torch.bfloat16) == 64
     assert _bytes_per_element(dict(foreach=True), torch.float32) == 108
     assert _bytes_per_element(dict(foreach=True), torch.bfloat16) == 112
+
+
+# ---- grad_scale: a wrapper's unscale/clip coefficient folded into the step ----------------------------------------
+
+@pytest.mark.parametrize("path", ["reference", "multi_tensor", "native", "torch_fused"])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("scale", [*GRAD_SCALES, "tensor"])
+@pytest.mark.parametrize("power_eps", [0.0, 1e-8])
+def test_grad_scale_is_bitwise_the_grads_multiplied_first(path, grad_dtype, scale, power_eps, monkeypatch):
+    from gradpower_ds import adam_power, torch_paths
+
+    if path == "torch_fused":  # the automatic torch path of CUDA, on CPU tensors
+        monkeypatch.setattr(torch_paths, "TORCH_FUSED_DEVICES", ("cpu",))
+        monkeypatch.setattr(native_adam_power, "native_available", lambda: False)
+    options = {} if path == "torch_fused" else PATHS[path]
+    scale = torch.tensor([0.37]) if scale == "tensor" else scale
+
+    def step(params, grads, exp_avgs, exp_avg_sqs, steps, **kwargs):
+        adam_power(params, grads, exp_avgs, exp_avg_sqs, steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                   weight_decay=0.1, power=1.2, **options, **kwargs)
+
+    assert_grad_scale_is_prescaling(step, [(1000,), (33, 17), (0,), (5,)], grad_dtype, scale, power_eps)
+
+
+def test_fold_into_next_step_holds_for_one_step_only():
+    """The optimizer API DeepSpeed's patches use: the scale and the copy targets apply to the next step alone."""
+    for cls in (AdamPower, CPUAdamPower):
+        params = [torch.nn.Parameter(torch.randn(64)) for _ in range(2)]
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        ours, plain = cls(params, lr=1e-2), cls(twins, lr=1e-2)
+        copy = torch.full((64,), float("nan"), dtype=torch.bfloat16)
+        for k in range(3):
+            grads = [torch.randn(64) for _ in params]
+            for p, t, g in zip(params, twins, grads):
+                p.grad, t.grad = g.clone(), g.clone() * (0.25 if k == 0 else 1.0)
+            if k == 0:
+                ours.fold_into_next_step(grad_scale=0.25)
+                ours.fold_into_next_step(copy_out={params[1]: copy})  # calls before one step add up
+            ours.step()
+            plain.step()
+            assert all(torch.equal(p, t) for p, t in zip(params, twins)), (cls, k)
+            if k == 0:
+                assert torch.equal(copy, params[1].detach().to(torch.bfloat16))
+        assert not torch.equal(copy, params[1].detach().to(torch.bfloat16))  # written at the first step only

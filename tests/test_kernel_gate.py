@@ -59,6 +59,12 @@ def test_a_wrong_step_fails_the_check_saying_where(monkeypatch):
     assert "\n" not in difference
 
 
+def test_an_ignored_grad_scale_fails_the_check(monkeypatch):
+    monkeypatch.setattr(tap, "_scale_tensor", lambda scale, device: torch.ones(1, device=device))
+    assert kernel_gate.check(CPU, torch.float32).startswith(
+        "case 4 (p=1.2, power_eps=0.0, AdamW weight_decay=0.1, bias_correction=True, grad_scale=0.37), param: ")
+
+
 def test_a_wrong_phi_fails_the_check(monkeypatch):
     real_launch = tap._launch
 

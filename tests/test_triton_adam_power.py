@@ -42,6 +42,7 @@ from gradpower_ds import AdamPower, grad_power, grad_power_  # noqa: E402
 from gradpower_ds.hyperparams import ADAM_POWER_DEFAULTS  # noqa: E402
 from gradpower_ds.ops import triton_adam_power as tap  # noqa: E402
 from gradpower_ds.power import fused_kernel  # noqa: E402
+from reference import GRAD_SCALES, assert_grad_scale_is_prescaling  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # The interpreter evaluates log2(0) = -inf, Inf - Inf and the like in numpy, which warns; the kernel means them.
@@ -172,6 +173,31 @@ def _functional_step(params, grads, copies=None, power=1.2, power_eps=0.0, beta1
     return exp_avgs, exp_avg_sqs
 
 
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("scale", [*GRAD_SCALES, "tensor"])
+@pytest.mark.parametrize("power_eps", [0.0, 1e-8])
+def test_grad_scale_is_bitwise_the_grads_multiplied_first(grad_dtype, scale, power_eps):
+    """The kernel's SCALED variant (a float, or a one-element tensor it reads on the device) against its unscaled
+    variant fed grads multiplied beforehand, as DeepSpeed's and Megatron's unscale/clip would."""
+    scale = torch.tensor([0.37]) if scale == "tensor" else scale
+
+    def step(params, grads, exp_avgs, exp_avg_sqs, steps, **kwargs):
+        tap.triton_adam_power_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr=LR, beta1=0.9, beta2=0.999,
+                                   eps=1e-8, weight_decay=0.1, adam_w_mode=True, power=1.2, bias_correction=True,
+                                   **kwargs)
+
+    assert_grad_scale_is_prescaling(step, [(1000,), (4097,), (0,), (5,)], grad_dtype, scale, power_eps)
+
+
+def test_grad_scale_must_be_a_one_element_fp32_tensor_on_the_device():
+    params = [torch.zeros(4)]
+    with pytest.raises(TypeError, match="grad_scale must be a float or a one-element float32 tensor on cpu"):
+        tap.triton_adam_power_step(params, [torch.ones(4)], [torch.zeros(4)], [torch.zeros(4)], [torch.tensor(0.0)],
+                                   lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, adam_w_mode=True,
+                                   power=1.2, power_eps=0.0, bias_correction=True,
+                                   grad_scale=torch.tensor([0.5], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("copy_dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_copy_is_param_to_dtype(copy_dtype):
     shapes = [(7,), (0,), (4097,), (33, 17)]
@@ -297,6 +323,7 @@ def _compile_for_sm90(constexprs: dict):
     signature = {name: "*i64" for name in ("p_addrs", "g_addrs", "m_addrs", "v_addrs", "copy_addrs", "numels",
                                            "first_programs")}
     signature["program_tensor"] = "*i32"
+    signature["grad_scale"] = "*fp32"
     signature.update({name: "fp32" for name in ("lerp_coeff", "lerp_from_grad", "beta2", "one_minus_beta2", "eps",
                                                 "neg_step_size", "bias_corr2_sqrt", "decay", "weight_decay", "power",
                                                 "power_eps")})
@@ -314,7 +341,7 @@ def _compile_for_sm90(constexprs: dict):
 def test_kernel_compiles_for_sm90_in_every_variant(phi_only, grad_dtype, monkeypatch):
     """Compiled mode, which the interpreter does not exercise: every constexpr variant lowers to an sm_90 cubin with
     both bodies (whole blocks with 16-byte vector loads, partial ones masked); the phi-only variant has no Adam
-    arithmetic (no sqrt) in it."""
+    arithmetic (no sqrt) in it. The Adam variants with a copy also take the grads' multiplier (SCALED)."""
     import triton.language as tl
 
     monkeypatch.delenv("TRITON_INTERPRET")  # triton.jit then gives the compiler's kernel, not the interpreter's
@@ -325,7 +352,7 @@ def test_kernel_compiles_for_sm90_in_every_variant(phi_only, grad_dtype, monkeyp
             compiled = _compile_for_sm90(dict(
                 GRAD_DTYPE=getattr(tl, grad_dtype), COPY_DTYPE=getattr(tl, grad_dtype if phi_only else "bfloat16"),
                 HAS_COPY=has_copy, POWER_IS_ONE=power_is_one, DECAY=not phi_only, L2=False, ALIGNED=True,
-                BLOCK=tap.BLOCK, PHI_ONLY=phi_only))
+                BLOCK=tap.BLOCK, PHI_ONLY=phi_only, SCALED=has_copy and not phi_only))
         except Exception as exc:
             if "ptxas" in str(exc) and ("not found" in str(exc) or "No such file" in str(exc)):
                 pytest.skip(f"Triton's ptxas is not available here: {exc}")

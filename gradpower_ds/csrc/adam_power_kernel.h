@@ -1,6 +1,6 @@
 // One fused pass of AdamPower over a contiguous fp32 chunk, written once
 // against simd.h:
-//   g = phi_p(grad); [Adam: g += wd * w]; [AdamW: w *= 1 - lr * wd]
+//   g = phi_p(grad * grad_scale); [Adam: g += wd * w]; [AdamW: w *= 1 - lr * wd]
 //   m = m + (1 - beta1) * (g - m); v = beta2 * v + (1 - beta2) * g * g
 //   w -= step_size * m / (sqrt(v) / sqrt(bias_correction2) + eps)
 // optionally also writing the new w as bf16 or fp16 into a second buffer (the
@@ -35,6 +35,8 @@ struct AdamPowerArgs {
   float inv_bias_corr2_sqrt;  // 1 / sqrt(bias_correction2)
   float power_eps;
   double power;
+  // The grads' multiplier (a wrapper's unscale/clip coefficient, folded into this pass); 1 leaves them as they are.
+  float grad_scale;
 };
 
 namespace {
@@ -83,14 +85,22 @@ GP_INLINE void store_fp32(void* base, int64_t i, typename V::F x) {
 // The step's scalars broadcast once per chunk (so the hot loop reloads nothing).
 template <class V>
 struct Broadcast {
-  typename V::F one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay, neg_step_size, inv_bias_corr2_sqrt, power_eps;
+  typename V::F one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay, neg_step_size, inv_bias_corr2_sqrt, power_eps,
+      grad_scale;
   Exponent power;
   GP_INLINE explicit Broadcast(const AdamPowerArgs& a)
       : one_minus_beta1(V::set1(a.one_minus_beta1)), beta2(V::set1(a.beta2)),
         one_minus_beta2(V::set1(a.one_minus_beta2)), eps(V::set1(a.eps)), l2(V::set1(a.l2)),
         decay(V::set1(a.decay)), neg_step_size(V::set1(-a.step_size)),
-        inv_bias_corr2_sqrt(V::set1(a.inv_bias_corr2_sqrt)), power_eps(V::set1(a.power_eps)), power(a.power) {}
+        inv_bias_corr2_sqrt(V::set1(a.inv_bias_corr2_sqrt)), power_eps(V::set1(a.power_eps)),
+        grad_scale(V::set1(a.grad_scale)), power(a.power) {}
 };
+
+// W lanes of the gradient at element i, widened to fp32 and multiplied by grad_scale (x * 1 is x, bit for bit).
+template <class V, Dtype kD>
+GP_INLINE typename V::F load_grad(const Broadcast<V>& c, const void* g, int64_t i) {
+  return V::mul(load_fp32<V, kD>(g, i), c.grad_scale);
+}
 
 // Updates W lanes of element i (param stored as kParam, the copy-out as kCopy) with the powered gradient pg.
 template <class V, Dtype kParam, CopyOut kCopy>
@@ -134,20 +144,20 @@ GP_INLINE void adam_power_chunk(const AdamPowerArgs& a, int64_t begin, int64_t e
   for (; i + kBlock <= end; i += kBlock) {
     if constexpr (!kIdentity)
       for (int64_t j = 0; j < kBlock; j += V::W)
-        V::store(powered + j, grad_power<V, kPow, kEps>(load_fp32<V, kParam>(g, i + j), vec.power, vec.power_eps));
+        V::store(powered + j, grad_power<V, kPow, kEps>(load_grad<V, kParam>(vec, g, i + j), vec.power, vec.power_eps));
     for (int64_t j = 0; j < kBlock; j += kLine) {  // one prefetch per cache line of each fp32 stream
       prefetch_streams(a, i + j, kBytes);
       for (int64_t k = j; k < j + kLine; k += V::W)
-        adam_lanes<V, kParam, kCopy>(vec, w, kIdentity ? load_fp32<V, kParam>(g, i + k) : V::load(powered + k), m, v,
+        adam_lanes<V, kParam, kCopy>(vec, w, kIdentity ? load_grad<V, kParam>(vec, g, i + k) : V::load(powered + k), m, v,
                                      out, i + k);
     }
   }
   for (; i + V::W <= end; i += V::W)
-    adam_lanes<V, kParam, kCopy>(vec, w, grad_power<V, kPow, kEps>(load_fp32<V, kParam>(g, i), vec.power, vec.power_eps),
+    adam_lanes<V, kParam, kCopy>(vec, w, grad_power<V, kPow, kEps>(load_grad<V, kParam>(vec, g, i), vec.power, vec.power_eps),
                                  m, v, out, i);
   for (; i < end; ++i)
     adam_lanes<Scalar, kParam, kCopy>(
-        one, w, grad_power<Scalar, kPow, kEps>(load_fp32<Scalar, kParam>(g, i), one.power, one.power_eps), m, v, out, i);
+        one, w, grad_power<Scalar, kPow, kEps>(load_grad<Scalar, kParam>(one, g, i), one.power, one.power_eps), m, v, out, i);
 }
 
 // The optimizer's memory traffic with no arithmetic to speak of (read w, g, m,

@@ -171,11 +171,11 @@ void adam_power_step(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr
                      uintptr_t copy_out, int copy_dtype, int64_t n, float one_minus_beta1,
                      float beta2, float one_minus_beta2, float eps, float l2, float decay,
                      float step_size, float inv_bias_corr2_sqrt, double power, float power_eps,
-                     int isa_code, int threads) {
+                     float grad_scale, int isa_code, int threads) {
   check_size(n);
   AdamPowerArgs a{as_ptr(param), as_ptr(grad), static_cast<float*>(as_ptr(exp_avg)),
                   static_cast<float*>(as_ptr(exp_avg_sq)), as_ptr(copy_out), n, one_minus_beta1, beta2,
-                  one_minus_beta2, eps, l2, decay, step_size, inv_bias_corr2_sqrt, power_eps, power};
+                  one_minus_beta2, eps, l2, decay, step_size, inv_bias_corr2_sqrt, power_eps, power, grad_scale};
   const Dtype dtype = static_cast<Dtype>(param_dtype);
   if (dtype != Dtype::kFP32 && dtype != Dtype::kBF16 && dtype != Dtype::kFP16)
     throw std::invalid_argument("unknown param dtype code " + std::to_string(param_dtype));
@@ -235,14 +235,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "every tensor behind an address; the optimizer built on it is gradpower_ds.CPUAdamPower.";
   m.def("adam_power_step", &adam_power_step,
         "One fused phi_p + Adam(W) step in place over n elements at param and exp_avg, exp_avg_sq (fp32), "
-        "reading grad; param and grad are both fp32, bf16 or fp16 (param_dtype 0, 1, 2; 16-bit ones are "
-        "updated in fp32 and rounded back) and, for fp32 params, copy_dtype 1 (bf16) or 2 (fp16) also writes "
+        "reading grad (multiplied by grad_scale first); param and grad are both fp32, bf16 or fp16 (param_dtype "
+        "0, 1, 2; 16-bit ones are updated in fp32 and rounded back) and, for fp32 params, copy_dtype 1 (bf16) or 2 (fp16) also writes "
         "the new weights to copy_out (0: none).",
         py::kw_only(), py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
         py::arg("param_dtype"), py::arg("copy_out"), py::arg("copy_dtype"), py::arg("n"), py::arg("one_minus_beta1"),
         py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"), py::arg("l2"),
         py::arg("decay"), py::arg("step_size"), py::arg("inv_bias_corr2_sqrt"), py::arg("power"),
-        py::arg("power_eps"), py::arg("isa"), py::arg("threads"));
+        py::arg("power_eps"), py::arg("grad_scale"), py::arg("isa"), py::arg("threads"));
   m.def("grad_power", &grad_power_into, "dst = phi_p(src) over n fp32 elements (dst may be src).",
         py::kw_only(), py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("power"), py::arg("power_eps"),
         py::arg("isa"), py::arg("threads"));

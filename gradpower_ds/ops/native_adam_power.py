@@ -150,8 +150,8 @@ def native_power_(t: torch.Tensor, p: float, eps: float = 0.0, isa: str | None =
 def native_adam_power_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                            copy: torch.Tensor | None, *, step: float, lr: float, beta1: float, beta2: float,
                            eps: float, weight_decay: float, adam_w_mode: bool, power: float, power_eps: float,
-                           bias_correction: bool, isa: str, num_threads: int) -> None:
-    """One fused phi_p + Adam(W) step of one tensor (step = its count after this step).
+                           bias_correction: bool, isa: str, num_threads: int, grad_scale: float = 1.0) -> None:
+    """One fused phi_p + Adam(W) step of one tensor (step = its count after this step), on grad * grad_scale.
 
     exp_avg, exp_avg_sq: contiguous fp32 CPU tensors of one size; param: a contiguous
     fp32, bf16 or fp16 CPU tensor of that size (a bf16/fp16 one, as DeepSpeedCPUAdam takes
@@ -176,7 +176,7 @@ def native_adam_power_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: tor
     scalars = dict(one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2, eps=eps,
                    l2=0.0 if adam_w_mode else weight_decay, decay=1 - lr * weight_decay if adam_w_mode else 1.0,
                    step_size=lr / bc1, inv_bias_corr2_sqrt=1 / bc2_sqrt, power=power, power_eps=power_eps,
-                   isa=ISA_CODES[isa], threads=num_threads)
+                   grad_scale=grad_scale, isa=ISA_CODES[isa], threads=num_threads)
     moments = dict(exp_avg=kernel_ptr(exp_avg, n, name="exp_avg", owner=owner),
                    exp_avg_sq=kernel_ptr(exp_avg_sq, n, name="exp_avg_sq", owner=owner))
     if grad.dtype == param.dtype and param.dtype in (torch.float32, *COPY_CODES):

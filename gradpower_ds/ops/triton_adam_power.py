@@ -93,19 +93,21 @@ def _interpreting() -> bool:
 
 
 def _adam_power_kernel(
-    p_addrs, g_addrs, m_addrs, v_addrs, copy_addrs, numels, first_programs, program_tensor,
+    p_addrs, g_addrs, m_addrs, v_addrs, copy_addrs, numels, first_programs, program_tensor, grad_scale,
     lerp_coeff, lerp_from_grad, beta2, one_minus_beta2, eps, neg_step_size, bias_corr2_sqrt, decay, weight_decay,
     power, power_eps,
     GRAD_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, POWER_IS_ONE: tl.constexpr,
     DECAY: tl.constexpr, L2: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-    PHI_ONLY: tl.constexpr,
+    PHI_ONLY: tl.constexpr, SCALED: tl.constexpr,
 ):
     """One block of one tensor: program pid updates block pid - first_programs[t] of tensor t = program_tensor[pid].
 
     *_addrs hold each tensor's data_ptr()s, numels its sizes. A whole block takes the unmasked variant of the
     body (16-byte accesses), a tensor's partial last block the masked one, in the same launch: the body is
     written once and instantiated twice (static_range), one of the two taken per program at run time. DECAY is
-    AdamW's p *= 1 - lr * wd, L2 Adam's g += wd * p; ALIGNED promises 16-byte aligned addresses.
+    AdamW's p *= 1 - lr * wd, L2 Adam's g += wd * p; ALIGNED promises 16-byte aligned addresses. SCALED: the
+    widened grad is multiplied by the fp32 value at grad_scale first (a wrapper's unscale/clip coefficient, read on
+    the device: no host sync); without it grad_scale is not read.
     PHI_ONLY: only g <- phi_p(g), in place, computed in fp32 (the host passes the grads' addresses as
     copy_addrs, HAS_COPY and COPY_DTYPE = their dtype); p/m/v are then not touched.
     """
@@ -129,6 +131,8 @@ def _adam_power_kernel(
                 g = (g.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
             else:
                 g = g.to(tl.float32)
+            if SCALED:
+                g = g * tl.load(grad_scale)
 
             # phi_p(g) = sign(g) * (|g| + power_eps)**p; phi(+-0) = +-0, NaN stays NaN, +-Inf stay +-Inf.
             mag = tl.abs(g) + power_eps
@@ -227,6 +231,7 @@ def triton_adam_power_step(
     exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], *, lr: float, beta1: float, beta2: float,
     eps: float, weight_decay: float, adam_w_mode: bool, power: float, power_eps: float, bias_correction: bool,
     low_precision_params: Sequence[torch.Tensor | None] | None = None,
+    grad_scale: float | torch.Tensor | None = None,
 ) -> None:
     """One AdamPower step over a list of tensors, in place, with the fused Triton kernel.
 
@@ -236,6 +241,8 @@ def triton_adam_power_step(
     float32 step counters (incremented here). low_precision_params, if given,
     holds per param a contiguous bf16 or fp16 tensor (or None) that receives
     the updated weights, bitwise equal to param.to(dtype) (NaN payloads aside).
+    grad_scale, if given, multiplies the (widened) grads first, as ``grad.float().mul_(grad_scale)`` would:
+    a float, or a one-element fp32 tensor on the params' device, read by the kernel (no host sync).
     CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Hyperparameters arrive
     validated (AdamPower validates its groups; gradpower_ds.hyperparams).
 
@@ -256,7 +263,8 @@ def triton_adam_power_step(
         while len(_plans) > _MAX_PLANS:
             del _plans[next(iter(_plans))]  # the oldest
     flags = dict(POWER_IS_ONE=power == 1.0, DECAY=adam_w_mode and weight_decay != 0,
-                 L2=not adam_w_mode and weight_decay != 0, PHI_ONLY=False)
+                 L2=not adam_w_mode and weight_decay != 0, PHI_ONLY=False, SCALED=grad_scale is not None)
+    scale = _scale_tensor(grad_scale, params[0].device) if grad_scale is not None and n else None
     for launch, step in plan.advance(params, grads, exp_avgs, exp_avg_sqs, steps, copies):
         bc1, bc2_sqrt = bias_corrections(beta1, beta2, step, bias_correction)
         scalars = (
@@ -264,7 +272,17 @@ def triton_adam_power_step(
             1 - beta1 if beta1 > 0.5 else -beta1, beta1 <= 0.5, beta2, 1 - beta2, eps, -(lr / bc1), bc2_sqrt,
             1 - lr * weight_decay, weight_decay, power, power_eps,
         )
-        launch.run(scalars, **flags)
+        launch.run(scalars, scale, **flags)
+
+
+def _scale_tensor(grad_scale: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """grad_scale as the one-element fp32 tensor on `device` that the kernel reads."""
+    if not torch.is_tensor(grad_scale):
+        return _device_tensor((float(grad_scale),), torch.float32, device)
+    if grad_scale.numel() != 1 or grad_scale.dtype != torch.float32 or grad_scale.device != device:
+        raise TypeError(f"triton_adam_power_step: grad_scale must be a float or a one-element float32 tensor on "
+                        f"{device}, got {grad_scale.dtype} {tuple(grad_scale.shape)} on {grad_scale.device}")
+    return grad_scale
 
 
 _MAX_PLANS = 64  # param groups (a plan each) a process keeps; beyond, the oldest is dropped
@@ -371,7 +389,7 @@ def triton_grad_power_(tensors: Sequence[torch.Tensor], power: float, power_eps:
     scalars = (0.0, False, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, power, power_eps)  # only p and power_eps are read
     for (device, dtype), columns in buckets.items():
         _launch(columns, scalars, GRAD_DTYPE=dtype, COPY_DTYPE=dtype, HAS_COPY=True,
-                POWER_IS_ONE=power == 1.0, DECAY=False, L2=False, PHI_ONLY=True)
+                POWER_IS_ONE=power == 1.0, DECAY=False, L2=False, PHI_ONLY=True, SCALED=False)
 
 
 class _Launch:
@@ -399,18 +417,20 @@ class _Launch:
         )
         self.grid = (self.programs.numel(),)
 
-    def run(self, scalars, **flags) -> None:
-        """Launches it with these scalars and the step's flags (POWER_IS_ONE, DECAY, L2, PHI_ONLY): one launch."""
+    def run(self, scalars, grad_scale: torch.Tensor | None = None, **flags) -> None:
+        """Launches it with these scalars, the grads' multiplier (a one-element fp32 tensor, read where SCALED) and
+        the step's flags (POWER_IS_ONE, DECAY, L2, PHI_ONLY, SCALED): one launch."""
         if self.device is None:
             return
         kernel = _kernel(_interpreting())
         # Triton launches on the current CUDA device: switched only when it is another
         other = self.device.type == "cuda" and self.device.index != torch.cuda.current_device()
         with torch.cuda.device(self.device) if other else contextlib.nullcontext():
-            kernel[self.grid](*self.rows, self.programs, *scalars, **self.options, **flags)
+            kernel[self.grid](*self.rows, self.programs, self.programs if grad_scale is None else grad_scale,
+                              *scalars, **self.options, **flags)
 
 
 def _launch(tensors, scalars, **constexprs) -> None:
     """Launches the kernel once over (p, g, m, v, copy) tuples, unprepared (phi in place: ``triton_grad_power_``)."""
-    flags = {k: constexprs.pop(k) for k in ("POWER_IS_ONE", "DECAY", "L2", "PHI_ONLY")}
+    flags = {k: constexprs.pop(k) for k in ("POWER_IS_ONE", "DECAY", "L2", "PHI_ONLY", "SCALED")}
     _Launch(tensors, **constexprs).run(scalars, **flags)
