@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import torch
 
+from .folding import FoldsIntoStep
 from .functional import adam_power
 from .hyperparams import ADAM_POWER_DEFAULTS, check_settings
 
 
-class AdamPowerBase(torch.optim.Optimizer):
+class AdamPowerBase(FoldsIntoStep, torch.optim.Optimizer):
     """What every AdamPower implementation shares: hyperparameters, their validation, the state layout.
 
     State keys are torch's AdamW ones (``step`` as a float32 tensor, ``exp_avg``,
     ``exp_avg_sq``), so checkpoints move between AdamPower, CPUAdamPower and
-    torch.optim.AdamW.
+    torch.optim.AdamW. A wrapper may fold its grad scale and low-precision copy into the next step
+    (``FoldsIntoStep``).
     """
 
     def __init__(
@@ -61,32 +63,12 @@ class AdamPowerBase(torch.optim.Optimizer):
                 exp_avg_sq=torch.zeros_like(p, dtype=self.MOMENT_DTYPE, memory_format=torch.preserve_format))
         return [self.state[p] for p in params]
 
-    def fold_into_next_step(self, *, grad_scale: float | torch.Tensor | None = None,
-                            copy_out: dict[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Has the next step() do in its own pass what a wrapper would do around it (DeepSpeed's ZeRO:
-        ``gradpower_ds.deepspeed``), with the same result bit for bit.
-
-        grad_scale: every grad that step reads is multiplied by it first (the wrapper's unscale/clip coefficient: a
-        positive float, or a one-element fp32 tensor on the grads' device) instead of by a pass over the grads
-        before it; copy_out: {param: a bf16/fp16 tensor of its shape} receiving its new weights (the wrapper's
-        low-precision copy) instead of a copy after it. Both hold for the next step() only; calls before it add up.
-        """
-        folded = self.__dict__.setdefault("_folded", {"grad_scale": None, "copy_out": {}})
-        if grad_scale is not None:
-            folded["grad_scale"] = grad_scale
-        folded["copy_out"].update({id(p): copy for p, copy in (copy_out or {}).items()})
-
-    def _take_folded(self) -> tuple[float | torch.Tensor | None, dict[int, torch.Tensor]]:
-        """What fold_into_next_step asked of this step: (grad_scale, {id(param): copy}); cleared for the next."""
-        folded = self.__dict__.pop("_folded", None) or {"grad_scale": None, "copy_out": {}}
-        return folded["grad_scale"], folded["copy_out"]
-
     def _step_group(self, group: dict, copies=None, copy_out: dict[int, torch.Tensor] | None = None,
                     grad_scale: float | torch.Tensor | None = None, **options) -> None:
         """Steps a param group's params that have a grad through the functional core (options: its keywords).
 
         copies: None or, per param of the group, None or a bf16/fp16 tensor receiving the new weights; copy_out
-        ({id(param): tensor}, from fold_into_next_step) gives the others theirs; grad_scale multiplies the grads.
+        ({id(param): tensor}, from FoldsIntoStep.fold_into_next_step) gives the others theirs; grad_scale multiplies the grads.
         """
         if copy_out:
             copies = [c if c is not None else copy_out.get(id(p))

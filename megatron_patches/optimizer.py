@@ -78,10 +78,14 @@ import contextvars
 import functools
 import importlib
 import logging
+import sys
+import weakref
 from collections.abc import Callable, Mapping
 
 import torch
 
+from gradpower_ds import folding
+from gradpower_ds.folding import FoldsIntoStep
 from gradpower_ds.functional import adam_power
 from gradpower_ds.hyperparams import POWER_NAMES, check_settings, power_names
 from gradpower_ds.power import grad_power_
@@ -100,6 +104,7 @@ CONFIG_FIELDS = {**FIELDS, blockwise.FIELD: None}  # every field OptimizerConfig
 # where megatron-core's TensorParallelMuon lives (it needs NVIDIA's emerging-optimizers): 0.18 on; 0.16-0.17
 MUON_MODULES = ("megatron.core.optimizer.emerging_optimizers", "megatron.core.optimizer.muon")
 _UNSUPPORTED_TORCH_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable")
+FUSED_ADAM_MODULES = ("transformer_engine.pytorch.optimizers", "apex.optimizers")  # each with a FusedAdam
 
 _log = logging.getLogger(__name__)
 
@@ -184,6 +189,13 @@ def check_muon_available(optimizer: str = MUON_NAME) -> None:
                            "emerging-optimizers package (Python >= 3.12): pip install emerging-optimizers")
 
 
+def fused_adam_classes() -> tuple[type, ...]:
+    """TE's and apex's FusedAdam, those imported (Megatron imports the one it builds with): the Adams besides
+    torch's whose state ``_FusedPowerStep`` steps."""
+    modules = (sys.modules.get(name) for name in FUSED_ADAM_MODULES)
+    return tuple(module.FusedAdam for module in modules if module is not None and hasattr(module, "FusedAdam"))
+
+
 class _PowerStep:
     """Mixin for an Adam class: step() applies phi_p to its grads (expert groups: the expert p) before Adam.
 
@@ -197,6 +209,18 @@ class _PowerStep:
         return [(group, expert_p if group.get("is_expert_parallel", False) else dense_p)
                 for group in self.param_groups]
 
+    def _power_grads_in_place(self) -> None:
+        """phi_p in place on every grad (``decoupled_grad`` for TE's FusedAdam and the precision-aware optimizer
+        where it uses them): one pass, bounded scratch."""
+        decoupled = getattr(self, "use_decoupled_grad", False)
+        powered = 0
+        for group, power in self._group_powers():
+            grads = [getattr(p, "decoupled_grad", None) if decoupled else p.grad for p in group["params"]]
+            grads = [g for g in grads if g is not None]
+            grad_power_(grads, power)
+            powered += len(grads) if power != 1.0 else 0
+        self._log_first_step(powered)
+
     def _log_first_step(self, powered: int) -> None:
         if not getattr(self, "_gradpower_logged", False):  # shows in a job's log that the optimizer that steps is ours
             self._gradpower_logged = True
@@ -204,45 +228,111 @@ class _PowerStep:
                       type(self).__name__, *self.gradpower, powered)
 
 
-class _FusedPowerStep(_PowerStep):
-    """For torch.optim.Adam/AdamW: phi + Adam(W) in one pass through gradpower_ds.functional.adam_power."""
+class _FusedPowerStep(FoldsIntoStep, _PowerStep):
+    """For the Adams whose state we step in one pass through gradpower_ds.functional.adam_power (the Triton kernel
+    on CUDA once it passed its check there, the native one on the CPU): torch.optim.Adam/AdamW, whose state holds a
+    step per param, and TE's and apex's FusedAdam, which keep one ``group["step"]``. Their state
+    and checkpoints stay theirs (``fused_adam_classes``). A FusedAdam setting whose state we do not step (``_unfused_reason``: master
+    weights, capturable, non-fp32 moments or params) gets phi in place and its own step instead, as
+    ``_PrePowerStep``, with one log line saying why. Megatron's clip coefficient may be folded into the step
+    (``clip_grads_folded``)."""
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *args, **kwargs):
         """AdamPower over every param with a grad; the class's own step when every group has p = 1."""
         groups = self._group_powers()
         if all(p == 1.0 for _, p in groups):
-            return super().step(closure)
+            return super().step(closure, *args, **kwargs)
+        reason = self._unfused_reason()
+        if reason is not None:
+            if not getattr(self, "_gradpower_unfused_logged", False):
+                self._gradpower_unfused_logged = True
+                _log.info("megatron_patches: %s steps with phi_p in place, then its own step: %s", type(self).__name__,
+                          reason)
+            self._power_grads_in_place()
+            return super().step(closure, *args, **kwargs)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale, _ = self._take_folded()
         powered = 0
-        for group, power in groups:
+        for index, (group, power) in enumerate(groups):
             for option in _UNSUPPORTED_TORCH_OPTIONS:
                 if group.get(option):
                     raise ValueError(f"Megatron AdamPower: the torch Adam option {option}=True is not supported")
-            params = [p for p in group["params"] if p.grad is not None]
-            states = [self._init_torch_state(p, group) for p in params]
+            params = [p for p in group["params"] if self._grad(p) is not None]
+            states = [self._init_moments(p) for p in params]
             beta1, beta2 = group["betas"]
-            adam_power(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                       [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=float(group["lr"]),
+            adam_power(params, [self._grad(p) for p in params], [s["exp_avg"] for s in states],
+                       [s["exp_avg_sq"] for s in states], self._steps(index, group, params), lr=float(group["lr"]),
                        beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], power=power,
-                       adam_w_mode=group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW)))
+                       adam_w_mode=self._adam_w_mode(group), bias_correction=bool(group.get("bias_correction", True)),
+                       grad_scale=grad_scale)
             powered += len(params)
         self._log_first_step(powered)
         return loss
 
-    def _init_torch_state(self, param, group) -> dict:
-        # torch's Adam layout (Megatron's init_state_fn may have created the moments, without a step)
+    def can_fold(self) -> bool:
+        """Whether the next step runs here (so it takes a folded grad scale): some group with p != 1, a layout we
+        step."""
+        return any(p != 1.0 for _, p in self._group_powers()) and self._unfused_reason() is None
+
+    def _fused_adam(self) -> bool:
+        return isinstance(self, fused_adam_classes())
+
+    def _unfused_reason(self) -> str | None:
+        """Why a FusedAdam's state is not ours to step (None: it is): settings with other state layouts."""
+        if not self._fused_adam():
+            return None
+        for option in ("master_weights", "capturable", "store_param_remainders"):
+            if getattr(self, option, False):
+                return f"{option}=True keeps state AdamPower's kernel does not step"
+        for option in ("exp_avg_dtype", "exp_avg_sq_dtype"):
+            if getattr(self, option, torch.float32) != torch.float32:
+                return f"{option}={getattr(self, option)} (AdamPower steps fp32 moments)"
+        dtypes = {p.dtype for group in self.param_groups for p in group["params"]}
+        if dtypes - {torch.float32}:
+            return f"params of dtype {', '.join(sorted(map(str, dtypes - {torch.float32})))} (fp32 main params needed)"
+        return None
+
+    def _grad(self, param):
+        return getattr(param, "decoupled_grad", None) if getattr(self, "use_decoupled_grad", False) else param.grad
+
+    def _adam_w_mode(self, group) -> bool:
+        if self._fused_adam():
+            return bool(self.adam_w_mode)
+        return bool(group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW)))
+
+    def _init_moments(self, param) -> dict:
+        # the class's layout: torch's (Megatron's init_state_fn may have created the moments) or a FusedAdam's
         state = self.state[param]
-        if "step" not in state:
-            fused = bool(group.get("fused"))
-            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if fused else None)
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:
                 state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state
+
+    def _steps(self, index: int, group: dict, params: list) -> list[torch.Tensor]:
+        """The step counters adam_power advances for `params`: torch's per-param state steps; for a FusedAdam, views
+        of one counter tensor per group kept across steps (the Triton plan keys on them), set from its
+        ``group["step"]`` before the step, which is advanced with them."""
+        if not self._fused_adam():
+            for param in params:
+                if "step" not in self.state[param]:
+                    fused = bool(group.get("fused"))
+                    self.state[param]["step"] = torch.zeros((), dtype=torch.float32,
+                                                            device=param.device if fused else None)
+            return [self.state[p]["step"] for p in params]
+        counters = self.__dict__.setdefault("_gradpower_steps", {})
+        key = (index, *map(id, group["params"]))
+        if key not in counters:
+            base = torch.zeros(len(group["params"]), dtype=torch.float32)
+            counters[key] = base, dict(zip(map(id, group["params"]), base.unbind()))
+        (base, views), before = counters[key], group.get("step", 0)
+        if not bool((base == before).all()):  # a first step, a checkpoint load, a param that had no grad
+            base.fill_(before)
+        group["step"] = before + 1
+        return [views[id(p)] for p in params]
 
 
 class _PrePowerStep(_PowerStep):
@@ -251,14 +341,7 @@ class _PrePowerStep(_PowerStep):
 
     def step(self, *args, **kwargs):
         """Powers every grad in place (one pass, bounded scratch), then steps."""
-        decoupled = getattr(self, "use_decoupled_grad", False)  # TE FusedAdam, precision-aware optimizer
-        powered = 0
-        for group, power in self._group_powers():
-            grads = [getattr(p, "decoupled_grad", None) if decoupled else p.grad for p in group["params"]]
-            grads = [g for g in grads if g is not None]
-            grad_power_(grads, power)
-            powered += len(grads) if power != 1.0 else 0
-        self._log_first_step(powered)
+        self._power_grads_in_place()
         return super().step(*args, **kwargs)
 
 
@@ -266,13 +349,62 @@ class _PrePowerStep(_PowerStep):
 def power_optimizer_class(base: type, dense_p: float, expert_p: float) -> type:
     """The subclass of optimizer class `base` that applies phi with (dense p, expert p) before its step (AdamPower for
     an Adam); one class per triple."""
-    mixin = _FusedPowerStep if issubclass(base, torch.optim.Adam) else _PrePowerStep  # torch's AdamW is an Adam
+    fused = issubclass(base, (torch.optim.Adam, *fused_adam_classes()))  # torch's AdamW is an Adam
+    mixin = _FusedPowerStep if fused else _PrePowerStep
     cls = type(f"{base.__name__}Power", (mixin, base), {"gradpower": (dense_p, expert_p), "__module__": __name__})
     # torch wraps a class's step (step pre/post hooks, profiling) when it builds the first instance; an
     # optimizer moved to this class after it was built must find the step wrapped already.
     cls.step = torch.optim.Optimizer.profile_hook_step(cls.step)
     cls.step.hooked = True
     return cls
+
+
+_FOLDING: weakref.WeakSet = weakref.WeakSet()  # the inner optimizers given a fused step: clip_grads_folded's
+
+
+def _give_power(inner, dense_p: float, expert_p: float) -> None:
+    """Moves a built inner optimizer to its power class (power_optimizer_class); one with a fused step is
+    registered for clip_grads_folded."""
+    inner.__class__ = power_optimizer_class(type(inner), dense_p, expert_p)
+    if isinstance(inner, _FusedPowerStep):
+        _FOLDING.add(inner)
+
+
+def clip_grads_folded(original):
+    """megatron-core's clip_grad_by_total_norm_fp32 as its optimizers call it (``megatron.core.optimizer.optimizer``'s
+    name for it, every version): where the params it clips are exactly the params with grads of one of our fused
+    inner optimizers (``_FusedPowerStep.can_fold``), Megatron's coefficient is folded into that optimizer's next
+    step (the kernel multiplies the grads it reads: no multi_tensor_scale pass over them), bit for bit as the
+    scale. Megatron's own code computes the coefficient, on a one-element stand-in of the grads, so its formula
+    (the 1e-6, the clamp, 0.19's tensor coefficient) holds. Any other call, or GRADPOWER_FOLD=0, is Megatron's."""
+
+    @functools.wraps(original)
+    def clip(parameters, max_norm, total_norm, use_decoupled_grad=False, *args, **kwargs):
+        params = [parameters] if torch.is_tensor(parameters) else list(parameters)
+        attribute = "decoupled_grad" if use_decoupled_grad else "grad"
+        with_grads = [p for p in params if getattr(p, attribute, None) is not None]
+        owner = _folding_owner(with_grads) if with_grads and folding.enabled() else None
+        if owner is None:
+            return original(params, max_norm, total_norm, use_decoupled_grad, *args, **kwargs)
+        grad = getattr(with_grads[0], attribute)
+        stand_in = torch.zeros(1, dtype=torch.float32, device=grad.device)
+        setattr(stand_in, attribute, torch.ones(1, dtype=grad.dtype, device=grad.device))
+        original([stand_in], max_norm, total_norm, use_decoupled_grad, *args, **kwargs)
+        owner.fold_into_next_step(grad_scale=getattr(stand_in, attribute).float())
+        return None
+
+    return clip
+
+
+def _folding_owner(params: list):
+    """Our fused inner optimizer whose params with grads are exactly `params` and whose next step runs fused, or
+    None."""
+    wanted = {id(p) for p in params}
+    for optimizer in list(_FOLDING):
+        mine = {id(p) for group in optimizer.param_groups for p in group["params"] if optimizer._grad(p) is not None}
+        if mine == wanted and optimizer.can_fold():
+            return optimizer
+    return None
 
 
 def inner_optimizers(megatron_optimizer) -> list:
@@ -399,7 +531,7 @@ def build_with_power(original):
             megatron_optimizer = original(config, *args, **kwargs)
         for inner in inner_optimizers(megatron_optimizer):
             if not isinstance(inner, _PowerStep) and not config.optimizer_cpu_offload:
-                inner.__class__ = power_optimizer_class(type(inner), *powers)
+                _give_power(inner, *powers)
         _log.info("megatron_patches: AdamPower (gradpower_p=%g, gradpower_p_expert=%g) on %s (%s)", *powers,
                   type(megatron_optimizer).__name__,
                   ", ".join(type(inner).__name__ for inner in inner_optimizers(megatron_optimizer)))
@@ -434,9 +566,9 @@ def power_muon(megatron_optimizer, powers: dict):
     for inner in inner_optimizers(megatron_optimizer):
         if isinstance(inner, _PowerStep):
             continue
-        inner.__class__ = power_optimizer_class(type(inner), powers["power"], powers["expert_power"]) \
-            if isinstance(inner, muon_class) else power_optimizer_class(type(inner), powers["adam_power"],
-                                                                        powers["adam_power"])
+        dense, expert = (powers["power"], powers["expert_power"]) if isinstance(inner, muon_class) else \
+            (powers["adam_power"], powers["adam_power"])
+        _give_power(inner, dense, expert)
     _log.info("megatron_patches: MuonPower (gradpower_p=%g, gradpower_p_expert=%g, gradpower_p_adam=%g) on %s (%s)",
               powers["power"], powers["expert_power"], powers["adam_power"], type(megatron_optimizer).__name__,
               ", ".join(type(inner).__name__ for inner in inner_optimizers(megatron_optimizer)))

@@ -31,6 +31,7 @@ class UnsupportedMegatronError(UnsupportedVersionError):
 def _patches() -> list:
     """The patches, in the order apply() makes them, each with the megatron-core versions it applies to."""
     import megatron.core.optimizer as mcore_optimizer
+    from megatron.core.optimizer import optimizer as mcore_optimizer_module
     from megatron.core.transformer.moe import moe_utils
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer import optimizer_config
@@ -66,6 +67,9 @@ def _patches() -> list:
         # forwards to get_megatron_optimizer, which builds Muon itself)
         *([Wrap(optimizer.muon_module(), "get_megatron_muon_optimizer", optimizer.build_muon_with_power)]
           if optimizer.muon_builds_muon() else []),
+        # all versions: Megatron's clip coefficient folded into our fused inner optimizers' steps (the name its
+        # optimizers call, in megatron.core.optimizer.optimizer)
+        Wrap(mcore_optimizer_module, "clip_grad_by_total_norm_fp32", optimizer.clip_grads_folded),
         # all versions: the DistributedOptimizer's checkpoints with torch's Adam (no TE/apex)
         Wrap(DistributedOptimizer, "state_dict", checkpoint.state_dict_with_initial_state),
         Wrap(DistributedOptimizer, "load_state_dict", checkpoint.load_state_dict_with_own_steps),

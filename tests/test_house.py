@@ -390,6 +390,9 @@ def test_both_integrations_are_patch_sets():
             "DeepSpeedEngine._configure_basic_optimizer",
             "DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3",
             "deepspeed.runtime.lr_schedules.update_lr",
-            *(["deepspeed.set_optimizer_flags"] if hasattr(ds, "set_optimizer_flags") else [])]  # DeepSpeed with Muon
+            *(["deepspeed.set_optimizer_flags"] if hasattr(ds, "set_optimizer_flags") else []),  # DeepSpeed with Muon
+            "DeepSpeedZeroOptimizer.unscale_and_clip_grads", "DeepSpeedZeroOptimizer_Stage3.unscale_and_clip_grads",
+            "DeepSpeedZeroOptimizer_Stage3._optimizer_step",
+            "DeepSpeedZeroOptimizer_Stage3._reassign_or_swap_out_partitioned_parameters"]
     finally:
         deepspeed.unregister()

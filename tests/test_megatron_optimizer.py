@@ -13,6 +13,7 @@ and bf16, 3 clipped steps, against an independent clip -> phi -> AdamW
 reference computed from the full model's gradients (see the job's docstring).
 """
 
+import copy
 import inspect
 import json
 import sys
@@ -259,6 +260,88 @@ def test_power_class_for_other_adams_powers_decoupled_grads_first():
     assert param.grad is None
 
 
+class FusedAdam(torch.optim.Optimizer):
+    """TE's/apex's FusedAdam as their step reads and writes its state, in plain torch (neither runs on a CPU): one
+    ``group["step"]`` per group, ``adam_w_mode``, per-group ``bias_correction``, fp32 ``exp_avg``/``exp_avg_sq``."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, bias_correction=True,
+                 adam_w_mode=True, master_weights=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      bias_correction=bias_correction))
+        self.adam_w_mode, self.master_weights, self.own_steps = int(adam_w_mode), master_weights, 0
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scaler=None):
+        self.own_steps += 1
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            (beta1, beta2), t = group["betas"], group["step"]
+            bc1, bc2 = (1 - beta1 ** t, 1 - beta2 ** t) if group["bias_correction"] else (1.0, 1.0)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                g = p.grad.clone()
+                if self.adam_w_mode:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                else:
+                    g.add_(p, alpha=group["weight_decay"])
+                state["exp_avg"].lerp_(g, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (state["exp_avg_sq"].sqrt() / bc2 ** 0.5).add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bc1)
+
+
+@pytest.fixture
+def fused_adam(monkeypatch):
+    """FusedAdam above as apex's (fused_adam_classes finds it), power_optimizer_class's cache cleared around."""
+    module = SimpleNamespace(FusedAdam=FusedAdam)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", module)
+    power_optimizer_class.cache_clear()
+    yield FusedAdam
+    power_optimizer_class.cache_clear()
+
+
+@pytest.mark.parametrize("adam_w_mode", [True, False])
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_power_class_steps_a_fused_adams_state_in_one_pass(fused_adam, adam_w_mode, bias_correction):
+    """TE/apex FusedAdam moved to the AdamPower class: its state (group step, moments) stepped by AdamPower's fused
+    path (here the native kernel), not by its own step, as phi_p then its own step would; a checkpoint of it resumes
+    exactly."""
+    options = dict(adam_w_mode=adam_w_mode, bias_correction=bias_correction)
+    ours = _two_group_adamw(power_optimizer_class(fused_adam, 1.2, 1.5), **options)
+    ref = _two_group_adamw(fused_adam, phi=(1.2, 1.5), **options)
+    assert ours[2].own_steps == 0 and ref[2].own_steps == 3
+    torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=2e-7)
+    torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=2e-7)
+    assert [g["step"] for g in ours[2].param_groups] == [3, 3]
+    assert ours[2].state_dict()["state"][0].keys() == {"exp_avg", "exp_avg_sq"}
+    # a checkpoint (group steps included) loaded into a fresh one continues as the uninterrupted run
+    dense, expert = (torch.nn.Parameter(t.detach().clone()) for t in ours[:2])
+    resumed = power_optimizer_class(fused_adam, 1.2, 1.5)(
+        [{"params": [dense], "is_expert_parallel": False}, {"params": [expert], "is_expert_parallel": True}],
+        lr=0.1, weight_decay=0.1, **options)
+    resumed.load_state_dict(copy.deepcopy(ours[2].state_dict()))  # as from a file: tensors of its own
+    for opt, params in ((ours[2], ours[:2]), (resumed, (dense, expert))):
+        params[0].grad, params[1].grad = GD * 4, GE / 4
+        opt.step()
+    assert torch.equal(dense, ours[0]) and torch.equal(expert, ours[1])
+
+
+def test_power_class_gives_a_fused_adam_with_master_weights_phi_then_its_own_step(fused_adam, caplog):
+    """A FusedAdam whose state AdamPower's kernel does not step (here master weights) powers its grads in place and
+    runs its own step, saying so once."""
+    with caplog.at_level("INFO", logger="megatron_patches.optimizer"):
+        ours = _two_group_adamw(power_optimizer_class(fused_adam, 1.2, 1.5), master_weights=True)
+    ref = _two_group_adamw(fused_adam, phi=(1.2, 1.5), master_weights=True)
+    assert ours[2].own_steps == 3
+    torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=2e-7)  # phi in place (the native kernel's, 2.5e-7
+    torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=2e-7)  # relative) against the float64 reference's
+    assert caplog.text.count("master_weights=True keeps state AdamPower's kernel does not step") == 1
+
+
 @pytest.mark.slow
 def test_megatron_distributed_moe_matches_reference(tmp_path):
     """2 ranks, EP=2, distributed optimizer, fp32 and bf16: parameters equal clip -> phi -> AdamW after 3 steps."""
@@ -282,6 +365,13 @@ def test_megatron_distributed_moe_matches_reference(tmp_path):
             for wrong in ("p1", "swapped"):
                 assert min(errors[wrong].values()) > 1e-3, (case, errors)
     assert results["fp32_p1_vs_adam"] == 0.0 and results["bf16_p1_vs_adam"] == 0.0
+    # Megatron's clip coefficient folded into AdamPower's step (each inner optimizer, each step; it clips: < 1) is
+    # bitwise its multi_tensor_scale pass (GRADPOWER_FOLD=0); Megatron's own Adam and p = 1 (its own step) fold nothing
+    for case in ("fp32_adampower", "bf16_adampower"):
+        scales = results[case]["folded_grad_scales"]
+        assert len(scales) == 2 * 3 and all(0 < s < 1 for s in scales), scales
+        assert results[f"{case}_folded_vs_unfolded"] == 0.0 and results[f"{case}_unfolded_grad_scales"] == []
+    assert all(results[case]["folded_grad_scales"] == [] for case in ("fp32_adam", "bf16_adampower_p1"))
 
 
 def test_cpu_shim_install_uninstall():

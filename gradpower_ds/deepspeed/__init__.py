@@ -20,7 +20,11 @@ tested range, is refused with an error naming it), all listed in ``_patches()``:
    saying which schedulers keep them otherwise;
 6. where DeepSpeed has Muon, ``deepspeed.set_optimizer_flags`` tags the parameters for
    ``"MuonPower"`` as for ``"Muon"``. The MuonPower hooks into DeepSpeed's Muon are
-   applied when one is built (``gradpower_ds.deepspeed.muon_power``).
+   applied when one is built (``gradpower_ds.deepspeed.muon_power``);
+7. ZeRO's passes around the step, for our optimizers: the unscale/clip multiply (ZeRO-1/2/3)
+   and ZeRO-3's copy into the bf16/fp16 partition are done in AdamPower's own pass, bit for
+   bit as DeepSpeed does them (``gradpower_ds.deepspeed.fold``; ``GRADPOWER_FOLD=0`` keeps
+   DeepSpeed's passes).
 
 Where DeepSpeed would build its own CPU Adam (``offload_optimizer`` to the CPU, or
 a CPU accelerator) the native ``CPUAdamPower`` kernel is built; elsewhere the
@@ -38,7 +42,7 @@ import logging
 import os
 import re
 
-from . import muon_power
+from . import fold, muon_power
 from ..adam_power import AdamPower
 from ..blockwise import check_scheduled_lrs
 from ..cpu_adam_power import CPUAdamPower
@@ -315,6 +319,7 @@ def _patches() -> list:
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero import utils as zero_utils
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     # DeepSpeed before 0.17.6 has no Muon and no set_optimizer_flags: there "MuonPower" is refused when built
     muon = [Wrap(deepspeed, "set_optimizer_flags", muon_power.tag_muon_parameters)] \
@@ -329,6 +334,10 @@ def _patches() -> list:
              _load_universal_and_repair),
         Wrap(lr_schedules, "update_lr", _checking_blockwise_lrs),
         *muon,
+        Wrap(DeepSpeedZeroOptimizer, "unscale_and_clip_grads", fold.unscale_and_clip_1_2),
+        Wrap(DeepSpeedZeroOptimizer_Stage3, "unscale_and_clip_grads", fold.unscale_and_clip_3),
+        Wrap(DeepSpeedZeroOptimizer_Stage3, "_optimizer_step", fold.optimizer_step_3),
+        Wrap(DeepSpeedZeroOptimizer_Stage3, "_reassign_or_swap_out_partitioned_parameters", fold.reassign_3),
     ]
 
 

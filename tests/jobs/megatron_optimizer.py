@@ -19,6 +19,7 @@ after the last step. Results go to argv[1] (JSON, written by rank 0).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
 import megatron_patches  # noqa: E402
+from gradpower_ds import folding  # noqa: E402
+from gradpower_ds.folding import FoldsIntoStep  # noqa: E402
 from gradpower_ds.power import grad_power  # noqa: E402
 from gradpower_ds.jobs.processes import exit_when_done  # noqa: E402
 
@@ -208,21 +211,47 @@ def max_diff(a: dict, b: dict) -> float:
     return max(out)
 
 
-def run_all(cases: dict, run_case, baseline: str) -> None:
-    """A job's main: every case of `cases` through `run_case`, then p = 1 against Megatron's own `baseline`
-    optimizer (the ``<dtype>_<baseline>power_p1`` case against ``<dtype>_<baseline>``, bit for bit); rank 0 writes
-    the results to argv[1] (JSON)."""
+def counting_folds() -> list:
+    """Records every grad scale folded into a step (FoldsIntoStep.fold_into_next_step) from now on."""
+    seen = []
+    original = FoldsIntoStep.fold_into_next_step
+
+    def fold(self, *, grad_scale=None, copy_out=None):
+        if grad_scale is not None:
+            seen.append(float(grad_scale))
+        return original(self, grad_scale=grad_scale, copy_out=copy_out)
+
+    FoldsIntoStep.fold_into_next_step = fold
+    return seen
+
+
+def run_all(cases: dict, run_case, baseline: str, unfolded: tuple = ()) -> None:
+    """A job's main: every case of `cases` through `run_case` (with the grad scales folded into its steps), then p = 1
+    against Megatron's own `baseline` optimizer (the ``<dtype>_<baseline>power_p1`` case against
+    ``<dtype>_<baseline>``, bit for bit), and each case named in `unfolded` again with GRADPOWER_FOLD=0 against
+    itself folded (``<case>_folded_vs_unfolded``); rank 0 writes the results to argv[1] (JSON)."""
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(expert_model_parallel_size=EP)
     megatron_patches.apply()
+    folds = counting_folds()
     results, params = {}, {}
     for name, (optimizer, dtype, fields) in cases.items():
+        folds.clear()
         results[name], params[name] = run_case(optimizer, dtype, **fields)
+        results[name]["folded_grad_scales"] = list(folds)
         if dist.get_rank() == 0:
             print(name, results[name], flush=True)
     for dtype in ("fp32", "bf16"):
         results[f"{dtype}_p1_vs_{baseline}"] = max_diff(params[f"{dtype}_{baseline}power_p1"],
                                                        params[f"{dtype}_{baseline}"])
+    for name in unfolded:
+        optimizer, dtype, fields = cases[name]
+        os.environ[folding.ENV] = "0"
+        folds.clear()
+        _, plain = run_case(optimizer, dtype, **fields)
+        del os.environ[folding.ENV]
+        results[f"{name}_folded_vs_unfolded"] = max_diff(params[name], plain)
+        results[f"{name}_unfolded_grad_scales"] = list(folds)
     if dist.get_rank() == 0:
         print({k: v for k, v in results.items() if "_p1_vs_" in k}, flush=True)
     if dist.get_rank() == 0 and len(sys.argv) > 1:
@@ -231,4 +260,4 @@ def run_all(cases: dict, run_case, baseline: str) -> None:
 
 
 if __name__ == "__main__":
-    exit_when_done(lambda: run_all(CASES, run_case, "adam"))
+    exit_when_done(lambda: run_all(CASES, run_case, "adam", unfolded=("fp32_adampower", "bf16_adampower")))
