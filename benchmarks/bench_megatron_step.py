@@ -26,7 +26,10 @@ Both phases also report the inner torch optimizer's step() alone (the instance's
 wrapped; AdamPower's gradient power runs in or before it), which separates the optimizer
 from Megatron's work around it: on the CPU the distributed optimizer's gloo param
 all-gather briefly copies the whole param buffer, the largest extra of the step.
-Lines ``RATIO adampower/adam step time: X (target ...)`` (medians; muonpower/muon with --pair muon) and
+The anchor on a GPU is a fused Adam: Megatron's own (TE's or apex's FusedAdam where installed), else torch's AdamW
+switched to its fused kernel (Megatron builds it without ``fused``); ``ANCHOR case=... adam=...`` names it.
+Lines ``RATIO adampower/adam step time: X (target ...)`` (the whole optimizer.step(), medians; muonpower/muon
+with --pair muon), ``RATIO_INNER adampower/adam inner step: X`` (the inner torch optimizers' step alone) and
 ``PEAK_EXTRA adampower=... adam=... largest_grad=...`` per case: compare the extra with the largest
 fp32 main-grad shard and the whole fp32 grad (bounded chunk or a copy of a gradient?).
 
@@ -157,7 +160,34 @@ def build(args, dtype, variant: str, torch):
         from megatron.core.optimizer import muon
 
         return model, muon.get_megatron_muon_optimizer(opt_config, [model])
-    return model, get_megatron_optimizer(opt_config, [model])
+    megatron_optimizer = get_megatron_optimizer(opt_config, [model])
+    if optimizer == "adam" and args.device.type == "cuda":
+        fuse_torch_adams(megatron_optimizer)
+    return model, megatron_optimizer
+
+
+def fuse_torch_adams(megatron_optimizer) -> None:
+    """The anchor on a GPU is a fused Adam: Megatron's own is TE's or apex's FusedAdam where installed, else torch's
+    AdamW, which Megatron builds without ``fused``; that one is switched to torch's fused kernel here (before its
+    first step, so its state is created for it)."""
+    import torch
+    from megatron_patches.optimizer import inner_optimizers
+
+    for inner in inner_optimizers(megatron_optimizer):
+        if isinstance(inner, torch.optim.Adam):  # torch's AdamW is an Adam
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=False)
+
+
+def anchor(megatron_optimizer) -> str:
+    """What the anchor's inner optimizers are, e.g. 'FusedAdam (transformer_engine...)' or 'AdamW (fused)'."""
+    from megatron_patches.optimizer import inner_optimizers
+
+    names = []
+    for inner in inner_optimizers(megatron_optimizer):
+        fused = {bool(g.get("fused")) for g in inner.param_groups}
+        names.append(f"{type(inner).__name__} ({type(inner).__module__}{', fused' if fused == {True} else ''})")
+    return ", ".join(dict.fromkeys(names))
 
 
 def run_case(args, dtype_name: str, torch, peak: Peak | None = None) -> dict:
@@ -171,6 +201,7 @@ def run_case(args, dtype_name: str, torch, peak: Peak | None = None) -> dict:
     for name in args.optimizers:
         models[name], opts[name] = build(args, dtype, name, torch)
     model = models[args.optimizers[0]]
+    anchor_name = anchor(opts[args.optimizers[1]])
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (BATCH, SEQ + 1), generator=gen).to(args.device)
     model.zero_grad_buffer()
@@ -181,7 +212,7 @@ def run_case(args, dtype_name: str, torch, peak: Peak | None = None) -> dict:
     assert all(g.abs().sum() > 0 for g in grads), "all-zero gradient buffer"
     main = [p.numel() * 4 / 2**20 for group in opts[args.optimizers[0]].param_groups for p in group["params"]]
     out = dict(n_params=sum(p.numel() for p in model.module.parameters()), largest_grad_mib=max(main),
-               fp32_grad_mib=sum(main))
+               fp32_grad_mib=sum(main), anchor=anchor_name)
 
     inner = {}  # the inner torch optimizer(s)' step(): wrapped per instance, whatever its class
 
@@ -322,7 +353,9 @@ def main() -> None:
         print(f"  {pair}: optimizer.step() median {case['ratio']:.3f}, best-of {case['ratio_best']:.3f}; "
               f"inner torch step median {fmt(case['ratio_inner'], 0, 3)}")
         tag = f"case={dtype_name}-{kind.split()[0]}"
+        print(f"ANCHOR {tag} {args.optimizers[1]}={case['anchor']}")
         print(f"RATIO {pair} step time: {case['ratio']:.3f} (target <= 1.05 on CPU, <= 1.02 on GPU) {tag}")
+        print(f"RATIO_INNER {pair} inner step: {fmt(case['ratio_inner'], 0, 3)} {tag}")
         print(f"PEAK_EXTRA {args.optimizers[0]}={ours['peak_extra_mib']:.1f} MiB "
               f"{args.optimizers[1]}={theirs['peak_extra_mib']:.1f} MiB largest_grad={case['largest_grad_mib']:.1f} "
               f"MiB {tag}", flush=True)

@@ -145,6 +145,44 @@ def test_kernel_megatron_adampower_class_on_cuda():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_kernel_megatron_clip_fold_on_cuda():
+    """Megatron's AdamPower class with a folded clip coefficient (a device tensor the kernel reads) steps like it on
+    the grads scaled first; the folded one is TE's FusedAdam moved there where TE is installed (its own state
+    stepped by the fused kernel), else torch's AdamW."""
+    from megatron_patches.optimizer import power_optimizer_class
+
+    try:
+        from transformer_engine.pytorch.optimizers import FusedAdam as folded_base
+    except ImportError:
+        folded_base = torch.optim.AdamW
+    results = []
+    for base, fold in ((folded_base, True), (torch.optim.AdamW, False)):
+        param = torch.nn.Parameter(torch.linspace(-1, 1, 4097, device="cuda"))
+        opt = power_optimizer_class(base, 1.2, 1.2)([param], lr=1e-2, weight_decay=0.1)
+        for g in grad_stream(4097, 5, seed=3):
+            param.grad = g.cuda() if fold else g.cuda() * 0.5
+            if fold:
+                opt.fold_into_next_step(grad_scale=torch.full((1,), 0.5, device="cuda"))
+            opt.step()
+        results.append(param.detach().cpu())
+    assert results[0].ne(torch.linspace(-1, 1, 4097)).any()
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+
+
+def test_kernel_step_refuses_cuda_graph_capture():
+    """A captured AdamPower step would replay one step's host-side bias corrections: refused, saying so."""
+    from gradpower_ds import AdamPower
+
+    param = torch.nn.Parameter(torch.ones(1024, device="cuda"))
+    param.grad = torch.ones_like(param)
+    opt = AdamPower([param], fused=True)
+    opt.step()  # states and plan made outside the capture, as a graph's warm-up would
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            opt.step()
+
+
 GPU_CASES = [(2, "bf16", False, False), (2, "fp16", False, False), (3, "fp32", False, False), (2, "bf16", True, False)]
 
 

@@ -73,14 +73,15 @@ def test_targets_are_judged_from_the_figures():
     steps_run = [dict(figures={"triton_p1.2_vs_torch_fused_adamw_n1048576": dict(ratio=1.08, roofline_pct=60.0),
                                "triton_p1.2_vs_torch_fused_adamw_n67108864": dict(ratio=0.98, roofline_pct=93.0)}),
                  dict(figures={"deepspeed_optimizer_step_ratio_zero2": 1.04, "deepspeed_train_step_ratio_zero2": 1.03,
-                               "megatron_step_ratio_bf16-distributed": 1.01, "pytest": {"passed": 3}})]
+                               "deepspeed_engine_step_ratio_zero2": 1.01, "megatron_step_ratio_bf16-distributed": 1.01,
+                               "megatron_inner_step_ratio_bf16-distributed": 1.4, "pytest": {"passed": 3}})]
     verdicts = {t["figure"]: t["met"] for t in check.judge_targets(steps_run)}
     assert verdicts == {
         "triton_p1.2_vs_torch_fused_adamw_n1048576.ratio": False,
         "triton_p1.2_vs_torch_fused_adamw_n67108864.ratio": True,
         "triton_p1.2_vs_torch_fused_adamw_n67108864.roofline_pct": True,  # the 1M roofline is not a target
         "deepspeed_optimizer_step_ratio_zero2": True, "deepspeed_train_step_ratio_zero2": False,
-        "megatron_step_ratio_bf16-distributed": True}
+        "deepspeed_engine_step_ratio_zero2": True, "megatron_step_ratio_bf16-distributed": True}  # inner: reported
 
 
 def test_figures_are_read_from_the_outputs_a_gpu_run_prints():
@@ -91,14 +92,18 @@ def test_figures_are_read_from_the_outputs_a_gpu_run_prints():
     assert check.figures("bench_triton_adam_power", bench) == {
         "triton_p1.2_vs_torch_fused_adamw_n67108864": dict(ratio=0.981, roofline_pct=93.2, target="PASS"),
         "triton_sweep_best_n67108864": dict(block=2048, num_warps=8, ms=0.7)}
-    megatron = ("RATIO adampower/adam step time: 1.013 (target <= 1.05 on CPU, <= 1.02 on GPU) case=bf16-distributed\n"
+    megatron = ("ANCHOR case=bf16-distributed adam=AdamW (torch.optim.adamw, fused)\n"
+                "RATIO adampower/adam step time: 1.013 (target <= 1.05 on CPU, <= 1.02 on GPU) case=bf16-distributed\n"
+                "RATIO_INNER adampower/adam inner step: 0.870 case=bf16-distributed\n"
                 "PEAK_EXTRA adampower=0.0 MiB adam=64.0 MiB largest_grad=256.0 MiB case=bf16-distributed\n")
     assert check.figures("bench_megatron_step", megatron) == {
-        "megatron_step_ratio_bf16-distributed": 1.013,
+        "megatron_step_ratio_bf16-distributed": 1.013, "megatron_inner_step_ratio_bf16-distributed": 0.87,
+        "megatron_anchor_bf16-distributed": "AdamW (torch.optim.adamw, fused)",
         "megatron_peak_extra_mib_bf16-distributed": dict(adampower=0.0, adam=64.0, largest_grad=256.0)}
-    deepspeed = "RATIO zero2 1.0040\nRATIO_OPTIMIZER_STEP zero2 0.9500\n"
+    deepspeed = "RATIO zero2 1.0040\nRATIO_ENGINE_STEP zero2 1.0100\nRATIO_OPTIMIZER_STEP zero2 0.9500\n"
     assert check.figures("bench_deepspeed_step", deepspeed) == {
-        "deepspeed_train_step_ratio_zero2": 1.004, "deepspeed_optimizer_step_ratio_zero2": 0.95}
+        "deepspeed_train_step_ratio_zero2": 1.004, "deepspeed_engine_step_ratio_zero2": 1.01,
+        "deepspeed_optimizer_step_ratio_zero2": 0.95}
     assert check.figures("kernel_tests", "12 passed, 1 skipped in 3.2s") == {"pytest": {"passed": 12, "skipped": 1}}
 
 

@@ -189,6 +189,19 @@ def test_grad_scale_is_bitwise_the_grads_multiplied_first(grad_dtype, scale, pow
     assert_grad_scale_is_prescaling(step, [(1000,), (4097,), (0,), (5,)], grad_dtype, scale, power_eps)
 
 
+def test_a_step_being_captured_in_a_cuda_graph_is_refused(monkeypatch):
+    """Its host-side step counts would be frozen into the graph (a replay repeating one step's bias corrections):
+    refused with what to do instead, before anything is written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    param, step = torch.ones(4), torch.tensor(0.0)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph.*outside the graph"):
+        tap.triton_adam_power_step([param], [torch.ones(4)], [torch.zeros(4)], [torch.zeros(4)], [step], lr=LR,
+                                   beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, adam_w_mode=True, power=1.2,
+                                   power_eps=0.0, bias_correction=True)
+    assert torch.equal(param, torch.ones(4)) and step.item() == 0.0
+
+
 def test_grad_scale_must_be_a_one_element_fp32_tensor_on_the_device():
     params = [torch.zeros(4)]
     with pytest.raises(TypeError, match="grad_scale must be a float or a one-element float32 tensor on cpu"):

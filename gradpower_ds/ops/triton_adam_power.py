@@ -254,6 +254,8 @@ def triton_adam_power_step(
     if not len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == len(copies) == n:
         raise ValueError("triton_adam_power_step: params, grads, exp_avgs, exp_avg_sqs, steps and "
                          "low_precision_params must have the same length")
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(CAPTURE_ERROR)
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     key = (*map(id, params), *map(id, exp_avgs), *map(id, exp_avg_sqs), *map(id, steps), *map(id, copies))
     signature = _signature(params, grads, copies)
@@ -284,6 +286,11 @@ def _scale_tensor(grad_scale: float | torch.Tensor, device: torch.device) -> tor
                         f"{device}, got {grad_scale.dtype} {tuple(grad_scale.shape)} on {grad_scale.device}")
     return grad_scale
 
+
+CAPTURE_ERROR = (
+    "triton_adam_power_step: an AdamPower step cannot be captured in a CUDA graph: the step counts and bias "
+    "corrections are host values, so a replay would repeat the captured step's; run optimizer.step() outside the "
+    "graph (capture the forward and backward only)")
 
 _MAX_PLANS = 64  # param groups (a plan each) a process keeps; beyond, the oldest is dropped
 _plans: dict[tuple, _Plan] = {}  # by the identity of the tensors of a call

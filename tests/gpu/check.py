@@ -51,8 +51,9 @@ TARGETS = (  # (figure name pattern, comparison, bound, what it is); every match
     (r"triton_p1.2_vs_torch_fused_adamw_n(6710886[4-9]|[1-9]\d{8,})\.roofline_pct", ">=", 90.0,
      "kernel-only % of the copy roofline at >= 64M elements"),
     (r"deepspeed_optimizer_step_ratio_.*", "<=", 1.05, "DeepSpeed optimizer.step AdamPower / FusedAdam"),
-    (r"deepspeed_train_step_ratio_.*", "<=", 1.02, "DeepSpeed engine step AdamPower / FusedAdam"),
-    (r"megatron_step_ratio_.*", "<=", 1.02, "Megatron optimizer step AdamPower / Adam"),
+    (r"deepspeed_engine_step_ratio_.*", "<=", 1.02, "DeepSpeed engine.step AdamPower / FusedAdam"),
+    (r"deepspeed_train_step_ratio_.*", "<=", 1.02, "DeepSpeed train step AdamPower / FusedAdam"),
+    (r"megatron_step_ratio_.*", "<=", 1.02, "Megatron optimizer step AdamPower / fused Adam"),
 )
 DRY_RUN_SLACK = 5
 LAUNCH_TIMEOUT = 60  # seconds one launched job (torchrun, deepspeed) may take in a GPU test
@@ -158,8 +159,12 @@ def figures(name: str, output: str) -> dict:
             r"^PEAK_EXTRA adampower=([\d.]+) MiB adam=([\d.]+) MiB largest_grad=([\d.]+) MiB case=(\S+)", output, re.M):
         found[f"megatron_peak_extra_mib_{case}"] = dict(adampower=float(ours), adam=float(theirs),
                                                         largest_grad=float(largest))
-    for kind, setting, ratio in re.findall(r"^(RATIO|RATIO_OPTIMIZER_STEP) (\S+) ([\d.]+)$", output, re.M):
-        found[f"deepspeed_{'train' if kind == 'RATIO' else 'optimizer'}_step_ratio_{setting}"] = float(ratio)
+    for kind, setting, ratio in re.findall(r"^RATIO(|_ENGINE_STEP|_OPTIMIZER_STEP) (\S+) ([\d.]+)$", output, re.M):
+        found[f"deepspeed_{kind.split('_')[1].lower() if kind else 'train'}_step_ratio_{setting}"] = float(ratio)
+    for ratio, case in re.findall(r"^RATIO_INNER adampower/adam inner step: ([\d.]+) case=(\S+)", output, re.M):
+        found[f"megatron_inner_step_ratio_{case}"] = float(ratio)
+    for case, anchor in re.findall(r"^ANCHOR case=(\S+) adam=(.+)$", output, re.M):
+        found[f"megatron_anchor_{case}"] = anchor
     return found
 
 
