@@ -24,7 +24,6 @@ Tolerances, measured with the interpreter (worst case over the matrix):
 """
 
 import copy
-import itertools
 import math
 import re
 import subprocess
