@@ -13,6 +13,7 @@ import torch
 
 from gradpower_ds.jobs.processes import free_port  # noqa: F401  (tests import it from here)
 from gradpower_ds.jobs.run_dir import read_json
+from multihost import Cluster, Unavailable
 
 FP32_EDGES = [0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 1.1754942e-38, 1.1754944e-38, 3.4028235e38, -3.4028235e38,
               float("inf"), float("-inf"), float("nan"), 1e-3, -2.5, 123456.0, 0.5, 2.0]
@@ -133,3 +134,20 @@ MEGATRON_CPU_ENV = {"GRADPOWER_MEGATRON_CPU_SHIM": "1",
                     "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "megatron_cpu_site"),
                                                    str(Path(__file__).parent.parent)])}
 """Environment for launching megatron-core product commands on the CPU (tests/megatron_cpu_site)."""
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    """Two hosts h0, h1 (tests/multihost.py: network namespaces with an sshd each) for the module's tests, torn
+    down after them. Where this machine cannot make them the tests skip saying why; under CI (GRADPOWER_CI=1),
+    which must run them, they fail instead."""
+    cluster = Cluster(2, tmp_path_factory.mktemp("hosts"))
+    try:
+        cluster.start()
+    except Unavailable as error:
+        not_here = pytest.fail if os.environ.get("GRADPOWER_CI") == "1" else pytest.skip
+        not_here(f"cannot make hosts for the multi-host tests: {error}")
+    try:
+        yield cluster
+    finally:
+        cluster.close()

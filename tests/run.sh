@@ -10,6 +10,9 @@
 # Each environment is created if missing and installed only when its inputs changed
 # (launch/setup_env.sh). Extra arguments go to pytest in one environment, the newest unless
 # GRADPOWER_TEST_ENV=oldest or py312, e.g. `bash tests/run.sh -k native -x`.
+# Either way it first installs, as root and with apt-get, what the multi-host tests (tests/multihost.py) need
+# where it is missing: iproute2, openssh-server (sshd, ssh), pdsh. Not root (or no apt-get) it says what is
+# missing and those tests skip, or, under .ci/run, fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -36,11 +39,38 @@ py312_env() {
     PYTHON=$1 VENV=.venv-py312 REQUIREMENTS=requirements-test-py312.txt PIP_CONSTRAINT=/dev/null . launch/setup_env.sh
 }
 
+multihost_packages() {  # apt-get install what tests/multihost.py needs and this machine lacks (as root)
+    local missing=()
+    command -v ip >/dev/null || missing+=(iproute2)
+    command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+    { command -v ssh && command -v ssh-keygen; } >/dev/null || missing+=(openssh-client)
+    command -v pdsh >/dev/null || missing+=(pdsh)
+    [ ${#missing[@]} -gt 0 ] || return 0
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "tests/run.sh: the multi-host tests need ${missing[*]}, which only root with apt-get installs here:" \
+             "install them (apt-get install -y ${missing[*]}) or those tests skip (under .ci/run: fail)" >&2
+        return 0
+    fi
+    echo "tests/run.sh: apt-get install ${missing[*]} (for the multi-host tests)"
+    local log
+    log=$(mktemp)
+    export DEBIAN_FRONTEND=noninteractive
+    # a fresh machine may have no package lists yet: update them only when the install fails
+    local install=(timeout 300 apt-get install -y -qq "${missing[@]}")
+    if ! { "${install[@]}" || { timeout 300 apt-get update -qq && "${install[@]}"; }; } >"$log" 2>&1; then
+        tail -20 "$log" >&2
+        echo "tests/run.sh: apt-get install ${missing[*]} failed (above): the multi-host tests skip (under" \
+             ".ci/run: fail)" >&2
+    fi
+    rm -f "$log"
+}
+
 run_listed() {  # pytest over the test files listed in $1 (one per line, '#' comments)
     mapfile -t listed < <(grep -v '^#' "$1")
     "${PYTEST[@]}" "${listed[@]}"
 }
 
+multihost_packages
 if [ $# -gt 0 ]; then
     case "${GRADPOWER_TEST_ENV:-newest}" in
         oldest) oldest_env ;;

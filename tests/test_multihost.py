@@ -1,0 +1,282 @@
+"""DeepSpeed across real hosts: ranks on two hosts (network namespaces with an sshd each, tests/multihost.py)
+started from host 0 over ssh by the deepspeed launcher (pdsh, its default), gloo over the hosts' eth0.
+
+First the hosts themselves: reached by name over ssh and pdsh, cut off, stopped and killed on demand, torn down
+after an error, skipped where they cannot be made (failed under CI). Then, ``slow``:
+
+- the main job (gradpower_ds.jobs.train, configs/quickstart.json, tiny, AdamPower) with 1 rank on each host, at
+  ZeRO-2 (experts sharded over the hosts) through launch/multinode.sh as a user runs it, and at ZeRO-3 + CPU
+  offload through ``deepspeed --hostfile``: the same losses and final checkpoint, bit for bit, as the job on 2
+  ranks of one host (2 ranks sum in the same order wherever they run: a + b == b + a);
+- an unchanged user script (tests/jobs/ds_train_script.py) through launch/multinode.sh, with what it needs from
+  the environment (PYTHONPATH, OMP_NUM_THREADS) reaching the remote ranks;
+- DeepSpeed 0.19.8 has no ``--launcher ssh``: it says so and starts nothing.
+
+Every rank records where it ran and the environment it got (tests/multihost_site). What reaches a remote rank:
+the launcher's PYTHON* variables (PYTHONPATH with the launcher's folder put first), the accelerator's (NCCL* on
+GPUs, none on a CPU) and the lines of ``.deepspeed_env`` in the launcher's folder or home; nothing else.
+Without GLOO_SOCKET_IFNAME there, gloo takes the address of the machine's host name (127.0.0.1 here) and the ranks
+never connect. MASTER_ADDR, when not given, is the first address of ``ssh <first host> hostname -I``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import multihost
+from conftest import JIT_ENV, free_port, launch_env, run_launched
+from gradpower_ds.jobs.metrics import read_metrics
+from multihost import Cluster, remove_stale_namespaces, unavailable
+from test_train import QUICKSTART, ROOT, TINY, deepspeed_train
+
+JOB = ROOT / "tests" / "jobs" / "ds_train_script.py"
+SITE = ROOT / "tests" / "multihost_site"
+PYTHONPATH = os.pathsep.join([str(SITE), *filter(None, [os.environ.get("PYTHONPATH")])])  # the launchers'
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+TIMEOUT = 300
+SETTINGS = {"zero2": [], "zero3_offload": ["--num_experts", "0", "--zero_stage", "3", "--offload_optimizer", "true"]}
+COMPARED = ("step", "tokens", "train_loss", "val_loss", "lr")  # metrics.csv's columns that do not depend on speed
+
+
+# ---- the hosts -----------------------------------------------------------------------------------------------------
+
+def netns_inode(netns: str) -> int:
+    """The inode that names network namespace `netns` (as /proc/<pid>/ns/net of its processes shows it)."""
+    return os.stat(f"/run/netns/{netns}").st_ino
+
+
+def test_hosts_reach_each_other_by_name_over_ssh_and_pdsh(hosts):
+    h0 = hosts.hosts[0]
+    proc = subprocess.run(h0.cmd("pdsh", "-S", "-w", "h0,h1", "readlink /proc/self/ns/net; hostname -I"),
+                          env=hosts.env(dict(os.environ)), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for host in hosts.hosts:  # pdsh ran the ssh wrapper on PATH: each host's sshd, in its own namespace
+        assert f"{host.name}: net:[{netns_inode(host.netns)}]" in proc.stdout
+        assert f"{host.name}: {host.address} \n" in proc.stdout  # eth0's address, the only one
+    assert len({netns_inode(h.netns) for h in hosts.hosts}) == 2
+    assert multihost.SUBNET not in multihost.run(["ip", "-o", "addr"]).stdout  # not on the machine's own network
+
+
+def test_a_host_can_be_cut_off_stopped_and_killed(hosts):
+    h0, h1 = hosts.hosts
+
+    def ssh_h1() -> int:
+        return h0.run(hosts.bin / "ssh", "-o", "ConnectTimeout=1", "h1", "true", check=False).returncode
+
+    sleeper = subprocess.Popen(h1.cmd("sleep", "300"))
+    assert hosts.busy(timeout=0) == {"h1": [sleeper.pid]}
+    h1.set_link(False)
+    assert ssh_h1() == 255 and sleeper.poll() is None
+    h1.set_link(True)
+    hosts.wait_for_ssh(h1)
+    h1.stop_sshd()
+    assert ssh_h1() == 255 and sleeper.poll() is None  # a stopped sshd leaves the host's processes running
+    h1.start_sshd()
+    hosts.wait_for_ssh(h1)
+    h1.kill_all()
+    assert sleeper.wait(5) == -9 and h1.pids() == [] and ssh_h1() == 255
+    h1.start_sshd()
+    hosts.wait_for_ssh(h1)
+    assert hosts.busy(timeout=0) == {}
+
+
+def test_hosts_are_torn_down_after_an_error(hosts, tmp_path):
+    with pytest.raises(RuntimeError, match="the job failed"):
+        with Cluster(2, tmp_path) as cluster:
+            namespaces = [h.netns for h in cluster.hosts] + [cluster.switch]
+            sshd = [h.sshd for h in cluster.hosts]
+            sleeper = subprocess.Popen(cluster.hosts[1].cmd("sleep", "300"))
+            raise RuntimeError("the job failed")
+    assert sleeper.wait(5) == -9 and all(p.poll() is not None for p in sshd)
+    assert not any(Path("/run/netns", name).exists() for name in namespaces)
+    assert all(Path("/run/netns", h.netns).exists() for h in hosts.hosts)  # another Cluster's stay
+
+
+def test_namespaces_of_a_dead_run_are_removed(hosts):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"{multihost.PREFIX}{dead.pid}-0-h0"
+    multihost.run(["ip", "netns", "add", stale])
+    remove_stale_namespaces()
+    assert not Path("/run/netns", stale).exists()
+    assert all(Path("/run/netns", h.netns).exists() for h in hosts.hosts)  # a live run's stay
+
+
+def test_unavailable_says_why(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert unavailable() == "not root (uid 1000): network namespaces and an sshd per host need root"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(multihost, "SSHD", None)
+    monkeypatch.setattr(multihost.shutil, "which", lambda name: None if name == "pdsh" else f"/usr/bin/{name}")
+    assert unavailable() == ("missing sshd (openssh-server), pdsh (pdsh): apt-get install -y openssh-server pdsh "
+                             "iproute2 (tests/run.sh does it as root)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ci", ["0", "1"])
+def test_without_hosts_the_tests_skip_or_under_ci_fail(tmp_path, ci):
+    # a PATH without ip, ssh and pdsh: the hosts cannot be made
+    env = dict(os.environ, PATH=str(tmp_path), GRADPOWER_CI=ci)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rsE",
+                           f"{__file__}::test_hosts_reach_each_other_by_name_over_ssh_and_pdsh"], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    why = "cannot make hosts for the multi-host tests: missing ip (iproute2), ssh (openssh-client)"
+    assert why in proc.stdout
+    assert ("1 error" if ci == "1" else "1 skipped") in proc.stdout.splitlines()[-1]
+    assert proc.returncode == (1 if ci == "1" else 0)
+
+
+# ---- DeepSpeed across the hosts -------------------------------------------------------------------------------------
+
+def on_h0(hosts, folder: Path, cmd: list, **env) -> subprocess.CompletedProcess:
+    """Runs `cmd` on h0 in `folder` (made here, with a .deepspeed_env) as a user would there, `env` added; fails
+    with the output when it exits non-zero or leaves a process behind on a host.
+
+    The ranks get their environment from .deepspeed_env: GLOO_SOCKET_IFNAME, one OpenMP thread, the JIT cache
+    (JIT_ENV) and GRADPOWER_TEST_RANK_ENV=folder/ranks, where each rank records what reached it. The launcher's
+    own environment adds tests/multihost_site to PYTHONPATH and GRADPOWER_TEST_NOT_EXPORTED=1.
+    """
+    (folder / "ranks").mkdir(parents=True)
+    ranks_env = dict(GLOO_SOCKET_IFNAME="eth0", OMP_NUM_THREADS="1", **JIT_ENV,
+                     GRADPOWER_CACHE_DIR=os.environ["GRADPOWER_CACHE_DIR"], GRADPOWER_TEST_RANK_ENV=folder / "ranks")
+    (folder / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in ranks_env.items()))
+    launcher_env = hosts.env(launch_env(PYTHONPATH=PYTHONPATH, GRADPOWER_TEST_NOT_EXPORTED="1", **env))
+    proc = run_launched(hosts.hosts[0].cmd(*cmd), TIMEOUT, env=launcher_env, cwd=folder)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{output[-8000:]}"
+    assert hosts.busy() == {}, f"processes left on the hosts after {' '.join(map(str, cmd))}"
+    return proc
+
+
+def rank_records(folder: Path) -> list[dict]:
+    """What ranks 0 and 1 recorded (tests/multihost_site): their network namespace and environment."""
+    return [json.loads((folder / "ranks" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def tensors(obj, path: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a loaded checkpoint file, keyed by its path through the nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        return {path: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {name: t for key, value in items for name, t in tensors(value, f"{path}/{key}").items()}
+
+
+def final_checkpoint(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every file of the run's newest checkpoint (model, ZeRO partitions, optimizer state)."""
+    checkpoints = run_dir / "checkpoints"
+    tag = checkpoints / (checkpoints / "latest").read_text().strip()
+    return {f"{file.name}{name}": t for file in sorted(tag.glob("*.pt"))
+            for name, t in tensors(torch.load(file, map_location="cpu", weights_only=False)).items()}
+
+
+@pytest.fixture(scope="module")
+def one_host(tmp_path_factory):
+    """The main job at each of SETTINGS as 2 ranks on this machine (deepspeed --num_gpus 2): name -> run dir."""
+    folder = tmp_path_factory.mktemp("one_host")
+    for name, args in SETTINGS.items():
+        deepspeed_train(folder / name, *args)
+    return {name: folder / name for name in SETTINGS}
+
+
+@pytest.fixture(scope="module")
+def two_hosts(hosts, tmp_path_factory):
+    """The main job with 1 rank on each host, started on h0: ZeRO-2 by launch/multinode.sh (its default: the
+    launcher reaches every host by pdsh and ssh), ZeRO-3 + offload by ``deepspeed --hostfile``; name -> (folder,
+    launcher output). Neither is given MASTER_ADDR."""
+    folder = tmp_path_factory.mktemp("two_hosts")
+    runs = {}
+    for name, args in SETTINGS.items():
+        hostfile = hosts.hostfile(folder / f"{name}.hostfile")
+        train = ["--config", QUICKSTART, *TINY, "--run_dir", folder / name / "run", *args]
+        if name == "zero2":
+            proc = on_h0(hosts, folder / name, ["bash", ROOT / "launch" / "multinode.sh", "-m",
+                                                "gradpower_ds.jobs.train", *train], HOSTFILE=str(hostfile))
+        else:
+            proc = on_h0(hosts, folder / name, [DEEPSPEED, "--hostfile", hostfile, "--master_port", free_port(),
+                                                "--module", "gradpower_ds.jobs.train", *train])
+        runs[name] = folder / name, proc.stdout + proc.stderr
+    return runs
+
+
+@pytest.fixture(scope="module")
+def user_script(hosts, tmp_path_factory):
+    """tests/jobs/ds_train_script.py (configs/zero2.json) through launch/multinode.sh from h0, 1 rank per host:
+    (folder, the ranks' records)."""
+    folder = tmp_path_factory.mktemp("user_script")
+    hostfile = hosts.hostfile(folder / "hostfile")
+    on_h0(hosts, folder / "run", ["bash", ROOT / "launch" / "multinode.sh", JOB, "--deepspeed_config",
+                                  ROOT / "configs" / "zero2.json", "--out", folder / "out"], HOSTFILE=str(hostfile))
+    return folder / "run", [torch.load(folder / "out" / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+def assert_ranks_ran_on_their_hosts(hosts, folder: Path) -> None:
+    """Rank i ran on host i, started there over ssh, with MASTER_ADDR h0's address and gloo on eth0."""
+    for rank, (host, record) in enumerate(zip(hosts.hosts, rank_records(folder))):
+        assert record["netns"] == netns_inode(host.netns), f"rank {rank} ran elsewhere"
+        env = record["env"]
+        assert env["SSH_CONNECTION"].split()[2] == host.address  # its sshd started it
+        assert env["MASTER_ADDR"] == hosts.hosts[0].address and env["GLOO_SOCKET_IFNAME"] == "eth0"
+        assert (env["WORLD_SIZE"], env["LOCAL_SIZE"]) == ("2", "1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SETTINGS)
+def test_main_job_ranks_ran_on_both_hosts(hosts, two_hosts, name):
+    folder, output = two_hosts[name]
+    assert_ranks_ran_on_their_hosts(hosts, folder)
+    # DeepSpeed asked h0 for its address (no MASTER_ADDR given) and pdsh ran the node launchers, one per host
+    assert f"Using IP address of {hosts.hosts[0].address} for node h0" in output
+    assert "cmd = pdsh -S -f 1024 -w h0,h1 " in output
+    for rank, host in enumerate(hosts.hosts):
+        assert f"{host.name}: " in output and f"nnodes=2, num_local_procs=1, node_rank={rank}" in output
+    zero = "ZeRO-2" if name == "zero2" else "ZeRO-3"
+    assert f"2 ranks, {zero}, " in output and "| CPUAdamPower |" in output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SETTINGS)
+def test_main_job_across_hosts_equals_one_host(two_hosts, one_host, name):
+    run, single = two_hosts[name][0] / "run", one_host[name]
+    rows, single_rows = read_metrics(run / "metrics.csv"), read_metrics(single / "metrics.csv")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for key in COMPARED:
+        assert [r[key] for r in rows] == [r[key] for r in single_rows], key
+    assert rows[0]["train_loss"] > rows[-1]["train_loss"]
+    weights, single_weights = final_checkpoint(run), final_checkpoint(single)
+    assert weights.keys() == single_weights.keys() and len(weights) > 10
+    assert [k for k in weights if not torch.equal(weights[k], single_weights[k])] == []
+    for summary in (json.loads((path / "summary.json").read_text()) for path in (run, single)):
+        assert summary["world_size"] == 2 and summary["steps"] == 8
+
+
+@pytest.mark.slow
+def test_user_script_across_hosts_gets_its_environment(hosts, user_script):
+    folder, records = user_script
+    assert_ranks_ran_on_their_hosts(hosts, folder)
+    assert [r["launch"] for r in records] == [dict(world_size=2, local_rank_arg=0, local_rank_env=0)] * 2
+    a, b = (r["zero2"] for r in records)
+    assert a["optimizer"] == b["optimizer"] == "CPUAdamPower"
+    assert len(a["losses"]) == 2 * 4 and torch.isfinite(torch.tensor(a["losses"] + b["losses"])).all()  # 2 steps of 4
+    assert a["params"].keys() == b["params"].keys() and all(torch.equal(a["params"][k], b["params"][k])
+                                                            for k in a["params"])
+    assert any(not torch.equal(a["params"][k], a["start"][k]) for k in a["params"])
+    for record in rank_records(folder):
+        env = record["env"]
+        assert env["PYTHONPATH"] == os.pathsep.join([str(folder), PYTHONPATH])  # DeepSpeed puts its cwd first
+        assert env["OMP_NUM_THREADS"] == "1"  # from .deepspeed_env
+        assert env["GRADPOWER_TEST_NOT_EXPORTED"] is None  # the launcher's other variables stay on h0
+
+
+@pytest.mark.slow
+def test_deepspeed_offers_no_ssh_launcher(hosts, tmp_path):
+    hostfile = hosts.hostfile(tmp_path / "hostfile")
+    proc = run_launched(hosts.hosts[0].cmd(DEEPSPEED, "--hostfile", hostfile, "--launcher", "ssh", "--master_addr",
+                                           hosts.hosts[0].address, "--module", "gradpower_ds.jobs.train"), TIMEOUT,
+                        env=hosts.env(launch_env()), cwd=tmp_path)
+    assert proc.returncode != 0 and "NotImplementedError: Unknown launcher ssh" in proc.stderr
+    assert hosts.busy() == {}
