@@ -143,7 +143,7 @@ def run(sizes: list[int], num_tensors: int, iters: int, warmup: int, device) -> 
         dst = torch.empty_like(src)
         copy_s = _median_seconds(lambda: dst.copy_(src), device, iters, warmup)
         roofline = 2 * src.numel() * src.element_size() / copy_s  # bytes read + written per second
-        del src, dst
+        src = dst = None  # freed before the cases allocate
         rows.append(dict(n=n, name="d2d copy", seconds=copy_s, gbs=roofline / 1e9, roofline=roofline,
                          tensors=len(numels)))
         gen = torch.Generator(device=device).manual_seed(0)

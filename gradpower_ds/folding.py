@@ -29,6 +29,11 @@ def enabled() -> bool:
     return value == "1"
 
 
+def _nothing_folded() -> dict:
+    """The folds of a step that was asked none: no grad scale, no copies."""
+    return {"grad_scale": None, "copy_out": {}}
+
+
 class FoldsIntoStep:
     """Mixin for an optimizer whose step can take a wrapper's grad scale and copy-out (see the module docstring)."""
 
@@ -41,12 +46,12 @@ class FoldsIntoStep:
         before it; copy_out: {param: a bf16/fp16 tensor of its shape} receiving its new weights (the wrapper's
         low-precision copy) instead of a copy after it. Both hold for the next step() only; calls before it add up.
         """
-        folded = self.__dict__.setdefault("_folded", {"grad_scale": None, "copy_out": {}})
+        folded = self.__dict__.setdefault("_folded", _nothing_folded())
         if grad_scale is not None:
             folded["grad_scale"] = grad_scale
         folded["copy_out"].update({id(p): copy for p, copy in (copy_out or {}).items()})
 
     def _take_folded(self) -> tuple[float | torch.Tensor | None, dict[int, torch.Tensor]]:
         """What fold_into_next_step asked of this step: (grad_scale, {id(param): copy}); cleared for the next."""
-        folded = self.__dict__.pop("_folded", None) or {"grad_scale": None, "copy_out": {}}
+        folded = self.__dict__.pop("_folded", None) or _nothing_folded()
         return folded["grad_scale"], folded["copy_out"]

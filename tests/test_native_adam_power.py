@@ -96,7 +96,8 @@ def test_phi_at_the_fast_path_bounds(isa, p):
 def test_phi_under_flush_denormal(isa, p):
     """torch.set_flush_denormal(True) (DAZ + FTZ): a subnormal gradient gives 0, as torch's own arithmetic does
     there, or its true phi (it once came back unchanged, un-powered); never NaN; normal ones keep the usual
-    accuracy."""
+    accuracy. Which of the two depends on the thread: flush-denormal is per thread, and torch sets it on the
+    calling thread only, not on the kernel's other OpenMP threads."""
     x = all_fp32_sample()
     torch.set_flush_denormal(True)
     try:
@@ -105,7 +106,7 @@ def test_phi_under_flush_denormal(isa, p):
         torch.set_flush_denormal(False)
     subnormal_in = (x != 0) & (x.abs() < 2.0**-126)
     powered = subnormal_in & (got != 0)
-    assert subnormal_in.sum() > 1000 and (p > 1 or powered.any())  # p < 1 lifts some out of the subnormal range
+    assert subnormal_in.sum() > 1000
     assert_phi_accurate(got[powered], x[powered], p)
     assert torch.equal(torch.isnan(got), torch.isnan(x))
     exact = torch.sign(x.double()) * x.double().abs().pow(p)

@@ -144,20 +144,23 @@ GP_INLINE void adam_power_chunk(const AdamPowerArgs& a, int64_t begin, int64_t e
   for (; i + kBlock <= end; i += kBlock) {
     if constexpr (!kIdentity)
       for (int64_t j = 0; j < kBlock; j += V::W)
-        V::store(powered + j, grad_power<V, kPow, kEps>(load_grad<V, kParam>(vec, g, i + j), vec.power, vec.power_eps));
+        V::store(powered + j,
+                 grad_power<V, kPow, kEps>(load_grad<V, kParam>(vec, g, i + j), vec.power, vec.power_eps));
     for (int64_t j = 0; j < kBlock; j += kLine) {  // one prefetch per cache line of each fp32 stream
       prefetch_streams(a, i + j, kBytes);
       for (int64_t k = j; k < j + kLine; k += V::W)
-        adam_lanes<V, kParam, kCopy>(vec, w, kIdentity ? load_grad<V, kParam>(vec, g, i + k) : V::load(powered + k), m, v,
-                                     out, i + k);
+        adam_lanes<V, kParam, kCopy>(vec, w,
+                                     kIdentity ? load_grad<V, kParam>(vec, g, i + k) : V::load(powered + k),
+                                     m, v, out, i + k);
     }
   }
   for (; i + V::W <= end; i += V::W)
-    adam_lanes<V, kParam, kCopy>(vec, w, grad_power<V, kPow, kEps>(load_grad<V, kParam>(vec, g, i), vec.power, vec.power_eps),
-                                 m, v, out, i);
+    adam_lanes<V, kParam, kCopy>(
+        vec, w, grad_power<V, kPow, kEps>(load_grad<V, kParam>(vec, g, i), vec.power, vec.power_eps), m, v, out, i);
   for (; i < end; ++i)
     adam_lanes<Scalar, kParam, kCopy>(
-        one, w, grad_power<Scalar, kPow, kEps>(load_grad<Scalar, kParam>(one, g, i), one.power, one.power_eps), m, v, out, i);
+        one, w, grad_power<Scalar, kPow, kEps>(load_grad<Scalar, kParam>(one, g, i), one.power, one.power_eps),
+        m, v, out, i);
 }
 
 // The optimizer's memory traffic with no arithmetic to speak of (read w, g, m,

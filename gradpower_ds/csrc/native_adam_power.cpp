@@ -236,8 +236,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adam_power_step", &adam_power_step,
         "One fused phi_p + Adam(W) step in place over n elements at param and exp_avg, exp_avg_sq (fp32), "
         "reading grad (multiplied by grad_scale first); param and grad are both fp32, bf16 or fp16 (param_dtype "
-        "0, 1, 2; 16-bit ones are updated in fp32 and rounded back) and, for fp32 params, copy_dtype 1 (bf16) or 2 (fp16) also writes "
-        "the new weights to copy_out (0: none).",
+        "0, 1, 2; 16-bit ones are updated in fp32 and rounded back) and, for fp32 params, copy_dtype 1 (bf16) "
+        "or 2 (fp16) also writes the new weights to copy_out (0: none).",
         py::kw_only(), py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
         py::arg("param_dtype"), py::arg("copy_out"), py::arg("copy_dtype"), py::arg("n"), py::arg("one_minus_beta1"),
         py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps"), py::arg("l2"),
