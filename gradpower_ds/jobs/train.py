@@ -29,6 +29,7 @@ import signal
 import sys
 import time
 import warnings
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -48,7 +49,7 @@ _log = logging.getLogger(JOB)
 # The only settings a resumed run may change: none of them changes the model, the data, the optimizer or the
 # schedule (evaluation runs without gradients or randomness, so eval_every only changes when it is measured).
 RESUME_MAY_CHANGE = ("resume", "stop_at", "run_dir", "progress", "tensorboard", "log_every", "save_every",
-                     "eval_every", "noise_every")
+                     "eval_every", "noise_every", "dist_timeout")
 
 
 def changed_settings(saved: dict, cfg: TrainConfig) -> list[tuple[str, object, object]]:
@@ -191,7 +192,8 @@ def train(cfg: TrainConfig) -> dict:
     if os.environ.get("RANK", "0") == "0":
         _log_precision(cfg)
         _warn_about_op_builds(cfg)
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               timeout=timedelta(seconds=cfg.dist_timeout))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     cfg.expert_parallel_size(world)  # fail before loading data when the experts cannot be placed
     corpus = load_corpus_distributed(cfg.data, tokenizer=cfg.tokenizer, val_fraction=cfg.val_fraction,
