@@ -166,11 +166,14 @@ def tensors(obj, path: str = "") -> dict[str, torch.Tensor]:
     return {name: t for key, value in items for name, t in tensors(value, f"{path}/{key}").items()}
 
 
-def final_checkpoint(run_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every file of the run's newest checkpoint (model, ZeRO partitions, optimizer state)."""
+def final_checkpoint(run_dir: Path, *more: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every file of the run's newest checkpoint (model, ZeRO partitions, optimizer state), in
+    run_dir and in the other hosts' copies of it (`more`: their run folders, node-local storage)."""
     checkpoints = run_dir / "checkpoints"
-    tag = checkpoints / (checkpoints / "latest").read_text().strip()
-    return {f"{file.name}{name}": t for file in sorted(tag.glob("*.pt"))
+    tag = (checkpoints / "latest").read_text().strip()
+    files = sorted({file.name: file for folder in (run_dir, *more) for file in (folder / "checkpoints" / tag).glob("*.pt")}
+                   .values())
+    return {f"{file.name}{name}": t for file in files
             for name, t in tensors(torch.load(file, map_location="cpu", weights_only=False)).items()}
 
 
@@ -389,3 +392,71 @@ def test_a_host_without_sshd_is_named_before_anything_starts(hosts, tmp_path):
     assert "error: host h1 of " in proc.stderr and "does not answer ssh" in proc.stderr, proc.stderr
     assert "nothing was started" in proc.stderr and not (tmp_path / "run").exists()
     assert hosts.busy() == {}
+
+
+# ---- checkpoints without a shared filesystem -------------------------------------------------------------------------
+
+NODE_LOCAL = ["--deepspeed_overrides", json.dumps({"checkpoint": {"use_node_local_storage": True}})]
+# DeepSpeed (0.19.8) saves an MoE model's non-expert states on data-parallel rank 0 only, use_node_local_storage or
+# not: node-local resume works for dense models, hence ZeRO-2 without experts here
+LOCAL_SETTINGS = {"zero2_dense": ["--num_experts", "0"], "zero3_offload": SETTINGS["zero3_offload"]}
+
+
+@pytest.fixture(scope="module")
+def node_local(hosts, tmp_path_factory):
+    """The main job in a run folder each host has to itself (Cluster.private): at each of LOCAL_SETTINGS with
+    use_node_local_storage, 4 steps (--stop_at 4) and then --resume true to 8, by ``deepspeed --hostfile``;
+    and at ZeRO-2 (MoE) without it, whose resume fails. Returns name -> (h0's run folder, h1's, the failed resume),
+    and "reference" -> the dense ZeRO-2 job uninterrupted on 2 ranks of this machine."""
+    folder = tmp_path_factory.mktemp("node_local")
+    deepspeed_train(folder / "reference", *LOCAL_SETTINGS["zero2_dense"])
+    shared = folder / "private"  # the same path on every host, a different folder behind it on each
+    hostfile = hosts.hostfile(folder / "hostfile")
+    hosts.private(shared)
+    results = {}
+    try:
+        for name, args in [*LOCAL_SETTINGS.items(), ("zero2_shared_only", SETTINGS["zero2"])]:
+            local = [] if name == "zero2_shared_only" else NODE_LOCAL
+            train = [DEEPSPEED, "--hostfile", hostfile, "--master_port", free_port(), "--module",
+                     "gradpower_ds.jobs.train", "--config", QUICKSTART, *TINY, "--run_dir", shared / name, *args, *local]
+            on_h0(hosts, folder / name / "first", [*train, "--stop_at", "4"])
+            failed = None
+            if local:
+                on_h0(hosts, folder / name / "resume", [*train, "--resume", "true"])
+            else:
+                failed = run_launched(hosts.hosts[0].cmd(*train, "--resume", "true", "--dist_timeout", "60"), TIMEOUT,
+                                      env=hosts.env(launch_env(PYTHONPATH=PYTHONPATH)), cwd=folder / name / "first")
+                assert hosts.busy() == {}
+            results[name] = (*(host.folder / "private" / name for host in hosts.hosts), failed)
+    finally:
+        hosts.private(None)
+    results["reference"] = folder / "reference"
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LOCAL_SETTINGS)
+def test_node_local_checkpoints_resume_exactly(node_local, two_hosts, name):
+    h0_run, h1_run, _ = node_local[name]
+    assert not (h1_run / "metrics.csv").exists() and (h0_run / "metrics.csv").exists()  # the hosts share nothing
+    assert (h0_run / "checkpoints" / "latest").read_text().strip() == "step8"  # DeepSpeed writes it on rank 0 only
+    assert (h1_run / "checkpoints" / "step8").is_dir()  # h1 keeps its own copy of each checkpoint
+    uninterrupted = node_local["reference"] if name == "zero2_dense" else two_hosts[name][0] / "run"
+    rows, reference = read_metrics(h0_run / "metrics.csv"), read_metrics(uninterrupted / "metrics.csv")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for key in COMPARED:
+        assert [r[key] for r in rows] == [r[key] for r in reference], key
+    weights, reference_weights = final_checkpoint(h0_run, h1_run), final_checkpoint(uninterrupted)
+    assert weights.keys() == reference_weights.keys() and len(weights) > 10
+    assert [k for k in weights if not torch.equal(weights[k], reference_weights[k])] == []
+
+
+@pytest.mark.slow
+def test_without_node_local_storage_an_unshared_resume_is_refused(node_local):
+    h0_run, h1_run, failed = node_local["zero2_shared_only"]
+    assert (h0_run / "checkpoints" / "latest").exists() and not (h1_run / "metrics.csv").exists()
+    assert failed.returncode != 0
+    output = failed.stdout + failed.stderr
+    assert "--resume true: only 1 of 2 ranks see checkpoint step4 in " in output, output[-6000:]
+    assert '{"checkpoint": {"use_node_local_storage": true}}' in output
+    assert [r["step"] for r in read_metrics(h0_run / "metrics.csv")] == [1, 2, 3, 4]  # nothing trained
