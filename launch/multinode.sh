@@ -16,6 +16,8 @@
 #   NO_SSH       1: as NODE_RANK (which it then requires); default 0: the launcher starts every node by ssh
 #   DS_ARGS      extra launcher options, e.g. "--launcher openmpi" or "--include host1:0,1"
 #   DEEPSPEED    the launcher command, split into words (default: deepspeed; or "python -m deepspeed.launcher.runner")
+#   SSH_TIMEOUT  with ssh: seconds each host of the hostfile has to answer `ssh <host> true` before anything
+#                starts (default 10); a host that does not is named and nothing is launched
 set -euo pipefail
 
 usage() {
@@ -35,6 +37,16 @@ if [ "${NO_SSH:-0}" = 1 ] || [ -n "${NODE_RANK:-}" ]; then
     [ -n "${NODE_RANK:-}" ] || { echo "error: NO_SSH=1 needs NODE_RANK (this node's hostfile line, from 0)" >&2; exit 2; }
     [ -n "${MASTER_ADDR:-}" ] || { echo "error: launching by node needs MASTER_ADDR" >&2; exit 2; }
     args+=(--no_ssh --node_rank "$NODE_RANK")
+else
+    # every host must answer over ssh first: else the launcher starts the others, which wait for it
+    while read -r host _; do
+        [ -n "$host" ] && [ "${host:0:1}" != "#" ] || continue
+        if ! out="$(timeout "${SSH_TIMEOUT:-10}" ssh -n -o BatchMode=yes -o ConnectTimeout="${SSH_TIMEOUT:-10}" "$host" true 2>&1)"; then
+            echo "error: host $host of $HOSTFILE does not answer ssh (${out:-no output}); nothing was started:" \
+                 "fix ssh to $host or remove it from the hostfile" >&2
+            exit 1
+        fi
+    done < "$HOSTFILE"
 fi
 # shellcheck disable=SC2206  # DS_ARGS is split into words on purpose
 args+=(${DS_ARGS:-})

@@ -111,6 +111,7 @@ class Host:
         self.address = f"{SUBNET}.{index + 1}"
         self.folder = folder / self.name
         self.sshd: subprocess.Popen | None = None
+        self.private: Path | None = None  # a folder only this host's ssh sessions see as their own (private())
 
     def cmd(self, *args) -> list[str]:
         """`args` as a command that runs inside this host (its network namespace)."""
@@ -138,8 +139,13 @@ class Host:
     def start_sshd(self) -> None:
         """Starts this host's sshd (its own config, host key and log in the host's folder)."""
         config = self.folder / "sshd_config"
-        self.sshd = subprocess.Popen(self.cmd(SSHD, "-D", "-f", config, "-E", self.folder / "sshd.log"),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sshd = [SSHD, "-D", "-f", config, "-E", self.folder / "sshd.log"]
+        if self.private is not None:  # sshd, and every session it starts, in a mount namespace with the bind mount
+            own = self.folder / "private"
+            own.mkdir(exist_ok=True)
+            sshd = ["sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"', own, self.private, *sshd]
+        self.sshd = subprocess.Popen(self.cmd(*sshd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
 
     def stop_sshd(self) -> None:
         """Stops this host's sshd (sessions it started keep running, new ssh connections are refused)."""
@@ -257,6 +263,19 @@ class Cluster:
             if not left or time.monotonic() > deadline:
                 return left
             time.sleep(0.05)
+
+    def private(self, path: Path | None) -> None:
+        """Gives every host its own `path` (made here): a bind mount of the host's folder/private over it in the mount
+        namespace of its sshd, so what runs there over ssh sees only its own files at `path`, as on nodes without a
+        shared filesystem; None: back to the shared folder. Restarts the sshds."""
+        if path is not None:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        for host in self.hosts:
+            host.stop_sshd()
+            host.private = path
+            host.start_sshd()
+        for host in self.hosts:
+            self.wait_for_ssh(host)
 
     def hostfile(self, path: Path, slots: int = 1) -> Path:
         """Writes a DeepSpeed hostfile naming every host with `slots` ranks; returns its path."""

@@ -166,11 +166,14 @@ def tensors(obj, path: str = "") -> dict[str, torch.Tensor]:
     return {name: t for key, value in items for name, t in tensors(value, f"{path}/{key}").items()}
 
 
-def final_checkpoint(run_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every file of the run's newest checkpoint (model, ZeRO partitions, optimizer state)."""
+def final_checkpoint(run_dir: Path, *more: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every file of the run's newest checkpoint (model, ZeRO partitions, optimizer state), in
+    run_dir and in the other hosts' copies of it (`more`: their run folders, node-local storage)."""
     checkpoints = run_dir / "checkpoints"
-    tag = checkpoints / (checkpoints / "latest").read_text().strip()
-    return {f"{file.name}{name}": t for file in sorted(tag.glob("*.pt"))
+    tag = (checkpoints / "latest").read_text().strip()
+    files = sorted({file.name: file for folder in (run_dir, *more) for file in (folder / "checkpoints" / tag).glob("*.pt")}
+                   .values())
+    return {f"{file.name}{name}": t for file in files
             for name, t in tensors(torch.load(file, map_location="cpu", weights_only=False)).items()}
 
 
@@ -280,3 +283,180 @@ def test_deepspeed_offers_no_ssh_launcher(hosts, tmp_path):
                         env=hosts.env(launch_env()), cwd=tmp_path)
     assert proc.returncode != 0 and "NotImplementedError: Unknown launcher ssh" in proc.stderr
     assert hosts.busy() == {}
+
+
+# ---- a lost host ----------------------------------------------------------------------------------------------------
+
+LOST = ["--steps", "16", "--dist_timeout", "20"]  # TINY's 8 steps are over before a kill lands; saves at 4, 8, 12, 16
+DETECT_S = 60  # a lost host must have failed the launch within this many seconds
+
+
+def start_on_h0(hosts, folder: Path, cmd: list, **env) -> subprocess.Popen:
+    """`cmd` started on h0 in `folder` as on_h0 runs it (the same .deepspeed_env), in its own process group."""
+    (folder / "ranks").mkdir(parents=True, exist_ok=True)
+    ranks_env = dict(GLOO_SOCKET_IFNAME="eth0", OMP_NUM_THREADS="1", **JIT_ENV,
+                     GRADPOWER_CACHE_DIR=os.environ["GRADPOWER_CACHE_DIR"], GRADPOWER_TEST_RANK_ENV=folder / "ranks")
+    (folder / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in ranks_env.items()))
+    return subprocess.Popen(hosts.hosts[0].cmd(*cmd), env=hosts.env(launch_env(PYTHONPATH=PYTHONPATH, **env)), cwd=folder,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def lost_host(hosts, tmp_path_factory):
+    """The main job (ZeRO-2, 16 steps, dist_timeout 20 s) through launch/multinode.sh; once status.json says step 4
+    or later ran, every process of h1 is SIGKILLed (its sshd too). Then h1's sshd is started again and the same
+    command with --resume true continues the run. Returns the facts the tests check."""
+    import time
+
+    from conftest import wait_for_running_step
+
+    folder = tmp_path_factory.mktemp("lost_host")
+    hostfile = hosts.hostfile(folder / "hostfile")
+    run_dir = folder / "run"
+    cmd = ["bash", ROOT / "launch" / "multinode.sh", "-m", "gradpower_ds.jobs.train", "--config", QUICKSTART, *TINY,
+           "--run_dir", run_dir, *LOST]
+    proc = start_on_h0(hosts, folder / "first", cmd, HOSTFILE=str(hostfile), MASTER_PORT=str(free_port()))
+    try:
+        status = wait_for_running_step(run_dir, proc, 4, time.time() + TIMEOUT)
+        hosts.hosts[1].kill_all()
+        killed = time.monotonic()
+        output = proc.communicate(timeout=DETECT_S)[0]
+        detect_s = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    left = hosts.busy()
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    hosts.hosts[1].start_sshd()
+    hosts.wait_for_ssh(hosts.hosts[1])
+    on_h0(hosts, folder / "resume", [*cmd, "--resume", "true"], HOSTFILE=str(hostfile), MASTER_PORT=str(free_port()))
+    return dict(status=status, returncode=proc.returncode, output=output, detect_s=detect_s, left=left, latest=latest,
+                run_dir=run_dir)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The lost host's run without the loss: 16 steps as 2 ranks on this machine (the same as on 2 hosts, bit for
+    bit: test_main_job_across_hosts_equals_one_host)."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    deepspeed_train(run_dir, *LOST)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_lost_host_fails_the_launch_within_bounds_naming_it(lost_host):
+    status, output = lost_host["status"], lost_host["output"]
+    assert status is not None and status["state"] == "running" and 4 <= status["step"] < 16, status
+    assert lost_host["returncode"] not in (0, None), output[-6000:]
+    assert lost_host["detect_s"] < DETECT_S
+    print(f"lost host: the launch exited {lost_host['detect_s']:.1f} s after h1 was killed at step "
+          f"{status['step']}; resumed from {lost_host['latest']}")
+    assert "h1: " in output  # pdsh names the host whose ssh session ended
+    assert lost_host["left"] == {}  # every rank on every host has exited
+    assert lost_host["latest"] in {f"step{n}" for n in (4, 8, 12)}  # the last complete checkpoint before the loss
+
+
+@pytest.mark.slow
+def test_resume_after_a_lost_host_continues_as_an_uninterrupted_run(lost_host, uninterrupted):
+    run_dir = lost_host["run_dir"]
+    rows, reference = read_metrics(run_dir / "metrics.csv"), read_metrics(uninterrupted / "metrics.csv")
+    assert [r["step"] for r in reference] == list(range(1, 17))
+    resumed_at = int(lost_host["latest"].removeprefix("step"))
+    after = [r for r in rows if r["step"] > resumed_at]
+    assert [r["step"] for r in after] == list(range(resumed_at + 1, 17))
+    for key in COMPARED:
+        assert [r[key] for r in after] == [r[key] for r in reference[resumed_at:]], key
+    weights, reference_weights = final_checkpoint(run_dir), final_checkpoint(uninterrupted)
+    assert weights.keys() == reference_weights.keys() and len(weights) > 10
+    assert [k for k in weights if not torch.equal(weights[k], reference_weights[k])] == []
+
+
+@pytest.mark.slow
+def test_a_host_without_sshd_is_named_before_anything_starts(hosts, tmp_path):
+    import time
+
+    h1 = hosts.hosts[1]
+    h1.stop_sshd()
+    try:
+        began = time.monotonic()
+        proc = run_launched(hosts.hosts[0].cmd("bash", ROOT / "launch" / "multinode.sh", "-m",
+                                               "gradpower_ds.jobs.train", "--run_dir", tmp_path / "run"), 60,
+                            env=hosts.env(launch_env(HOSTFILE=str(hosts.hostfile(tmp_path / "hostfile")))),
+                            cwd=tmp_path)
+        took = time.monotonic() - began
+    finally:
+        h1.start_sshd()
+        hosts.wait_for_ssh(h1)
+    assert proc.returncode == 1 and took < 30
+    assert "error: host h1 of " in proc.stderr and "does not answer ssh" in proc.stderr, proc.stderr
+    assert "nothing was started" in proc.stderr and not (tmp_path / "run").exists()
+    assert hosts.busy() == {}
+
+
+# ---- checkpoints without a shared filesystem -------------------------------------------------------------------------
+
+NODE_LOCAL = ["--deepspeed_overrides", json.dumps({"checkpoint": {"use_node_local_storage": True}})]
+# DeepSpeed (0.19.8) saves an MoE model's non-expert states on data-parallel rank 0 only, use_node_local_storage or
+# not: node-local resume works for dense models, hence ZeRO-2 without experts here
+LOCAL_SETTINGS = {"zero2_dense": ["--num_experts", "0"], "zero3_offload": SETTINGS["zero3_offload"]}
+
+
+@pytest.fixture(scope="module")
+def node_local(hosts, tmp_path_factory):
+    """The main job in a run folder each host has to itself (Cluster.private): at each of LOCAL_SETTINGS with
+    use_node_local_storage, 4 steps (--stop_at 4) and then --resume true to 8, by ``deepspeed --hostfile``;
+    and at ZeRO-2 (MoE) without it, whose resume fails. Returns name -> (h0's run folder, h1's, the failed resume),
+    and "reference" -> the dense ZeRO-2 job uninterrupted on 2 ranks of this machine."""
+    folder = tmp_path_factory.mktemp("node_local")
+    deepspeed_train(folder / "reference", *LOCAL_SETTINGS["zero2_dense"])
+    shared = folder / "private"  # the same path on every host, a different folder behind it on each
+    hostfile = hosts.hostfile(folder / "hostfile")
+    hosts.private(shared)
+    results = {}
+    try:
+        for name, args in [*LOCAL_SETTINGS.items(), ("zero2_shared_only", SETTINGS["zero2"])]:
+            local = [] if name == "zero2_shared_only" else NODE_LOCAL
+            train = [DEEPSPEED, "--hostfile", hostfile, "--master_port", free_port(), "--module",
+                     "gradpower_ds.jobs.train", "--config", QUICKSTART, *TINY, "--run_dir", shared / name, *args, *local]
+            on_h0(hosts, folder / name / "first", [*train, "--stop_at", "4"])
+            failed = None
+            if local:
+                on_h0(hosts, folder / name / "resume", [*train, "--resume", "true"])
+            else:
+                failed = run_launched(hosts.hosts[0].cmd(*train, "--resume", "true", "--dist_timeout", "60"), TIMEOUT,
+                                      env=hosts.env(launch_env(PYTHONPATH=PYTHONPATH)), cwd=folder / name / "first")
+                assert hosts.busy() == {}
+            results[name] = (*(host.folder / "private" / name for host in hosts.hosts), failed)
+    finally:
+        hosts.private(None)
+    results["reference"] = folder / "reference"
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LOCAL_SETTINGS)
+def test_node_local_checkpoints_resume_exactly(node_local, two_hosts, name):
+    h0_run, h1_run, _ = node_local[name]
+    assert not (h1_run / "metrics.csv").exists() and (h0_run / "metrics.csv").exists()  # the hosts share nothing
+    assert (h0_run / "checkpoints" / "latest").read_text().strip() == "step8"  # DeepSpeed writes it on rank 0 only
+    assert (h1_run / "checkpoints" / "step8").is_dir()  # h1 keeps its own copy of each checkpoint
+    uninterrupted = node_local["reference"] if name == "zero2_dense" else two_hosts[name][0] / "run"
+    rows, reference = read_metrics(h0_run / "metrics.csv"), read_metrics(uninterrupted / "metrics.csv")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for key in COMPARED:
+        assert [r[key] for r in rows] == [r[key] for r in reference], key
+    weights, reference_weights = final_checkpoint(h0_run, h1_run), final_checkpoint(uninterrupted)
+    assert weights.keys() == reference_weights.keys() and len(weights) > 10
+    assert [k for k in weights if not torch.equal(weights[k], reference_weights[k])] == []
+
+
+@pytest.mark.slow
+def test_without_node_local_storage_an_unshared_resume_is_refused(node_local):
+    h0_run, h1_run, failed = node_local["zero2_shared_only"]
+    assert (h0_run / "checkpoints" / "latest").exists() and not (h1_run / "metrics.csv").exists()
+    assert failed.returncode != 0
+    output = failed.stdout + failed.stderr
+    assert "--resume true: only 1 of 2 ranks see checkpoint step4 in " in output, output[-6000:]
+    assert '{"checkpoint": {"use_node_local_storage": true}}' in output
+    assert [r["step"] for r in read_metrics(h0_run / "metrics.csv")] == [1, 2, 3, 4]  # nothing trained

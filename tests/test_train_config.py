@@ -366,3 +366,10 @@ def test_a_files_p_is_its_optimizers(tmp_path):
     assert load_config(["--config", path]).power == 0.9  # the file's own optimizer: kept
     assert load_config(["--config", path, "--optimizer", "muonpower"]).power == 0.9  # the same optimizer again
     assert load_config(["--config", path, "--optimizer", "adampower"]).power == 1.2  # switched: AdamPower's default
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_dist_timeout_must_be_positive_seconds(value):
+    with pytest.raises(ValueError, match=r"dist_timeout=.* must be a finite number of seconds > 0"):
+        load_config(["--config", str(QUICKSTART), "--dist_timeout", value])
+    assert load_config(["--config", str(QUICKSTART), "--dist_timeout", "20"]).dist_timeout == 20.0

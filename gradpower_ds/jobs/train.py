@@ -29,6 +29,7 @@ import signal
 import sys
 import time
 import warnings
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -48,7 +49,7 @@ _log = logging.getLogger(JOB)
 # The only settings a resumed run may change: none of them changes the model, the data, the optimizer or the
 # schedule (evaluation runs without gradients or randomness, so eval_every only changes when it is measured).
 RESUME_MAY_CHANGE = ("resume", "stop_at", "run_dir", "progress", "tensorboard", "log_every", "save_every",
-                     "eval_every", "noise_every")
+                     "eval_every", "noise_every", "dist_timeout")
 
 
 def changed_settings(saved: dict, cfg: TrainConfig) -> list[tuple[str, object, object]]:
@@ -173,6 +174,28 @@ def evaluate(engine, batches: list, rank: int, world: int) -> float:
     return (total[0] / total[1]).item()
 
 
+def resume_tag(engine, checkpoints: Path) -> str | None:
+    """The checkpoint every rank resumes from: the tag in rank 0's `checkpoints`/latest (None: none, start afresh).
+    DeepSpeed writes `latest` on global rank 0 only, even with use_node_local_storage, so the tag is sent to the
+    other ranks. Raises RuntimeError on every rank when some rank lacks its model-state file of that tag (DeepSpeed's
+    own name for it): nodes that do not share run_dir and keep no copy of their own."""
+    latest = checkpoints / "latest"
+    sent = [latest.read_text().strip() if torch.distributed.get_rank() == 0 and latest.exists() else None]
+    torch.distributed.broadcast_object_list(sent, src=0)
+    tag = sent[0]
+    if tag is None:
+        return None
+    seen = torch.tensor([float(Path(engine._get_ckpt_name(str(checkpoints), tag)).exists()), 1.0], device=engine.device)
+    torch.distributed.all_reduce(seen)
+    found, world = int(seen[0].item()), int(seen[1].item())
+    if found < world:
+        raise RuntimeError(
+            f"--resume true: only {found} of {world} ranks see checkpoint {tag} in {checkpoints}: the nodes do not "
+            "share this folder. Put run_dir on a filesystem every node mounts, or let every node keep its own copy: "
+            "deepspeed_overrides {\"checkpoint\": {\"use_node_local_storage\": true}} (docs/multi-node.md)")
+    return tag
+
+
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) the configured pretraining; returns the summary rank 0 prints and saves ({} when
     stopped by stop_at). Stopped by SIGTERM/SIGINT it saves, marks the run stopped and raises
@@ -191,7 +214,8 @@ def train(cfg: TrainConfig) -> dict:
     if os.environ.get("RANK", "0") == "0":
         _log_precision(cfg)
         _warn_about_op_builds(cfg)
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               timeout=timedelta(seconds=cfg.dist_timeout))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     cfg.expert_parallel_size(world)  # fail before loading data when the experts cannot be placed
     corpus = load_corpus_distributed(cfg.data, tokenizer=cfg.tokenizer, val_fraction=cfg.val_fraction,
@@ -203,8 +227,9 @@ def train(cfg: TrainConfig) -> dict:
 
     start, tokens, elapsed = 0, 0, 0.0
     checkpoints = run_dir / "checkpoints"
-    if cfg.resume and (checkpoints / "latest").exists():
-        _, client = engine.load_checkpoint(str(checkpoints))
+    tag = resume_tag(engine, checkpoints) if cfg.resume else None
+    if tag is not None:
+        _, client = engine.load_checkpoint(str(checkpoints), tag=tag)
         start, tokens, elapsed = client["step"], client["tokens"], client["elapsed"]
         if "noise" in client:  # checkpoints before the noise measurement lack it: its averages start afresh
             noise.load_state_dict(client["noise"])

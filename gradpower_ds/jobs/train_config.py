@@ -150,6 +150,8 @@ class TrainConfig:
     precision: str = _setting("auto", f"{', '.join(PRECISIONS)} (auto: bf16 on GPUs and on CPUs with native bf16, "
                                       "else fp32)")
     offload_optimizer: bool = _setting(False, "ZeRO optimizer states on the CPU")
+    dist_timeout: float = _setting(1800.0, "seconds a collective (and the rendezvous) may wait for the other ranks "
+                                           "before the job fails: bounds a hang on a lost node (docs/multi-node.md)")
     # evaluation, logging, checkpoints
     eval_every: int = _setting(50, "validation every N steps (and at the end)")
     eval_batches: int = _setting(16, "validation batches per evaluation")
@@ -193,6 +195,9 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0", name)
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise ConfigError(f"dist_timeout={self.dist_timeout!r} must be a finite number of seconds > 0",
+                              "dist_timeout")
         if self.noise_every < 0:
             raise ConfigError(f"noise_every={self.noise_every!r} must be >= 0 (0: off)", "noise_every")
         if self.dim % self.n_heads:
