@@ -16,8 +16,9 @@
 #   NO_SSH       1: as NODE_RANK (which it then requires); default 0: the launcher starts every node by ssh
 #   DS_ARGS      extra launcher options, e.g. "--launcher openmpi" or "--include host1:0,1"
 #   DEEPSPEED    the launcher command, split into words (default: deepspeed; or "python -m deepspeed.launcher.runner")
-#   SSH_TIMEOUT  with ssh: seconds each host of the hostfile has to answer `ssh <host> true` before anything
-#                starts (default 10); a host that does not is named and nothing is launched
+#   SSH_TIMEOUT  with the ssh launcher (DeepSpeed's default, pdsh): seconds each host of the hostfile has to
+#                answer `ssh <host> true` before anything starts (default 10); a host that does not is
+#                named and nothing is launched. Other launchers (DS_ARGS="--launcher openmpi"...) skip it
 set -euo pipefail
 
 usage() {
@@ -33,11 +34,20 @@ usage() {
 args=(--hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}")
 [ -z "${MASTER_ADDR:-}" ] || args+=(--master_addr "$MASTER_ADDR")
 [ -z "${NUM_GPUS:-}" ] || args+=(--num_gpus "$NUM_GPUS")
+# shellcheck disable=SC2206  # DS_ARGS is split into words on purpose
+ds_args=(${DS_ARGS:-})
+launcher=pdsh
+for i in "${!ds_args[@]}"; do
+    case "${ds_args[$i]}" in
+        --launcher=*) launcher="${ds_args[$i]#--launcher=}" ;;
+        --launcher) launcher="${ds_args[$((i + 1))]:-}" ;;
+    esac
+done
 if [ "${NO_SSH:-0}" = 1 ] || [ -n "${NODE_RANK:-}" ]; then
     [ -n "${NODE_RANK:-}" ] || { echo "error: NO_SSH=1 needs NODE_RANK (this node's hostfile line, from 0)" >&2; exit 2; }
     [ -n "${MASTER_ADDR:-}" ] || { echo "error: launching by node needs MASTER_ADDR" >&2; exit 2; }
     args+=(--no_ssh --node_rank "$NODE_RANK")
-else
+elif [ "$launcher" = pdsh ]; then
     # every host must answer over ssh first: else the launcher starts the others, which wait for it
     while read -r host _; do
         [ -n "$host" ] && [ "${host:0:1}" != "#" ] || continue
@@ -48,8 +58,7 @@ else
         fi
     done < "$HOSTFILE"
 fi
-# shellcheck disable=SC2206  # DS_ARGS is split into words on purpose
-args+=(${DS_ARGS:-})
+args+=("${ds_args[@]}")
 
 # shellcheck disable=SC2086  # DEEPSPEED may be a command with arguments
 exec ${DEEPSPEED:-deepspeed} "${args[@]}" --module gradpower_ds.jobs.run "$@"

@@ -241,25 +241,67 @@ def test_runner_runs_the_script_as_main_after_register(tmp_path, form):
     assert "registered DeepSpeed optimizer types AdamPower/AdamWPower" in proc.stderr
 
 
-def multinode_sh(tmp_path, **env) -> subprocess.CompletedProcess:
-    """launch/multinode.sh train.py --x 1 with only `env` of its variables set, the launcher replaced by `echo`."""
+FAKE_SSH = """#!/usr/bin/env bash
+# stands in for ssh: logs its host (the word before the command), fails for hosts in $FAKE_SSH_DOWN
+host="${@: -2:1}"
+echo "$host" >> "$FAKE_SSH_LOG"
+case " $FAKE_SSH_DOWN " in *" $host "*) echo "ssh: connect to host $host port 22: Connection refused" >&2; exit 255;; esac
+"""
+
+
+def multinode_sh(tmp_path, down="", **env) -> subprocess.CompletedProcess:
+    """launch/multinode.sh train.py --x 1 with only `env` of its variables set, the launcher replaced by `echo`
+    and ssh by FAKE_SSH (hosts in `down` refuse); the hosts asked by ssh are in tmp_path/ssh.log."""
     ours = ("HOSTFILE", "MASTER_ADDR", "MASTER_PORT", "NUM_GPUS", "NODE_RANK", "NO_SSH", "DS_ARGS")
     base = {k: v for k, v in os.environ.items() if k not in ours}
+    fake = tmp_path / "bin" / "ssh"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text(FAKE_SSH)
+    fake.chmod(0o755)
+    (tmp_path / "ssh.log").write_text("")
+    base.update(PATH=f"{fake.parent}{os.pathsep}{base['PATH']}", FAKE_SSH_LOG=str(tmp_path / "ssh.log"),
+                FAKE_SSH_DOWN=down, DEEPSPEED="echo")
     return subprocess.run(["bash", str(ROOT / "launch" / "multinode.sh"), "train.py", "--x", "1"], cwd=tmp_path,
-                          env=dict(base, DEEPSPEED="echo", **{k: str(v) for k, v in env.items()}),
+                          env=dict(base, **{k: str(v) for k, v in env.items()}),
                           capture_output=True, text=True, timeout=60)
 
 
+def ssh_asked(tmp_path) -> list[str]:
+    """The hosts the last multinode_sh asked over ssh, in order."""
+    return (tmp_path / "ssh.log").read_text().split()
+
+
 def test_multinode_script_builds_the_deepspeed_command(tmp_path):
-    (tmp_path / "hosts").write_text("a slots=2\nb slots=2\n")
+    (tmp_path / "hosts").write_text("a slots=2\n# a comment\n\nb slots=2\n")
     proc = multinode_sh(tmp_path, HOSTFILE="hosts", MASTER_ADDR="10.0.0.1", MASTER_PORT=1234, NUM_GPUS=2, NODE_RANK=1)
     check(proc, "multinode.sh")
     assert proc.stdout.split() == ["--hostfile", "hosts", "--master_port", "1234", "--master_addr", "10.0.0.1",
                                    "--num_gpus", "2", "--no_ssh", "--node_rank", "1",
                                    "--module", "gradpower_ds.jobs.run", "train.py", "--x", "1"]
+    assert ssh_asked(tmp_path) == []  # by node: no ssh at all
     proc = multinode_sh(tmp_path, HOSTFILE="hosts")  # with ssh: DeepSpeed starts every node
+    check(proc, "multinode.sh")
     assert proc.stdout.split() == ["--hostfile", "hosts", "--master_port", "29500",
                                    "--module", "gradpower_ds.jobs.run", "train.py", "--x", "1"]
+    assert ssh_asked(tmp_path) == ["a", "b"]
+
+
+def test_multinode_script_names_a_host_that_does_not_answer_ssh(tmp_path):
+    (tmp_path / "hosts").write_text("a slots=2\nb slots=2\n")
+    proc = multinode_sh(tmp_path, down="b", HOSTFILE="hosts")
+    assert proc.returncode == 1 and proc.stdout == ""  # the launcher never ran
+    assert "host b of hosts does not answer ssh" in proc.stderr and "Connection refused" in proc.stderr
+    assert ssh_asked(tmp_path) == ["a", "b"]
+
+
+@pytest.mark.parametrize("ds_args", ["--launcher openmpi", "--launcher=slurm"])
+def test_multinode_script_asks_ssh_only_for_the_ssh_launcher(tmp_path, ds_args):
+    (tmp_path / "hosts").write_text("a slots=2\nb slots=2\n")
+    proc = multinode_sh(tmp_path, down="a b", HOSTFILE="hosts", DS_ARGS=ds_args)
+    check(proc, "multinode.sh")
+    words = proc.stdout.split()
+    assert words[:words.index("--module")] == ["--hostfile", "hosts", "--master_port", "29500", *ds_args.split()]
+    assert ssh_asked(tmp_path) == []
 
 
 @pytest.mark.parametrize("env, message", [({}, "set HOSTFILE"), ({"HOSTFILE": "nope"}, "hostfile not found"),
