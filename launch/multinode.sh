@@ -19,6 +19,9 @@
 #   SSH_TIMEOUT  with the ssh launcher (DeepSpeed's default, pdsh): seconds each host of the hostfile has to
 #                answer `ssh <host> true` before anything starts (default 10); a host that does not is
 #                named and nothing is launched. Other launchers (DS_ARGS="--launcher openmpi"...) skip it
+#   SSH_KEEPALIVE with the ssh launcher: seconds between ssh's keepalive probes of each host (default 10); a
+#                host that answers none of 3 in a row (cut off, powered off) ends its pdsh session, and so the
+#                launch, instead of leaving it waiting forever (added to PDSH_SSH_ARGS_APPEND)
 set -euo pipefail
 
 usage() {
@@ -57,6 +60,8 @@ elif [ "$launcher" = pdsh ]; then
             exit 1
         fi
     done < "$HOSTFILE"
+    # pdsh's ssh sessions: a silent host is given up after 3 keepalives (ssh's own default is never)
+    export PDSH_SSH_ARGS_APPEND="${PDSH_SSH_ARGS_APPEND:+$PDSH_SSH_ARGS_APPEND }-o ServerAliveInterval=${SSH_KEEPALIVE:-10} -o ServerAliveCountMax=3"
 fi
 args+=("${ds_args[@]}")
 

@@ -254,3 +254,27 @@ def test_deepspeed_initialize_refuses_features_needing_deepspeeds_adam(config_ch
         assert r["super_offload_zero2"]["optimizer"] == "CPUAdamPower"
     if gds.DEEPSPEED.installed() == gds.DEEPSPEED.newest:  # the newest tested DeepSpeed has all: none goes untested
         assert all(r["features"].values()), r["features"]
+
+
+GROUP_TIMEOUT = """
+import datetime, os, sys, torch, deepspeed
+import gradpower_ds.deepspeed as gds
+if sys.argv[1] == "registered":
+    gds.register()
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=7))
+group = deepspeed.comm.new_group([0])
+print(group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+"""
+
+
+@pytest.mark.parametrize("registered, seconds", [("registered", 7.0), ("not", 1800.0)])
+def test_deepspeed_groups_keep_the_init_distributed_timeout(registered, seconds):
+    """DeepSpeed alone gives its later groups torch's 30-minute default (a cut-off host then blocks an MoE
+    collective for half an hour); registered, they get init_distributed's timeout."""
+    from conftest import free_port
+
+    proc = subprocess.run([sys.executable, "-c", GROUP_TIMEOUT, registered, str(free_port())], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert float(proc.stdout.split()[-1]) == seconds

@@ -393,6 +393,7 @@ def test_both_integrations_are_patch_sets():
             *(["deepspeed.set_optimizer_flags"] if hasattr(ds, "set_optimizer_flags") else []),  # DeepSpeed with Muon
             "DeepSpeedZeroOptimizer.unscale_and_clip_grads", "DeepSpeedZeroOptimizer_Stage3.unscale_and_clip_grads",
             "DeepSpeedZeroOptimizer_Stage3._optimizer_step",
-            "DeepSpeedZeroOptimizer_Stage3._reassign_or_swap_out_partitioned_parameters"]
+            "DeepSpeedZeroOptimizer_Stage3._reassign_or_swap_out_partitioned_parameters",
+            "TorchBackend.__init__", "TorchBackend.new_group"]
     finally:
         deepspeed.unregister()

@@ -63,6 +63,7 @@ def test_flags_and_config_file_defaults():
     (["--hidden-size", "30", "--num-attention-heads", "4"], "--hidden-size 30 is not a multiple of"),
     (["--lr", "-1"], "--lr must be >= 0"),
     (["--train-iters", "0"], "--train-iters must be > 0"),
+    (["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes must be > 0"),
     (["--ckpt-step", "3"], "--ckpt-step needs --load"),
     (["--optimizer", "muonpower"], "error: muonpower needs --gradpower-p, MuonPower's p"),
     (["--optimizer", "muon", "--use-distributed-optimizer"], "megatron-core's Muon does not support the "

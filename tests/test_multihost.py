@@ -372,6 +372,62 @@ def test_resume_after_a_lost_host_continues_as_an_uninterrupted_run(lost_host, u
     assert [k for k in weights if not torch.equal(weights[k], reference_weights[k])] == []
 
 
+@pytest.fixture(scope="module")
+def cut_host(hosts, tmp_path_factory):
+    """The lost host's run, but h1 is cut off (its link down) once step 4 or later ran: nothing on it dies, it only
+    stops answering. Returns the launch's exit status, output and how long after the cut it exited (None: still
+    running at CUT_DETECT_S, then killed), and what was left running on the hosts once the link was back up."""
+    import time
+
+    from conftest import wait_for_running_step
+
+    folder = tmp_path_factory.mktemp("cut_host")
+    hostfile = hosts.hostfile(folder / "hostfile")
+    run_dir = folder / "run"
+    cmd = ["bash", ROOT / "launch" / "multinode.sh", "-m", "gradpower_ds.jobs.train", "--config", QUICKSTART, *TINY,
+           "--run_dir", run_dir, *LOST]
+    proc = start_on_h0(hosts, folder / "first", cmd, HOSTFILE=str(hostfile), MASTER_PORT=str(free_port()))
+    detect_s = None
+    try:
+        status = wait_for_running_step(run_dir, proc, 4, time.time() + TIMEOUT)
+        hosts.hosts[1].set_link(False)
+        cut = time.monotonic()
+        try:
+            output = proc.communicate(timeout=CUT_DETECT_S)[0]
+            detect_s = time.monotonic() - cut
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            output = proc.communicate()[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        hosts.hosts[1].set_link(True)
+    left = hosts.busy(timeout=CUT_DETECT_S)  # h1's rank ends by itself, at its own collective's timeout
+    for host in hosts.hosts:  # what is left is killed, so that the next tests start clean
+        if host.name in left:
+            host.kill_all()
+            host.start_sshd()
+            hosts.wait_for_ssh(host)
+    return dict(status=status, returncode=proc.returncode, output=output, detect_s=detect_s, left=left)
+
+
+CUT_DETECT_S = 90  # dist_timeout (20 s) + pdsh's ssh noticing the silent host (SSH_KEEPALIVE 10 s x 3) + slack
+
+
+@pytest.mark.slow
+def test_a_cut_off_host_fails_the_launch_within_dist_timeout_and_keepalive(cut_host):
+    status, output = cut_host["status"], cut_host["output"]
+    assert status is not None and status["state"] == "running" and 4 <= status["step"] < 16, status
+    assert cut_host["detect_s"] is not None, f"the launch still ran {CUT_DETECT_S} s after h1 was cut off:\n" \
+                                             f"{output[-6000:]}"
+    print(f"cut-off host: the launch exited {cut_host['detect_s']:.1f} s after h1's link went down at step "
+          f"{status['step']}")
+    assert cut_host["returncode"] not in (0, None), output[-6000:]
+    assert "h1: " in output  # pdsh names the host whose ssh session ended
+    assert cut_host["left"] == {}  # h1's rank, cut off, ended at its own timeout
+
+
 @pytest.mark.slow
 def test_a_host_without_sshd_is_named_before_anything_starts(hosts, tmp_path):
     import time

@@ -24,7 +24,10 @@ tested range, is refused with an error naming it), all listed in ``_patches()``:
 7. ZeRO's passes around the step, for our optimizers: the unscale/clip multiply (ZeRO-1/2/3)
    and ZeRO-3's copy into the bf16/fp16 partition are done in AdamPower's own pass, bit for
    bit as DeepSpeed does them (``gradpower_ds.deepspeed.fold``; ``GRADPOWER_FOLD=0`` keeps
-   DeepSpeed's passes).
+   DeepSpeed's passes);
+8. the process groups DeepSpeed makes after ``init_distributed(timeout=...)`` (MoE's expert
+   groups, ZeRO's) get that timeout too, not torch's 30-minute default
+   (``gradpower_ds.deepspeed.timeouts``).
 
 Where DeepSpeed would build its own CPU Adam (``offload_optimizer`` to the CPU, or
 a CPU accelerator) the native ``CPUAdamPower`` kernel is built; elsewhere the
@@ -42,7 +45,7 @@ import logging
 import os
 import re
 
-from . import fold, muon_power
+from . import fold, muon_power, timeouts
 from ..adam_power import AdamPower
 from ..blockwise import check_scheduled_lrs
 from ..cpu_adam_power import CPUAdamPower
@@ -314,6 +317,7 @@ def _checking_blockwise_lrs(update_lr):
 def _patches() -> list:
     """What register() changes in DeepSpeed, in order (see the module docstring)."""
     import deepspeed
+    from deepspeed.comm.torch import TorchBackend
     from deepspeed.runtime import config as ds_config
     from deepspeed.runtime import lr_schedules
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -338,6 +342,8 @@ def _patches() -> list:
         Wrap(DeepSpeedZeroOptimizer_Stage3, "unscale_and_clip_grads", fold.unscale_and_clip_3),
         Wrap(DeepSpeedZeroOptimizer_Stage3, "_optimizer_step", fold.optimizer_step_3),
         Wrap(DeepSpeedZeroOptimizer_Stage3, "_reassign_or_swap_out_partitioned_parameters", fold.reassign_3),
+        Wrap(TorchBackend, "__init__", timeouts.keeping_timeout),
+        Wrap(TorchBackend, "new_group", timeouts.new_group_with_timeout),
     ]
 
 

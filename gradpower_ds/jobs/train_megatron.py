@@ -37,6 +37,7 @@ import logging
 import os
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--adam-eps", type=float, default=1e-8)
     add("--use-distributed-optimizer", action="store_true", help="shard the optimizer state over data parallel ranks")
     add("--seed", type=int, default=1234)
+    add("--distributed-timeout-minutes", type=float, default=10.0,
+        help="longest wait of any collective (every process group) before the ranks fail, e.g. on a lost node "
+             "(Megatron-LM's flag and default)")
     add = parser.add_argument_group("data, evaluation, checkpoints, logging").add_argument
     add("--data-path", default="stdlib", help="the embedded corpus 'stdlib', a text/JSONL file or folder, or a "
                                               "Megatron indexed prefix (see gradpower_ds.jobs.data)")
@@ -114,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args, parser) -> None:
     """Refuses settings that cannot work, naming the flag (runs inside parse_args)."""
     positive = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "train_iters",
-                "expert_model_parallel_size", "moe_router_topk", "log_interval", "eval_interval")
+                "expert_model_parallel_size", "moe_router_topk", "log_interval", "eval_interval",
+                "distributed_timeout_minutes")
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -374,7 +379,8 @@ def train(args) -> dict:
     from ..noise import NoiseMonitor
 
     megatron_patches.apply()
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=args.expert_model_parallel_size)
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=args.expert_model_parallel_size,
+                                             distributed_timeout_minutes=args.distributed_timeout_minutes)
     dp_rank, dp_size, micro_batches = data_parallel_layout(args)
     corpus = load_corpus_distributed(args.data_path)
     val_batches = corpus.val_batches(args.micro_batch_size, args.seq_length, args.eval_iters)[dp_rank::dp_size] \
@@ -498,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
                          "instead") from None
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=args.distributed_timeout_minutes))
     try:
         if dist.get_world_size() % args.expert_model_parallel_size:
             raise SystemExit(f"--expert-model-parallel-size {args.expert_model_parallel_size} does not divide the "
