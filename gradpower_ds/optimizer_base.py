@@ -6,11 +6,15 @@ subclass it; it steps through the functional core ``gradpower_ds.functional.adam
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .folding import FoldsIntoStep
 from .functional import adam_power
 from .hyperparams import ADAM_POWER_DEFAULTS, check_settings
+
+_log = logging.getLogger(__name__)
 
 
 class AdamPowerBase(FoldsIntoStep, torch.optim.Optimizer):
@@ -49,6 +53,24 @@ class AdamPowerBase(FoldsIntoStep, torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load; a saved param group without AdamPower's settings (one of torch.optim.AdamW or DeepSpeed's
+        "AdamW": no power, power_eps, adam_w_mode, bias_correction) gets them from this optimizer's own group,
+        i.e. its constructor arguments, as torch's optimizers fill a missing default; a warning names what was
+        filled. Every load enters here, DeepSpeed's ZeRO 1-3 and offload included."""
+        own = [{key: group[key] for key in self.defaults} for group in self.param_groups]
+        super().load_state_dict(state_dict)  # checks that the groups match in number and size
+        filled = {}
+        for group, settings in zip(self.param_groups, own):
+            for key, value in settings.items():
+                if key not in group:
+                    group[key] = value
+                    filled.setdefault(key, value)
+        if filled:
+            _log.warning("%s: the loaded state dict has no %s (saved by another optimizer, e.g. torch.optim.AdamW): "
+                         "using this optimizer's %s", type(self).__name__, ", ".join(filled),
+                         ", ".join(f"{key}={value}" for key, value in filled.items()))
 
     MOMENT_DTYPE: torch.dtype | None = None  # the moments' dtype; None: the param's (as torch's AdamW)
 

@@ -1,5 +1,6 @@
 """AdamPower (reference and foreach paths) against torch's Adam(W), a float64 model, and each other."""
 
+import copy
 import io
 
 import pytest
@@ -107,6 +108,63 @@ def test_state_dict_roundtrip_continues_identically_and_loads_into_torch_adamw()
     adamw = torch.optim.AdamW([torch.nn.Parameter(saved_p.clone())], foreach=False, **HYPER)
     adamw.load_state_dict(saved)
     assert torch.equal(adamw.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
+
+
+def _adamw_state(params: list, grads: list) -> dict:
+    """The state dict of torch's AdamW after stepping `params` (two groups) through `grads`."""
+    adamw = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}], foreach=False,
+                              **HYPER)
+    for g in grads:
+        for p in params:
+            p.grad = g[:p.numel()].clone()
+        adamw.step()
+    return adamw.state_dict()
+
+
+@pytest.mark.parametrize("cls", [AdamPower, CPUAdamPower])
+def test_adamw_state_dict_loads_with_this_optimizers_power_per_group(cls, caplog):
+    """An AdamW state dict lacks power, power_eps, adam_w_mode, bias_correction: each group gets its own
+    constructor value (p = 1 then continues as AdamW does; p = 1.2 as AdamPower given those values)."""
+    grads = grad_stream(257, 8)
+    init = [torch.randn(257), torch.randn(100)]
+    adamw_params = [torch.nn.Parameter(t.clone()) for t in init]
+    saved = _adamw_state(adamw_params, grads[:4])
+    assert "power" not in saved["param_groups"][0]
+
+    def continued(power: float, expert_power: float, state: dict):
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in adamw_params]
+        opt = cls([{"params": ps[:1]}, {"params": ps[1:], "weight_decay": 0.0, "power": expert_power}], power=power,
+                  **HYPER)
+        with caplog.at_level("WARNING", logger="gradpower_ds.optimizer_base"):
+            opt.load_state_dict(copy.deepcopy(state))  # as from a file: torch's load keeps the step tensors
+        assert [g["power"] for g in opt.param_groups] == [power, expert_power]
+        for g in grads[4:]:
+            for p in ps:
+                p.grad = g[:p.numel()].clone()
+            opt.step()
+        return ps
+
+    ones = continued(1.0, 1.0, saved)
+    assert "has no adam_w_mode, power, power_eps, bias_correction" in caplog.text
+    adamw = torch.optim.AdamW([{"params": adamw_params[:1]}, {"params": adamw_params[1:], "weight_decay": 0.0}],
+                              foreach=False, **HYPER)
+    adamw.load_state_dict(copy.deepcopy(saved))
+    for g in grads[4:]:
+        for p in adamw_params:
+            p.grad = g[:p.numel()].clone()
+        adamw.step()
+    for ours, theirs in zip(ones, adamw_params):
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
+
+    explicit = {**saved, "param_groups": [{**g, "power": p, "power_eps": 0.0, "adam_w_mode": True,
+                                           "bias_correction": True}
+                                          for g, p in zip(saved["param_groups"], (1.2, 1.5))]}
+    filled = continued(1.2, 1.5, saved)
+    caplog.clear()
+    given = continued(1.2, 1.5, explicit)
+    assert "has no" not in caplog.text  # a state dict with AdamPower's settings loads without the warning
+    assert all(torch.equal(a, b) for a, b in zip(filled, given))
+    assert not torch.allclose(filled[0], ones[0])  # p = 1.2 steps differently from p = 1
 
 
 @pytest.mark.parametrize("kwargs,match", [
