@@ -24,7 +24,9 @@ parses, each of these options' default is a private sentinel, so
 and everything is checked inside ``parse_args``/``parse_known_args`` of that
 parser (add_arguments wraps them on that parser instance only): unknown JSON
 keys and bad values end the parse through ``parser.error`` (exit status 2) with
-a message naming the flag or the file's key.
+a message naming the flag or the file's key. Megatron's own --lr, --weight-decay, --adam-eps,
+--adam-beta1 and --adam-beta2, where the parser has them, are checked there too
+(``check_adam_flags``, through ``gradpower_ds.hyperparams.check_settings``).
 
 Megatron-LM defines ``--optimizer`` in ``megatron.training.arguments._add_training_args``
 with fixed choices, and some code paths (e.g. fault-tolerance setup) parse again
@@ -54,7 +56,7 @@ import math
 from gradpower_ds.blockwise import resolve_multipliers
 from gradpower_ds.config_sources import layered, read_settings_file
 from gradpower_ds.gpas import ACTIVATIONS
-from gradpower_ds.hyperparams import POWER_NAMES, REQUIRED
+from gradpower_ds.hyperparams import POWER_NAMES, REQUIRED, check_settings
 from gradpower_ds.patching import Wrap
 
 from .blockwise import BLOCKWISE_OPTIMIZERS
@@ -210,6 +212,26 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser, defaults:
     if not args.gpas:
         if "gpas_act" in source:
             parser.error(f"{source['gpas_act']} has no effect without --gpas (or \"gpas\": true in the file)")
+    check_adam_flags(args, parser)
+
+
+ADAM_FLAGS = {"lr": "--lr", "eps": "--adam-eps", "weight_decay": "--weight-decay"}  # check_settings' name: the flag
+
+
+def check_adam_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Checks Megatron's --lr, --adam-eps, --weight-decay (finite, >= 0) and --adam-beta1/--adam-beta2 (in [0, 1))
+    with ``hyperparams.check_settings``, for any --optimizer (all of them use Adam's somewhere), so a bad value ends
+    the parse (``parser.error``) rather than every rank later. Flags the parser lacks, or left None, are skipped.
+    """
+    given = {name: getattr(args, flag[2:].replace("-", "_"), None) for name, flag in ADAM_FLAGS.items()}
+    values = {name: value for name, value in given.items() if value is not None}
+    betas = [getattr(args, f"adam_beta{i}", None) for i in (1, 2)]
+    if betas != [None, None]:  # a missing one stands in as 0.0 (valid), so an error names the flag given
+        values["betas"] = tuple(0.0 if beta is None else beta for beta in betas)
+    try:  # optimizer "adam" takes no name of p: nothing about p is checked or filled in
+        check_settings(values, optimizer="adam", stack="megatron", label=lambda name: ADAM_FLAGS.get(name, name))
+    except (TypeError, ValueError) as err:
+        parser.error(str(err).replace("betas[0]", "--adam-beta1").replace("betas[1]", "--adam-beta2"))
 
 
 def optimizer_config_kwargs(args) -> dict:

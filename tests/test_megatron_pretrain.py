@@ -61,7 +61,7 @@ def test_flags_and_config_file_defaults():
                                                                   "--expert-model-parallel-size 2"),
     (["--num-experts", "0", "--expert-model-parallel-size", "2"], "--num-experts 0 (dense) leaves nothing"),
     (["--hidden-size", "30", "--num-attention-heads", "4"], "--hidden-size 30 is not a multiple of"),
-    (["--lr", "-1"], "--lr must be >= 0"),
+    (["--lr", "-1"], "invalid --lr=-1: must be a finite number >= 0"),
     (["--train-iters", "0"], "--train-iters must be > 0"),
     (["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes must be > 0"),
     (["--ckpt-step", "3"], "--ckpt-step needs --load"),
