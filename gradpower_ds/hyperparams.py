@@ -9,7 +9,10 @@ from it, so each word means the same thing everywhere; an old name (``RENAMED``)
 with what replaced it. ``check_settings`` is the one check, made where values enter (an
 optimizer's param group, grad_power's p, a DeepSpeed config's params, Megatron's config and
 flags), so every entry point rejects the same bad input with the same message. Values are
-checked once, where they enter, not on every step.
+checked once, where they enter, not on every step. ``RESUME_CHANGES`` / ``RESUME_POLICY`` are the one
+resume policy (a changed optimizer setting at a resume: refused, or applied with a warning) and
+``check_resume_changes`` its setting's check, for the optimizers, DeepSpeed's params, the main job and
+Megatron.
 """
 
 from __future__ import annotations
@@ -29,6 +32,19 @@ ADAM_POWER_DEFAULTS = dict(
     power_eps=0.0,
     bias_correction=True,
 )
+
+
+RESUME_CHANGES = ("refuse", "apply")
+"""What a resume does with an optimizer setting that differs from the saved run's: refuse it (the default), or apply
+the new value with a warning naming old -> new (``resume_changes``; the main job's ``--resume_changes``, Megatron's
+``--gradpower-resume-changes``)."""
+RESUME_CHANGES_DEFAULT = "refuse"
+RESUME_COMPARED = ("power", "power_eps", "betas", "eps", "weight_decay")
+"""The param-group settings a load compares with the saved ones (a group's power is expert_power in MoE groups). lr is
+not among them: the lr scheduler's own saved state sets lr on a resume."""
+RESUME_POLICY = ("a resume keeps the saved run's settings: a changed optimizer setting is refused, naming the "
+                 "setting, both values and the setting that accepts it; with resume_changes \"apply\" the new values "
+                 "are used and a warning names each old -> new value")
 
 
 POWER_RULE = (f"must be a finite number > 0 (1.0 is plain Adam; the paper's default is "
@@ -113,10 +129,10 @@ def check_settings(values: Mapping[str, object], optimizer: str = "adampower", s
     settings too) and Megatron's config and flags (``megatron_patches.optimizer.checked_powers``). The
     hyperparameters of ADAM_POWER_DEFAULTS other than power are checked where present; every name of p the
     optimizer takes is checked where set and otherwise gets its default (a missing REQUIRED one is refused, with
-    MUON_POWER_GUIDANCE); other keys pass through. Names of p the optimizer does not take are the caller's to
-    refuse (it knows how they were given). Messages read ``"{owner}: invalid {label(name)}={value}: {rule}"``
-    (``label`` spells a name as the user wrote it: a flag, a field): ValueError for a value out of range,
-    TypeError for one of the wrong type.
+    MUON_POWER_GUIDANCE); resume_changes is checked where present (check_resume_changes); other keys pass
+    through. Names of p the optimizer does not take are the caller's to refuse (it knows how they were given).
+    Messages read ``"{owner}: invalid {label(name)}={value}: {rule}"`` (``label`` spells a name as the user wrote
+    it: a flag, a field): ValueError for a value out of range, TypeError for one of the wrong type.
     """
     prefix = f"{owner}: " if owner else ""
     out = dict(values)
@@ -132,6 +148,8 @@ def check_settings(values: Mapping[str, object], optimizer: str = "adampower", s
             raise ValueError(f"{prefix}invalid {label('betas')}={betas!r}: must be a pair (beta1, beta2)")
         out["betas"] = tuple(_checked(beta, f"{label('betas')}[{i}]", owner, lambda b: 0.0 <= b < 1.0,
                                       "must be a finite number in [0, 1)") for i, beta in enumerate(betas))
+    if "resume_changes" in values:
+        out["resume_changes"] = check_resume_changes(values["resume_changes"], owner, label)
     for name in ("adam_w_mode", "bias_correction"):
         if name in values and not isinstance(values[name], bool):
             raise TypeError(f"{prefix}{label(name)} must be True or False, got {values[name]!r}")
@@ -148,6 +166,26 @@ def check_settings(values: Mapping[str, object], optimizer: str = "adampower", s
             raise ValueError(f"{prefix}{optimizer} needs {label(name)}, {use.meaning}: {MUON_POWER_GUIDANCE}")
         out[name] = out["power"] if use.default == SAME_AS_POWER else float(use.default)
     return out
+
+
+def check_resume_changes(value, owner: str = "", label: Callable[[str], str] = str) -> str:
+    """`value` as a resume_changes setting (one of RESUME_CHANGES), else ValueError naming it: the one check of the
+    setting, for the optimizers, a DeepSpeed config's params, the main job and Megatron's flag."""
+    if value in RESUME_CHANGES:
+        return value
+    raise ValueError(f"{owner + ': ' if owner else ''}invalid {label('resume_changes')}={value!r}: must be one of "
+                     f"{', '.join(RESUME_CHANGES)} ({RESUME_POLICY})")
+
+
+def resume_changes_between(saved: Mapping[str, object], own: Mapping[str, object],
+                           keys: tuple[str, ...] = RESUME_COMPARED) -> dict[str, tuple]:
+    """{key: (saved value, own value)} for each of `keys` set in both mappings with different values (betas compared
+    as a pair of floats): what a resume would change. A key missing from `saved` is no change (it is filled)."""
+    def normal(value):
+        return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else float(value)
+
+    return {key: (saved[key], own[key]) for key in keys
+            if key in saved and key in own and normal(saved[key]) != normal(own[key])}
 
 
 def _is_number(value) -> bool:

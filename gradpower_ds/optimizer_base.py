@@ -12,7 +12,8 @@ import torch
 
 from .folding import FoldsIntoStep
 from .functional import adam_power
-from .hyperparams import ADAM_POWER_DEFAULTS, check_settings
+from .hyperparams import (ADAM_POWER_DEFAULTS, RESUME_CHANGES_DEFAULT, check_resume_changes, check_settings,
+                          resume_changes_between)
 
 _log = logging.getLogger(__name__)
 
@@ -23,7 +24,8 @@ class AdamPowerBase(FoldsIntoStep, torch.optim.Optimizer):
     State keys are torch's AdamW ones (``step`` as a float32 tensor, ``exp_avg``,
     ``exp_avg_sq``), so checkpoints move between AdamPower, CPUAdamPower and
     torch.optim.AdamW. A wrapper may fold its grad scale and low-precision copy into the next step
-    (``FoldsIntoStep``).
+    (``FoldsIntoStep``). ``resume_changes`` ("refuse" or "apply", ``hyperparams.RESUME_CHANGES``) is what
+    load_state_dict does with a checkpoint saved with other settings (``hyperparams.RESUME_POLICY``).
     """
 
     def __init__(
@@ -37,7 +39,9 @@ class AdamPowerBase(FoldsIntoStep, torch.optim.Optimizer):
         power: float = ADAM_POWER_DEFAULTS["power"],
         power_eps: float = ADAM_POWER_DEFAULTS["power_eps"],
         bias_correction: bool = ADAM_POWER_DEFAULTS["bias_correction"],
+        resume_changes: str = RESUME_CHANGES_DEFAULT,
     ):
+        self.resume_changes = check_resume_changes(resume_changes, owner=type(self).__name__)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode,
             power=power, power_eps=power_eps, bias_correction=bias_correction,
@@ -55,18 +59,36 @@ class AdamPowerBase(FoldsIntoStep, torch.optim.Optimizer):
             raise
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load; a saved param group without AdamPower's settings (one of torch.optim.AdamW or DeepSpeed's
-        "AdamW": no power, power_eps, adam_w_mode, bias_correction) gets them from this optimizer's own group,
-        i.e. its constructor arguments, as torch's optimizers fill a missing default; a warning names what was
-        filled. Every load enters here, DeepSpeed's ZeRO 1-3 and offload included."""
+        """torch's load, under the resume policy (``hyperparams.RESUME_POLICY``): a saved group whose power,
+        power_eps, betas, eps or weight_decay differs from this optimizer's is refused (ValueError naming each
+        group, setting and both values), or with ``resume_changes="apply"`` loaded with this optimizer's values and
+        a warning naming each old -> new. lr is not compared: the lr scheduler's saved state sets it.
+
+        A saved param group without AdamPower's settings (one of torch.optim.AdamW or DeepSpeed's "AdamW": no
+        power, power_eps, adam_w_mode, bias_correction) gets them from this optimizer's own group, i.e. its
+        constructor arguments, as torch's optimizers fill a missing default; a warning names what was filled.
+        Every load enters here, DeepSpeed's ZeRO 1-3 and offload included."""
         own = [{key: group[key] for key in self.defaults} for group in self.param_groups]
+        saved = state_dict.get("param_groups", [])
+        changes = {i: changed for i, (group, settings) in enumerate(zip(saved, own))
+                   if (changed := resume_changes_between(group, settings))} if len(saved) == len(own) else {}
+        listed = "; ".join(f"group {i}: {key} {old} (checkpoint) -> {new} (this optimizer)"
+                           for i, changed in changes.items() for key, (old, new) in changed.items())
+        if changes and self.resume_changes != "apply":
+            raise ValueError(f"{type(self).__name__}: the checkpoint was saved with other settings: {listed}. "
+                             f"Pass resume_changes=\"apply\" (DeepSpeed config: \"params\": {{\"resume_changes\": "
+                             f"\"apply\"}}) to use this optimizer's values, or build it with the checkpoint's")
         super().load_state_dict(state_dict)  # checks that the groups match in number and size
         filled = {}
-        for group, settings in zip(self.param_groups, own):
+        for i, (group, settings) in enumerate(zip(self.param_groups, own)):
+            group.update({key: settings[key] for key in changes.get(i, ())})
             for key, value in settings.items():
                 if key not in group:
                     group[key] = value
                     filled.setdefault(key, value)
+        if changes:
+            _log.warning("%s: resume_changes=\"apply\": using this optimizer's settings, not the checkpoint's: %s",
+                         type(self).__name__, listed)
         if filled:
             _log.warning("%s: the loaded state dict has no %s (saved by another optimizer, e.g. torch.optim.AdamW): "
                          "using this optimizer's %s", type(self).__name__, ", ".join(filled),

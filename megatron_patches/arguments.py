@@ -11,6 +11,11 @@
                                blockwise_lr may also be an object of multipliers per block)
     --gpas                     GPAS gates in the decoder layers (Megatron's layers are Pre-LN)
     --gpas-act ACT             gate activation (gradpower_ds.gpas.ACTIVATIONS)
+    --gradpower-resume-changes refuse|apply
+                               gradpower_ds.jobs.train_megatron: a --load whose checkpoint has other
+                               optimizer settings (p, betas, eps, weight decay, lr): refused naming
+                               both values (default), or applied with a warning
+                               (gradpower_ds.hyperparams.RESUME_POLICY)
     --gradpower-config FILE    JSON object with any of CONFIG_KEYS
 
 and ``adampower``/``muonpower`` to the choices of Megatron's ``--optimizer`` (or, on a parser
@@ -56,15 +61,15 @@ import math
 from gradpower_ds.blockwise import resolve_multipliers
 from gradpower_ds.config_sources import layered, read_settings_file
 from gradpower_ds.gpas import ACTIVATIONS
-from gradpower_ds.hyperparams import POWER_NAMES, REQUIRED, check_settings
+from gradpower_ds.hyperparams import POWER_NAMES, REQUIRED, RESUME_CHANGES, RESUME_CHANGES_DEFAULT, check_settings
 from gradpower_ds.patching import Wrap
 
 from .blockwise import BLOCKWISE_OPTIMIZERS
 from .blockwise import FIELD as BLOCKWISE_FIELD
 from .blockwise import multipliers as blockwise_multipliers
-from .optimizer import (DIST_MUON_NAME, FIELDS, KNOWN_AS, MUON_NAMES, NAME_OF_FIELD, OPTIMIZER_NAMES,
-                        build_muon_with_power, build_optimizer_with_power, check_muon_available, checked_powers,
-                        config_powers, muon_builds_muon, named)
+from .optimizer import (DIST_MUON_NAME, FIELDS, KNOWN_AS, MUON_NAMES, NAME_OF_FIELD, OPTIMIZER_NAMES, RESUME_FLAG,
+                        RESUME_FLAGS, build_muon_with_power, build_optimizer_with_power, check_muon_available,
+                        checked_powers, config_powers, muon_builds_muon, named)
 
 DEFAULTS = {"optimizer": "adam", **FIELDS, "blockwise_lr": False, "gpas": False, "gpas_act": "silu"}
 CONFIG_KEYS = tuple(DEFAULTS)  # the keys a --gradpower-config file may hold
@@ -132,6 +137,10 @@ def add_arguments(parser: argparse.ArgumentParser, after_parse=None) -> argparse
     group.add_argument(FLAGS["gpas"], action="store_true", help="GPAS gates in the decoder layers")
     group.add_argument(FLAGS["gpas_act"], choices=sorted(ACTIVATIONS), default=DEFAULTS["gpas_act"],
                        help="GPAS gate activation (default silu)")
+    group.add_argument(RESUME_FLAG, choices=RESUME_CHANGES, default=RESUME_CHANGES_DEFAULT,
+                       help=f"gradpower_ds.jobs.train_megatron: a --load of a checkpoint saved with another "
+                            f"{', '.join(RESUME_FLAGS.values())}: refuse (default; the error names both values) or "
+                            "apply (this run's values, with a warning naming old -> new)")
     group.add_argument("--gradpower-config", metavar="FILE.json", default=None,
                        help=f"JSON object with any of {list(CONFIG_KEYS)}; flags given on the command line win "
                             "over the file, the file over the defaults")

@@ -87,7 +87,7 @@ import torch
 from gradpower_ds import folding
 from gradpower_ds.folding import FoldsIntoStep
 from gradpower_ds.functional import adam_power
-from gradpower_ds.hyperparams import POWER_NAMES, check_settings, power_names
+from gradpower_ds.hyperparams import POWER_NAMES, check_settings, power_names, resume_changes_between
 from gradpower_ds.power import grad_power_
 
 from . import blockwise
@@ -592,3 +592,61 @@ def build_muon_with_power(original):
 
     build._gradpower_muon = True
     return build
+
+
+RESUME_FLAG = "--gradpower-resume-changes"  # its dest: gradpower_resume_changes (megatron_patches.arguments)
+RESUME_FLAGS = {**{name: entry.megatron_flag for name, entry in POWER_NAMES.items()}, "betas":
+                "--adam-beta1/--adam-beta2", "eps": "--adam-eps", "weight_decay": "--weight-decay", "lr": "--lr"}
+"""The optimizer settings a Megatron checkpoint records (resume_settings) and a resume compares: setting -> its flag."""
+
+
+def resume_settings(args) -> dict:
+    """The run's optimizer settings a checkpoint keeps in its plain state, to compare at a resume (check_resume):
+    the names of p of --optimizer (resolved, as config_powers), betas, eps, weight_decay and lr, JSON-ready.
+
+    Megatron's own state does not hold them faithfully: p lives in the optimizer class, not its param groups, and
+    the lr scheduler keeps the checkpoint's lr and weight decay, so a changed flag would otherwise pass unseen."""
+    powers = config_powers(args) if args.optimizer in OPTIMIZER_NAMES else {}
+    return {**powers, "betas": [float(args.adam_beta1), float(args.adam_beta2)], "eps": float(args.adam_eps),
+            "weight_decay": float(args.weight_decay), "lr": float(args.lr)}
+
+
+def check_resume(saved: Mapping[str, object], args) -> dict[str, tuple]:
+    """{setting: (checkpoint value, this run's)} for each setting of resume_settings(args) that differs from a
+    checkpoint's `saved` ones (a setting it lacks is no change), under the resume policy
+    (``gradpower_ds.hyperparams.RESUME_POLICY``): ValueError naming each flag and both values unless
+    ``--gradpower-resume-changes apply``; with it the changes are returned, for the caller to apply, and a warning
+    names each old -> new."""
+    now = resume_settings(args)
+    changes = resume_changes_between(saved, now, tuple(now))
+    listed = "; ".join(f"{RESUME_FLAGS.get(key, key)} {old} (checkpoint) -> {new} (this run)"
+                       for key, (old, new) in changes.items())
+    if changes and args.gradpower_resume_changes != "apply":
+        raise ValueError(f"--load: the checkpoint was saved with other optimizer settings: {listed}. Pass "
+                         f"{RESUME_FLAG} apply to train on with this run's values, or resume with the checkpoint's")
+    if changes:
+        _log.warning("megatron_patches: %s apply: this run's optimizer settings replace the checkpoint's: %s",
+                     RESUME_FLAG, listed)
+    return changes
+
+
+def apply_resume_changes(changes: Mapping[str, tuple], args, optimizer, scheduler) -> None:
+    """Puts the changes check_resume allowed into effect after a load: lr and weight decay into Megatron's lr
+    scheduler (which had restored the checkpoint's) and each param group's max_lr (--lr times the group's lr_mult,
+    so blockwise multiples hold), betas and eps into every param group of the inner torch optimizers. The names of
+    p need nothing: the optimizer was built with this run's."""
+    if "lr" in changes:
+        scheduler.max_lr = float(args.lr)
+        for group in scheduler.optimizer.param_groups:
+            if "max_lr" in group:
+                group["max_lr"] = float(args.lr) * group.get("lr_mult", 1.0)
+    if "weight_decay" in changes:
+        scheduler.start_wd = scheduler.end_wd = float(args.weight_decay)
+    for inner in inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            if "betas" in changes and "betas" in group:
+                group["betas"] = (float(args.adam_beta1), float(args.adam_beta2))
+            if "eps" in changes and "eps" in group:
+                group["eps"] = float(args.adam_eps)
+    if "lr" in changes or "weight_decay" in changes:
+        scheduler.step(0)  # each group's lr and weight decay for the current iteration, from the new values

@@ -178,12 +178,12 @@ def _calls(name: str) -> list[str]:
 
 
 def test_values_are_checked_once_at_each_boundary():
-    """One check (hyperparams.check_settings), called at four places where values enter: an optimizer's param group,
-    grad_power's p, a DeepSpeed config's params (where the main job checks its settings too) and Megatron's config
-    and flags."""
+    """One check (hyperparams.check_settings), called at the places where values enter: an optimizer's param group,
+    grad_power's p, a DeepSpeed config's params (where the main job checks its settings too), Megatron's config
+    and our flags, and Megatron's own Adam flags at parse."""
     modules = [site.split(":")[0] for site in _calls("check_settings")]
     assert modules == ["gradpower_ds.deepspeed.params", "gradpower_ds.optimizer_base", "gradpower_ds.power",
-                       "megatron_patches.optimizer"], modules
+                       "megatron_patches.arguments", "megatron_patches.optimizer"], modules
     for gone in ("check_power", "check_group", "check_powers"):
         assert _calls(gone) == [], gone
 
@@ -394,6 +394,7 @@ def test_both_integrations_are_patch_sets():
             "DeepSpeedZeroOptimizer.unscale_and_clip_grads", "DeepSpeedZeroOptimizer_Stage3.unscale_and_clip_grads",
             "DeepSpeedZeroOptimizer_Stage3._optimizer_step",
             "DeepSpeedZeroOptimizer_Stage3._reassign_or_swap_out_partitioned_parameters",
-            "TorchBackend.__init__", "TorchBackend.new_group"]
+            "TorchBackend.__init__", "TorchBackend.new_group", "DeepSpeedEngine.save_checkpoint",
+            "DeepSpeedEngine.load_checkpoint", "TorchCheckpointEngine.load"]
     finally:
         deepspeed.unregister()

@@ -77,7 +77,7 @@ def test_resume_refuses_changed_settings(tmp_path):
     # the allow-list: where to stop, how often to log/save/evaluate/measure the noise, progress, TensorBoard, the
     # collectives' timeout
     assert set(RESUME_MAY_CHANGE) == {"resume", "stop_at", "run_dir", "progress", "tensorboard", "log_every",
-                                      "save_every", "eval_every", "noise_every", "dist_timeout"}
+                                      "save_every", "eval_every", "noise_every", "dist_timeout", "resume_changes"}
     same = TrainConfig(run_dir=str(run_dir), steps=10, warmup_steps=2, resume=True, stop_at=8, log_every=1, save_every=3,
                        eval_every=7, noise_every=2, progress=False, tensorboard=False)
     assert prepare_run_dir(same) == run_dir
@@ -145,7 +145,7 @@ def test_run_dir_files_and_end_line(tmp_path):
     assert status() == {"state": "running", "step": 1}
     assert read_metrics(tmp_path / "run" / "metrics.csv")[0]["tokens_per_s"] == 50.0
     run.failed(1, RuntimeError("boom"))
-    assert status() == {"state": "failed", "step": 1, "error": "RuntimeError: boom"}
+    assert status() == {"state": "failed", "step": 1, "error": "RuntimeError: boom", "rank": 0, "failed_ranks": 1}
     run.stopped(1, signal.SIGTERM)
     assert status() == {"state": "stopped", "step": 1, "signal": "SIGTERM"}
     run.stopped(1)
@@ -213,7 +213,7 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_main_help_exits_0(flag):
     proc = subprocess.run([sys.executable, "-m", "gradpower_ds", flag], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m gradpower_ds {train,compare,advise-p}")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m gradpower_ds {train,compare,advise-p,verify-checkpoint}")
     assert "compare" in proc.stdout.split("commands:")[1]
     proc = subprocess.run([sys.executable, "-m", "gradpower_ds"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("usage:")

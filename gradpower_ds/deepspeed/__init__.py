@@ -27,7 +27,11 @@ tested range, is refused with an error naming it), all listed in ``_patches()``:
    DeepSpeed's passes);
 8. the process groups DeepSpeed makes after ``init_distributed(timeout=...)`` (MoE's expert
    groups, ZeRO's) get that timeout too, not torch's 30-minute default
-   (``gradpower_ds.deepspeed.timeouts``).
+   (``gradpower_ds.deepspeed.timeouts``);
+9. ``engine.save_checkpoint`` writes an integrity manifest of the checkpoint before it moves ``latest``,
+   ``engine.load_checkpoint`` verifies it first, and a checkpoint file that fails to load is named with
+   the rank in the error (``gradpower_ds.deepspeed.checkpointing``; ``GRADPOWER_CHECKPOINT_MANIFEST=0``
+   keeps DeepSpeed's save and load as they are).
 
 Where DeepSpeed would build its own CPU Adam (``offload_optimizer`` to the CPU, or
 a CPU accelerator) the native ``CPUAdamPower`` kernel is built; elsewhere the
@@ -45,7 +49,7 @@ import logging
 import os
 import re
 
-from . import fold, muon_power, timeouts
+from . import checkpointing, fold, muon_power, timeouts
 from ..adam_power import AdamPower
 from ..blockwise import check_scheduled_lrs
 from ..cpu_adam_power import CPUAdamPower
@@ -276,6 +280,17 @@ def _load_universal_and_repair(original):
     return load
 
 
+# The classes DeepSpeed (0.18.0 through 0.19.8) pickles in a universal checkpoint's zero/optimizer_state.pt besides
+# tensors, dtypes and plain containers: the ZeRO stage and the loss scaler (a DynamicLossScaler in fp16 runs).
+# Found with torch.serialization.get_unsafe_globals_in_checkpoint on the universal checkpoints of every case of
+# tests/jobs/ds_checkpoint.py; _repair_zero3_universal_load unpickles these and nothing else (weights_only=True).
+# DeepSpeed's own load of the same file just before it (load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+# still uses weights_only=False: load universal checkpoints only from sources you trust.
+UNIVERSAL_OPTIMIZER_STATE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum",
+                                     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler")
+
+
 def _repair_zero3_universal_load(zero_optimizer, checkpoint_dir: str) -> None:
     """Repairs DeepSpeed's ZeRO-3 universal-checkpoint load (0.18.0 through 0.19.8) for AdamPower/CPUAdamPower.
 
@@ -286,6 +301,9 @@ def _repair_zero3_universal_load(zero_optimizer, checkpoint_dir: str) -> None:
     hyperparameters of group 0 (losing e.g. ``expert_power`` or a no-decay group).
     This gives each state its own step and each group its saved hyperparameters.
     """
+    import importlib
+    import pickle
+
     import torch
 
     optimizer = zero_optimizer.optimizer
@@ -294,7 +312,17 @@ def _repair_zero3_universal_load(zero_optimizer, checkpoint_dir: str) -> None:
     for state in optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
-    saved = torch.load(os.path.join(checkpoint_dir, "zero", "optimizer_state.pt"), weights_only=False)
+    path = os.path.join(checkpoint_dir, "zero", "optimizer_state.pt")
+    allowed = [getattr(importlib.import_module(module), name)
+               for module, _, name in (dotted.rpartition(".") for dotted in UNIVERSAL_OPTIMIZER_STATE_GLOBALS)]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise RuntimeError(f"{path} pickles more than tensors and gradpower_ds.deepspeed."
+                           f"UNIVERSAL_OPTIMIZER_STATE_GLOBALS, so it is not loaded: a DeepSpeed newer than "
+                           f"{DEEPSPEED.newest} may pickle more; add a class there only once you have checked "
+                           f"it is DeepSpeed's. {error}") from error
     saved_groups = saved["optimizer_state_dict"]["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
         raise ValueError(f"universal checkpoint {checkpoint_dir} has {len(saved_groups)} optimizer param groups, "
@@ -318,6 +346,7 @@ def _patches() -> list:
     """What register() changes in DeepSpeed, in order (see the module docstring)."""
     import deepspeed
     from deepspeed.comm.torch import TorchBackend
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime import config as ds_config
     from deepspeed.runtime import lr_schedules
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -344,6 +373,9 @@ def _patches() -> list:
         Wrap(DeepSpeedZeroOptimizer_Stage3, "_reassign_or_swap_out_partitioned_parameters", fold.reassign_3),
         Wrap(TorchBackend, "__init__", timeouts.keeping_timeout),
         Wrap(TorchBackend, "new_group", timeouts.new_group_with_timeout),
+        Wrap(DeepSpeedEngine, "save_checkpoint", checkpointing.saving_with_manifest),
+        Wrap(DeepSpeedEngine, "load_checkpoint", checkpointing.loading_verified),
+        Wrap(TorchCheckpointEngine, "load", checkpointing.loading_naming_file),
     ]
 
 

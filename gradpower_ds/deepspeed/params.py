@@ -12,8 +12,9 @@ from __future__ import annotations
 from ..hyperparams import ADAM_POWER_DEFAULTS, POWER_NAMES, RENAMED, check_settings, power_names
 
 ADAM_POWER_PARAMS = (*ADAM_POWER_DEFAULTS, *(name for name in power_names("adampower", "deepspeed")
-                                            if name not in ADAM_POWER_DEFAULTS), "fused")
-"""The params "AdamPower" and "AdamWPower" take: AdamPower's hyperparameters, expert_power, fused."""
+                                            if name not in ADAM_POWER_DEFAULTS), "fused", "resume_changes")
+"""The params "AdamPower" and "AdamWPower" take: AdamPower's hyperparameters, expert_power, fused, resume_changes (what
+engine.load_checkpoint does with a changed setting, ``hyperparams.RESUME_CHANGES``)."""
 MUON_KEYS = ("lr", "muon_lr", "adam_lr", "momentum", "weight_decay", "ns_method", "betas", "eps", "adam_w_mode",
              "per_head_muon")
 """The params DeepSpeed's Muon reads (0.19.8); DeepSpeed drops any other key without a word, MuonPower refuses it."""

@@ -40,16 +40,18 @@ from ..blockwise import base_lr, blockwise_param_groups
 from . import require_extra
 from .precision import resolve_precision, slow_bf16_warning
 from ..rank_logging import enable_rank0_logging
-from .processes import default_to_world_of_one, exit_when_done
+from .processes import default_to_world_of_one, exit_when_done, exit_with_launcher
 from .run_dir import RunDir, RunDirError, StopRequest, make_summary, read_json, read_state, summary_line
-from .train_config import TrainConfig, load_config, report_error
+from .run_lock import LOCK_FILE, lock_run_dir
+from .train_config import RESUME_APPLIES, TrainConfig, load_config, report_error
 
 JOB = "gradpower_ds.jobs.train"  # how the job names itself in its messages and its end line
 _log = logging.getLogger(JOB)
 # The only settings a resumed run may change: none of them changes the model, the data, the optimizer or the
-# schedule (evaluation runs without gradients or randomness, so eval_every only changes when it is measured).
+# schedule (evaluation runs without gradients or randomness, so eval_every only changes when it is measured);
+# with resume_changes "apply" the optimizer settings of RESUME_APPLIES may change too (hyperparams.RESUME_POLICY).
 RESUME_MAY_CHANGE = ("resume", "stop_at", "run_dir", "progress", "tensorboard", "log_every", "save_every",
-                     "eval_every", "noise_every", "dist_timeout")
+                     "eval_every", "noise_every", "dist_timeout", "resume_changes")
 
 
 def changed_settings(saved: dict, cfg: TrainConfig) -> list[tuple[str, object, object]]:
@@ -63,7 +65,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     run's own settings (RunDirError otherwise); runs on every rank before anything is written."""
     run_dir = Path(cfg.run_dir)
     state = read_state(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.resume:
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not cfg.resume:
         raise RunDirError(f"run_dir {run_dir} already holds a run (state: {state}); pass --resume true to continue "
                           "it, or choose another --run_dir")
     if not cfg.resume:
@@ -76,15 +78,39 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
         return run_dir  # nothing to resume: train() warns and starts from step 0
     saved = read_json(run_dir / "config.json")
     changes = changed_settings(saved, cfg) if saved is not None else []
-    if changes:
-        listed = ", ".join(f"{name} {json.dumps(old)} -> {json.dumps(new)}" for name, old, new in changes)
+    refused = [c for c in changes if cfg.resume_changes != "apply" or c[0] not in RESUME_APPLIES]
+    if refused:
+        listed = ", ".join(f"{name} {json.dumps(old)} -> {json.dumps(new)}" for name, old, new in refused)
         extend = (" (a run cannot be extended: its lr schedule ends at its steps; train a new run with the new "
-                  "--steps, split into parts with --stop_at if needed)") if any(c[0] == "steps" for c in changes) else ""
+                  "--steps, split into parts with --stop_at if needed)") if any(c[0] == "steps" for c in refused) \
+            else ""
+        appliable = [c[0] for c in refused if c[0] in RESUME_APPLIES]
+        accept = (f"pass --resume_changes apply to train on with the new {', '.join(appliable)} (it accepts a changed "
+                  f"{', '.join(RESUME_APPLIES)}), " if appliable and len(appliable) == len(refused)
+                  and cfg.optimizer == "adampower" else "")
         raise RunDirError(f"--resume true cannot change the settings of the run in {run_dir}: {listed}{extend}. "
                           f"Its checkpoint holds the model, optimizer and schedule of its config.json; resume with "
-                          f"those settings, or start a new --run_dir to train with these (a resumed run may change "
-                          f"only {', '.join(RESUME_MAY_CHANGE[1:])})")
+                          f"those settings, {accept}or start a new --run_dir to train with these (a resumed run may "
+                          f"change only {', '.join(RESUME_MAY_CHANGE[1:])}, and with --resume_changes apply "
+                          f"{', '.join(RESUME_APPLIES)})")
     return run_dir
+
+
+def apply_new_lrs(engine, fresh: list[float]) -> None:
+    """With resume_changes "apply": the lr schedule resumes from this run's base lrs `fresh` (the LambdaLR's before
+    engine.load_checkpoint replaced them with the checkpoint's; blockwise multipliers included), each group's lr
+    set for the current step, and a warning names each old -> new base lr. A no-op when they did not change."""
+    scheduler = engine.lr_scheduler
+    if list(scheduler.base_lrs) == fresh:
+        return
+    _log.warning("%s: resume_changes apply: the lr schedule uses this run's base lrs, not the checkpoint's: %s",
+                 JOB, "; ".join(f"group {i}: {old:g} -> {new:g}" for i, (old, new)
+                                in enumerate(zip(scheduler.base_lrs, fresh)) if old != new))
+    scheduler.base_lrs = list(fresh)
+    for group, lr, factor in zip(scheduler.optimizer.param_groups, fresh, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def unbuilt_deepspeed_ops(cfg: TrainConfig) -> list[str]:
@@ -227,9 +253,17 @@ def train(cfg: TrainConfig) -> dict:
 
     start, tokens, elapsed = 0, 0, 0.0
     checkpoints = run_dir / "checkpoints"
+    run = RunDir(run_dir, writer=rank == 0, rank=rank)  # before the load: a rank failing there records it
     tag = resume_tag(engine, checkpoints) if cfg.resume else None
     if tag is not None:
-        _, client = engine.load_checkpoint(str(checkpoints), tag=tag)
+        fresh_lrs = list(engine.lr_scheduler.base_lrs)  # this run's, before the checkpoint's replace them
+        try:
+            _, client = engine.load_checkpoint(str(checkpoints), tag=tag)
+        except BaseException as error:  # e.g. a damaged shard on one rank: the others' collectives fail after it
+            run.failed(None, error)
+            raise
+        if cfg.resume_changes == "apply":
+            apply_new_lrs(engine, fresh_lrs)
         start, tokens, elapsed = client["step"], client["tokens"], client["elapsed"]
         if "noise" in client:  # checkpoints before the noise measurement lack it: its averages start afresh
             noise.load_state_dict(client["noise"])
@@ -237,7 +271,6 @@ def train(cfg: TrainConfig) -> dict:
         _log.warning("gradpower_ds.jobs.train: no checkpoint in %s: starting from step 0", checkpoints)
     stop = StopRequest()
     stop.install()
-    run = RunDir(run_dir, writer=rank == 0)
     run.start(start, config=cfg.to_dict(), tensorboard=cfg.tensorboard)
     if rank == 0:
         _log.info("gradpower_ds.jobs.train: %s | %d ranks, ZeRO-%d, %s, %s | %s | %.2fM parameters%s",
@@ -333,11 +366,13 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry: parse the config and flags, train, print the summary line on rank 0."""
     require_extra(JOB)
     enable_rank0_logging()
+    exit_with_launcher()  # a rank whose launcher is killed saves and stops instead of training on
     # DeepSpeed 0.19.8's ZeRO calls it on every step; the warning is about DeepSpeed, not the run
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     try:
         cfg = load_config(argv)
         prepare_run_dir(cfg)  # every setting checked before deepspeed is imported (one line, exit status 2)
+        lock_run_dir(cfg.run_dir)  # rank 0 holds run_dir until it exits: a second run is refused
     except ValueError as error:
         report_error(str(error))
         raise SystemExit(2)

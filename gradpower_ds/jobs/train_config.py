@@ -36,7 +36,7 @@ from ..blockwise import resolve_multipliers
 from ..config_sources import layered, read_settings_file
 from ..gpas import ACTIVATIONS, VARIANTS
 from ..deepspeed.params import split_params
-from ..hyperparams import POWER_NAMES, RENAMED, REQUIRED, power_names
+from ..hyperparams import POWER_NAMES, RENAMED, REQUIRED, RESUME_CHANGES, RESUME_CHANGES_DEFAULT, power_names
 from .model import ModelConfig
 from .precision import PRECISIONS, resolve_precision
 
@@ -44,6 +44,9 @@ from .precision import PRECISIONS, resolve_precision
 OPTIMIZERS = {"adampower": "AdamPower", "adamw": "AdamW", "muon": "Muon", "muonpower": "MuonPower"}
 SCHEDULES = ("wsd", "cosine", "constant")
 BLOCKWISE_OPTIMIZERS = ("adamw", "adampower")  # the optimizers that keep the param groups they are given
+RESUME_APPLIES = ("power", "expert_power", "lr", "betas", "eps", "weight_decay")
+"""The settings a resume may change with resume_changes "apply" (optimizer adampower): AdamPower's load applies the
+param groups' ones, train() the lr (the lr schedule's base lrs)."""
 POWERED = ("adampower", "muonpower")  # the optimizers that take a p (hyperparams.POWER_NAMES, as DeepSpeed's params)
 # the settings that only some optimizers use -> those optimizers (any other choice refuses them when given)
 OPTIMIZER_SETTINGS = {**{name: tuple(o for o in POWERED if name in power_names(o, "deepspeed")) for name in POWER_NAMES},
@@ -136,6 +139,9 @@ class TrainConfig:
     eps: float = _setting(1e-8, "Adam epsilon (>= 0)")
     weight_decay: float = _setting(0.1, "decoupled weight decay (>= 0)")
     grad_clip: float = _setting(1.0, "gradient-norm clipping (0: off)")
+    resume_changes: str = _setting(RESUME_CHANGES_DEFAULT, f"with --resume true, a changed {', '.join(RESUME_APPLIES)}:"
+                                   " refuse (the saved run's settings hold) or apply (the new values, with a warning "
+                                   "naming old -> new; optimizer adampower)")
     blockwise_lr: bool = _setting(False, "blockwise learning rates: each block (embedding, Q/K, V/O, FFN, ...) at its "
                                          "multiple of lr (adamw, adampower; docs/features.md)")
     blockwise_multipliers: dict = _setting({}, "with blockwise_lr: multipliers replacing the paper's for the blocks "
@@ -184,9 +190,14 @@ class TrainConfig:
             resolve_multipliers(self.blockwise_multipliers)
         except ValueError as error:
             raise ConfigError(str(error), "blockwise_multipliers") from None
+        if self.resume_changes == "apply" and self.optimizer != "adampower":
+            raise ConfigError(f"resume_changes apply with optimizer {self.optimizer}: only adampower applies changed "
+                              "settings at a resume (DeepSpeed's AdamW and Muon, and MuonPower, keep the "
+                              "checkpoint's); resume with the run's settings", "resume_changes", "optimizer")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum={self.momentum!r} must be in [0, 1)", "momentum")
-        choices = {"schedule": SCHEDULES, "precision": PRECISIONS, "norm": VARIANTS, "gpas_act": ACTIVATIONS}
+        choices = {"schedule": SCHEDULES, "precision": PRECISIONS, "norm": VARIANTS, "gpas_act": ACTIVATIONS,
+                   "resume_changes": RESUME_CHANGES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is unknown; choose one of {list(allowed)}", name)
@@ -327,6 +338,8 @@ class TrainConfig:
                            if getattr(self, name) is not None})
         if self.optimizer in ("muon", "muonpower"):
             params.update(muon_lr=self.muon_lr, momentum=self.momentum)
+        if self.optimizer == "adampower" and self.resume_changes != RESUME_CHANGES_DEFAULT:
+            params["resume_changes"] = self.resume_changes  # the default stays out of the DeepSpeed config
         zero = {"stage": self.zero_stage}
         if self.optimizer in ("muon", "muonpower") and self.zero_stage == 3:
             zero["reduce_scatter"] = False  # DeepSpeed's ZeRO-3 refuses Muon with reduce-scatter

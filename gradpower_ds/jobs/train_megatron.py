@@ -36,6 +36,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -48,8 +49,9 @@ from megatron_patches import arguments
 from . import require_extra
 from .files import atomic_open
 from ..rank_logging import enable_rank0_logging
-from .processes import default_to_world_of_one, exit_when_done
-from .run_dir import RunDir, StopRequest, make_summary, summary_line
+from .processes import default_to_world_of_one, exit_when_done, exit_with_launcher
+from .run_dir import RunDir, RunDirError, StopRequest, make_summary, summary_line
+from .run_lock import lock_run_dir
 
 JOB = "gradpower_ds.jobs.train_megatron"  # how the job names itself in its messages and its end line
 _log = logging.getLogger(JOB)
@@ -300,9 +302,10 @@ def unwrap(model):
 
 
 def sharded_state(model, optimizer, scheduler, step: int, loading: bool, train_seconds: float = 0.0,
-                  noise: dict | None = None) -> dict:
+                  noise: dict | None = None, settings: dict | None = None) -> dict:
     """The state dict dist_checkpointing saves and loads: model and optimizer shards plus plain run state (the
-    iteration, the training seconds so far for the run's tokens/s, the gradient noise averages)."""
+    iteration, the training seconds so far for the run's tokens/s, the gradient noise averages, the optimizer
+    settings a resume compares: megatron_patches.optimizer.resume_settings)."""
     from megatron_patches.patches import DP_RESHARDABLE_FROM, MEGATRON_CORE
 
     # "dp_reshardable" reshards by data-parallel size; before it, the model-space format
@@ -313,7 +316,7 @@ def sharded_state(model, optimizer, scheduler, step: int, loading: bool, train_s
             "optimizer": optimizer.sharded_state_dict(model_state, is_loading=loading,
                                                       metadata={"distrib_optim_sharding_type": sharding}),
             "scheduler": scheduler.state_dict(), "iteration": step, "train_seconds": train_seconds,
-            "noise": noise or {}}
+            "noise": noise or {}, "gradpower_settings": settings or {}}
 
 
 def checkpoint_dir(root: str | Path, step: int) -> Path:
@@ -322,7 +325,7 @@ def checkpoint_dir(root: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(root: str, model, optimizer, scheduler, step: int, train_seconds: float = 0.0,
-                    noise: dict | None = None) -> None:
+                    noise: dict | None = None, settings: dict | None = None) -> None:
     """Writes ROOT/iter_NNNNNNN with dist_checkpointing, then (rank 0) points ROOT/latest... at it. The
     training seconds saved are rank 0's (the plain run state must be the same on every rank)."""
     from megatron.core import dist_checkpointing
@@ -335,7 +338,7 @@ def save_checkpoint(root: str, model, optimizer, scheduler, step: int, train_sec
     dist.broadcast(seconds, src=0)
     dist.barrier()
     dist_checkpointing.save(sharded_state(model, optimizer, scheduler, step, loading=False,
-                                          train_seconds=seconds.item(), noise=noise), str(path))
+                                          train_seconds=seconds.item(), noise=noise, settings=settings), str(path))
     dist.barrier()
     if dist.get_rank() == 0:
         with atomic_open(Path(root) / LATEST) as f:
@@ -343,9 +346,11 @@ def save_checkpoint(root: str, model, optimizer, scheduler, step: int, train_sec
     _log.info("saved checkpoint %s", path)
 
 
-def load_checkpoint(root: str, step: int | None, model, optimizer, scheduler) -> tuple[int, float, dict]:
+def load_checkpoint(root: str, step: int | None, model, optimizer, scheduler, args=None) -> tuple[int, float, dict]:
     """Loads ROOT's checkpoint of `step` (default: the one LATEST names); returns its iteration, training
-    seconds and gradient noise state (0 and {} for a checkpoint that does not record them)."""
+    seconds and gradient noise state (0 and {} for a checkpoint that does not record them). With `args`, the
+    checkpoint's optimizer settings are compared with the run's first (megatron_patches.optimizer.check_resume:
+    refused, or applied with --gradpower-resume-changes apply)."""
     from megatron.core import dist_checkpointing
 
     if step is None:
@@ -362,6 +367,10 @@ def load_checkpoint(root: str, step: int | None, model, optimizer, scheduler) ->
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if args is not None:
+        from megatron_patches.optimizer import apply_resume_changes, check_resume
+
+        apply_resume_changes(check_resume(state.get("gradpower_settings") or {}, args), args, optimizer, scheduler)
     _log.info("resumed from %s", path)
     return int(state["iteration"]), float(state.get("train_seconds", 0.0)), state.get("noise") or {}
 
@@ -374,6 +383,7 @@ def train(args) -> dict:
     from megatron.core.distributed import finalize_model_grads
 
     import megatron_patches
+    from megatron_patches.optimizer import resume_settings
 
     from .data import load_corpus_distributed
     from ..noise import NoiseMonitor
@@ -395,7 +405,7 @@ def train(args) -> dict:
 
     noise = NoiseMonitor(unwrap(model).named_parameters(), args.micro_batch_size * args.seq_length,
                          args.noise_interval, args.seed)
-    start, elapsed, noise_state = load_checkpoint(args.load, args.ckpt_step, model, optimizer, scheduler) \
+    start, elapsed, noise_state = load_checkpoint(args.load, args.ckpt_step, model, optimizer, scheduler, args) \
         if args.load else (0, 0.0, {})
     if noise_state:
         noise.load_state_dict(noise_state)
@@ -405,7 +415,7 @@ def train(args) -> dict:
         + (" + blockwise lr" if args.blockwise_lr else "")
     stop = StopRequest()
     stop.install()
-    run = RunDir(save, writer=rank0)
+    run = RunDir(save, writer=rank0, rank=dist.get_rank())
     run.start(start)
     if rank0:
         experts = f"{args.num_experts} experts top-{args.moe_router_topk}, EP={args.expert_model_parallel_size}" \
@@ -462,7 +472,7 @@ def train(args) -> dict:
                                            or bool(args.save_interval and done % args.save_interval == 0))
             if saving:
                 save_checkpoint(str(save), model, optimizer, scheduler, done, train_seconds=elapsed,
-                                noise=noise.state_dict())
+                                noise=noise.state_dict(), settings=resume_settings(args))
             if (logged or saving) and not stopped_by and done < last:
                 run.running(done)
             if stopped_by:
@@ -493,7 +503,13 @@ def main(argv: list[str] | None = None) -> None:
     require_extra(JOB)
     enable_rank0_logging()
     enable_rank0_logging("megatron_patches")
+    exit_with_launcher()  # a rank whose launcher is killed saves and stops instead of training on
     args = build_parser().parse_args(argv)
+    try:
+        lock_run_dir(args.save)  # rank 0 holds the run folder until it exits: a second run is refused
+    except RunDirError as error:
+        print(f"{JOB}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     default_to_world_of_one()
     cuda = torch.cuda.is_available()
     try:
