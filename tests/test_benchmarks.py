@@ -52,3 +52,16 @@ def test_bench_megatron_step_muon_pair_smoke():
     assert out.returncode == 0, out.stderr[-3000:]
     ratio = re.search(r"^RATIO muonpower/muon step time: (\d+\.\d+) .*case=fp32-plain", out.stdout, re.M)
     assert ratio and float(ratio.group(1)) > 0, out.stdout
+
+
+def test_bench_checkpoint_manifest_quick():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_checkpoint_manifest.py"), "--quick"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"^CPU: .+; flags: ", out.stdout, re.M), out.stdout
+    speeds = dict(re.findall(r"^HASH (\w+) +(\d+\.\d+) GB/s", out.stdout, re.M))
+    assert {"crc32", "sha256", "blake2b", "md5", "sha1"} <= speeds.keys(), out.stdout
+    assert all(float(v) > 0 for v in speeds.values()), out.stdout
+    for line in (r"^CHECKPOINT save [\d.]+ s, manifest [\d.]+ s = [\d.]+ % of save",
+                 r"^CHECKPOINT load [\d.]+ s, verification [\d.]+ s = [\d.]+ % of resume"):
+        assert re.search(line, out.stdout, re.M), out.stdout

@@ -77,7 +77,7 @@ def test_resume_refuses_changed_settings(tmp_path):
     # the allow-list: where to stop, how often to log/save/evaluate/measure the noise, progress, TensorBoard, the
     # collectives' timeout
     assert set(RESUME_MAY_CHANGE) == {"resume", "stop_at", "run_dir", "progress", "tensorboard", "log_every",
-                                      "save_every", "eval_every", "noise_every", "dist_timeout", "resume_changes"}
+                                      "save_every", "eval_every", "noise_every", "dist_timeout", "resume_changes", "resume_tag"}
     same = TrainConfig(run_dir=str(run_dir), steps=10, warmup_steps=2, resume=True, stop_at=8, log_every=1, save_every=3,
                        eval_every=7, noise_every=2, progress=False, tensorboard=False)
     assert prepare_run_dir(same) == run_dir

@@ -1,4 +1,4 @@
-"""Integrity manifests for DeepSpeed's ``engine.save_checkpoint`` / ``load_checkpoint``, and load errors naming the file.
+"""Integrity manifests for DeepSpeed's ``save_checkpoint``/``load_checkpoint``, and load errors naming the file.
 
 Installed by ``gradpower_ds.deepspeed.register()`` for every engine (any optimizer), unless
 ``GRADPOWER_CHECKPOINT_MANIFEST=0`` in every rank's environment:
@@ -79,7 +79,8 @@ def earlier_tag_hint(folder: Path, load_dir: str) -> str:
     check = f"`python -m gradpower_ds verify-checkpoint {load_dir}` lists which are intact"
     if previous is None:
         return f"No earlier checkpoint with a manifest is in {load_dir}; {check}"
-    return f"Load the previous checkpoint instead: engine.load_checkpoint({load_dir!r}, tag={previous.name!r}) ({check})"
+    return (f"Load the previous checkpoint instead: engine.load_checkpoint({load_dir!r}, tag={previous.name!r}) "
+            f"({check})")
 
 
 def saving_with_manifest(original):

@@ -70,7 +70,8 @@ def launch_command(nproc: int, port: int, train_args: list[str]) -> list[str]:
 
 
 # settings that do not change what a run trains or measures: a finished run is reused whatever they are
-_NOT_COMPARED = {"run_dir", "resume", "resume_changes", "stop_at", "progress", "tensorboard", "log_every", "save_every", "noise_every"}
+_NOT_COMPARED = {"run_dir", "resume", "resume_tag", "resume_changes", "stop_at", "progress", "tensorboard", "log_every",
+                 "save_every", "noise_every"}
 
 
 def setting_differences(run_dir: Path, cfg: TrainConfig, nproc: int) -> list[str]:

@@ -15,8 +15,10 @@ completes. GPAS gates get their gradients clipped to +-GATE_GRAD_CLIP
 batches an uninterrupted run would have seen, so the loss curve continues exactly.
 It refuses settings that differ from the run's ``config.json``, except those in
 RESUME_MAY_CHANGE (the checkpoint holds the model, optimizer and schedule of the
-saved settings). SIGTERM or SIGINT (on any rank) finishes the current step on all
-ranks, saves a checkpoint, marks the run ``stopped`` and exits with 128 + the
+saved settings). Each checkpoint carries an integrity manifest (gradpower_ds.checkpoint_manifest,
+written before ``checkpoints/latest`` moves); a resume verifies it and refuses a damaged checkpoint
+naming the file and ``--resume_tag`` of the previous one. SIGTERM or SIGINT (on any rank)
+finishes the current step on all ranks, saves a checkpoint, marks the run ``stopped`` and exits with 128 + the
 signal number (143, 130); a second SIGINT aborts at once.
 """
 
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..blockwise import base_lr, blockwise_param_groups
+from ..checkpoint_manifest import CheckpointIntegrityError, previous_checkpoint
 from . import require_extra
 from .precision import resolve_precision, slow_bf16_warning
 from ..rank_logging import enable_rank0_logging
@@ -51,7 +54,7 @@ _log = logging.getLogger(JOB)
 # schedule (evaluation runs without gradients or randomness, so eval_every only changes when it is measured);
 # with resume_changes "apply" the optimizer settings of RESUME_APPLIES may change too (hyperparams.RESUME_POLICY).
 RESUME_MAY_CHANGE = ("resume", "stop_at", "run_dir", "progress", "tensorboard", "log_every", "save_every",
-                     "eval_every", "noise_every", "dist_timeout", "resume_changes")
+                     "eval_every", "noise_every", "dist_timeout", "resume_changes", "resume_tag")
 
 
 def changed_settings(saved: dict, cfg: TrainConfig) -> list[tuple[str, object, object]]:
@@ -71,7 +74,11 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     if not cfg.resume:
         return run_dir
     checkpoints = run_dir / "checkpoints"
-    if not (checkpoints / "latest").exists():
+    if cfg.resume_tag and not (checkpoints / cfg.resume_tag).is_dir():
+        present = sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) if checkpoints.is_dir() else []
+        raise RunDirError(f"--resume_tag {cfg.resume_tag}: no such checkpoint in {checkpoints} (it holds: "
+                          f"{', '.join(present) or 'none'})")
+    if not cfg.resume_tag and not (checkpoints / "latest").exists():
         if state in ("stopped", "complete"):
             raise RunDirError(f"run_dir {run_dir} holds a {state} run but no checkpoint ({checkpoints}/latest is "
                               "missing), so it cannot be resumed; start a new --run_dir")
@@ -200,13 +207,15 @@ def evaluate(engine, batches: list, rank: int, world: int) -> float:
     return (total[0] / total[1]).item()
 
 
-def resume_tag(engine, checkpoints: Path) -> str | None:
-    """The checkpoint every rank resumes from: the tag in rank 0's `checkpoints`/latest (None: none, start afresh).
+def resume_tag(engine, checkpoints: Path, requested: str = "") -> str | None:
+    """The checkpoint every rank resumes from: `requested` (--resume_tag), else the tag in rank 0's
+    `checkpoints`/latest (None: none, start afresh).
     DeepSpeed writes `latest` on global rank 0 only, even with use_node_local_storage, so the tag is sent to the
     other ranks. Raises RuntimeError on every rank when some rank lacks its model-state file of that tag (DeepSpeed's
     own name for it): nodes that do not share run_dir and keep no copy of their own."""
     latest = checkpoints / "latest"
-    sent = [latest.read_text().strip() if torch.distributed.get_rank() == 0 and latest.exists() else None]
+    sent = [requested or (latest.read_text().strip() if torch.distributed.get_rank() == 0 and latest.exists()
+                          else None)]
     torch.distributed.broadcast_object_list(sent, src=0)
     tag = sent[0]
     if tag is None:
@@ -220,6 +229,19 @@ def resume_tag(engine, checkpoints: Path) -> str | None:
             "share this folder. Put run_dir on a filesystem every node mounts, or let every node keep its own copy: "
             "deepspeed_overrides {\"checkpoint\": {\"use_node_local_storage\": true}} (docs/multi-node.md)")
     return tag
+
+
+def load_checkpoint(engine, checkpoints: Path, tag: str):
+    """engine.load_checkpoint of `tag`, verified against its integrity manifest (gradpower_ds.deepspeed.checkpointing):
+    a damaged checkpoint is refused on every rank with the file's name and the --resume_tag of the previous one."""
+    try:
+        return engine.load_checkpoint(str(checkpoints), tag=tag)
+    except CheckpointIntegrityError as error:
+        previous = previous_checkpoint(error.folder)
+        remedy = (f"Resume from the previous checkpoint with --resume_tag {previous.name}" if previous is not None
+                  else "No earlier checkpoint with a manifest is left: start a new --run_dir") + \
+            f" (`python -m gradpower_ds verify-checkpoint {checkpoints}` lists which are intact)"
+        raise CheckpointIntegrityError(error.folder, error.problems, remedy) from None
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -254,11 +276,11 @@ def train(cfg: TrainConfig) -> dict:
     start, tokens, elapsed = 0, 0, 0.0
     checkpoints = run_dir / "checkpoints"
     run = RunDir(run_dir, writer=rank == 0, rank=rank)  # before the load: a rank failing there records it
-    tag = resume_tag(engine, checkpoints) if cfg.resume else None
+    tag = resume_tag(engine, checkpoints, cfg.resume_tag) if cfg.resume else None
     if tag is not None:
         fresh_lrs = list(engine.lr_scheduler.base_lrs)  # this run's, before the checkpoint's replace them
         try:
-            _, client = engine.load_checkpoint(str(checkpoints), tag=tag)
+            _, client = load_checkpoint(engine, checkpoints, tag)
         except BaseException as error:  # e.g. a damaged shard on one rank: the others' collectives fail after it
             run.failed(None, error)
             raise
@@ -376,7 +398,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         report_error(str(error))
         raise SystemExit(2)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except CheckpointIntegrityError as error:  # every rank refuses alike; status.json says failed
+        if torch.distributed.get_rank() == 0:
+            report_error(str(error))
+        raise SystemExit(2)
     if summary and torch.distributed.get_rank() == 0:
         print(summary_line(JOB, summary), flush=True)
 

@@ -99,6 +99,9 @@ class TrainConfig:
 
     run_dir: str = _setting("runs/quickstart", "folder of the run (config.json, metrics.csv, checkpoints/, ...)")
     resume: bool = _setting(False, "continue the run in run_dir from its newest checkpoint")
+    resume_tag: str = _setting("", "with --resume true: the checkpoint to continue from, a folder of "
+                                   "run_dir/checkpoints (e.g. step100, when the newest is damaged); '' is the newest "
+                                   "(checkpoints/latest)")
     seed: int = _setting(0, "random seed (model init and the batches drawn)")
     steps: int = _setting(300, "optimizer steps; the lr schedule spans them")
     stop_at: int = _setting(0, "> 0: save and stop after this step (the schedule stays that of steps); resume later")
@@ -190,6 +193,8 @@ class TrainConfig:
             resolve_multipliers(self.blockwise_multipliers)
         except ValueError as error:
             raise ConfigError(str(error), "blockwise_multipliers") from None
+        if self.resume_tag and not self.resume:
+            raise ConfigError(f"resume_tag={self.resume_tag!r} needs --resume true", "resume_tag", "resume")
         if self.resume_changes == "apply" and self.optimizer != "adampower":
             raise ConfigError(f"resume_changes apply with optimizer {self.optimizer}: only adampower applies changed "
                               "settings at a resume (DeepSpeed's AdamW and Muon, and MuonPower, keep the "

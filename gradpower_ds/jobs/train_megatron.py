@@ -47,7 +47,8 @@ import torch.distributed as dist
 from megatron_patches import arguments
 
 from . import require_extra
-from .files import atomic_open
+from .. import checkpoint_manifest
+from ..atomic_write import atomic_open
 from ..rank_logging import enable_rank0_logging
 from .processes import default_to_world_of_one, exit_when_done, exit_with_launcher
 from .run_dir import RunDir, RunDirError, StopRequest, make_summary, summary_line
@@ -326,8 +327,9 @@ def checkpoint_dir(root: str | Path, step: int) -> Path:
 
 def save_checkpoint(root: str, model, optimizer, scheduler, step: int, train_seconds: float = 0.0,
                     noise: dict | None = None, settings: dict | None = None) -> None:
-    """Writes ROOT/iter_NNNNNNN with dist_checkpointing, then (rank 0) points ROOT/latest... at it. The
-    training seconds saved are rank 0's (the plain run state must be the same on every rank)."""
+    """Writes ROOT/iter_NNNNNNN with dist_checkpointing and its integrity manifest (every rank hashes a share), then
+    (rank 0) points ROOT/latest... at it. The training seconds saved are rank 0's (the plain run state must be the
+    same on every rank)."""
     from megatron.core import dist_checkpointing
 
     path = checkpoint_dir(root, step)
@@ -340,10 +342,30 @@ def save_checkpoint(root: str, model, optimizer, scheduler, step: int, train_sec
     dist_checkpointing.save(sharded_state(model, optimizer, scheduler, step, loading=False,
                                           train_seconds=seconds.item(), noise=noise, settings=settings), str(path))
     dist.barrier()
-    if dist.get_rank() == 0:
-        with atomic_open(Path(root) / LATEST) as f:
+    written = checkpoint_manifest.write_collectively(path)
+    dist.barrier()  # the manifest is written before LATEST names the checkpoint
+    if written is not None:
+        files, size, seconds = written
+        with atomic_open(Path(root) / LATEST, durable=True) as f:
             f.write(f"{step}\n".encode())
-    _log.info("saved checkpoint %s", path)
+        _log.info("saved checkpoint %s (manifest of %d files, %.1f MB, in %.2f s)", path, files, size / 1e6, seconds)
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Checks checkpoint `path` against its integrity manifest on all ranks (each a share of the files): a damaged one
+    is refused on every rank naming the file and the --ckpt-step of the previous checkpoint; one without a manifest
+    (saved by an earlier version) is loaded with a warning."""
+    try:
+        verified = checkpoint_manifest.verify_collectively(path, "")
+    except checkpoint_manifest.CheckpointIntegrityError as error:
+        previous = checkpoint_manifest.previous_checkpoint(path)
+        remedy = (f"Resume from the previous checkpoint with --ckpt-step {int(previous.name[len('iter_'):])}"
+                  if previous is not None else "No earlier checkpoint with a manifest is left: start without --load") \
+            + f" (`python -m gradpower_ds verify-checkpoint {path.parent}` lists which are intact)"
+        raise checkpoint_manifest.CheckpointIntegrityError(path, error.problems, remedy) from None
+    if not verified and dist.get_rank() == 0:
+        _log.warning("checkpoint %s has no %s (saved by an earlier version): loaded without an integrity check", path,
+                     checkpoint_manifest.MANIFEST)
 
 
 def load_checkpoint(root: str, step: int | None, model, optimizer, scheduler, args=None) -> tuple[int, float, dict]:
@@ -362,7 +384,12 @@ def load_checkpoint(root: str, step: int | None, model, optimizer, scheduler, ar
     path = checkpoint_dir(root, step)
     if not path.is_dir():
         raise FileNotFoundError(f"--load {root}: no checkpoint {path.name} for iteration {step}")
-    state = dist_checkpointing.load(sharded_state(model, optimizer, scheduler, step, loading=True), str(path))
+    verify_checkpoint(path)
+    try:
+        state = dist_checkpointing.load(sharded_state(model, optimizer, scheduler, step, loading=True), str(path))
+    except Exception as error:  # dist_checkpointing's own errors rarely say which rank or folder
+        raise RuntimeError(f"rank {dist.get_rank()}: cannot load checkpoint {path}: {type(error).__name__}: "
+                           f"{error}") from error
     with torch.no_grad():  # fp32 main params are views of the model's leaf params
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -405,17 +432,21 @@ def train(args) -> dict:
 
     noise = NoiseMonitor(unwrap(model).named_parameters(), args.micro_batch_size * args.seq_length,
                          args.noise_interval, args.seed)
-    start, elapsed, noise_state = load_checkpoint(args.load, args.ckpt_step, model, optimizer, scheduler, args) \
-        if args.load else (0, 0.0, {})
-    if noise_state:
-        noise.load_state_dict(noise_state)
     rank0 = dist.get_rank() == 0
     save = Path(args.save) if args.save else None
+    run = RunDir(save, writer=rank0, rank=dist.get_rank())  # before the load: a rank failing there records it
+    try:
+        start, elapsed, noise_state = load_checkpoint(args.load, args.ckpt_step, model, optimizer, scheduler, args) \
+            if args.load else (0, 0.0, {})
+    except BaseException as error:
+        run.failed(None, error)
+        raise
+    if noise_state:
+        noise.load_state_dict(noise_state)
     label = args.optimizer + (f" ({optimizer_powers(args)})" if args.optimizer in arguments.OPTIMIZER_NAMES else "") \
         + (" + blockwise lr" if args.blockwise_lr else "")
     stop = StopRequest()
     stop.install()
-    run = RunDir(save, writer=rank0, rank=dist.get_rank())
     run.start(start)
     if rank0:
         experts = f"{args.num_experts} experts top-{args.moe_router_topk}, EP={args.expert_model_parallel_size}" \
@@ -528,6 +559,10 @@ def main(argv: list[str] | None = None) -> None:
         summary = train(args)
         if dist.get_rank() == 0:
             print(summary_line(JOB, summary), flush=True)
+    except checkpoint_manifest.CheckpointIntegrityError as error:  # every rank refuses alike; status.json says failed
+        if dist.get_rank() == 0:
+            print(f"{JOB}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     finally:
         dist.destroy_process_group()
 
