@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 import zlib
@@ -155,12 +154,15 @@ def _process_group():
     return 0, 1, None
 
 
-def _peers(node_local: bool) -> list[int]:
-    """The ranks that share this rank's view of the folder, in rank order: all of them, or with node-local storage
-    those on this host (one collective)."""
-    host = socket.gethostname()
-    hosts = _gather(host)
-    return [r for r in range(len(hosts)) if not node_local or hosts[r] == host]
+def _share(sizes: dict[str, int], node_local: bool) -> tuple[list[str], bool]:
+    """The files of `sizes` (name -> bytes) this rank hashes, and whether it writes the manifest. On a shared folder
+    the ranks split the files (``assign``) and rank 0 writes; with node-local storage each node's folder differs, so
+    its LOCAL_RANK 0 hashes all of it and writes (hostnames are no guide: containers may share one)."""
+    rank, world, _ = _process_group()
+    if node_local:
+        writer = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        return (sorted(sizes) if writer else []), writer
+    return assign(sizes, world)[rank], rank == 0
 
 
 def _gather(payload) -> list:
@@ -174,36 +176,31 @@ def _gather(payload) -> list:
 
 
 def write_collectively(folder: str | Path, node_local: bool = False) -> tuple[int, int, float] | None:
-    """Every rank: hashes its share of `folder`'s files, then the first rank of each view of the folder (rank 0; with
-    node-local storage the first rank on each host) writes the manifest. Call it on all ranks after every rank's
-    files are whole (after a barrier). Returns (files, bytes, seconds) on a writer, None elsewhere."""
+    """Every rank: hashes its share of `folder`'s files (``_share``), then rank 0 (with node-local storage the first
+    rank of each node) writes the manifest. Call it on all ranks after every rank's files are whole (after a
+    barrier). Returns (files, bytes, seconds) on a writer, None elsewhere."""
     began = time.perf_counter()
     folder = Path(folder)
-    rank, _, _ = _process_group()
-    peers = _peers(node_local)
-    sizes = {name: (folder / name).stat().st_size for name in checkpoint_files(folder)}
-    mine = assign(sizes, len(peers))[peers.index(rank)]
-    entries = _gather({name: file_entry(folder / name) for name in mine})
-    if rank != peers[0]:
+    mine, writer = _share({name: (folder / name).stat().st_size for name in checkpoint_files(folder)}, node_local)
+    entries = {name: file_entry(folder / name) for name in mine}
+    gathered = _gather(entries)
+    if not writer:
         return None
-    files = {name: entry for r in peers for name, entry in entries[r].items()}
+    files = entries if node_local else {name: entry for part in gathered for name, entry in part.items()}
     write_manifest(folder, files)
     return len(files), sum(e["size"] for e in files.values()), time.perf_counter() - began
 
 
 def verify_collectively(folder: str | Path, remedy: str, node_local: bool = False) -> bool:
-    """Every rank: checks its share of `folder` against the manifest it sees; all ranks then raise the same
-    CheckpointIntegrityError (ending with `remedy`) if any rank found a problem. Returns whether every rank's view
-    had a manifest (False: saved without one, by DeepSpeed alone or an earlier gradpower_ds: not verified).
+    """Every rank: checks its share of `folder` (``_share``) against the manifest it sees; all ranks then raise the
+    same CheckpointIntegrityError (ending with `remedy`) if any rank found a problem. Returns whether every rank's
+    view had a manifest (False: saved without one, by DeepSpeed alone or an earlier gradpower_ds: not verified).
     Call it on all ranks."""
     folder = Path(folder)
-    rank, _, _ = _process_group()
-    peers = _peers(node_local)
     try:
         files = read_manifest(folder)
-        problems = [] if files is None else [
-            p for name in assign({n: e["size"] for n, e in files.items()}, len(peers))[peers.index(rank)]
-            if (p := check_entry(folder, name, files[name]))]
+        mine = [] if files is None else _share({n: e["size"] for n, e in files.items()}, node_local)[0]
+        problems = [p for name in mine if (p := check_entry(folder, name, files[name]))]
     except CheckpointIntegrityError as error:
         files, problems = {}, error.problems
     reports = _gather((files is not None, problems))
