@@ -9,7 +9,7 @@ Three measurements, in ONE run, on the machine it names (lscpu's model name and 
                xxhash / crc32c when they are importable (nothing is installed); each also as a ratio to crc32
   checkpoint   a --size checkpoint like a ZeRO shard (torch.save of a dict of fp32 tensors, in a temp folder):
                torch.save's time vs the manifest's (file_entry) = "% of save"; torch.load's vs the verification's
-               (check_entry: stat + hash + compare) = "% of resume". The file was just written, so it is in the
+               (problems_of: stat + hash + compare) = "% of resume". The file was just written, so it is in the
                page cache: the hash reads memory, not the disk (a resume after a reboot reads the disk for both
                the verification and torch.load)
   main job     ``python -m gradpower_ds train`` (configs/quickstart.json, one process) for a few steps with
@@ -21,7 +21,7 @@ Three measurements, in ONE run, on the machine it names (lscpu's model name and 
 Every time is the median of --repeats. Lines to grep: ``HASH <name> <GB/s> <ratio to crc32>``,
 ``CHECKPOINT save ... % of save``, ``CHECKPOINT load ... % of resume``, ``JOB save ...``, ``JOB load ...``.
 
-    python benchmarks/bench_checkpoint_manifest.py             # 1 GB, 3 repeats, the main job: ~3 minutes on 2 cores
+    python benchmarks/bench_checkpoint_manifest.py             # 1 GB, 3 repeats, the main job: ~2 minutes on 2 cores
     python benchmarks/bench_checkpoint_manifest.py --quick     # 64 MB, 1 repeat, no main job (the test's run)
 """
 
@@ -68,7 +68,7 @@ def cpu_description() -> str:
 
 
 def chunked(path: Path, update) -> None:
-    """Reads `path` as checkpoint_manifest.file_entry does (unbuffered readinto of its chunk size) into `update`."""
+    """Reads `path` as checkpoint_manifest.crc32_of does (unbuffered readinto of its chunk size) into `update`."""
     buffer = bytearray(checkpoint_manifest._CHUNK)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
@@ -77,7 +77,8 @@ def chunked(path: Path, update) -> None:
 
 
 def hashers() -> dict:
-    """name -> function hashing a file: crc32 is file_entry itself, the others the same loop with their update."""
+    """name -> function hashing a file in one thread (crc32: checkpoint_manifest.crc32_of, the others the same loop
+    with their update), and crc32xN: the manifest's file_entry, a CRC per block in hash_threads() threads."""
     def hashlib_hash(name):
         def run(path):
             h = hashlib.new(name)
@@ -85,8 +86,9 @@ def hashers() -> dict:
             return h.hexdigest()
         return run
 
-    found = {"crc32": checkpoint_manifest.file_entry, **{n: hashlib_hash(n) for n in ("sha256", "blake2b", "md5",
-                                                                                      "sha1")}}
+    threads = checkpoint_manifest.hash_threads()
+    found = {"crc32": checkpoint_manifest.crc32_of, f"crc32x{threads}": checkpoint_manifest.file_entry,
+             **{n: hashlib_hash(n) for n in ("sha256", "blake2b", "md5", "sha1")}}
     for name, (module, constructor) in OPTIONAL.items():
         try:
             mod = importlib.import_module(module)
@@ -133,7 +135,7 @@ def bench_hashes(folder: Path, size: int, repeats: int) -> None:
     for name, times in seconds.items():
         median = statistics.median(times)
         print(f"HASH {name:8s} {size / median / 1e9:6.2f} GB/s  {anchor / median:5.2f}x crc32's speed"
-              f"{'  (what the manifest uses: checkpoint_manifest.file_entry)' if name == 'crc32' else ''}")
+              f"{'  (what the manifest uses: checkpoint_manifest.file_entry)' if name.startswith('crc32x') else ''}")
     missing = [m for m, _ in OPTIONAL.values() if importlib.util.find_spec(m) is None]
     if missing:
         print(f"(not importable here, so not measured: {', '.join(missing)})")
@@ -158,9 +160,9 @@ def bench_checkpoint(folder: Path, size: int, repeats: int) -> None:
         manifests.append(time.perf_counter() - began)
         loads.append(timed(torch.load, path, "cpu"))
         began = time.perf_counter()
-        problem = checkpoint_manifest.check_entry(folder, path.name, entry)
+        problems = checkpoint_manifest.problems_of(folder, {path.name: entry}, [path.name])
         checks.append(time.perf_counter() - began)
-        assert problem is None, problem
+        assert not problems, problems
         written = entry["size"]
         path.unlink()
     save, sync, manifest, load, check = map(statistics.median, (saves, syncs, manifests, loads, checks))

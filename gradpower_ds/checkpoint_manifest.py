@@ -7,10 +7,11 @@ JSON object naming each of its files with its size and CRC-32, written atomicall
 is whole; the folder's pointer (DeepSpeed's ``latest``, Megatron's ``latest_checkpointed_iteration.txt``)
 is moved only after the manifest. A load first checks every file against it.
 
-CRC-32 (zlib, in the standard library) because it is the fastest hash Python has, about twice
-sha256 and three times md5 on the CPUs measured (benchmarks/bench_checkpoint_manifest.py,
-docs/performance.md): it finds accidental damage (flipped bytes, truncation, a file from another
-save), which is the threat here; it is no defence against a deliberate forgery.
+CRC-32 (zlib, in the standard library) because it is the fastest hash Python has (1.5x sha256, 4x md5
+on the CPU measured; benchmarks/bench_checkpoint_manifest.py, docs/performance.md), one per 64 MiB
+block so that a rank's threads hash a file's blocks in parallel: it finds accidental damage (flipped
+bytes, truncation, a file from another save), which is the threat here; it is no defence against a
+deliberate forgery.
 
 ``write_collectively`` and ``verify_collectively`` split the hashing between the ranks of
 torch.distributed (each rank hashes a share of the files, balanced by size) and agree on one
@@ -25,14 +26,16 @@ import os
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .atomic_write import atomic_open
 
 MANIFEST = "gradpower_manifest.json"
-FORMAT = "gradpower_ds.checkpoint_manifest/1"
+FORMAT = "gradpower_ds.checkpoint_manifest/1"  # files: {name: {"size": bytes, "crc32": [hex per BLOCK]}}
 HASH = "crc32"
 _CHUNK = 8 << 20  # bytes read at a time: large enough that zlib's C loop dominates, small enough to stay in cache
+BLOCK = 64 << 20  # one CRC per block of a file: a file's blocks are hashed in parallel, and an error says where
 SHOWN_PROBLEMS = 5  # problems an error lists before "... and N more"
 
 
@@ -60,19 +63,48 @@ def checkpoint_files(folder: str | Path) -> list[str]:
     return sorted(found)
 
 
-def file_entry(path: str | Path) -> dict:
-    """{"size": bytes, "crc32": 8 hex digits} of the file at `path`, read in chunks."""
-    crc, size = 0, 0
+def crc32_of(path: str | Path, offset: int = 0, length: int | None = None) -> str:
+    """CRC-32 (8 hex digits) of `length` bytes of the file at `path` from `offset` (None: to its end), read in
+    chunks into one buffer (zlib and the reads release the GIL, so threads hash in parallel)."""
+    crc = 0
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buffer)
+        f.seek(offset)
+        left = float("inf") if length is None else length
+        while left > 0:
+            n = f.readinto(view[:int(min(_CHUNK, left))])
             if not n:
                 break
             crc = zlib.crc32(view[:n], crc)
-            size += n
-    return {"size": size, HASH: f"{crc:08x}"}
+            left -= n
+    return f"{crc:08x}"
+
+
+def hash_threads() -> int:
+    """Threads each rank hashes with: this machine's cores shared by the ranks on it (LOCAL_WORLD_SIZE), 1 to 8."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(8, (os.cpu_count() or 1) // max(ranks, 1)))
+
+
+def hash_files(folder: str | Path, names: list[str], threads: int | None = None) -> dict[str, dict]:
+    """{name: {"size": bytes, "crc32": [one CRC per BLOCK]}} of the files `names` of `folder`, their blocks hashed
+    by `threads` threads (default hash_threads()); an empty file has one block."""
+    folder = Path(folder)
+    sizes = {name: (folder / name).stat().st_size for name in names}
+    blocks = [(name, offset) for name in names for offset in range(0, max(sizes[name], 1), BLOCK)]
+    with ThreadPoolExecutor(threads or hash_threads()) as pool:
+        crcs = list(pool.map(lambda block: crc32_of(folder / block[0], block[1], BLOCK), blocks))
+    entries = {name: {"size": sizes[name], HASH: []} for name in names}
+    for (name, _), crc in zip(blocks, crcs):
+        entries[name][HASH].append(crc)
+    return entries
+
+
+def file_entry(path: str | Path) -> dict:
+    """{"size": bytes, "crc32": [one CRC per BLOCK]} of the file at `path` (hash_files of one file)."""
+    path = Path(path)
+    return hash_files(path.parent, [path.name])[path.name]
 
 
 def assign(sizes: dict[str, int], count: int) -> list[list[str]]:
@@ -87,19 +119,25 @@ def assign(sizes: dict[str, int], count: int) -> list[list[str]]:
     return shares
 
 
-def check_entry(folder: Path, name: str, recorded: dict) -> str | None:
-    """What is wrong with file `name` of `folder` against its manifest entry (None: nothing)."""
-    path = folder / name
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return f"{name} is missing"
-    if size != recorded["size"]:
-        return f"{name} has {size} bytes, its manifest {recorded['size']} (truncated or rewritten)"
-    actual = file_entry(path)[HASH]
-    if actual != recorded[HASH]:
-        return f"{name} differs from its manifest (crc32 {actual}, manifest {recorded[HASH]})"
-    return None
+def problems_of(folder: Path, files: dict[str, dict], names: list[str]) -> list[str]:
+    """What is wrong with the files `names` of `folder` against their manifest entries `files` (one line each)."""
+    problems, same_size = [], []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != files[name]["size"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, its manifest {files[name]['size']} "
+                            "(truncated or rewritten)")
+        else:
+            same_size.append(name)
+    for name, entry in hash_files(folder, same_size).items():
+        differing = [i for i, (a, b) in enumerate(zip(entry[HASH], files[name][HASH])) if a != b]
+        if differing or len(entry[HASH]) != len(files[name][HASH]):
+            i = differing[0] if differing else 0
+            problems.append(f"{name} differs from its manifest (crc32 {entry[HASH][i]}, manifest {files[name][HASH][i]}"
+                            f", in bytes {i * BLOCK:,}-{min((i + 1) * BLOCK, entry['size']):,})")
+    return problems
 
 
 def read_manifest(folder: str | Path) -> dict | None:
@@ -115,7 +153,7 @@ def read_manifest(folder: str | Path) -> dict | None:
                                        "Resume from an earlier checkpoint") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or manifest.get("format") != FORMAT or not all(
-            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get(HASH), str)
+            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get(HASH), list)
             for e in files.values()):
         raise CheckpointIntegrityError(folder, [f"{MANIFEST} is not a {FORMAT} manifest"],
                                        "Resume from an earlier checkpoint")
@@ -142,7 +180,7 @@ def verify(folder: str | Path) -> list[str] | None:
         return error.problems
     if files is None:
         return None
-    return [problem for name in sorted(files) if (problem := check_entry(folder, name, files[name]))]
+    return problems_of(folder, files, sorted(files))
 
 
 def _process_group():
@@ -182,7 +220,7 @@ def write_collectively(folder: str | Path, node_local: bool = False) -> tuple[in
     began = time.perf_counter()
     folder = Path(folder)
     mine, writer = _share({name: (folder / name).stat().st_size for name in checkpoint_files(folder)}, node_local)
-    entries = {name: file_entry(folder / name) for name in mine}
+    entries = hash_files(folder, mine)
     gathered = _gather(entries)
     if not writer:
         return None
@@ -200,7 +238,7 @@ def verify_collectively(folder: str | Path, remedy: str, node_local: bool = Fals
     try:
         files = read_manifest(folder)
         mine = [] if files is None else _share({n: e["size"] for n, e in files.items()}, node_local)[0]
-        problems = [p for name in mine if (p := check_entry(folder, name, files[name]))]
+        problems = problems_of(folder, files, mine)
     except CheckpointIntegrityError as error:
         files, problems = {}, error.problems
     reports = _gather((files is not None, problems))

@@ -68,7 +68,8 @@ class AdamPowerBase(FoldsIntoStep, torch.optim.Optimizer):
         power, power_eps, adam_w_mode, bias_correction) gets them from this optimizer's own group, i.e. its
         constructor arguments, as torch's optimizers fill a missing default; a warning names what was filled.
         Every load enters here, DeepSpeed's ZeRO 1-3 and offload included."""
-        own = [{key: group[key] for key in self.defaults} for group in self.param_groups]
+        # a key of defaults that torch or DeepSpeed added later may be missing from a group (e.g. after a first load)
+        own = [{key: group[key] for key in self.defaults if key in group} for group in self.param_groups]
         saved = state_dict.get("param_groups", [])
         changes = {i: changed for i, (group, settings) in enumerate(zip(saved, own))
                    if (changed := resume_changes_between(group, settings))} if len(saved) == len(own) else {}

@@ -435,3 +435,17 @@ def test_fold_into_next_step_holds_for_one_step_only():
             if k == 0:
                 assert torch.equal(copy, params[1].detach().to(torch.bfloat16))
         assert not torch.equal(copy, params[1].detach().to(torch.bfloat16))  # written at the first step only
+
+
+def test_load_state_dict_twice_after_a_default_was_added():
+    """DeepSpeed adds keys to an optimizer's defaults (e.g. "differentiable") that its groups lack: a second
+    engine.load_checkpoint into the same engine then loaded through a group without that key."""
+    param = torch.nn.Parameter(torch.randn(5))
+    optimizer = AdamPower([param], lr=1e-2)
+    param.grad = torch.ones(5)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    optimizer.defaults["differentiable"] = False
+    optimizer.load_state_dict(saved)
+    optimizer.load_state_dict(copy.deepcopy(saved))
+    assert optimizer.param_groups[0]["power"] == 1.2 and optimizer.state[param]["step"].item() == 1

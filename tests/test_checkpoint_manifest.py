@@ -34,18 +34,23 @@ def make_checkpoint(folder: Path, sizes=(0, 1, 4096, 3 * (8 << 20) + 17), seed=0
     return contents
 
 
-def test_entries_are_the_size_and_crc32_of_the_bytes(tmp_path):
+@pytest.mark.parametrize("block", [cm.BLOCK, 1 << 20, 3 << 20])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_entries_are_the_size_and_a_crc32_per_block(tmp_path, monkeypatch, block, threads):
+    monkeypatch.setattr(cm, "BLOCK", block)
+    monkeypatch.setattr(cm, "hash_threads", lambda: threads)
     contents = make_checkpoint(tmp_path)
     files = cm.read_manifest(tmp_path)
     assert sorted(files) == sorted(contents)  # subfolders included, the manifest itself not
-    for name, data in contents.items():  # independent reference: zlib over the whole file at once
-        assert files[name] == {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+    for name, data in contents.items():  # independent reference: zlib over each block's bytes at once
+        blocks = [data[i:i + block] for i in range(0, max(len(data), 1), block)]
+        assert files[name] == {"size": len(data), "crc32": [f"{zlib.crc32(b):08x}" for b in blocks]}
     assert cm.verify(tmp_path) == []
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "extend", "delete", "swap"])
 def test_verify_names_the_damaged_file(tmp_path, damage):
-    contents = make_checkpoint(tmp_path)
+    contents = make_checkpoint(tmp_path)  # one block per file (64 MiB blocks)
     big = "shard_3.pt"
     path = tmp_path / big
     if damage == "flip":  # one bit, deep inside the third chunk: the size stays
@@ -63,9 +68,21 @@ def test_verify_names_the_damaged_file(tmp_path, damage):
         path.write_bytes(bytes(reversed(contents[big])))
     problems = cm.verify(tmp_path)
     assert len(problems) == 1 and problems[0].startswith(big), problems
+    if damage == "flip":  # where: the block holding the flipped byte
+        assert f"in bytes 0-{3 * (8 << 20) + 17:,})" in problems[0]
     expected = {"flip": "differs from its manifest", "swap": "differs from its manifest", "delete": "is missing",
                 "truncate": f"has {len(contents[big]) - 1} bytes", "extend": f"has {len(contents[big]) + 1} bytes"}
     assert expected[damage] in problems[0]
+
+
+def test_a_flip_is_located_to_its_block(tmp_path, monkeypatch):
+    monkeypatch.setattr(cm, "BLOCK", 1 << 20)
+    contents = make_checkpoint(tmp_path)
+    data = bytearray(contents["shard_3.pt"])
+    data[(5 << 20) + 7] ^= 0x80
+    (tmp_path / "shard_3.pt").write_bytes(bytes(data))
+    problem, = cm.verify(tmp_path)
+    assert problem.startswith("shard_3.pt differs") and f"in bytes {5 << 20:,}-{6 << 20:,})" in problem
 
 
 def test_a_damaged_or_foreign_manifest_is_a_damaged_checkpoint(tmp_path):

@@ -61,17 +61,9 @@ def garble_manifest(folder: Path) -> str:
 DAMAGES = {"flip": flip_bytes, "truncate": truncate, "delete": delete, "manifest": garble_manifest}
 
 
-def engine_for(stage: int):
-    """A fresh toy model with AdamPower (power 1.2) under ZeRO `stage`."""
-    config = ds_toy.ds_config(stage, params=dict(ds_toy.LR_WD, power=1.2))
-    model = ds_toy.make_model()
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    return engine
-
-
 def try_load(stage: int, root: str) -> dict:
     """load_checkpoint(root) on a fresh engine: {"error": "Type: message"} or {"params": full fp32 params}."""
-    engine = engine_for(stage)
+    engine = ds_toy.adam_power_engine(stage, power=1.2)
     try:
         path, _ = engine.load_checkpoint(root)
         result = {"path": path, "params": ds_toy.full_fp32_params(engine)}
@@ -89,7 +81,7 @@ def main() -> None:
     results = {}
     for stage in STAGES:
         folder = root / f"z{stage}"
-        engine = engine_for(stage)
+        engine = ds_toy.adam_power_engine(stage, power=1.2)
         ds_toy.train(engine, rank, 1)
         engine.save_checkpoint(str(folder), tag="a")
         ds_toy.train(engine, rank, 1, first_step=1)

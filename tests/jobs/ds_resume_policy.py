@@ -35,14 +35,6 @@ class Kept(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def engine_for(stage: int, power: float, **params):
-    """A fresh toy model under ZeRO `stage` with AdamPower at `power` (and `params`)."""
-    config = ds_toy.ds_config(stage, params=dict(ds_toy.LR_WD, power=power, **params))
-    model = ds_toy.make_model()
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    return engine
-
-
 def main() -> None:
     root, out = sys.argv[1], sys.argv[2]
     gds.register()
@@ -53,11 +45,11 @@ def main() -> None:
     results = {}
     for stage in STAGES:
         folder, res = f"{root}/z{stage}", {}
-        saved = engine_for(stage, SAVED_P)
+        saved = ds_toy.adam_power_engine(stage, power=SAVED_P)
         ds_toy.train(saved, rank, SAVE_AT)
         saved.save_checkpoint(folder, tag="saved")
         saved.destroy()
-        refused = engine_for(stage, NEW_P)
+        refused = ds_toy.adam_power_engine(stage, power=NEW_P)
         try:
             refused.load_checkpoint(folder, tag="saved")
             res["refused"] = None
@@ -66,7 +58,7 @@ def main() -> None:
         refused.destroy()
         for name, power, params in (("applied", NEW_P, {"resume_changes": "apply"}), ("same", SAVED_P, {})):
             del kept.messages[:]
-            engine = engine_for(stage, power, **params)
+            engine = ds_toy.adam_power_engine(stage, power=power, **params)
             engine.load_checkpoint(folder, tag="saved")
             res[f"{name} groups"] = [g["power"] for g in engine.basic_optimizer.param_groups]
             res[f"{name} warnings"] = list(kept.messages)

@@ -28,6 +28,16 @@ def make_model(seed: int = 0) -> CausalLM:
                                 max_seq_len=SEQ))
 
 
+def adam_power_engine(stage: int, **params):
+    """A DeepSpeed engine of a fresh toy model under ZeRO `stage` with AdamPower (LR_WD and `params`, e.g. power)."""
+    import deepspeed
+
+    model = make_model()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=ds_config(stage, params=dict(LR_WD, **params)))
+    return engine
+
+
 def micro_batch(rank: int, micro_step: int) -> torch.Tensor:
     """The tokens rank `rank` trains on at micro-step `micro_step` (deterministic)."""
     gen = torch.Generator().manual_seed(1000 * rank + micro_step)
