@@ -314,8 +314,9 @@ def test_power_class_steps_a_fused_adams_state_in_one_pass(fused_adam, adam_w_mo
     ours = _two_group_adamw(power_optimizer_class(fused_adam, 1.2, 1.5), **options)
     ref = _two_group_adamw(fused_adam, phi=(1.2, 1.5), **options)
     assert ours[2].own_steps == 0 and ref[2].own_steps == 3
-    torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=2e-7)
-    torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=2e-7)
+    # the native kernel's phi is within 2.5e-7 relative of the reference's: an ulp at |w| ~ 2 (the AVX2 path on Zen 3)
+    torch.testing.assert_close(ours[0], ref[0], rtol=2.5e-7, atol=2e-7)
+    torch.testing.assert_close(ours[1], ref[1], rtol=2.5e-7, atol=2e-7)
     assert [g["step"] for g in ours[2].param_groups] == [3, 3]
     assert ours[2].state_dict()["state"][0].keys() == {"exp_avg", "exp_avg_sq"}
     # a checkpoint (group steps included) loaded into a fresh one continues as the uninterrupted run
