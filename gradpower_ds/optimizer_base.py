@@ -12,10 +12,41 @@ import torch
 
 from .folding import FoldsIntoStep
 from .functional import adam_power
-from .hyperparams import (ADAM_POWER_DEFAULTS, RESUME_CHANGES_DEFAULT, check_resume_changes, check_settings,
-                          resume_changes_between)
+from .hyperparams import (ADAM_POWER_DEFAULTS, RESUME_CHANGES_DEFAULT, RESUME_COMPARED, check_resume_changes,
+                          check_settings, resume_changes_between)
 
 _log = logging.getLogger(__name__)
+
+
+def check_resume(owner: str, resume_changes: str, saved_groups: list[dict], own_groups: list[dict],
+                 keys: tuple[str, ...] = RESUME_COMPARED) -> dict[int, dict[str, tuple]]:
+    """The resume policy (``hyperparams.RESUME_POLICY``) before a checkpoint's param groups `saved_groups` are loaded
+    into groups whose settings are `own_groups`: {group index: {setting: (saved, own)}} for each of `keys` that
+    differs (``hyperparams.resume_changes_between``). Unless `resume_changes` is "apply", a change is refused before
+    anything is loaded: ValueError naming each group, setting and both values, and the setting that accepts them.
+    Groups that differ in number are the load's own error (torch's, or the caller's)."""
+    changes = {i: changed for i, (saved, own) in enumerate(zip(saved_groups, own_groups))
+               if (changed := resume_changes_between(saved, own, keys))} if len(saved_groups) == len(own_groups) else {}
+    if changes and resume_changes != "apply":
+        raise ValueError(f"{owner}: the checkpoint was saved with other settings: {_listed(changes)}. Pass "
+                         f"resume_changes=\"apply\" (DeepSpeed config: \"params\": {{\"resume_changes\": \"apply\"}}) "
+                         "to use this optimizer's values, or build it with the checkpoint's")
+    return changes
+
+
+def keep_own_settings(owner: str, groups: list[dict], own_groups: list[dict], changes: dict[int, dict]) -> None:
+    """After a load under resume_changes "apply" (`changes` from ``check_resume``): each changed setting of the loaded
+    `groups` set back to this run's (`own_groups`), with a warning naming each old -> new."""
+    for i, changed in changes.items():
+        groups[i].update({key: own_groups[i][key] for key in changed})
+    if changes:
+        _log.warning("%s: resume_changes=\"apply\": using this optimizer's settings, not the checkpoint's: %s", owner,
+                     _listed(changes))
+
+
+def _listed(changes: dict[int, dict]) -> str:
+    return "; ".join(f"group {i}: {key} {old} (checkpoint) -> {new} (this optimizer)"
+                     for i, changed in changes.items() for key, (old, new) in changed.items())
 
 
 class AdamPowerBase(FoldsIntoStep, torch.optim.Optimizer):
@@ -58,41 +89,36 @@ class AdamPowerBase(FoldsIntoStep, torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
+    def group_settings(self) -> list[dict]:
+        """Each group's settings (those of the defaults' keys it has): what a resume compares with a checkpoint's
+        groups (``check_resume``) and gives back under ``resume_changes="apply"`` (``keep_own_settings``)."""
+        # a key of defaults that torch or DeepSpeed added later may be missing from a group (e.g. after a first load)
+        return [{key: group[key] for key in self.defaults if key in group} for group in self.param_groups]
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load, under the resume policy (``hyperparams.RESUME_POLICY``): a saved group whose power,
-        power_eps, betas, eps or weight_decay differs from this optimizer's is refused (ValueError naming each
-        group, setting and both values), or with ``resume_changes="apply"`` loaded with this optimizer's values and
-        a warning naming each old -> new. lr is not compared: the lr scheduler's saved state sets it.
+        """torch's load, under the resume policy (``check_resume``): a saved group whose power, power_eps, betas, eps
+        or weight_decay differs from this optimizer's is refused before anything is loaded, or with
+        ``resume_changes="apply"`` loaded with this optimizer's values and a warning. lr is not compared: the lr
+        scheduler's saved state sets it.
 
         A saved param group without AdamPower's settings (one of torch.optim.AdamW or DeepSpeed's "AdamW": no
         power, power_eps, adam_w_mode, bias_correction) gets them from this optimizer's own group, i.e. its
         constructor arguments, as torch's optimizers fill a missing default; a warning names what was filled.
-        Every load enters here, DeepSpeed's ZeRO 1-3 and offload included."""
-        # a key of defaults that torch or DeepSpeed added later may be missing from a group (e.g. after a first load)
-        own = [{key: group[key] for key in self.defaults if key in group} for group in self.param_groups]
-        saved = state_dict.get("param_groups", [])
-        changes = {i: changed for i, (group, settings) in enumerate(zip(saved, own))
-                   if (changed := resume_changes_between(group, settings))} if len(saved) == len(own) else {}
-        listed = "; ".join(f"group {i}: {key} {old} (checkpoint) -> {new} (this optimizer)"
-                           for i, changed in changes.items() for key, (old, new) in changed.items())
-        if changes and self.resume_changes != "apply":
-            raise ValueError(f"{type(self).__name__}: the checkpoint was saved with other settings: {listed}. "
-                             f"Pass resume_changes=\"apply\" (DeepSpeed config: \"params\": {{\"resume_changes\": "
-                             f"\"apply\"}}) to use this optimizer's values, or build it with the checkpoint's")
+        Every load but DeepSpeed's universal-checkpoint one enters here (ZeRO 1-3 and offload included); that one
+        follows the same policy in ``gradpower_ds.deepspeed``."""
+        owner, own = type(self).__name__, self.group_settings()
+        changes = check_resume(owner, self.resume_changes, state_dict.get("param_groups", []), own)
         super().load_state_dict(state_dict)  # checks that the groups match in number and size
+        keep_own_settings(owner, self.param_groups, own, changes)
         filled = {}
-        for i, (group, settings) in enumerate(zip(self.param_groups, own)):
-            group.update({key: settings[key] for key in changes.get(i, ())})
+        for group, settings in zip(self.param_groups, own):
             for key, value in settings.items():
                 if key not in group:
                     group[key] = value
                     filled.setdefault(key, value)
-        if changes:
-            _log.warning("%s: resume_changes=\"apply\": using this optimizer's settings, not the checkpoint's: %s",
-                         type(self).__name__, listed)
         if filled:
             _log.warning("%s: the loaded state dict has no %s (saved by another optimizer, e.g. torch.optim.AdamW): "
-                         "using this optimizer's %s", type(self).__name__, ", ".join(filled),
+                         "using this optimizer's %s", owner, ", ".join(filled),
                          ", ".join(f"{key}={value}" for key, value in filled.items()))
 
     MOMENT_DTYPE: torch.dtype | None = None  # the moments' dtype; None: the param's (as torch's AdamW)
