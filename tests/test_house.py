@@ -388,6 +388,7 @@ def test_both_integrations_are_patch_sets():
         assert [line.split(" ")[0] for line in deepspeed.PATCHES.describe()] == [
             "deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS", "deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS",
             "DeepSpeedEngine._configure_basic_optimizer",
+            "ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir",
             "DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3",
             "deepspeed.runtime.lr_schedules.update_lr",
             *(["deepspeed.set_optimizer_flags"] if hasattr(ds, "set_optimizer_flags") else []),  # DeepSpeed with Muon

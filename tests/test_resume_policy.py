@@ -168,13 +168,26 @@ def test_megatron_compares_the_saved_settings(caplog):
 @pytest.mark.slow
 def test_deepspeed_zero_load_checkpoint_follows_the_policy(tmp_path):
     """tests/jobs/ds_resume_policy.py, one 2-rank launch: a power-1.2 checkpoint loaded with power 1.5 is refused
-    (ZeRO-2 and ZeRO-3), and with "resume_changes": "apply" trains on with 1.5 (unlike one loaded with 1.2)."""
+    (ZeRO-2 and ZeRO-3, the checkpoint and its universal conversion), and with "resume_changes": "apply" trains on
+    with 1.5 (unlike one loaded with 1.2); the same for MuonPower's power and adam_power (ZeRO 0, 2, 3)."""
     from jobs import ds_resume_policy as job
 
     torchrun(JOBS / "ds_resume_policy.py", tmp_path, tmp_path / "out.pt")
     results = torch.load(tmp_path / "out.pt", weights_only=False)
-    for stage in job.STAGES:
-        res = results[f"z{stage}"]
+    assert sorted(results) == sorted([f"z{stage} {load}" for stage in job.STAGES for load in job.LOADS]
+                                     + [f"muon z{stage}" for stage in job.MUON_STAGES])
+    for stage in job.MUON_STAGES:
+        res = results.pop(f"muon z{stage}")
+        assert res["refused"].startswith("MuonPower: the checkpoint was saved with other settings: group "), res
+        assert "power 1.5 (checkpoint) -> 0.9 (this optimizer)" in res["refused"], res["refused"]
+        assert "power 1.2 (checkpoint) -> 1.0 (this optimizer)" in res["refused adam"], res["refused adam"]
+        assert res["applied muon power"] == 0.9 and res["same muon power"] == 1.5
+        assert {p for muon, p in res["applied groups"] if muon} == {0.9}
+        assert {p for muon, p in res["applied groups"] if not muon} == {1.2}  # adam_power, unchanged
+        assert any("power 1.5 (checkpoint) -> 0.9 (this optimizer)" in m for m in res["applied warnings"])
+        assert res["same warnings"] == []
+        assert any(not torch.equal(res["applied"][k], res["same"][k]) for k in res["same"])  # it stepped with 0.9
+    for res in results.values():
         assert "AdamPower: the checkpoint was saved with other settings: group 0: power 1.2 (checkpoint) -> 1.5 " \
                "(this optimizer)" in res["refused"], res["refused"]
         assert "\"resume_changes\": \"apply\"" in res["refused"]

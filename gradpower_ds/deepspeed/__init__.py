@@ -10,9 +10,10 @@ tested range, is refused with an error naming it), all listed in ``_patches()``:
    ``zero_allow_untested_optimizer`` or ``zero_force_ds_cpu_optimizer`` is needed;
 3. ``DeepSpeedEngine._configure_basic_optimizer`` builds our optimizer for those
    names and defers to DeepSpeed for every other one;
-4. ZeRO-3's universal-checkpoint load is followed, for our optimizers, by a repair
-   of two DeepSpeed defects (0.18.0 through 0.19.8) that appear with more than one
-   sub-group (see ``_repair_zero3_universal_load``);
+4. the universal-checkpoint loads (ZeRO-1/2, bf16, ZeRO-3) follow, for our optimizers, the
+   resume policy of every other load, and ZeRO-3's is repaired of two DeepSpeed defects
+   (0.18.0 through 0.19.8) that appear with more than one sub-group
+   (``gradpower_ds.deepspeed.universal``);
 5. DeepSpeed's lr schedulers (``"scheduler"`` in the config) set each param group's lr
    through ``lr_schedules.update_lr``; after it, param groups built by
    ``gradpower_ds.blockwise_param_groups`` are checked to keep their multipliers' ratios
@@ -46,10 +47,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 
-from . import checkpointing, fold, muon_power, timeouts
+from . import checkpointing, fold, muon_power, timeouts, universal
 from ..adam_power import AdamPower
 from ..blockwise import check_scheduled_lrs
 from ..cpu_adam_power import CPUAdamPower
@@ -269,69 +269,6 @@ def _unsupported_features(engine) -> list[str]:
     return problems
 
 
-def _load_universal_and_repair(original):
-    """ZeRO-3's universal-checkpoint load followed by _repair_zero3_universal_load."""
-
-    @functools.wraps(original)
-    def load(zero_optimizer, checkpoint_dir):
-        original(zero_optimizer, checkpoint_dir)
-        _repair_zero3_universal_load(zero_optimizer, checkpoint_dir)
-
-    return load
-
-
-# The classes DeepSpeed (0.18.0 through 0.19.8) pickles in a universal checkpoint's zero/optimizer_state.pt besides
-# tensors, dtypes and plain containers: the ZeRO stage and the loss scaler (a DynamicLossScaler in fp16 runs).
-# Found with torch.serialization.get_unsafe_globals_in_checkpoint on the universal checkpoints of every case of
-# tests/jobs/ds_checkpoint.py; _repair_zero3_universal_load unpickles these and nothing else (weights_only=True).
-# DeepSpeed's own load of the same file just before it (load_hp_checkpoint_state_from_checkpoint_dir_stage3)
-# still uses weights_only=False: load universal checkpoints only from sources you trust.
-UNIVERSAL_OPTIMIZER_STATE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum",
-                                     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler")
-
-
-def _repair_zero3_universal_load(zero_optimizer, checkpoint_dir: str) -> None:
-    """Repairs DeepSpeed's ZeRO-3 universal-checkpoint load (0.18.0 through 0.19.8) for AdamPower/CPUAdamPower.
-
-    With more than one sub-group (several param groups, or ``sub_group_size``)
-    DeepSpeed (a) puts one and the same ``step`` tensor into every sub-group's
-    state, so a step advances it once per sub-group (our step counts live in the
-    state, updated in place like torch's Adam), and (b) gives every param group the
-    hyperparameters of group 0 (losing e.g. ``expert_power`` or a no-decay group).
-    This gives each state its own step and each group its saved hyperparameters.
-    """
-    import importlib
-    import pickle
-
-    import torch
-
-    optimizer = zero_optimizer.optimizer
-    if not isinstance(optimizer, (AdamPower, CPUAdamPower)):
-        return
-    for state in optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
-    path = os.path.join(checkpoint_dir, "zero", "optimizer_state.pt")
-    allowed = [getattr(importlib.import_module(module), name)
-               for module, _, name in (dotted.rpartition(".") for dotted in UNIVERSAL_OPTIMIZER_STATE_GLOBALS)]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise RuntimeError(f"{path} pickles more than tensors and gradpower_ds.deepspeed."
-                           f"UNIVERSAL_OPTIMIZER_STATE_GLOBALS, so it is not loaded: a DeepSpeed newer than "
-                           f"{DEEPSPEED.newest} may pickle more; add a class there only once you have checked "
-                           f"it is DeepSpeed's. {error}") from error
-    saved_groups = saved["optimizer_state_dict"]["param_groups"]
-    if len(saved_groups) != len(optimizer.param_groups):
-        raise ValueError(f"universal checkpoint {checkpoint_dir} has {len(saved_groups)} optimizer param groups, "
-                         f"the model being loaded has {len(optimizer.param_groups)}: group the parameters as in "
-                         "the run that saved it")
-    for group, saved_group in zip(optimizer.param_groups, saved_groups):
-        group.update({k: v for k, v in saved_group.items() if k != "params"})
-
-
 def _checking_blockwise_lrs(update_lr):
     """DeepSpeed's ``lr_schedules.update_lr``, then ``check_scheduled_lrs`` on the groups it set."""
     @functools.wraps(update_lr)
@@ -349,6 +286,7 @@ def _patches() -> list:
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime import config as ds_config
     from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero import utils as zero_utils
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
@@ -363,8 +301,9 @@ def _patches() -> list:
         Extend(zero_utils.ZERO_SUPPORTED_OPTIMIZERS, (AdamPower, CPUAdamPower),
                "deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS"),
         Wrap(DeepSpeedEngine, "_configure_basic_optimizer", _configure_basic_optimizer),
+        Wrap(ZeROOptimizer, "load_hp_checkpoint_state_from_checkpoint_dir", universal.loading_under_policy),
         Wrap(DeepSpeedZeroOptimizer_Stage3, "load_hp_checkpoint_state_from_checkpoint_dir_stage3",
-             _load_universal_and_repair),
+             universal.loading_zero3_under_policy),
         Wrap(lr_schedules, "update_lr", _checking_blockwise_lrs),
         *muon,
         Wrap(DeepSpeedZeroOptimizer, "unscale_and_clip_grads", fold.unscale_and_clip_1_2),

@@ -27,6 +27,8 @@ import logging
 
 from ..adam_power import AdamPower
 from ..cpu_adam_power import CPUAdamPower
+from ..hyperparams import RESUME_CHANGES_DEFAULT, RESUME_COMPARED, check_resume_changes
+from ..optimizer_base import check_resume, keep_own_settings
 from ..patching import Extend, Package, PatchSet, Wrap
 from ..power import grad_power_
 from ..versions import TESTED
@@ -48,6 +50,9 @@ MUON_CALLERS = (
     ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "_prepare_muon_updates"),
 )
 """The methods of DeepSpeed's stage code that call muon_update (module, class, method)."""
+RESUME_COMPARED_MUON = (*RESUME_COMPARED, "momentum")
+"""The param-group settings a MuonPower load compares with the saved ones (optimizer_base.check_resume): a Muon group's
+power (MuonPower's ``power``), momentum and weight_decay; an auxiliary group's Adam settings and adam_power."""
 
 _POWER: contextvars.ContextVar[float | None] = contextvars.ContextVar("gradpower_ds_muon_power", default=None)
 _log = logging.getLogger(__name__)
@@ -125,17 +130,45 @@ def muon_power_class() -> type:
         """
 
         def __init__(self, param_groups, power: float, adam_optimizer=None, adam_optimizer_kwargs=None,
-                     adam_w_mode=True, fallback_to_inline=False):
+                     adam_w_mode=True, fallback_to_inline=False, resume_changes: str = RESUME_CHANGES_DEFAULT):
             self.muon_power = power  # validated where the config entered (params.split_params)
+            self.resume_changes = check_resume_changes(resume_changes, "MuonPower")
             super().__init__(param_groups, adam_optimizer=adam_optimizer, adam_optimizer_kwargs=adam_optimizer_kwargs,
                              adam_w_mode=adam_w_mode, fallback_to_inline=fallback_to_inline)
+            for group in self.param_groups:  # saved with the checkpoint, for the resume policy; steps use muon_power
+                if group["use_muon"]:
+                    group["power"] = power
 
         def step(self, closure=None, step_id=None):
             """DeepSpeed's Muon step (stage 0 runs muon_update in it), with this optimizer's power in effect."""
             with _power_in_effect(self.muon_power):
                 return super().step(closure, step_id)
 
+        def load_state_dict(self, state_dict):
+            """DeepSpeed's load, under the resume policy (``optimizer_base.check_resume`` on RESUME_COMPARED_MUON): a
+            changed power, momentum or Adam setting is refused before anything is loaded, or with
+            ``resume_changes="apply"`` this optimizer's values are kept, with a warning. A checkpoint that records
+            no Muon power (saved before MuonPower recorded it) is not compared on it; DeepSpeed's own auxiliary Adam
+            counts as power 1.0."""
+            own = [_compared(group) for group in self.param_groups]
+            saved = [_compared(group) for group in state_dict.get("param_groups", [])]
+            changes = check_resume("MuonPower", self.resume_changes, saved, own, RESUME_COMPARED_MUON)
+            super().load_state_dict(state_dict)
+            for group in self.param_groups:
+                if group["use_muon"]:
+                    group.setdefault("power", self.muon_power)
+            keep_own_settings("MuonPower", self.param_groups, own, changes)
+
     return MuonPower
+
+
+def _compared(group: dict) -> dict:
+    """A MuonPower param group's settings the resume policy compares (an auxiliary group without a power is
+    DeepSpeed's own Adam: 1.0)."""
+    settings = {key: group[key] for key in RESUME_COMPARED_MUON if key in group}
+    if not group.get("use_muon", False):
+        settings.setdefault("power", 1.0)
+    return settings
 
 
 def muon_power_settings(params: dict | None) -> tuple[dict, float, float]:
@@ -162,6 +195,7 @@ def build_for_engine(engine, model_parameters, use_cpu_kernel: bool):
         raise ValueError("DeepSpeed optimizer 'MuonPower' cannot run with \"fp16\": DeepSpeed hands Muon loss-scaled "
                          "gradients, and phi is not scale-free; use \"bf16\": {\"enabled\": true} or fp32")
     adam_w_mode = params.pop("adam_w_mode", True)
+    resume_changes = params.pop("resume_changes", RESUME_CHANGES_DEFAULT)
     if adam_power == 1.0:  # DeepSpeed's own choice of auxiliary Adam, as for "type": "Muon"
         adam_class, adam_kwargs = engine.get_optimizer_configuration(params, adam_w_mode, allow_legacy_fallback=True)
     else:
@@ -177,7 +211,7 @@ def build_for_engine(engine, model_parameters, use_cpu_kernel: bool):
 
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     optimizer = muon_power_class()(groups, power, adam_optimizer=adam_class, adam_optimizer_kwargs=adam_kwargs,
-                                   adam_w_mode=adam_w_mode,
+                                   adam_w_mode=adam_w_mode, resume_changes=resume_changes,
                                    fallback_to_inline=adam_class is not None and adam_class.__name__ == "FusedAdam")
     if engine.global_rank == 0 and engine.gradient_clipping() > 0 and engine.zero_optimization_stage() > 0:
         _log.warning("gradpower_ds: MuonPower with \"gradient_clipping\": %g: %s; set it to 0 unless this is meant "

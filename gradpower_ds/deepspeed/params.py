@@ -18,8 +18,8 @@ engine.load_checkpoint does with a changed setting, ``hyperparams.RESUME_CHANGES
 MUON_KEYS = ("lr", "muon_lr", "adam_lr", "momentum", "weight_decay", "ns_method", "betas", "eps", "adam_w_mode",
              "per_head_muon")
 """The params DeepSpeed's Muon reads (0.19.8); DeepSpeed drops any other key without a word, MuonPower refuses it."""
-MUON_POWER_PARAMS = MUON_KEYS + power_names("muonpower", "deepspeed")
-"""The params "MuonPower" takes: DeepSpeed Muon's, power and adam_power."""
+MUON_POWER_PARAMS = (*MUON_KEYS, *power_names("muonpower", "deepspeed"), "resume_changes")
+"""The params "MuonPower" takes: DeepSpeed Muon's, power, adam_power and resume_changes."""
 OUR_TYPES = {"adampower": ("AdamPower", "adampower", ADAM_POWER_PARAMS),
              "adamwpower": ("AdamWPower", "adampower", ADAM_POWER_PARAMS),
              "muonpower": ("MuonPower", "muonpower", MUON_POWER_PARAMS)}

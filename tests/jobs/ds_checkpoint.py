@@ -28,6 +28,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_optimizer_state
 
 from gradpower_ds import deepspeed as gds
+from gradpower_ds.deepspeed import universal
 from gradpower_ds.jobs.processes import exit_when_done
 
 try:
@@ -146,7 +147,7 @@ def deepspeed_unrepaired(case):
     """Context in which ZeRO-3 universal loads run as DeepSpeed 0.19.8 has them, without register()'s repair."""
     if not zero3_universal_defect(case):
         return contextlib.nullcontext()
-    return mock.patch.object(gds, "_repair_zero3_universal_load", lambda zero_optimizer, checkpoint_dir: None)
+    return mock.patch.object(universal, "repair_zero3_load", lambda zero_optimizer, saved: None)
 
 
 def save_and_resume(case, root: str, rank: int) -> tuple[dict, list, list]:

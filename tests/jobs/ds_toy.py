@@ -28,13 +28,16 @@ def make_model(seed: int = 0) -> CausalLM:
                                 max_seq_len=SEQ))
 
 
-def adam_power_engine(stage: int, **params):
-    """A DeepSpeed engine of a fresh toy model under ZeRO `stage` with AdamPower (LR_WD and `params`, e.g. power)."""
+def adam_power_engine(stage: int, universal: bool = False, **params):
+    """A DeepSpeed engine of a fresh toy model under ZeRO `stage` with AdamPower (LR_WD and `params`, e.g. power),
+    loading universal checkpoints where `universal`."""
     import deepspeed
 
     model = make_model()
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=ds_config(stage, params=dict(LR_WD, **params)))
+    config = ds_config(stage, params=dict(LR_WD, **params))
+    if universal:
+        config["checkpoint"] = {"load_universal": True}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     return engine
 
 
